@@ -1,0 +1,33 @@
+"""mitosis-edge: scan-time mitotic-figure detection for whole-slide images.
+
+The public surface is small: open a slide, plan its tiles, stream them.
+"""
+
+from edge.errors import (
+    ConfigError,
+    CorruptSlideError,
+    EdgeError,
+    MissingMppError,
+    NotASlideError,
+    SlideNotFoundError,
+    SlideReadError,
+    StreamCancelled,
+    TileDecodeError,
+    UnsupportedFormatError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "CorruptSlideError",
+    "EdgeError",
+    "MissingMppError",
+    "NotASlideError",
+    "SlideNotFoundError",
+    "SlideReadError",
+    "StreamCancelled",
+    "TileDecodeError",
+    "UnsupportedFormatError",
+    "__version__",
+]

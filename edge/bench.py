@@ -1,0 +1,107 @@
+"""`mitosis-edge bench read`: how fast the tile stream delivers a slide, against a decode floor.
+
+The floor decodes every stored tile that the tile plan touches, once, with the same number of
+threads, and nothing else (no assembly, no overlap re-reads, no queue). ``ratio`` is
+stream tiles/s over floor tiles/s for the same plan, both measured in this one run, so it says
+how much the stream adds to the unavoidable decoding, on a machine however loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from edge.config import Config
+from edge.slide import direct_reader, open_slide
+from edge.stream import open_stream, plan_slide
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPEATS = 2  # best of N for stream and floor, interleaved
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_read(path: str | Path, config: Config, repeats: int = DEFAULT_REPEATS) -> dict[str, Any]:
+    """Measure the stream and the decode floor on one slide; returns the figures as a dict."""
+    with open_slide(path, config.slide) as slide:
+        sp = plan_slide(slide, config)
+        plan = sp.plan
+        n = len(plan)
+        mp_per_tile = plan.tile_size * plan.tile_size / 1e6
+        _warm_page_cache(Path(slide.path))
+        stream_s: list[float] = []
+        floor_s: list[float] = []
+        reader = direct_reader(slide)
+        stored: list[int] = []
+        if reader is not None:
+            level = sp.scale.level
+            lv = slide.info.levels[level]
+            fx, fy = slide.info.width / lv.width, slide.info.height / lv.height
+            seen: set[int] = set()
+            for t in plan.tiles:
+                lx, ly = int(t.x0 / fx), int(t.y0 / fy)
+                lw = max(1, round(t.width0 / fx))
+                lh = max(1, round(t.height0 / fy))
+                for idx in reader.stored_tiles(level, lx, ly, min(lw, lv.width - lx), min(lh, lv.height - ly)):
+                    if idx not in seen:
+                        seen.add(idx)
+                        stored.append(idx)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with open_stream(slide, sp, config) as stream:
+                for _batch in stream:
+                    pass
+            stream_s.append(time.perf_counter() - t0)
+            if reader is not None:
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(config.stream.threads) as pool:
+                    for _tile in pool.map(lambda i: reader.decode_tile(sp.scale.level, i), stored):
+                        pass
+                floor_s.append(time.perf_counter() - t0)
+        best_stream = min(stream_s)
+        stream_tps = n / best_stream if best_stream > 0 else 0.0
+        result: dict[str, Any] = {
+            "slide": str(path),
+            "tiles": n,
+            "tile_size": plan.tile_size,
+            "overlap": plan.overlap,
+            "mpp": sp.scale.mpp_x,
+            "level": sp.scale.level,
+            "resampled": sp.scale.resampled,
+            "region_reader": slide.info.region_reader,
+            "threads": config.stream.threads,
+            "batch_size": config.stream.batch_size,
+            "queue_depth": config.stream.queue_depth,
+            "repeats": repeats,
+            "stream_seconds": best_stream,
+            "stream_tiles_per_s": stream_tps,
+            "stream_mp_per_s": stream_tps * mp_per_tile,
+            "floor_stored_tiles": len(stored),
+            "floor_seconds": min(floor_s) if floor_s else None,
+            "floor_tiles_per_s": n / min(floor_s) if floor_s and min(floor_s) > 0 else None,
+            "floor_mp_per_s": None,
+            "ratio": None,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        if result["floor_tiles_per_s"]:
+            result["floor_mp_per_s"] = result["floor_tiles_per_s"] * mp_per_tile
+            result["ratio"] = stream_tps / result["floor_tiles_per_s"]
+        else:
+            result["floor_note"] = "no decode floor: this slide's levels are not tiled TIFF pages read directly"
+        return result
+
+
+def _warm_page_cache(path: Path) -> None:
+    """Read the file once so that stream and floor both start from a warm page cache."""
+    if path.is_file():
+        with path.open("rb") as fh:
+            while fh.read(16 << 20):
+                pass

@@ -1,0 +1,230 @@
+"""Settings: frozen dataclasses loaded from TOML plus command-line overrides, validated with clear messages.
+
+Every setting has a default, so mitosis-edge runs without a config file. A TOML file may set any
+subset; unknown sections or keys are refused (a typo must not silently keep a default).
+
+Example::
+
+    [slide]
+    target_mpp = 0.25
+    mpp_override = 0.2527     # only for slides that record no pixel size
+
+    [tiling]
+    tile_size = 1024
+    overlap = 64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from edge.errors import ConfigError
+
+ReaderName = Literal["auto", "tiffslide", "openslide"]
+RegionReaderName = Literal["auto", "tiles", "library"]
+
+DEFAULT_TARGET_MPP = 0.25  # µm/px, the resolution the paper's models were trained at
+DEFAULT_MPP_TOLERANCE = 0.03  # a level within 3% of the target is read as is, without resampling
+
+
+@dataclass(frozen=True)
+class SlideConfig:
+    """How slides are opened and read.
+
+    >>> SlideConfig(target_mpp=0.25, reader="auto").mpp_override is None
+    True
+    """
+
+    reader: ReaderName = "auto"  # which library opens the slide; auto chooses by format
+    region_reader: RegionReaderName = "auto"  # auto: decode stored TIFF tiles directly when possible
+    target_mpp: float = DEFAULT_TARGET_MPP
+    mpp_tolerance: float = DEFAULT_MPP_TOLERANCE
+    mpp_override: float | None = None  # µm/px, used when (and only when) given
+    tile_cache_mb: int = 128  # decoded stored tiles kept for reuse by overlapping reads
+
+    def validate(self) -> None:
+        _positive("slide.target_mpp", self.target_mpp)
+        if not 0.0 <= self.mpp_tolerance < 0.5:
+            raise ConfigError(f"slide.mpp_tolerance={self.mpp_tolerance} must be in [0, 0.5)")
+        if self.mpp_override is not None:
+            _positive("slide.mpp_override", self.mpp_override)
+        if self.tile_cache_mb < 1:
+            raise ConfigError(f"slide.tile_cache_mb={self.tile_cache_mb} must be at least 1")
+
+
+@dataclass(frozen=True)
+class TissueConfig:
+    """Tissue detection on a low-resolution thumbnail. Sizes are physical, so independent of mpp."""
+
+    thumbnail_mpp: float = 8.0  # µm/px of the thumbnail the mask is computed on
+    saturation_threshold: float = 0.07  # HSV saturation above which a pixel is stained
+    optical_density_threshold: float = 0.15  # summed RGB optical density above which a pixel is tissue
+    closing_radius_um: float = 24.0  # bridges small gaps inside tissue
+    opening_radius_um: float = 8.0  # removes dust-sized specks
+    min_object_area_mm2: float = 0.01  # tissue pieces smaller than this are dropped
+    fill_holes: bool = True
+
+    def validate(self) -> None:
+        _positive("tissue.thumbnail_mpp", self.thumbnail_mpp)
+        _fraction("tissue.saturation_threshold", self.saturation_threshold)
+        _non_negative("tissue.optical_density_threshold", self.optical_density_threshold)
+        _non_negative("tissue.closing_radius_um", self.closing_radius_um)
+        _non_negative("tissue.opening_radius_um", self.opening_radius_um)
+        _non_negative("tissue.min_object_area_mm2", self.min_object_area_mm2)
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """The tile grid at the target mpp."""
+
+    tile_size: int = 1024  # px at target mpp, the detector's input size
+    overlap: int = 64  # px shared by neighbouring tiles, so a figure on an edge is whole in one tile
+
+    def validate(self) -> None:
+        if self.tile_size < 16:
+            raise ConfigError(f"tiling.tile_size={self.tile_size} must be at least 16 px")
+        if not 0 <= self.overlap < self.tile_size // 2:
+            raise ConfigError(f"tiling.overlap={self.overlap} must be in [0, tile_size/2) = [0, {self.tile_size // 2})")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Reader threads and batching of the tile stream."""
+
+    reader_threads: int = 0  # 0 = one per CPU core
+    batch_size: int = 4
+    queue_depth: int = 4  # batches read ahead; with batch_size this bounds the stream's memory
+
+    def validate(self) -> None:
+        if self.reader_threads < 0:
+            raise ConfigError(f"stream.reader_threads={self.reader_threads} must be >= 0 (0 = one per core)")
+        if self.batch_size < 1:
+            raise ConfigError(f"stream.batch_size={self.batch_size} must be at least 1")
+        if self.queue_depth < 1:
+            raise ConfigError(f"stream.queue_depth={self.queue_depth} must be at least 1")
+
+    @property
+    def threads(self) -> int:
+        """Reader threads actually used."""
+        return self.reader_threads or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings. Sections match the TOML tables."""
+
+    slide: SlideConfig = field(default_factory=SlideConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+    def validate(self) -> Config:
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """Return a copy with dotted keys replaced, e.g. ``{"slide.mpp_override": 0.5}``.
+
+        None values are ignored, so unset command-line flags keep the file's value.
+        """
+        sections: dict[str, dict[str, Any]] = {}
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, _, key = dotted.partition(".")
+            sections.setdefault(section, {})[key] = value
+        return _build(sections, base=self).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a TOML file (or the defaults when path is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist; pass an existing file to --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    config = _build(raw, base=Config()).validate()
+    return config.with_overrides(overrides or {})
+
+
+def _build(raw: dict[str, Any], base: Config) -> Config:
+    known = {f.name: f for f in fields(Config)}
+    updated: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in known:
+            raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(sorted(known))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config [{section}] must be a table, got {values!r}")
+        current = getattr(base, section)
+        updated[section] = _replace_checked(section, current, values)
+    return dataclasses.replace(base, **updated)
+
+
+def _replace_checked(section: str, current: Any, values: dict[str, Any]) -> Any:
+    hints = get_type_hints(type(current))
+    names = {f.name for f in fields(current)}
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown setting {section}.{key}; known: {', '.join(sorted(names))}")
+        clean[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return dataclasses.replace(current, **clean)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(name, inner, value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r} must be a string")
+        return value
+    return value
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name}={value} must be greater than 0")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{name}={value} must be 0 or more")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}={value} must be between 0 and 1")

@@ -1,0 +1,304 @@
+"""Opening slides of every format we have or can make, their metadata, region reads at a target mpp,
+and the errors a user gets for missing, broken, truncated or mpp-less files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from edge.config import SlideConfig
+from edge.errors import (
+    CorruptSlideError,
+    EdgeError,
+    MissingMppError,
+    NotASlideError,
+    SlideNotFoundError,
+    SlideReadError,
+    TileDecodeError,
+)
+from edge.slide import _resolution_mpp, choose_read_scale, open_slide, resolve_mpp
+
+from .conftest import SynthFactory, data_file
+
+# --- real files ----------------------------------------------------------------------------------
+
+
+def test_aperio_svs_metadata() -> None:
+    with open_slide(data_file("wsi/CMU-1-Small-Region.svs")) as slide:
+        info = slide.info
+    assert info.format == "aperio" and info.vendor == "aperio" and info.reader == "tiffslide"
+    assert info.dimensions == (2220, 2967)
+    assert len(info.levels) == 1 and info.levels[0].downsample == 1.0
+    assert (info.mpp_x, info.mpp_y, info.mpp_source) == (0.499, 0.499, "vendor")
+    assert info.objective_power == 20
+    assert set(info.associated_images) == {"label", "macro", "thumbnail"}
+
+
+def test_aperio_region_equals_the_stored_pixels() -> None:
+    path = data_file("wsi/CMU-1-Small-Region.svs")
+    reference = tifffile.imread(path, level=0)
+    with open_slide(path) as slide:
+        region = slide.read_level(0, 301, 777, 640, 480)
+    np.testing.assert_array_equal(region, reference[777 : 777 + 480, 301 : 301 + 640])
+
+
+def test_coarse_slide_is_upsampled_and_flagged() -> None:
+    with open_slide(data_file("wsi/CMU-1-Small-Region.svs")) as slide:
+        scale = slide.read_scale(0.25)
+        assert scale.upsampled and scale.resampled
+        assert scale.px0_per_out_x == pytest.approx(0.25 / 0.499)
+        region = slide.read_region(1000, 1000, 512, 512, scale)
+        native = slide.read_level(0, 1000, 1000, 256, 256)
+    assert region.shape == (512, 512, 3) and region.dtype == np.uint8
+    # the upsampled region shows the same picture as the native one, twice as large
+    back = np.asarray(Image.fromarray(region).resize((256, 256), Image.Resampling.BOX), dtype=float)
+    assert np.abs(back - native).mean() < 6
+
+
+def test_jpeg2000_svs_without_mpp_needs_an_override() -> None:
+    path = data_file("wsi/tcga-cr-7395-01a-01-ts1.svs")
+    with open_slide(path) as slide:
+        assert slide.info.mpp_x is None and slide.info.mpp_source is None
+        assert len(slide.info.levels) == 2
+        with pytest.raises(MissingMppError) as err:
+            slide.read_scale()
+    message = str(err.value)
+    assert str(path) in message and "--mpp" in message and "mpp_override" in message
+
+
+def test_jpeg2000_tiles_decode_with_an_override() -> None:
+    path = data_file("wsi/tcga-cr-7395-01a-01-ts1.svs")
+    with open_slide(path, SlideConfig(mpp_override=0.5)) as slide:
+        assert (slide.info.mpp_x, slide.info.mpp_source) == (0.5, "override")
+        for level in (0, 1):
+            reference = tifffile.imread(path, level=level)
+            region = slide.read_level(level, 37, 53, 700, 600)
+            np.testing.assert_array_equal(region, reference[53:653, 37:737])
+
+
+def test_dicom_wsi_opens_with_openslide() -> None:
+    with open_slide(data_file("wsi/camelyon-multiframe.dcm")) as slide:
+        info = slide.info
+        region = slide.read_level(0, 0, 0, 256, 256)
+    assert (info.reader, info.format) == ("openslide", "dicom")
+    assert info.dimensions == (1152, 700)
+    assert info.mpp_x == pytest.approx(28.969, rel=1e-3)
+    assert region.shape == (256, 256, 3) and region.std() > 5
+
+
+def test_small_synthetic_dicom() -> None:
+    with open_slide(data_file("wsi/highdicom-sm-50px.dcm")) as slide:
+        assert slide.info.dimensions == (50, 50)
+        assert slide.info.mpp_x == pytest.approx(0.499)
+
+
+def test_dicom_label_is_refused_clearly() -> None:
+    path = data_file("wsi/dicom-label-not-wsi.dcm")
+    with pytest.raises(NotASlideError) as err:
+        open_slide(path)
+    assert str(path) in str(err.value) and "label" in str(err.value)
+
+
+def test_broken_svs_is_named() -> None:
+    path = data_file("wsi/broken.svs")
+    with pytest.raises(CorruptSlideError) as err:
+        open_slide(path)
+    assert str(path) in str(err.value) and ".svs" in str(err.value)
+
+
+def test_truncated_slide_fails_with_a_read_error(tmp_path: Path) -> None:
+    source = data_file("wsi/CMU-1-Small-Region.svs")
+    cut = tmp_path / "cut.svs"
+    data = source.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptSlideError) as err, open_slide(cut) as slide:
+        slide.read_level(0, 0, 0, slide.info.width, slide.info.height)
+    assert str(cut) in str(err.value)
+    assert "truncated" in str(err.value) or "damaged" in str(err.value)
+
+
+# --- errors for things that are not slides -------------------------------------------------------
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(SlideNotFoundError) as err:
+        open_slide(tmp_path / "nowhere.svs")
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, EdgeError)
+    assert "nowhere.svs" in str(err.value)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.svs").write_bytes(b"")
+    with pytest.raises(CorruptSlideError, match="empty"):
+        open_slide(tmp_path / "empty.svs")
+
+
+def test_text_file_is_not_a_slide(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(NotASlideError, match="not a whole-slide image"):
+        open_slide(tmp_path / "notes.txt")
+
+
+def test_folder_without_dicom(tmp_path: Path) -> None:
+    with pytest.raises(NotASlideError, match=r"folder without \.dcm"):
+        open_slide(tmp_path)
+
+
+def test_plain_png_is_refused(tmp_path: Path) -> None:
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "photo.png")
+    with pytest.raises(SlideReadError):
+        open_slide(tmp_path / "photo.png")
+
+
+# --- mpp rules -----------------------------------------------------------------------------------
+
+
+def test_mpp_override_wins_and_is_noted() -> None:
+    assert resolve_mpp((0.25, 0.25), "vendor", None)[:3] == (0.25, 0.25, "vendor")
+    mx, my, source, notes = resolve_mpp((0.25, 0.25), "vendor", 0.5)
+    assert (mx, my, source) == (0.5, 0.5, "override") and "replaces" in notes[0]
+
+
+def test_missing_mpp_is_never_invented() -> None:
+    assert resolve_mpp(None, None, None)[:3] == (None, None, None)
+
+
+def test_implausible_resolution_is_ignored() -> None:
+    mx, _, source, notes = resolve_mpp((352.8, 352.8), "tiff-resolution", None)
+    assert mx is None and source is None and "implausible" in notes[0]
+
+
+class _Tag:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+class _Page:
+    def __init__(self, unit: int, xres: tuple[int, int], yres: tuple[int, int]) -> None:
+        self.tags = {"ResolutionUnit": _Tag(unit), "XResolution": _Tag(xres), "YResolution": _Tag(yres)}
+
+
+@pytest.mark.parametrize(
+    ("unit", "res", "mpp"),
+    [(3, (40000, 1), 0.25), (2, (101600, 1), 0.25), (4, (4000, 1), 0.25), (5, (4, 1), 0.25), (3, (400000, 10), 0.25)],
+)
+def test_tiff_resolution_units(unit: int, res: tuple[int, int], mpp: float) -> None:
+    got = _resolution_mpp(_Page(unit, res, res))
+    assert got is not None and got[0] == pytest.approx(mpp)
+
+
+def test_tiff_resolution_without_unit_is_no_mpp() -> None:
+    assert _resolution_mpp(_Page(1, (40000, 1), (40000, 1))) is None
+
+
+# --- choosing the level --------------------------------------------------------------------------
+
+
+def test_level_choice_reads_the_coarsest_level_fine_enough() -> None:
+    mpps = [(0.12, 0.12), (0.48, 0.48), (1.92, 1.92)]
+    scale = choose_read_scale(mpps, mpps[0], 0.25, 0.03)
+    assert scale.level == 0 and scale.level_px_per_out_x == pytest.approx(0.25 / 0.12)
+    assert not scale.upsampled
+    scale = choose_read_scale(mpps, mpps[0], 0.49, 0.03)
+    assert scale.level == 1 and not scale.resampled and scale.mpp_x == 0.48
+
+
+def test_level_within_tolerance_is_read_as_stored() -> None:
+    scale = choose_read_scale([(0.2527, 0.2527)], (0.2527, 0.2527), 0.25, 0.03)
+    assert not scale.resampled and scale.mpp_x == 0.2527 and scale.px0_per_out_x == 1.0
+    scale = choose_read_scale([(0.23, 0.23)], (0.23, 0.23), 0.25, 0.03)
+    assert scale.resampled and not scale.upsampled and scale.px0_per_out_x == pytest.approx(0.25 / 0.23)
+
+
+# --- synthetic slides at every scanner resolution -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mpp", "upsampled", "resampled"),
+    [(0.25, False, False), (0.23, False, True), (0.12, False, True), (0.5, True, True)],
+)
+def test_synthetic_slides_read_at_target_mpp(
+    synth_slide: SynthFactory, mpp: float, upsampled: bool, resampled: bool
+) -> None:
+    size = round(2560 * 0.25 / mpp)
+    path = synth_slide(width=size, height=size, mpp=mpp)
+    with open_slide(path) as slide:
+        assert slide.info.mpp_x == pytest.approx(mpp, rel=1e-4)
+        assert slide.info.mpp_source == "tiff-resolution"
+        assert slide.info.region_reader == "tiles"
+        scale = slide.read_scale(0.25)
+        assert (scale.upsampled, scale.resampled) == (upsampled, resampled)
+        x0, y0 = size * 0.3, size * 0.35
+        region = slide.read_region(x0, y0, 400, 300, scale)
+        level0 = tifffile.imread(path, level=0)
+    # reference: the same physical window cut from level 0 and resized with PIL's Lanczos
+    w0, h0 = 400 * scale.px0_per_out_x, 300 * scale.px0_per_out_y
+    window = Image.fromarray(level0).resize((400, 300), Image.Resampling.LANCZOS, box=(x0, y0, x0 + w0, y0 + h0))
+    reference = np.asarray(window, dtype=float)
+    diff = np.abs(region.astype(float) - reference)
+    assert diff.mean() < (2.0 if not resampled else 8.0)
+    assert np.corrcoef(region.ravel(), reference.ravel())[0, 1] > 0.9
+
+
+def test_ome_tiff_reads_mpp_from_ome_xml(synth_slide: SynthFactory) -> None:
+    path = synth_slide(width=3000, height=2000, mpp=0.25, fmt="ome")
+    with open_slide(path) as slide:
+        assert slide.info.format == "ome"
+        assert slide.info.mpp_x == pytest.approx(0.25)
+        assert len(slide.info.levels) >= 1
+        region = slide.read_level(0, 100, 100, 300, 200)
+    reference = tifffile.imread(path, level=0)
+    np.testing.assert_array_equal(region, reference[100:300, 100:400])
+
+
+def test_openslide_reader_override_reads_the_same_pixels(synth_slide: SynthFactory) -> None:
+    path = synth_slide()
+    with open_slide(path, SlideConfig(reader="openslide")) as a, open_slide(path) as b:
+        assert a.info.reader == "openslide" and a.info.mpp_x == pytest.approx(0.25)
+        np.testing.assert_array_equal(a.read_level(0, 500, 400, 600, 500), b.read_level(0, 500, 400, 600, 500))
+
+
+def test_library_region_reader_matches_direct_tiles(synth_slide: SynthFactory) -> None:
+    path = synth_slide()
+    with open_slide(path, SlideConfig(region_reader="library")) as a, open_slide(path) as b:
+        assert (a.info.region_reader, b.info.region_reader) == ("library", "tiles")
+        np.testing.assert_array_equal(a.read_level(0, 123, 45, 700, 333), b.read_level(0, 123, 45, 700, 333))
+
+
+def test_reads_outside_the_slide_are_white(synth_slide: SynthFactory) -> None:
+    path = synth_slide()
+    with open_slide(path) as slide:
+        w, h = slide.info.dimensions
+        region = slide.read_level(0, w - 100, h - 50, 300, 200)
+    assert region.shape == (200, 300, 3)
+    assert (region[50:, :] == 255).all() and (region[:, 100:] == 255).all()
+
+
+def test_tile_failing_mid_read_raises_tile_decode_error(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    path = tmp_path / "damaged.tiff"
+    shutil.copy(synth_slide(), path)
+    page = tifffile.TiffFile(path).pages[0]
+    assert not isinstance(page, tifffile.TiffFrame)
+    offsets, counts = page.dataoffsets, page.databytecounts
+    victim = len(offsets) // 2
+    with path.open("r+b") as fh:  # overwrite one stored tile with garbage
+        fh.seek(offsets[victim])
+        fh.write(b"\x00\x13" * (counts[victim] // 2))
+    with open_slide(path) as slide:
+        slide.read_level(0, 0, 0, 256, 256)  # other tiles are fine
+        with pytest.raises(TileDecodeError) as err:
+            slide.read_level(0, 0, 0, slide.info.width, slide.info.height)
+    assert str(path) in str(err.value) and f"tile {victim}" in str(err.value)
+
+
+def test_thumbnail_has_the_requested_mpp(synth_slide: SynthFactory) -> None:
+    with open_slide(synth_slide()) as slide:
+        thumb, (mx, my) = slide.thumbnail(8.0)
+        w, h = slide.info.dimensions
+    assert thumb.shape[:2] == (round(h * 0.25 / 8), round(w * 0.25 / 8))
+    assert mx == pytest.approx(8.0, rel=0.02) and my == pytest.approx(8.0, rel=0.02)
