@@ -221,11 +221,11 @@ def _openslide_detect(path: Path) -> str | None:
 
 
 class _LevelReader(Protocol):
-    """Reads an in-bounds rectangle of one level as uint8 RGB (h, w, 3)."""
+    """Reads an in-bounds rectangle of one level as uint8 RGB into ``out`` (h, w, 3)."""
 
     name: str
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray: ...
+    def read(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None: ...
 
     def close(self) -> None: ...
 
@@ -260,8 +260,10 @@ class Slide:
         mpps = [self.info.level_mpp(i) for i in range(len(self.info.levels))]
         return choose_read_scale(mpps, mpps[0], target, self.config.mpp_tolerance)
 
-    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Read (h, w, 3) uint8 RGB at a level, in that level's px; outside the slide is white."""
+    def read_level(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Read (h, w, 3) uint8 RGB at a level, in that level's px; outside the slide is white.
+
+        ``out``, when given, is a (h, w, 3) uint8 array filled in place (saves a copy per tile)."""
         if not 0 <= level < len(self.info.levels):
             raise SlideReadError(self.path, f"level={level} out of range 0..{len(self.info.levels) - 1}")
         if w <= 0 or h <= 0:
@@ -269,30 +271,44 @@ class Slide:
         lv = self.info.levels[level]
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
+        if out is None:
+            out = np.empty((h, w, 3), np.uint8)
         if x0 == x and y0 == y and x1 == x + w and y1 == y + h:
-            return self._guarded(lambda: self._reader.read(level, x, y, w, h), level, x, y)
-        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+            self._guarded(functools.partial(self._reader.read, level, x, y, w, h, out), level, x, y)
+            return out
+        out[...] = BACKGROUND
         if x1 > x0 and y1 > y0:
-            part = self._guarded(lambda: self._reader.read(level, x0, y0, x1 - x0, y1 - y0), level, x0, y0)
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = part
+            view = out[y0 - y : y1 - y, x0 - x : x1 - x]
+            self._guarded(functools.partial(self._reader.read, level, x0, y0, x1 - x0, y1 - y0, view), level, x0, y0)
         return out
 
-    def read_region(self, x0: float, y0: float, width: int, height: int, scale: ReadScale) -> np.ndarray:
-        """Read (height, width, 3) uint8 RGB at ``scale``'s output mpp; (x0, y0) is the top-left in level-0 px."""
+    def read_region(
+        self, x0: float, y0: float, width: int, height: int, scale: ReadScale, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Read (height, width, 3) uint8 RGB at ``scale``'s output mpp; (x0, y0) is the top-left in level-0 px.
+
+        ``out``, when given, is a (height, width, 3) uint8 array filled in place."""
         lv = self.info.levels[scale.level]
         ds_x, ds_y = self.info.width / lv.width, self.info.height / lv.height
         lx, ly = x0 / ds_x, y0 / ds_y
         if not scale.resampled:
-            return self.read_level(scale.level, round(lx), round(ly), width, height)
+            return self.read_level(scale.level, round(lx), round(ly), width, height, out)
         sx, sy = scale.level_px_per_out_x, scale.level_px_per_out_y
         pad = 3  # lanczos3 support, so border pixels see real neighbours
         ix, iy = math.floor(lx) - pad, math.floor(ly) - pad
         iw = math.ceil(lx + width * sx) + pad - ix
         ih = math.ceil(ly + height * sy) + pad - iy
         window = self.read_level(scale.level, ix, iy, iw, ih)
-        return self._guarded(
-            lambda: resample(window, sx, sy, (lx - ix) / sx, (ly - iy) / sy, width, height), scale.level, ix, iy
+        result = self._guarded(
+            functools.partial(resample, window, sx, sy, (lx - ix) / sx, (ly - iy) / sy, width, height),
+            scale.level,
+            ix,
+            iy,
         )
+        if out is not None:
+            out[...] = result
+            return out
+        return result
 
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, tuple[float, float]]:
         """The whole slide at about ``mpp`` µm/px, built in chunks so memory stays small.
@@ -580,10 +596,10 @@ class _TiffSlideReader:
         self._ts = ts
         self._ds = ts.level_downsamples
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    def read(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
         ds = self._ds[level]
         arr = self._ts.read_region((round(x * ds), round(y * ds)), level, (w, h), as_array=True)
-        return _to_rgb(np.asarray(arr))
+        out[...] = _to_rgb(np.asarray(arr))
 
     def close(self) -> None:
         self._ts.close()
@@ -596,10 +612,10 @@ class _OpenSlideReader:
         self._osr = osr
         self._ds = osr.level_downsamples
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    def read(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
         ds = self._ds[level]
         rgba = np.asarray(self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h)))
-        return _to_rgb(rgba)
+        out[...] = _to_rgb(rgba)
 
     def close(self) -> None:
         self._osr.close()
@@ -695,10 +711,9 @@ class _TiffTileReader:
             return None
         return _to_rgb(seg.reshape(seg.shape[-3:]))
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    def read(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
         page = self._pages[level]
         tw, th = page.tile_w, page.tile_h
-        out = np.empty((h, w, 3), np.uint8)
         for ty in range(y // th, (y + h - 1) // th + 1):
             for tx in range(x // tw, (x + w - 1) // tw + 1):
                 tile = self.tile(level, ty * page.tiles_across + tx)
@@ -709,7 +724,6 @@ class _TiffTileReader:
                     out[sy - y : ey - y, sx - x : ex - x] = BACKGROUND
                 else:
                     out[sy - y : ey - y, sx - x : ex - x] = tile[sy - oy : ey - oy, sx - ox : ex - ox]
-        return out
 
     def stored_tiles(self, level: int, x: int, y: int, w: int, h: int) -> list[int]:
         """Indices of the stored tiles a level rectangle touches (for the decode floor benchmark)."""

@@ -174,12 +174,13 @@ class TileStream:
         for i, tile in enumerate(tiles):
             if self._should_stop():
                 return None
-            region = self.slide.read_region(tile.x0, tile.y0, tile.width, tile.height, self.scale)
             if tile.width == size and tile.height == size:
-                pixels[i] = region
+                self.slide.read_region(tile.x0, tile.y0, size, size, self.scale, out=pixels[i])
             else:
                 pixels[i] = BACKGROUND
-                pixels[i, : tile.height, : tile.width] = region
+                self.slide.read_region(
+                    tile.x0, tile.y0, tile.width, tile.height, self.scale, out=pixels[i, : tile.height, : tile.width]
+                )
         with self.stats._lock:
             self.stats.read_seconds += time.perf_counter() - t0
         return TileBatch(index=b, tiles=tiles, pixels=pixels)

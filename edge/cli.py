@@ -1,0 +1,342 @@
+"""The `mitosis-edge` command. The only module that prints or configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge import __version__
+from edge.config import Config, load_config
+from edge.errors import ConfigError, EdgeError
+
+log = logging.getLogger("edge.cli")
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the slide or the work failed; the message says why
+EXIT_USAGE = 2  # bad arguments or configuration
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.log_format)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"mitosis-edge: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except EdgeError as exc:
+        print(f"mitosis-edge: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("mitosis-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mitosis-edge",
+        description="Scan-time mitotic-figure detection: hotspot mitotic count and atypical ratio "
+        "for whole-slide images.",
+    )
+    parser.add_argument("--version", action="version", version=f"mitosis-edge {__version__}")
+    parser.add_argument("--config", metavar="TOML", help="settings file (every setting has a default)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="print a slide's metadata: vendor, levels, mpp, objective, associated images")
+    p.add_argument("slide", help="slide file (or DICOM WSI folder)")
+    _slide_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tiles", action="store_true", help="also find the tissue and plan the tiles")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("synth", help="write a synthetic H&E-like slide with planted mitotic figures and its truth")
+    p.add_argument("out", help="output TIFF path")
+    p.add_argument("--width", type=int, required=True, help="level-0 width in px")
+    p.add_argument("--height", type=int, required=True, help="level-0 height in px")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mpp", type=float, default=0.25, help="µm/px recorded in the file (default 0.25)")
+    p.add_argument("--mitoses", type=int, help="mitotic figures to plant (default: from the tissue area)")
+    p.add_argument("--imposters", type=int, help="mitosis look-alikes to plant (default: as many as mitoses)")
+    p.add_argument("--atypical-fraction", type=float, default=0.3)
+    p.add_argument("--cluster-fraction", type=float, default=0.6, help="share of mitoses in dense clusters")
+    p.add_argument("--tissue-fraction", type=float, default=0.55)
+    p.add_argument("--stain-jitter", type=float, default=0.08)
+    p.add_argument("--blur", type=float, default=0.0, help="gaussian blur sigma in px")
+    p.add_argument("--noise", type=float, default=3.0, help="noise sigma in grey levels")
+    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--quality", type=int, default=85, help="JPEG quality")
+    p.add_argument("--format", choices=("tiff", "ome"), default="tiff")
+    p.add_argument("--hotspot-area", type=float, default=2.0, help="hotspot field area in mm² for the truth")
+    p.add_argument("--truth", help="truth JSON path (default: OUT with .truth.json)")
+    p.set_defaults(handler=cmd_synth)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench_sub = p.add_subparsers(title="benchmarks", metavar="WHAT")
+    b = bench_sub.add_parser("read", help="tile stream throughput against the decode floor")
+    b.add_argument("slide")
+    _slide_options(b)
+    b.add_argument("--repeats", type=int, default=2, help="best of N (default 2)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(handler=cmd_bench_read)
+
+    p = sub.add_parser("demo", help="the quick-start demo on a generated slide")
+    p.add_argument("--size", type=int, default=12288, help="synthetic slide side in px (default 12288)")
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--keep", metavar="DIR", help="write the demo slide here instead of a temporary folder")
+    _slide_options(p)
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _slide_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mpp", type=float, help="µm/px to use when the slide records none (overrides the file)")
+    p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), help="library that opens the slide")
+    p.add_argument("--region-reader", choices=("auto", "tiles", "library"), help="how pixels are read")
+    p.add_argument("--target-mpp", type=float, help="µm/px tiles are read at (default 0.25)")
+    p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
+    p.add_argument("--batch-size", type=int, help="tiles per batch")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(
+        getattr(args, "config", None),
+        {
+            "slide.mpp_override": getattr(args, "mpp", None),
+            "slide.reader": getattr(args, "reader", None),
+            "slide.region_reader": getattr(args, "region_reader", None),
+            "slide.target_mpp": getattr(args, "target_mpp", None),
+            "stream.reader_threads": getattr(args, "threads", None),
+            "stream.batch_size": getattr(args, "batch_size", None),
+        },
+    )
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from edge.slide import open_slide
+    from edge.stream import plan_slide
+
+    config = _config(args)
+    with open_slide(args.slide, config.slide) as slide:
+        info = slide.info
+        data: dict[str, Any] = info.to_json_dict()
+        if info.mpp_x is not None:
+            data["level_mpp"] = [list(info.level_mpp(i)) for i in range(len(info.levels))]
+            scale = slide.read_scale()
+            data["read"] = {
+                "target_mpp": scale.target_mpp,
+                "level": scale.level,
+                "output_mpp": [scale.mpp_x, scale.mpp_y],
+                "resampled": scale.resampled,
+                "upsampled": scale.upsampled,
+            }
+        if args.tiles:
+            sp = plan_slide(slide, config)
+            data["tissue_area_mm2"] = sp.tissue_area_mm2
+            data["tiles"] = len(sp.plan)
+            data["tile_grid"] = [sp.plan.columns, sp.plan.rows]
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(_format_info(data))
+    return EXIT_OK
+
+
+def _format_info(d: dict[str, Any]) -> str:
+    lines = [
+        f"slide        {d['path']}",
+        f"format       {d['format']} (vendor {d['vendor']}), opened with {d['reader']}, "
+        f"pixels via {d['region_reader']}",
+        f"dimensions   {d['width']} x {d['height']} px",
+    ]
+    if d["mpp_x"] is None:
+        lines.append("mpp          MISSING: the slide records no pixel size; pass --mpp or set [slide] mpp_override")
+    else:
+        lines.append(f"mpp          {d['mpp_x']:.4f} x {d['mpp_y']:.4f} µm/px (from {d['mpp_source']})")
+    obj = d["objective_power"]
+    lines.append(f"objective    {obj:g}x" if obj else "objective    not recorded")
+    lines.append("levels       #  width x height   downsample  tile")
+    for lv in d["levels"]:
+        tile = f"{lv['tile_width']}x{lv['tile_height']}" if lv["tile_width"] else "-"
+        lines.append(
+            f"             {lv['index']:<2} {lv['width']:>6} x {lv['height']:<8} {lv['downsample']:>9.3f}  {tile}"
+        )
+    lines.append(f"associated   {', '.join(d['associated_images']) or 'none'}")
+    if "read" in d:
+        r = d["read"]
+        how = (
+            "upsampled (the slide is coarser than the target)"
+            if r["upsampled"]
+            else ("resampled" if r["resampled"] else "read as stored")
+        )
+        lines.append(f"reading at   {r['target_mpp']} µm/px from level {r['level']}: {how}")
+    if "tiles" in d:
+        lines.append(
+            f"tissue       {d['tissue_area_mm2']:.2f} mm², {d['tiles']} tiles "
+            f"(grid {d['tile_grid'][0]} x {d['tile_grid'][1]})"
+        )
+    for note in d["notes"]:
+        lines.append(f"note         {note}")
+    return "\n".join(lines)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from edge.synth import SynthParams, default_truth_path, generate_slide
+
+    params = SynthParams(
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        mpp=args.mpp,
+        mitoses=args.mitoses,
+        atypical_fraction=args.atypical_fraction,
+        imposters=args.imposters,
+        cluster_fraction=args.cluster_fraction,
+        tissue_fraction=args.tissue_fraction,
+        stain_jitter=args.stain_jitter,
+        blur_sigma=args.blur,
+        noise_sigma=args.noise,
+        tile_size=args.tile_size,
+        jpeg_quality=args.quality,
+        fmt=args.format,
+        hotspot_area_mm2=args.hotspot_area,
+    )
+    params.validate()
+    truth_path = Path(args.truth) if args.truth else default_truth_path(args.out)
+    t0 = time.perf_counter()
+    truth = generate_slide(args.out, params, truth_path, progress=_progress_printer("synth"))
+    elapsed = time.perf_counter() - t0
+    counts = truth.counts() if hasattr(truth, "counts") else {}
+    print(f"wrote {args.out} ({args.width} x {args.height} px at {args.mpp} µm/px) in {elapsed:.1f} s")
+    print(f"truth {truth_path}: {json.dumps(counts)}" if counts else f"truth {truth_path}")
+    return EXIT_OK
+
+
+def cmd_bench_read(args: argparse.Namespace) -> int:
+    from edge.bench import bench_read
+
+    result = bench_read(args.slide, _config(args), repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(
+        f"slide         {result['slide']}: {result['tiles']} tiles of {result['tile_size']} px, "
+        f"reader {result['region_reader']}, {result['threads']} threads"
+    )
+    print(f"tile stream   {result['stream_tiles_per_s']:.1f} tiles/s  {result['stream_mp_per_s']:.0f} MP/s")
+    if result["ratio"] is not None:
+        print(
+            f"decode floor  {result['floor_tiles_per_s']:.1f} tiles/s  {result['floor_mp_per_s']:.0f} MP/s  "
+            f"({result['floor_stored_tiles']} stored tiles)"
+        )
+        print(f"ratio         {result['ratio']:.2f} (stream / floor, target >= 0.8)")
+    else:
+        print(f"decode floor  n/a: {result['floor_note']}")
+    print(f"peak RSS      {result['peak_rss_mb']:.0f} MiB")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a slide, open it, find the tissue and stream every tile: the foundation end to end."""
+    from edge.slide import open_slide
+    from edge.stream import open_stream, plan_slide
+    from edge.synth import SynthParams, default_truth_path, generate_slide
+
+    config = _config(args)
+    with tempfile.TemporaryDirectory(prefix="mitosis-edge-demo-") as tmp:
+        folder = Path(args.keep) if args.keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        slide_path = folder / "demo-slide.tiff"
+        print(f"1/3 generating a {args.size} x {args.size} px synthetic slide (seed {args.seed}) ...")
+        truth = generate_slide(
+            slide_path,
+            SynthParams(width=args.size, height=args.size, seed=args.seed),
+            default_truth_path(slide_path),
+            progress=_progress_printer("synth"),
+        )
+        print("2/3 reading its metadata and finding the tissue ...")
+        with open_slide(slide_path, config.slide) as slide:
+            info = slide.info
+            sp = plan_slide(slide, config)
+            print(
+                f"    {info.format}, {info.width} x {info.height} px, {len(info.levels)} levels, "
+                f"mpp {info.mpp_x} ({info.mpp_source})"
+            )
+            print(f"    tissue {sp.tissue_area_mm2:.2f} mm², {len(sp.plan)} tiles of {sp.plan.tile_size} px")
+            print("3/3 streaming every tissue tile ...")
+            t0 = time.perf_counter()
+            show = _progress_printer("tiles")
+            with open_stream(slide, sp, config) as stream:
+                for batch in stream:
+                    show(stream.stats.tiles, len(sp.plan))
+                    del batch
+            elapsed = time.perf_counter() - t0
+        planted = truth.counts() if hasattr(truth, "counts") else {}
+        print(f"    {len(sp.plan)} tiles in {elapsed:.1f} s ({len(sp.plan) / max(elapsed, 1e-9):.1f} tiles/s)")
+        print(f"planted objects: {json.dumps(planted)}")
+        print("detection, the hotspot mitotic count and the atypical ratio come with the engines and pipeline.")
+        if args.keep:
+            print(f"slide kept at {slide_path}, truth at {default_truth_path(slide_path)}")
+    return EXIT_OK
+
+
+def _progress_printer(label: str) -> Callable[[int, int], None]:
+    """A callback (done, total) that draws a one-line bar on a terminal and stays silent otherwise."""
+    if not sys.stderr.isatty():
+        return lambda done, total: None
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / total) if total else width
+        sys.stderr.write(f"\r{label:6} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+# --- logging -------------------------------------------------------------------------------------
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _configure_logging(verbose: int, fmt: str) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The `mitosis-edge` command as a user runs it: info, synth, bench read and the demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import SynthFactory, data_file
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("mitosis-edge")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "edge", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0 and "mitosis-edge" in result.stdout
+
+
+def test_info_on_a_real_svs() -> None:
+    result = run_cli("info", str(data_file("wsi/CMU-1-Small-Region.svs")))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "aperio" in out and "2220 x 2967" in out and "0.4990" in out and "20x" in out
+    assert "upsampled" in out  # 0.499 µm/px read at 0.25
+
+
+def test_info_json_with_tiles() -> None:
+    result = run_cli("info", str(data_file("wsi/CMU-1-Small-Region.svs")), "--json", "--tiles")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["mpp_x"] == 0.499 and info["mpp_source"] == "vendor"
+    assert info["levels"][0]["width"] == 2220
+    assert info["read"]["upsampled"] is True
+    assert info["tiles"] > 0 and 0 < info["tissue_area_mm2"] < 2.22 * 2.967 * 0.25
+
+
+def test_info_says_when_mpp_is_missing_and_accepts_an_override() -> None:
+    path = str(data_file("wsi/tcga-cr-7395-01a-01-ts1.svs"))
+    result = run_cli("info", path)
+    assert result.returncode == 0 and "MISSING" in result.stdout and "--mpp" in result.stdout
+    result = run_cli("info", path, "--mpp", "0.5", "--json")
+    assert json.loads(result.stdout)["mpp_source"] == "override"
+
+
+def test_tiles_of_a_slide_without_mpp_fail_with_the_fix() -> None:
+    path = str(data_file("wsi/tcga-cr-7395-01a-01-ts1.svs"))
+    result = run_cli("info", path, "--tiles")
+    assert result.returncode == 1
+    assert path in result.stderr and "--mpp" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["broken.svs", "dicom-label-not-wsi.dcm"])
+def test_unreadable_files_exit_non_zero_with_a_clear_message(name: str) -> None:
+    path = str(data_file(f"wsi/{name}"))
+    result = run_cli("info", path)
+    assert result.returncode == 1
+    assert path in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    result = run_cli("info", str(tmp_path / "missing.svs"))
+    assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text("[tiling]\ntile_sise = 512\n")
+    result = run_cli("--config", str(cfg), "info", str(tmp_path / "x.svs"))
+    assert result.returncode == 2 and "tiling.tile_sise" in result.stderr
+
+
+def test_synth_writes_a_slide_and_its_truth(tmp_path: Path) -> None:
+    out = tmp_path / "s.tiff"
+    result = run_cli("synth", str(out), "--width", "2048", "--height", "1536", "--seed", "5", "--mitoses", "12")
+    assert result.returncode == 0, result.stderr
+    truth = json.loads((tmp_path / "s.truth.json").read_text())
+    assert sum(o["class"] in ("normal", "atypical") for o in truth["objects"]) == 12
+    info = json.loads(run_cli("info", str(out), "--json").stdout)
+    assert (info["width"], info["height"], info["mpp_x"]) == (2048, 1536, 0.25)
+
+
+def test_synth_refuses_bad_parameters(tmp_path: Path) -> None:
+    result = run_cli("synth", str(tmp_path / "s.tiff"), "--width", "0", "--height", "100")
+    assert result.returncode == 2 and "width" in result.stderr
+
+
+def test_bench_read_json(synth_slide: SynthFactory) -> None:
+    result = run_cli("bench", "read", str(synth_slide()), "--json", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    for key in ("stream_tiles_per_s", "floor_tiles_per_s", "ratio", "peak_rss_mb"):
+        assert figures[key] > 0
+    assert figures["tiles"] > 0 and figures["region_reader"] == "tiles"
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = run_cli("demo", "--size", "4096", "--keep", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "tiles" in result.stdout and (tmp_path / "demo-slide.tiff").exists()
