@@ -123,11 +123,14 @@ class TileStream:
     def _take(self, b: int) -> TileBatch:
         waited = time.perf_counter()
         with self._cond:
-            while b not in self._ready:
-                if self._error is not None:
-                    raise self._error
+            while True:
+                # cancel wins over batches already read: the caller asked to stop now
                 if self._cancel.is_set():
                     raise StreamCancelled(f"tile stream of {self.slide.path} cancelled after {self.stats.tiles} tiles")
+                if b in self._ready:
+                    break
+                if self._error is not None:
+                    raise self._error
                 self._cond.wait(STOP_POLL_S)
             batch = self._ready.pop(b)
             self._in_memory -= 1

@@ -282,9 +282,10 @@ def test_reads_outside_the_slide_are_white(synth_slide: SynthFactory) -> None:
 def test_tile_failing_mid_read_raises_tile_decode_error(synth_slide: SynthFactory, tmp_path: Path) -> None:
     path = tmp_path / "damaged.tiff"
     shutil.copy(synth_slide(), path)
-    page = tifffile.TiffFile(path).pages[0]
-    assert not isinstance(page, tifffile.TiffFrame)
-    offsets, counts = page.dataoffsets, page.databytecounts
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        assert not isinstance(page, tifffile.TiffFrame)
+        offsets, counts = page.dataoffsets, page.databytecounts
     victim = len(offsets) // 2
     with path.open("r+b") as fh:  # overwrite one stored tile with garbage
         fh.seek(offsets[victim])

@@ -21,8 +21,9 @@ from .conftest import data_file
 
 
 def test_real_he_region_is_mostly_tissue() -> None:
-    he = np.asarray(Image.open(data_file("he/tiatoolbox_target_image.png")).convert("RGB"))
-    mask = tissue_mask(he, mpp=0.5)
+    # the 1000 px field at ~0.5 µm/px, seen at 2 µm/px as a thumbnail would
+    he = np.asarray(Image.open(data_file("he/tiatoolbox_target_image.png")).convert("RGB").resize((250, 250)))
+    mask = tissue_mask(he, mpp=2.0)
     assert mask.shape == he.shape[:2]
     assert mask.mean() > 0.8
 
