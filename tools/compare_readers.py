@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(
-            f"{len(coords)} tiles of {size} px (overlap {args.overlap}), {len(stored)} stored tiles, {args.threads} threads"
+            f"{len(coords)} tiles of {size} px (overlap {args.overlap}), "
+            f"{len(stored)} stored tiles, {args.threads} threads"
         )
         for name, row in rows.items():
             print(f"{name:18} {row['tiles_per_s']:8.1f} tiles/s   {row['ratio_to_floor']:.2f} of the floor")
