@@ -62,6 +62,7 @@ class TissueConfig:
     """Tissue detection on a low-resolution thumbnail. Sizes are physical, so independent of mpp."""
 
     thumbnail_mpp: float = 8.0  # µm/px of the thumbnail the mask is computed on
+    max_thumbnail_megapixels: float = 4.0  # a bigger slide gets a coarser thumbnail, so memory stays flat
     saturation_threshold: float = 0.07  # HSV saturation above which a pixel is stained
     optical_density_threshold: float = 0.15  # summed RGB optical density above which a pixel is tissue
     closing_radius_um: float = 24.0  # bridges small gaps inside tissue
@@ -69,8 +70,21 @@ class TissueConfig:
     min_object_area_mm2: float = 0.01  # tissue pieces smaller than this are dropped
     fill_holes: bool = True
 
+    def thumbnail_mpp_for(self, width_um: float, height_um: float) -> float:
+        """The thumbnail mpp for a slide of this physical size: ``thumbnail_mpp``, or coarser when the
+        thumbnail would exceed ``max_thumbnail_megapixels``.
+
+        >>> TissueConfig().thumbnail_mpp_for(10_000, 10_000)  # a 1 cm² scan: 1250² px at 8 µm/px
+        8.0
+        >>> round(TissueConfig().thumbnail_mpp_for(25_000, 50_000), 1)  # a whole 25 x 50 mm scan area
+        17.7
+        """
+        floor = (width_um * height_um / (self.max_thumbnail_megapixels * 1e6)) ** 0.5
+        return max(self.thumbnail_mpp, floor)
+
     def validate(self) -> None:
         _positive("tissue.thumbnail_mpp", self.thumbnail_mpp)
+        _positive("tissue.max_thumbnail_megapixels", self.max_thumbnail_megapixels)
         _fraction("tissue.saturation_threshold", self.saturation_threshold)
         _non_negative("tissue.optical_density_threshold", self.optical_density_threshold)
         _non_negative("tissue.closing_radius_um", self.closing_radius_um)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 BACKGROUND = 255  # white glass: what is outside the scanned area
 MIN_PLAUSIBLE_MPP = 0.01  # µm/px; below any optical scanner
 MAX_PLAUSIBLE_MPP = 100.0  # µm/px; above this a "resolution" is a default DPI, not a pixel size
-THUMBNAIL_CHUNK = 4096  # level px per side read at once when building a thumbnail
+THUMBNAIL_CHUNK = 2048  # level px per side read at once when building a thumbnail
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 SLIDE_EXTENSIONS = frozenset(
@@ -357,8 +357,7 @@ def resample(
 ) -> np.ndarray:
     """Resample ``window`` by 1/sx, 1/sy (lanczos3 when shrinking, bicubic-class when enlarging) and
     cut (height, width) starting ``off_x``, ``off_y`` output px in. Edges are padded by replication."""
-    import pyvips
-
+    pyvips = _pyvips()
     if sx == 1.0 and sy == 1.0 and off_x == int(off_x) and off_y == int(off_y):
         res = window
     else:
@@ -376,6 +375,16 @@ def resample(
             mode="edge" if cut.size else "constant",
         )
     return np.ascontiguousarray(cut[:, :, :3], dtype=np.uint8)
+
+
+@functools.cache
+def _pyvips() -> Any:
+    """pyvips, with libvips' operation cache off: every resample is a new image, so cached results
+    would only hold memory (up to 100 MB by default) and never be reused."""
+    import pyvips
+
+    pyvips.cache_set_max(0)
+    return pyvips
 
 
 # --- opening -------------------------------------------------------------------------------------

@@ -203,7 +203,9 @@ class SlidePlan:
 def plan_slide(slide: Slide, config: Config) -> SlidePlan:
     """Read the thumbnail, find the tissue and plan the tiles at the configured target mpp."""
     scale = slide.read_scale(config.slide.target_mpp)
-    thumb, mask_mpp = slide.thumbnail(config.tissue.thumbnail_mpp)
+    mpp0 = slide.info.level_mpp(0)
+    thumb_mpp = config.tissue.thumbnail_mpp_for(slide.info.width * mpp0[0], slide.info.height * mpp0[1])
+    thumb, mask_mpp = slide.thumbnail(thumb_mpp)
     mask = tissue_mask(thumb, (mask_mpp[0] + mask_mpp[1]) / 2, config.tissue)
     plan = plan_tiles(
         slide.info.width,

@@ -20,6 +20,9 @@ from edge.config import TilingConfig, TissueConfig
 
 # --- tissue mask ---------------------------------------------------------------------------------
 
+MASK_ROWS_PER_CHUNK = 128  # thumbnail rows converted to float at once
+NEAR_BLACK = 25  # max(R, G, B) below this is scanner border or pen, not tissue
+
 
 def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueConfig | None = None) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail taken at ``mpp`` µm/px.
@@ -29,13 +32,9 @@ def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueConfig | None =
     than the minimum area are dropped. Near-black pixels (scanner borders, pen) count as no tissue.
     """
     p = params or TissueConfig()
-    rgb = thumbnail[:, :, :3].astype(np.float32)
-    mx = rgb.max(axis=2)
-    mn = rgb.min(axis=2)
-    saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1.0), 0.0)
-    optical_density = -np.log10(np.clip(rgb, 1.0, 255.0) / 255.0).sum(axis=2)
-    stained = (saturation > p.saturation_threshold) | (optical_density > p.optical_density_threshold)
-    stained &= mx > 25  # black borders and pen are dark but not tissue
+    stained = np.zeros(thumbnail.shape[:2], dtype=bool)
+    for r in range(0, thumbnail.shape[0], MASK_ROWS_PER_CHUNK):  # row chunks keep float temporaries small
+        stained[r : r + MASK_ROWS_PER_CHUNK] = _stained(thumbnail[r : r + MASK_ROWS_PER_CHUNK], p)
     mask = stained
     if p.closing_radius_um > 0:
         mask = ndimage.binary_closing(mask, structure=_disk(p.closing_radius_um / mpp), border_value=0)
@@ -50,6 +49,17 @@ def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueConfig | None =
         keep = np.concatenate([[False], areas_mm2 >= p.min_object_area_mm2])
         mask = keep[labels]
     return np.asarray(mask, dtype=bool)
+
+
+def _stained(rgb_u8: np.ndarray, p: TissueConfig) -> np.ndarray:
+    """Pixels whose saturation or summed optical density says stain (and that are not near-black)."""
+    rgb = rgb_u8[:, :, :3].astype(np.float32)
+    mx = rgb.max(axis=2)
+    mn = rgb.min(axis=2)
+    saturation = (mx - mn) / np.maximum(mx, 1.0)
+    optical_density = -np.log10(np.clip(rgb, 1.0, 255.0) / 255.0).sum(axis=2)
+    stained = (saturation > p.saturation_threshold) | (optical_density > p.optical_density_threshold)
+    return np.asarray(stained & (mx > NEAR_BLACK), dtype=bool)  # black borders and pen are dark but not tissue
 
 
 def tissue_area_mm2(mask: np.ndarray, mpp_x: float, mpp_y: float | None = None) -> float:

@@ -176,7 +176,7 @@ def test_bad_point_shape_is_rejected() -> None:
         find_hotspot(np.zeros((3, 3)), 1.0)
 
 
-def test_clustered_slide_scale_is_fast_and_exact_on_the_cluster() -> None:
+def test_clustered_slide_scale_finds_the_cluster_exactly() -> None:
     rng = np.random.default_rng(7)
     radius = hotspot_radius_um(2.0)
     cluster = rng.normal([5000.0, 4000.0], 250.0, size=(600, 2))
