@@ -45,7 +45,7 @@ class SlideConfig:
     target_mpp: float = DEFAULT_TARGET_MPP
     mpp_tolerance: float = DEFAULT_MPP_TOLERANCE
     mpp_override: float | None = None  # µm/px, used when (and only when) given
-    tile_cache_mb: int = 128  # decoded stored tiles kept for reuse by overlapping reads
+    tile_cache_mb: int = 64  # decoded stored tiles kept for reuse by overlapping reads (a strip's worth)
 
     def validate(self) -> None:
         _positive("slide.target_mpp", self.target_mpp)
@@ -98,6 +98,7 @@ class TilingConfig:
 
     tile_size: int = 1024  # px at target mpp, the detector's input size
     overlap: int = 64  # px shared by neighbouring tiles, so a figure on an edge is whole in one tile
+    strip_columns: int = 8  # tiles are read in vertical strips this many columns wide (decode-cache reuse)
 
     def validate(self) -> None:
         if self.tile_size < 16:

@@ -95,7 +95,12 @@ class Tile:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """The tiles of a slide that touch tissue, in row-major order."""
+    """The tiles of a slide that touch tissue, in read order.
+
+    Read order: vertical strips of ``strip_columns`` tile columns, left to right; within a strip,
+    row by row. The stored tiles a row shares with the next one are then still in the reader's
+    decode cache when the next row needs them, however wide the slide: the cache needed depends on
+    the strip's width, not the slide's."""
 
     tiles: tuple[Tile, ...]
     tile_size: int
@@ -137,7 +142,8 @@ def plan_tiles(
     tiling: TilingConfig | None = None,
 ) -> TilePlan:
     """Tiles of ``tiling.tile_size`` output px with ``tiling.overlap``, keeping those that touch
-    tissue. ``mask`` covers the whole slide at any resolution (None keeps every tile)."""
+    tissue, in read order (see TilePlan). ``mask`` covers the whole slide at any resolution (None
+    keeps every tile)."""
     cfg = tiling or TilingConfig()
     fx, fy = px0_per_out
     out_w, out_h = max(1, math.floor(width0 / fx)), max(1, math.floor(height0 / fy))
@@ -146,13 +152,15 @@ def plan_tiles(
     ys = grid_starts(out_h, cfg.tile_size, stride)
     touches = _touch_test(mask, out_w, out_h) if mask is not None else None
     tiles: list[Tile] = []
-    for row, y in enumerate(ys):
-        h = min(cfg.tile_size, out_h - y)
-        for col, x in enumerate(xs):
-            w = min(cfg.tile_size, out_w - x)
-            if touches is not None and not touches(x, y, w, h):
-                continue
-            tiles.append(Tile(len(tiles), col, row, x, y, w, h, x * fx, y * fy, w * fx, h * fy))
+    for strip in range(0, len(xs), cfg.strip_columns):
+        for row, y in enumerate(ys):
+            h = min(cfg.tile_size, out_h - y)
+            for col in range(strip, min(strip + cfg.strip_columns, len(xs))):
+                x = xs[col]
+                w = min(cfg.tile_size, out_w - x)
+                if touches is not None and not touches(x, y, w, h):
+                    continue
+                tiles.append(Tile(len(tiles), col, row, x, y, w, h, x * fx, y * fy, w * fx, h * fy))
     return TilePlan(
         tiles=tuple(tiles),
         tile_size=cfg.tile_size,
