@@ -394,7 +394,8 @@ def open_slide(path: str | Path, config: SlideConfig | None = None) -> Slide:
     """Open a slide, choosing the library by format (or by ``config.reader``)."""
     cfg = config or SlideConfig()
     p = Path(path)
-    kind, target = detect_format(p)
+    with _translate_errors(p, "checking the file"):
+        kind, target = detect_format(p)
     reader = cfg.reader
     if reader == "auto":
         reader = "tiffslide" if kind == "tiff" else "openslide"
@@ -423,6 +424,10 @@ def _translate_errors(path: Path, what: str) -> Iterator[None]:
 def _classify_open_error(path: Path, what: str, exc: Exception) -> SlideReadError:
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
+    if isinstance(exc, PermissionError):
+        return SlideReadError(path, f"permission denied ({exc.strerror}); let the service user read the file")
+    if isinstance(exc, IsADirectoryError | NotADirectoryError):
+        return NotASlideError(path, f"{what} failed: {text}")
     if "associated image" in low or "not a whole slide" in low or "no pyramid" in low:
         return NotASlideError(
             path, f"holds no whole-slide image ({text}); a label or overview image alone cannot be analysed"

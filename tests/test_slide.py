@@ -245,15 +245,32 @@ def test_synthetic_slides_read_at_target_mpp(
     assert np.corrcoef(region.ravel(), reference.ravel())[0, 1] > 0.9
 
 
-def test_ome_tiff_reads_mpp_from_ome_xml(synth_slide: SynthFactory) -> None:
-    path = synth_slide(width=3000, height=2000, mpp=0.25, fmt="ome")
+@pytest.mark.parametrize("mpp", [0.25, 0.23, 0.12, 0.5])
+def test_ome_tiff_reads_mpp_from_ome_xml(synth_slide: SynthFactory, mpp: float) -> None:
+    size = round(2400 * 0.25 / mpp)
+    path = synth_slide(width=size, height=size * 2 // 3, mpp=mpp, fmt="ome")
     with open_slide(path) as slide:
         assert slide.info.format == "ome"
-        assert slide.info.mpp_x == pytest.approx(0.25)
-        assert len(slide.info.levels) >= 1
+        assert (slide.info.mpp_x, slide.info.mpp_source) == (pytest.approx(mpp), "ome-xml")
+        assert slide.info.region_reader == "tiles"
         region = slide.read_level(0, 100, 100, 300, 200)
+        scale = slide.read_scale(0.25)
+        assert scale.upsampled == (mpp > 0.25)
+        assert slide.read_region(0, 0, 256, 256, scale).shape == (256, 256, 3)
     reference = tifffile.imread(path, level=0)
     np.testing.assert_array_equal(region, reference[100:300, 100:400])
+
+
+def test_unreadable_file_is_a_slide_read_error(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file; permission errors cannot be provoked")
+    path = tmp_path / "locked.svs"
+    path.write_bytes(b"II*\x00" + b"\x00" * 100)
+    path.chmod(0)
+    with pytest.raises(SlideReadError, match="permission denied"):
+        open_slide(path)
 
 
 def test_openslide_reader_override_reads_the_same_pixels(synth_slide: SynthFactory) -> None:

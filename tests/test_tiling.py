@@ -15,7 +15,7 @@ from PIL import Image
 from edge.config import TilingConfig, TissueConfig
 from edge.tiling import grid_starts, plan_tiles, tissue_area_mm2, tissue_mask
 
-from .conftest import data_file
+from .conftest import SynthFactory, data_file
 
 # --- tissue mask ---------------------------------------------------------------------------------
 
@@ -131,3 +131,25 @@ def test_slide_smaller_than_a_tile_gives_one_partial_tile() -> None:
 
 def test_empty_mask_gives_no_tiles() -> None:
     assert len(_plan(5000, 5000, np.zeros((50, 50), bool))) == 0
+
+
+def test_tissue_of_a_synthetic_slide_holds_every_planted_object(synth_slide: SynthFactory) -> None:
+    from edge.config import Config
+    from edge.slide import open_slide
+    from edge.stream import plan_slide
+    from edge.synth import default_truth_path, load_truth
+
+    path = synth_slide(width=6144, height=4096, seed=4)
+    truth = load_truth(default_truth_path(path))
+    with open_slide(path) as slide:
+        sp = plan_slide(slide, Config())
+    mask, (mx, my) = sp.mask, sp.mask_mpp
+    fraction = mask.mean()
+    assert 0.3 < fraction < 0.85  # generated with tissue_fraction 0.55
+    assert sp.tissue_area_mm2 == pytest.approx(fraction * 6144 * 4096 * 0.25**2 * 1e-6, rel=0.02)
+    for obj in truth.objects:
+        r, c = int(obj.y_um / my), int(obj.x_um / mx)
+        assert mask[max(0, r - 1) : r + 2, max(0, c - 1) : c + 2].any(), f"object {obj.id} outside the tissue mask"
+    # the plan covers every object with a tile
+    for obj in truth.objects:
+        assert any(t.x0 <= obj.x_px < t.x0 + t.width0 and t.y0 <= obj.y_px < t.y0 + t.height0 for t in sp.plan.tiles)
