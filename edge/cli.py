@@ -170,12 +170,13 @@ def _format_info(d: dict[str, Any]) -> str:
         lines.append(f"mpp          {d['mpp_x']:.4f} x {d['mpp_y']:.4f} µm/px (from {d['mpp_source']})")
     obj = d["objective_power"]
     lines.append(f"objective    {obj:g}x" if obj else "objective    not recorded")
-    lines.append("levels       #  width x height   downsample  tile")
+    lines.append("levels       #  width x height   downsample  tile       µm/px")
+    level_mpp = d.get("level_mpp")
     for lv in d["levels"]:
         tile = f"{lv['tile_width']}x{lv['tile_height']}" if lv["tile_width"] else "-"
-        lines.append(
-            f"             {lv['index']:<2} {lv['width']:>6} x {lv['height']:<8} {lv['downsample']:>9.3f}  {tile}"
-        )
+        mpp = f"{level_mpp[lv['index']][0]:.4f}" if level_mpp else "-"
+        size = f"{lv['width']:>6} x {lv['height']:<8}"
+        lines.append(f"             {lv['index']:<2} {size} {lv['downsample']:>9.3f}  {tile:<10} {mpp}")
     lines.append(f"associated   {', '.join(d['associated_images']) or 'none'}")
     if "read" in d:
         r = d["read"]
@@ -221,9 +222,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     truth = generate_slide(args.out, params, truth_path, progress=_progress_printer("synth"))
     elapsed = time.perf_counter() - t0
-    counts = truth.counts() if hasattr(truth, "counts") else {}
     print(f"wrote {args.out} ({args.width} x {args.height} px at {args.mpp} µm/px) in {elapsed:.1f} s")
-    print(f"truth {truth_path}: {json.dumps(counts)}" if counts else f"truth {truth_path}")
+    print(f"truth {truth_path}: {json.dumps(truth.counts())}, hotspot {truth.hotspot.mitotic_count} mitotic figures")
     return EXIT_OK
 
 
@@ -286,9 +286,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     show(stream.stats.tiles, len(sp.plan))
                     del batch
             elapsed = time.perf_counter() - t0
-        planted = truth.counts() if hasattr(truth, "counts") else {}
         print(f"    {len(sp.plan)} tiles in {elapsed:.1f} s ({len(sp.plan) / max(elapsed, 1e-9):.1f} tiles/s)")
-        print(f"planted objects: {json.dumps(planted)}")
+        print(f"planted objects: {json.dumps(truth.counts())}")
+        hs = truth.hotspot
+        print(
+            f"true hotspot ({hs.area_mm2:g} mm² field): {hs.mitotic_count} mitotic figures "
+            f"around ({hs.center_x_um / 1000:.2f}, {hs.center_y_um / 1000:.2f}) mm"
+        )
         print("detection, the hotspot mitotic count and the atypical ratio come with the engines and pipeline.")
         if args.keep:
             print(f"slide kept at {slide_path}, truth at {default_truth_path(slide_path)}")

@@ -64,7 +64,8 @@ class TissueConfig:
     thumbnail_mpp: float = 8.0  # µm/px of the thumbnail the mask is computed on
     max_thumbnail_megapixels: float = 4.0  # a bigger slide gets a coarser thumbnail, so memory stays flat
     saturation_threshold: float = 0.07  # HSV saturation above which a pixel is stained
-    optical_density_threshold: float = 0.15  # summed RGB optical density above which a pixel is tissue
+    optical_density_threshold: float = 0.15  # summed RGB optical density against the glass: above is tissue
+    grey_saturation: float = 0.02  # dense pixels greyer than this are dust, dirt or pencil, not stain
     closing_radius_um: float = 24.0  # bridges small gaps inside tissue
     opening_radius_um: float = 8.0  # removes dust-sized specks
     min_object_area_mm2: float = 0.001  # pieces smaller (~36 µm across) are dust; a few cells are kept
@@ -87,6 +88,7 @@ class TissueConfig:
         _positive("tissue.max_thumbnail_megapixels", self.max_thumbnail_megapixels)
         _fraction("tissue.saturation_threshold", self.saturation_threshold)
         _non_negative("tissue.optical_density_threshold", self.optical_density_threshold)
+        _fraction("tissue.grey_saturation", self.grey_saturation)
         _non_negative("tissue.closing_radius_um", self.closing_radius_um)
         _non_negative("tissue.opening_radius_um", self.opening_radius_um)
         _non_negative("tissue.min_object_area_mm2", self.min_object_area_mm2)

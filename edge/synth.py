@@ -1307,6 +1307,13 @@ class _Chromatin:
         self.density = np.zeros_like(u)
         self.half = u.shape[0] // 2
 
+    def segment_around(
+        self, centre: tuple[float, float], direction: float, half_length: float, width: float, weight: float
+    ) -> None:
+        """A segment centred on ``centre`` (µm), pointing along ``direction`` (radians)."""
+        dx, dy = half_length * math.cos(direction), half_length * math.sin(direction)
+        self.segment((centre[0] - dx, centre[1] - dy), (centre[0] + dx, centre[1] + dy), width, weight)
+
     def segment(self, p0: tuple[float, float], p1: tuple[float, float], width: float, weight: float) -> None:
         # Only the pixels near the segment: sprites are small but segments are many.
         reach = width * 3.0 + 0.5
@@ -1451,12 +1458,7 @@ def _draw_object(rng: np.random.Generator, shape: str, mpp: float) -> _Drawing:
             c = (r * math.cos(direction), r * math.sin(direction))
             turn = rng.uniform(0, math.pi)
             half = rng.uniform(0.4, 0.8)
-            chrom.segment(
-                (c[0] - half * math.cos(turn), c[1] - half * math.sin(turn)),
-                (c[0] + half * math.cos(turn), c[1] + half * math.sin(turn)),
-                rng.uniform(0.55, 0.8),
-                2.0,
-            )
+            chrom.segment_around(c, turn, half, rng.uniform(0.55, 0.8), 2.0)
     elif shape == "ring":
         radius = rng.uniform(3.2, 4.8)
         for _ in range(int(radius * 9)):
@@ -1465,12 +1467,7 @@ def _draw_object(rng: np.random.Generator, shape: str, mpp: float) -> _Drawing:
             c = (r * math.cos(t), r * math.sin(t))
             direction = t + rng.normal(0, 0.5)
             half = rng.uniform(0.45, 1.1)
-            chrom.segment(
-                (c[0] - half * math.cos(direction), c[1] - half * math.sin(direction)),
-                (c[0] + half * math.cos(direction), c[1] + half * math.sin(direction)),
-                rng.uniform(0.45, 0.7),
-                1.3,
-            )
+            chrom.segment_around(c, direction, half, rng.uniform(0.45, 0.7), 1.3)
     elif shape == "asymmetric":
         gap = rng.uniform(4, 7)
         long_bar = rng.uniform(8, 11)

@@ -22,19 +22,22 @@ from edge.config import TilingConfig, TissueConfig
 
 MASK_ROWS_PER_CHUNK = 128  # thumbnail rows converted to float at once
 NEAR_BLACK = 25  # max(R, G, B) below this is scanner border or pen, not tissue
+GLASS_MIN = 200.0  # the glass is never taken darker than this, even on a slide that is all tissue
 
 
 def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueConfig | None = None) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail taken at ``mpp`` µm/px.
 
-    A pixel is stained when its HSV saturation or its summed optical density passes the
-    thresholds; closing bridges gaps, opening removes specks, holes are filled, and pieces smaller
-    than the minimum area are dropped. Near-black pixels (scanner borders, pen) count as no tissue.
+    A pixel is stained when its HSV saturation passes the threshold, or when its summed optical
+    density (against the glass's own colour, see :func:`glass_colour`) does and it is not grey.
+    Closing bridges gaps, opening removes specks, holes are filled, and pieces smaller than the
+    minimum area are dropped. Near-black pixels (scanner borders, pen) count as no tissue.
     """
     p = params or TissueConfig()
+    glass = glass_colour(thumbnail)
     stained = np.zeros(thumbnail.shape[:2], dtype=bool)
     for r in range(0, thumbnail.shape[0], MASK_ROWS_PER_CHUNK):  # row chunks keep float temporaries small
-        stained[r : r + MASK_ROWS_PER_CHUNK] = _stained(thumbnail[r : r + MASK_ROWS_PER_CHUNK], p)
+        stained[r : r + MASK_ROWS_PER_CHUNK] = _stained(thumbnail[r : r + MASK_ROWS_PER_CHUNK], glass, p)
     mask = stained
     if p.closing_radius_um > 0:
         mask = ndimage.binary_closing(mask, structure=_disk(p.closing_radius_um / mpp), border_value=0)
@@ -51,14 +54,28 @@ def tissue_mask(thumbnail: np.ndarray, mpp: float, params: TissueConfig | None =
     return np.asarray(mask, dtype=bool)
 
 
-def _stained(rgb_u8: np.ndarray, p: TissueConfig) -> np.ndarray:
+def glass_colour(thumbnail: np.ndarray) -> np.ndarray:
+    """The empty glass's RGB: the 99th percentile per channel, clipped to [GLASS_MIN, 255].
+
+    Scanners differ: one shows glass at 250, another at (226, 221, 228); optical density is measured
+    against the glass, so a greyish background is not mistaken for faint tissue. An image of tissue
+    only still has some bright lumen or fat, and the floor keeps a dense one from calling tissue glass.
+    """
+    sample = thumbnail[::2, ::2, :3].reshape(-1, 3)
+    if sample.size == 0:
+        return np.full(3, 255.0, np.float32)
+    return np.clip(np.percentile(sample, 99, axis=0), GLASS_MIN, 255.0).astype(np.float32)
+
+
+def _stained(rgb_u8: np.ndarray, glass: np.ndarray, p: TissueConfig) -> np.ndarray:
     """Pixels whose saturation or summed optical density says stain (and that are not near-black)."""
     rgb = rgb_u8[:, :, :3].astype(np.float32)
     mx = rgb.max(axis=2)
     mn = rgb.min(axis=2)
     saturation = (mx - mn) / np.maximum(mx, 1.0)
-    optical_density = -np.log10(np.clip(rgb, 1.0, 255.0) / 255.0).sum(axis=2)
-    stained = (saturation > p.saturation_threshold) | (optical_density > p.optical_density_threshold)
+    optical_density = -np.log10(np.clip(rgb / glass, 1.0 / 255.0, 1.0)).sum(axis=2)
+    dense_and_tinted = (optical_density > p.optical_density_threshold) & (saturation > p.grey_saturation)
+    stained = (saturation > p.saturation_threshold) | dense_and_tinted
     return np.asarray(stained & (mx > NEAR_BLACK), dtype=bool)  # black borders and pen are dark but not tissue
 
 

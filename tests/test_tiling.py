@@ -39,6 +39,17 @@ def test_real_he_on_white_glass_is_found_and_the_glass_is_not() -> None:
     assert inside > 0.9 and outside == 0.0
 
 
+def test_real_dicom_slide_with_greyish_glass() -> None:
+    from edge.slide import open_slide
+
+    with open_slide(data_file("wsi/camelyon-multiframe.dcm")) as slide:  # glass at about (226, 221, 228)
+        image = slide.read_level(0, 0, 0, *slide.info.dimensions)
+    mask = tissue_mask(image, mpp=slide.info.mpp_x or 29.0)
+    assert 0.15 < mask.mean() < 0.6  # two lymph-node sections side by side, with fat around them
+    assert mask[:40, :].mean() < 0.01 and mask[:, :40].mean() < 0.01  # glass margins: a few specks of dirt at most
+    assert mask[300, 150] and mask[300, 720]  # the dense purple node of each section
+
+
 def test_specks_smaller_than_the_minimum_area_are_dropped() -> None:
     img = np.full((400, 400, 3), 245, np.uint8)
     img[100:300, 100:300] = (200, 120, 180)  # 200x200 px at 8 µm = 2.56 mm²
