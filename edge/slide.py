@@ -361,11 +361,13 @@ def resample(
     if sx == 1.0 and sy == 1.0 and off_x == int(off_x) and off_y == int(off_y):
         res = window
     else:
-        img = pyvips.Image.new_from_array(np.ascontiguousarray(window))
-        img = img.resize(1.0 / sx, vscale=1.0 / sy, kernel="lanczos3")
-        res = img.numpy()
-        if res.ndim == 2:
-            res = res[:, :, None].repeat(3, axis=2)
+        src = np.ascontiguousarray(window[:, :, :3])
+        img = pyvips.Image.new_from_memory(src.data, src.shape[1], src.shape[0], 3, "uchar")
+        if sx >= 1.0 and sy >= 1.0:
+            img = img.reduce(sx, sy, kernel="lanczos3")  # anti-aliased shrink
+        else:
+            img = img.resize(1.0 / sx, vscale=1.0 / sy, kernel="lanczos3")
+        res = np.ndarray((img.height, img.width, 3), np.uint8, img.write_to_memory())
     ox, oy = round(off_x), round(off_y)
     cut = res[oy : oy + height, ox : ox + width]
     if cut.shape[0] != height or cut.shape[1] != width:

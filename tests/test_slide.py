@@ -320,3 +320,23 @@ def test_thumbnail_has_the_requested_mpp(synth_slide: SynthFactory) -> None:
         w, h = slide.info.dimensions
     assert thumb.shape[:2] == (round(h * 0.25 / 8), round(w * 0.25 / 8))
     assert mx == pytest.approx(8.0, rel=0.02) and my == pytest.approx(8.0, rel=0.02)
+
+
+def test_stripped_tiff_falls_back_to_the_library_reader(tmp_path: Path) -> None:
+    # like NDPI: levels stored in strips, not tiles; pixels then come through tiffslide
+    path = tmp_path / "strips.tif"
+    image = np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)
+    tifffile.imwrite(path, image, photometric="rgb", resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with open_slide(path) as slide:
+        assert slide.info.region_reader == "library"
+        assert slide.info.mpp_x == pytest.approx(0.25)
+        np.testing.assert_array_equal(slide.read_level(0, 10, 20, 300, 200), image[20:220, 10:310])
+
+
+def test_dicom_folder_opens(tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    folder.mkdir()
+    shutil.copy(data_file("wsi/highdicom-sm-50px.dcm"), folder / "level0.dcm")
+    with open_slide(folder) as slide:
+        assert (slide.info.format, slide.info.dimensions) == ("dicom", (50, 50))
+        assert slide.info.path == str(folder)
