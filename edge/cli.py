@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _slide_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp", type=float, help="µm/px to use when the slide records none (overrides the file)")
     p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), help="library that opens the slide")
-    p.add_argument("--region-reader", choices=("auto", "tiles", "library"), help="how pixels are read")
+    p.add_argument("--region-reader", choices=("auto", "tiles", "pyvips", "library"), help="how pixels are read")
     p.add_argument("--target-mpp", type=float, help="µm/px tiles are read at (default 0.25)")
     p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
     p.add_argument("--batch-size", type=int, help="tiles per batch")

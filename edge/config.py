@@ -26,7 +26,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from edge.errors import ConfigError
 
 ReaderName = Literal["auto", "tiffslide", "openslide"]
-RegionReaderName = Literal["auto", "tiles", "library"]
+RegionReaderName = Literal["auto", "tiles", "pyvips", "library"]
 
 DEFAULT_TARGET_MPP = 0.25  # µm/px, the resolution the paper's models were trained at
 DEFAULT_MPP_TOLERANCE = 0.03  # a level within 3% of the target is read as is, without resampling

@@ -478,14 +478,7 @@ def _build_tiffslide(path: Path, ts: Any, cfg: SlideConfig) -> Slide:
         source = "tiff-resolution" if recorded else None
     mpp_x, mpp_y, mpp_source, notes = resolve_mpp(recorded, source, cfg.mpp_override)
     objective = props.get("tiffslide.objective-power")
-    direct = _direct_tile_reader(path, series, levels, cfg) if cfg.region_reader != "library" else None
-    if cfg.region_reader == "tiles" and direct is None:
-        raise UnsupportedFormatError(
-            path, 'region_reader="tiles" needs tiled TIFF levels; this slide has none: use "auto" or "library"'
-        )
-    reader: _LevelReader = direct or _TiffSlideReader(ts)
-    if direct is not None:
-        direct.owner = ts
+    reader = _choose_tiff_reader(path, ts, series, levels, cfg)
     info = SlideInfo(
         path=str(path),
         format=fmt,
@@ -503,6 +496,32 @@ def _build_tiffslide(path: Path, ts: Any, cfg: SlideConfig) -> Slide:
         notes=notes,
     )
     return Slide(info, reader, cfg)
+
+
+def _choose_tiff_reader(
+    path: Path, ts: Any, series: Any, levels: tuple[Level, ...], cfg: SlideConfig
+) -> _LevelReader:
+    """The pixel reader for a TIFF slide: by config, else direct tile decoding, else the library."""
+    # the direct reader also checks that no level points past the end of the file (truncation)
+    direct = _direct_tile_reader(path, series, levels, cfg) if cfg.region_reader != "library" else None
+    if cfg.region_reader == "pyvips":
+        vips = _vips_reader(path, series, ts.ts_tifffile, levels)
+        if vips is None:
+            raise UnsupportedFormatError(
+                path, 'region_reader="pyvips" needs tiled levels libvips can decode: use "auto", "tiles" or "library"'
+            )
+        if direct is not None:
+            direct.close_fd()
+        vips.owner = ts
+        return vips
+    if cfg.region_reader == "tiles" and direct is None:
+        raise UnsupportedFormatError(
+            path, 'region_reader="tiles" needs tiled TIFF levels; this slide has none: use "auto" or "library"'
+        )
+    if direct is not None:
+        direct.owner = ts
+        return direct
+    return _TiffSlideReader(ts)
 
 
 def _tiff_format(tf: Any) -> str:
@@ -751,15 +770,72 @@ class _TiffTileReader:
             for tx in range(max(0, x) // tw, (x + w - 1) // tw + 1)
         ]
 
-    def close(self) -> None:
+    def close_fd(self) -> None:
+        """Close the file descriptor and drop the cache (not the owner)."""
         with self._lock:
             self._cache.clear()
         try:
             os.close(self._fd)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.close_fd()
         if self.owner is not None:
             self.owner.close()
+
+
+class _VipsLevelReader:
+    """Reads tiled TIFF levels through libvips regions (one region per thread and level)."""
+
+    name = "pyvips"
+
+    def __init__(self, images: list[Any]) -> None:
+        self.owner: Any = None
+        self._images = images
+        self._local = threading.local()
+
+    def read(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
+        regions = getattr(self._local, "regions", None)
+        if regions is None:
+            regions = self._local.regions = {}
+        region = regions.get(level)
+        if region is None:
+            region = regions[level] = _pyvips().Region.new(self._images[level])
+        data = region.fetch(x, y, w, h)
+        bands = self._images[level].bands
+        out[...] = _to_rgb(np.frombuffer(data, np.uint8).reshape(h, w, bands))
+
+    def close(self) -> None:
+        self._images = []
+        if self.owner is not None:
+            self.owner.close()
+
+
+VIPS_COMPRESSIONS = frozenset({1, 5, 7, 8, 32946})  # none, LZW, JPEG, deflate: what libvips' tiffload decodes
+
+
+def _vips_reader(path: Path, series: Any, tf: Any, levels: tuple[Level, ...]) -> _VipsLevelReader | None:
+    """A libvips reader when libvips can open every level as a tiled page of matching size; else None."""
+    pyvips = _pyvips()
+    top_level = {tf.pages[i].offset: i for i in range(len(tf.pages))}  # IFD offset -> page number
+    images = []
+    for lv, tlevel in zip(levels, series.levels, strict=False):
+        page = tlevel.keyframe
+        if len(tlevel.pages) != 1 or not page.is_tiled or int(page.compression) not in VIPS_COMPRESSIONS:
+            return None
+        # a level that is no top-level page is a SubIFD (OME-TIFF): the n-th reduced image of page 0
+        args = {"page": top_level[page.offset]} if page.offset in top_level else {"page": 0, "subifd": lv.index - 1}
+        try:
+            image = pyvips.Image.tiffload(str(path), access="random", fail_on="warning", **args)
+        except pyvips.Error:
+            return None
+        if (image.width, image.height) != (lv.width, lv.height) or image.format != "uchar":
+            return None
+        images.append(image)
+    if len(images) != len(levels):
+        return None
+    return _VipsLevelReader(images)
 
 
 def _direct_tile_reader(path: Path, series: Any, levels: tuple[Level, ...], cfg: SlideConfig) -> _TiffTileReader | None:

@@ -20,6 +20,7 @@ from edge.errors import (
     SlideNotFoundError,
     SlideReadError,
     TileDecodeError,
+    UnsupportedFormatError,
 )
 from edge.slide import _resolution_mpp, choose_read_scale, open_slide, resolve_mpp
 
@@ -340,3 +341,22 @@ def test_dicom_folder_opens(tmp_path: Path) -> None:
     with open_slide(folder) as slide:
         assert (slide.info.format, slide.info.dimensions) == ("dicom", (50, 50))
         assert slide.info.path == str(folder)
+
+
+@pytest.mark.parametrize("fmt", ["tiff", "ome"])
+def test_pyvips_region_reader_reads_the_same_pixels(synth_slide: SynthFactory, fmt: str) -> None:
+    path = synth_slide(width=3000, height=2000, fmt=fmt)
+    with open_slide(path, SlideConfig(region_reader="pyvips")) as a, open_slide(path) as b:
+        assert (a.info.region_reader, b.info.region_reader) == ("pyvips", "tiles")
+        for level in range(len(a.info.levels)):
+            lv = a.info.levels[level]
+            np.testing.assert_array_equal(
+                a.read_level(level, 7, 9, lv.width - 20, lv.height - 30),
+                b.read_level(level, 7, 9, lv.width - 20, lv.height - 30),
+            )
+
+
+def test_pyvips_region_reader_is_refused_for_jpeg2000() -> None:
+    path = data_file("wsi/tcga-cr-7395-01a-01-ts1.svs")
+    with pytest.raises(UnsupportedFormatError, match="pyvips"):
+        open_slide(path, SlideConfig(region_reader="pyvips"))
