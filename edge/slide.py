@@ -498,9 +498,7 @@ def _build_tiffslide(path: Path, ts: Any, cfg: SlideConfig) -> Slide:
     return Slide(info, reader, cfg)
 
 
-def _choose_tiff_reader(
-    path: Path, ts: Any, series: Any, levels: tuple[Level, ...], cfg: SlideConfig
-) -> _LevelReader:
+def _choose_tiff_reader(path: Path, ts: Any, series: Any, levels: tuple[Level, ...], cfg: SlideConfig) -> _LevelReader:
     """The pixel reader for a TIFF slide: by config, else direct tile decoding, else the library."""
     # the direct reader also checks that no level points past the end of the file (truncation)
     direct = _direct_tile_reader(path, series, levels, cfg) if cfg.region_reader != "library" else None
