@@ -316,8 +316,9 @@ class Slide:
         Returns the image and its exact (x, y) µm/px.
         """
         mpp0 = self.info.level_mpp(0)
+        mpp = max(mpp, min(mpp0))  # never enlarge: a slide coarser than the thumbnail is its own thumbnail
         mpps = [self.info.level_mpp(i) for i in range(len(self.info.levels))]
-        candidates = [i for i, m in enumerate(mpps) if max(m) <= mpp]
+        candidates = [i for i, m in enumerate(mpps) if max(m) <= mpp * (1 + 1e-9)]
         level = max(candidates, key=lambda i: max(mpps[i])) if candidates else 0
         lv = self.info.levels[level]
         out_w = max(1, round(self.info.width * mpp0[0] / mpp))

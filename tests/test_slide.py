@@ -360,3 +360,9 @@ def test_pyvips_region_reader_is_refused_for_jpeg2000() -> None:
     path = data_file("wsi/tcga-cr-7395-01a-01-ts1.svs")
     with pytest.raises(UnsupportedFormatError, match="pyvips"):
         open_slide(path, SlideConfig(region_reader="pyvips"))
+
+
+def test_thumbnail_of_a_coarse_slide_is_never_enlarged() -> None:
+    with open_slide(data_file("wsi/camelyon-multiframe.dcm")) as slide:  # 29 µm/px, coarser than 8
+        thumb, (mx, _my) = slide.thumbnail(8.0)
+    assert thumb.shape[:2] == (700, 1152) and mx == pytest.approx(28.969, rel=1e-3)
