@@ -8,6 +8,7 @@ how much the stream adds to the unavoidable decoding, on a machine however loade
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import resource
@@ -34,7 +35,8 @@ def peak_rss_mb() -> float:
 
 def bench_read(path: str | Path, config: Config, repeats: int = DEFAULT_REPEATS) -> dict[str, Any]:
     """Measure the stream and the decode floor on one slide; returns the figures as a dict."""
-    with open_slide(path, config.slide) as slide:
+    with contextlib.ExitStack() as closing:
+        slide = closing.enter_context(open_slide(path, config.slide))
         sp = plan_slide(slide, config)
         plan = sp.plan
         n = len(plan)
@@ -43,11 +45,11 @@ def bench_read(path: str | Path, config: Config, repeats: int = DEFAULT_REPEATS)
         stream_s: list[float] = []
         floor_s: list[float] = []
         reader = direct_reader(slide)
-        floor_slide = None
         if reader is None and slide.info.reader == "tiffslide" and config.slide.region_reader != "library":
             # the stream reads through another reader (pyvips): the floor still decodes stored tiles directly
             try:
                 floor_slide = open_slide(path, dataclasses.replace(config.slide, region_reader="tiles"))
+                closing.enter_context(floor_slide)
                 reader = direct_reader(floor_slide)
             except SlideReadError:
                 reader = None
@@ -106,8 +108,6 @@ def bench_read(path: str | Path, config: Config, repeats: int = DEFAULT_REPEATS)
             "ratio": None,
             "peak_rss_mb": peak_rss_mb(),
         }
-        if floor_slide is not None:
-            floor_slide.close()
         if result["floor_tiles_per_s"]:
             result["floor_mp_per_s"] = result["floor_tiles_per_s"] * mp_per_tile
             result["ratio"] = stream_tps / result["floor_tiles_per_s"]

@@ -217,7 +217,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
         fmt=args.format,
         hotspot_area_mm2=args.hotspot_area,
     )
-    params.validate()
     truth_path = Path(args.truth) if args.truth else default_truth_path(args.out)
     t0 = time.perf_counter()
     truth = generate_slide(args.out, params, truth_path, progress=_progress_printer("synth"))

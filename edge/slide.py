@@ -510,7 +510,7 @@ def _choose_tiff_reader(path: Path, ts: Any, series: Any, levels: tuple[Level, .
                 path, 'region_reader="pyvips" needs tiled levels libvips can decode: use "auto", "tiles" or "library"'
             )
         if direct is not None:
-            direct.close_fd()
+            direct.close()  # it had no owner yet: this closes only its file descriptor
         vips.owner = ts
         return vips
     if cfg.region_reader == "tiles" and direct is None:
@@ -769,17 +769,13 @@ class _TiffTileReader:
             for tx in range(max(0, x) // tw, (x + w - 1) // tw + 1)
         ]
 
-    def close_fd(self) -> None:
-        """Close the file descriptor and drop the cache (not the owner)."""
+    def close(self) -> None:
         with self._lock:
             self._cache.clear()
         try:
             os.close(self._fd)
         except OSError:
             pass
-
-    def close(self) -> None:
-        self.close_fd()
         if self.owner is not None:
             self.owner.close()
 

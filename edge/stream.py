@@ -177,13 +177,10 @@ class TileStream:
         for i, tile in enumerate(tiles):
             if self._should_stop():
                 return None
-            if tile.width == size and tile.height == size:
-                self.slide.read_region(tile.x0, tile.y0, size, size, self.scale, out=pixels[i])
-            else:
+            if tile.width != size or tile.height != size:
                 pixels[i] = BACKGROUND
-                self.slide.read_region(
-                    tile.x0, tile.y0, tile.width, tile.height, self.scale, out=pixels[i, : tile.height, : tile.width]
-                )
+            view = pixels[i, : tile.height, : tile.width]
+            self.slide.read_region(tile.x0, tile.y0, tile.width, tile.height, self.scale, out=view)
         with self.stats._lock:
             self.stats.read_seconds += time.perf_counter() - t0
         return TileBatch(index=b, tiles=tiles, pixels=pixels)
