@@ -4,11 +4,16 @@ The public surface is small: open a slide, plan its tiles, stream them.
 """
 
 from edge.errors import (
+    BackendUnavailableError,
     ConfigError,
     CorruptSlideError,
     EdgeError,
+    EngineError,
+    EngineInputError,
+    ManifestError,
     MissingMppError,
     NotASlideError,
+    PlanError,
     SlideNotFoundError,
     SlideReadError,
     StreamCancelled,
@@ -19,11 +24,16 @@ from edge.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailableError",
     "ConfigError",
     "CorruptSlideError",
     "EdgeError",
+    "EngineError",
+    "EngineInputError",
+    "ManifestError",
     "MissingMppError",
     "NotASlideError",
+    "PlanError",
     "SlideNotFoundError",
     "SlideReadError",
     "StreamCancelled",

@@ -122,3 +122,82 @@ def _warm_page_cache(path: Path) -> None:
         with path.open("rb") as fh:
             while fh.read(16 << 20):
                 pass
+
+
+def bench_engine(
+    bundle_name: str | Path | None, config: Config, *, batches: int = 8, repeats: int = 3, seed: int = 0
+) -> dict[str, Any]:
+    """Per model: the engine (infer, and submit with the next batch queued) against a bare ``session.run`` loop.
+
+    Every loop runs the same uint8 batches; loops are interleaved and the best of ``repeats`` kept,
+    so ``overhead`` (engine seconds / bare seconds - 1) is a ratio measured in one run.
+    """
+    import numpy as np
+
+    from edge.engines import load_bundle, open_engines
+
+    bundle = load_bundle(bundle_name)
+    rng = np.random.default_rng(seed)
+    models: list[dict[str, Any]] = []
+    with open_engines(bundle, config.engines, detector_batch=config.stream.batch_size) as engines:
+        for model in bundle.models:
+            engine = engines.detector if model.role == "detector" else engines.classifiers[model.name]
+            size = config.stream.batch_size if model.role == "detector" else config.engines.classifier_batch
+            size = min(size, engine.max_batch)
+            data = [rng.integers(0, 256, (size, model.size, model.size, 3), dtype=np.uint8) for _ in range(batches)]
+            bare = _bare_session_loop(model.path, engine, config, data)
+            timings: dict[str, list[float]] = {"bare": [], "infer": [], "submit": []}
+            engine.infer(data[0])  # warm-up: first runs allocate arenas
+            for _ in range(repeats):
+                for label, loop in (("bare", bare), ("infer", lambda: [engine.infer(b) for b in data]),
+                                    ("submit", lambda: _pipelined(engine, data))):
+                    if loop is None:
+                        continue
+                    t0 = time.perf_counter()
+                    loop()
+                    timings[label].append(time.perf_counter() - t0)
+            items = size * batches
+            entry: dict[str, Any] = {
+                "model": model.name, "role": model.role, "batch_size": size, "batches": batches,
+                "items_per_s": items / min(timings["infer"]),
+                "submit_items_per_s": items / min(timings["submit"]),
+            }
+            if timings["bare"]:
+                entry["bare_items_per_s"] = items / min(timings["bare"])
+                entry["overhead"] = min(timings["infer"]) / min(timings["bare"]) - 1.0
+                entry["submit_overhead"] = min(timings["submit"]) / min(timings["bare"]) - 1.0
+            models.append(entry)
+    detector = next(m for m in models if m["role"] == "detector")
+    return {
+        "bundle": bundle.name, "backend": config.engines.backend, "threads": config.engines.intra_op_threads or None,
+        "models": models, "detector_tiles_per_s": detector["items_per_s"], "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _pipelined(engine: Any, data: list[Any]) -> None:
+    """submit/collect with one batch queued behind the running one, as the pipeline drives engines."""
+    pending = [engine.submit(data[0])]
+    for batch in data[1:]:
+        pending.append(engine.submit(batch))
+        pending.pop(0).result()
+    for p in pending:
+        p.result()
+
+
+def _bare_session_loop(path: Path, engine: Any, config: Config, data: list[Any]) -> Any:
+    """A plain onnxruntime loop with the same session settings, or None for other backends."""
+    if engine.backend != "onnxruntime":
+        return None
+    import os
+
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.engines.intra_op_threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    session.run(None, {name: np.zeros((1, *engine.input_spec.shape[1:]), np.uint8)})
+    return lambda: [session.run(None, {name: b}) for b in data]

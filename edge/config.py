@@ -131,6 +131,49 @@ class StreamConfig:
         return self.reader_threads or (os.cpu_count() or 1)
 
 
+BackendName = Literal["onnxruntime", "onnxruntime-cuda", "tensorrt"]
+PrecisionName = Literal["fp32", "fp16", "int8"]
+
+
+def default_plan_cache() -> str:
+    """Where TensorRT plans are kept: ``$XDG_CACHE_HOME/mitosis-edge/plans`` (``~/.cache/...``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "mitosis-edge" / "plans")
+
+
+@dataclass(frozen=True)
+class EnginesConfig:
+    """Which model bundle runs, on which backend, and how TensorRT plans are built and cached."""
+
+    bundle: str = ""  # a bundle folder, or the name of an installed bundle; "" = the demo bundle
+    backend: BackendName = "onnxruntime"  # onnxruntime = CPU, the embedded default
+    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = one per core
+    classifier_batch: int = 32  # candidate crops per classifier batch
+    in_flight: int = 2  # batches an engine keeps in flight (GPU: copies overlap compute)
+    plan_cache: str = ""  # TensorRT plans; "" = $XDG_CACHE_HOME/mitosis-edge/plans
+    precision: PrecisionName = "fp16"  # TensorRT build precision
+    max_batch: int = 0  # TensorRT profile maximum; 0 = detector 8, classifiers 64
+    workspace_gb: float = 4.0  # TensorRT builder workspace
+    timing_cache: str = ""  # TensorRT timing cache file reused across builds; "" = inside plan_cache
+    on_missing_plan: Literal["build", "fail"] = "build"  # at start: build a missing plan, or stop and say how
+    cuda_graphs: bool = False  # capture one CUDA graph per batch shape (TensorRT)
+
+    def validate(self) -> None:
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"engines.intra_op_threads={self.intra_op_threads} must be >= 0 (0 = one per core)")
+        if self.classifier_batch < 1:
+            raise ConfigError(f"engines.classifier_batch={self.classifier_batch} must be at least 1")
+        if not 1 <= self.in_flight <= 8:
+            raise ConfigError(f"engines.in_flight={self.in_flight} must be between 1 and 8")
+        if self.max_batch < 0:
+            raise ConfigError(f"engines.max_batch={self.max_batch} must be >= 0 (0 = per model role)")
+        _positive("engines.workspace_gb", self.workspace_gb)
+
+    @property
+    def plan_cache_dir(self) -> Path:
+        return Path(self.plan_cache or default_plan_cache()).expanduser()
+
+
 @dataclass(frozen=True)
 class Config:
     """All settings. Sections match the TOML tables."""
@@ -139,6 +182,7 @@ class Config:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    engines: EnginesConfig = field(default_factory=EnginesConfig)
 
     def validate(self) -> Config:
         for f in fields(self):

@@ -5,13 +5,18 @@ Every error a user can cause says what was wrong, with the value, and what to do
     EdgeError
     ├── ConfigError (ValueError)            a bad setting in TOML or on the command line
     ├── StreamCancelled                     a tile stream or job was cancelled on request
-    └── SlideReadError (OSError)            anything that goes wrong opening or reading a slide
-        ├── SlideNotFoundError (FileNotFoundError)
-        ├── NotASlideError                  the file is no whole-slide image (or a DICOM label)
-        ├── UnsupportedFormatError          a format no installed reader handles
-        ├── MissingMppError                 no pixel size recorded and none given
-        └── CorruptSlideError               truncated or damaged file
-            └── TileDecodeError             one tile failed to decode during a read
+    ├── SlideReadError (OSError)            anything that goes wrong opening or reading a slide
+    │   ├── SlideNotFoundError (FileNotFoundError)
+    │   ├── NotASlideError                  the file is no whole-slide image (or a DICOM label)
+    │   ├── UnsupportedFormatError          a format no installed reader handles
+    │   ├── MissingMppError                 no pixel size recorded and none given
+    │   └── CorruptSlideError               truncated or damaged file
+    │       └── TileDecodeError             one tile failed to decode during a read
+    └── EngineError                         anything about model bundles and inference engines
+        ├── ManifestError (ValueError)      a bundle's manifest disagrees with itself or its ONNX files
+        ├── EngineInputError (ValueError)   a batch of the wrong shape or dtype was given to an engine
+        ├── BackendUnavailableError         the backend is not installed, or no GPU is usable
+        └── PlanError                       a TensorRT plan is missing, stale or built for other hardware
 """
 
 from __future__ import annotations
@@ -68,3 +73,50 @@ class CorruptSlideError(SlideReadError):
 
 class TileDecodeError(CorruptSlideError):
     """A stored tile failed to decode in the middle of a read."""
+
+
+class EngineError(EdgeError):
+    """A model bundle or an inference engine could not be loaded or run."""
+
+
+class ManifestError(EngineError, ValueError):
+    """A bundle's manifest is invalid or disagrees with its ONNX files. Lists every problem at once."""
+
+    def __init__(self, path: str | Path, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = list(problems)
+        super().__init__(self.path, self.problems)
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        n = len(self.problems)
+        return f"{self.path}: {n} problem{'s' if n != 1 else ''} in the engine bundle:\n{lines}"
+
+    def __reduce__(self) -> tuple[type[ManifestError], tuple[str, list[str]]]:
+        return (type(self), (self.path, self.problems))
+
+
+class EngineInputError(EngineError, ValueError):
+    """A batch given to an engine has the wrong shape, dtype or size."""
+
+
+class BackendUnavailableError(EngineError, RuntimeError):
+    """The requested backend cannot run here: a package is missing or no GPU is usable."""
+
+
+class PlanError(EngineError):
+    """A TensorRT plan is missing, fails to load, or was built for another GPU or TensorRT version.
+
+    ``command`` is the exact command that (re)builds it.
+    """
+
+    def __init__(self, message: str, command: str = "") -> None:
+        self.message = message
+        self.command = command
+        super().__init__(message, command)
+
+    def __str__(self) -> str:
+        return f"{self.message}; rebuild with: {self.command}" if self.command else self.message
+
+    def __reduce__(self) -> tuple[type[PlanError], tuple[str, str]]:
+        return (type(self), (self.message, self.command))

@@ -1,0 +1,611 @@
+"""Engine bundles: ``engines/<name>/manifest.toml`` plus ONNX files, loaded and checked against each graph.
+
+Loading reads the manifest, checks every field, hashes every ONNX file and compares each graph's
+input and outputs with what the manifest promises. Every problem is collected and reported at once
+in one ManifestError, naming file, tensor, expected and found. docs/engines.md documents the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from edge.engines.base import TensorSpec
+from edge.errors import ManifestError
+
+Layout = Literal["NCHW", "NHWC"]
+ChannelOrder = Literal["RGB", "BGR"]
+DetectorFormat = Literal["yolo_raw", "yolov8", "boxes"]
+ScoreKind = Literal["probabilities", "logits"]
+
+MANIFEST_NAME = "manifest.toml"
+DEMO_BUNDLE = "demo"
+BUNDLES_ENV = "MITOSIS_EDGE_BUNDLES"  # a folder holding bundles, searched before the installed ones
+MIN_OPSET = 13
+
+_LAYOUTS = ("NCHW", "NHWC")
+_ORDERS = ("RGB", "BGR")
+_FORMATS = ("yolo_raw", "yolov8", "boxes")
+_SCORES = ("probabilities", "logits")
+_FLOAT_TYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """How the original float model wants pixels: ``(uint8 * scale - mean) / std`` per channel.
+
+    ``mean`` and ``std`` are in the model's own channel order (B, G, R for a BGR model).
+
+    The wrap step bakes this into the ONNX graph; the engine itself then takes uint8.
+
+    >>> Normalisation().apply_to(255)
+    (1.0, 1.0, 1.0)
+    >>> Normalisation(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).apply_to(0)
+    (-1.0, -1.0, -1.0)
+    """
+
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def apply_to(self, value: float) -> tuple[float, float, float]:
+        return tuple((value * self.scale - m) / s for m, s in zip(self.mean, self.std, strict=True))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every model in a bundle declares. Pixel fields describe the float model before wrapping."""
+
+    name: str  # "detector" or the classifier's name
+    role: Literal["detector", "classifier"]
+    path: Path  # absolute path of the ONNX file
+    sha256: str
+    input_name: str
+    size: int  # square input side, px
+    mpp: float  # µm/px the model was trained at
+    layout: Layout = "NCHW"
+    channel_order: ChannelOrder = "RGB"
+    normalisation: Normalisation = field(default_factory=Normalisation)
+
+    @property
+    def input_spec(self) -> TensorSpec:
+        """The input the bundle's ONNX file must take: uint8 NHWC RGB with a dynamic batch."""
+        return TensorSpec(self.input_name, "uint8", (None, self.size, self.size, 3))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DetectorSpec(ModelSpec):
+    """The candidate detector. Output formats (coordinates in input pixels):
+
+    - ``yolo_raw``: ``[B, N, 5+C]`` rows of cx, cy, w, h, objectness, C class scores (YOLOv5/YOLOR export)
+    - ``yolov8``:   ``[B, 4+C, N]`` columns of cx, cy, w, h, C class scores (no objectness)
+    - ``boxes``:    ``[B, K, 6]``   rows of x1, y1, x2, y2, score, class after NMS (padding rows score 0)
+    """
+
+    output: str = "output"
+    output_format: DetectorFormat = "yolo_raw"
+    classes: tuple[str, ...] = ("mitotic_figure",)
+    candidate_classes: tuple[str, ...] = ("mitotic_figure",)  # classes that propose MF candidates
+    scores: ScoreKind = "probabilities"
+    score_threshold: float = 0.25
+    nms_iou: float = 0.45
+    max_detections: int = 300  # per tile, after NMS
+    merge_radius_um: float = 5.0  # one figure seen by two overlapping tiles counts once within this radius
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (self.output,)
+
+    @property
+    def candidate_indices(self) -> tuple[int, ...]:
+        return tuple(self.classes.index(c) for c in self.candidate_classes)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One classifier head: an output tensor, and which column holds the positive class.
+
+    ``[B]`` or ``[B,1]``: one score (sigmoid if logits). ``[B,K]``: column ``index`` (softmax if logits).
+    """
+
+    output: str
+    index: int | None = None
+    scores: ScoreKind = "logits"
+
+
+@dataclass(frozen=True)
+class ClassifierSpec(ModelSpec):
+    """One member of the classifier ensemble, with a mitotic-figure head and an optional atypical head."""
+
+    weight: float = 1.0
+    mitotic: HeadSpec = field(default_factory=lambda: HeadSpec("mitotic"))
+    atypical: HeadSpec | None = None
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        heads = [self.mitotic.output] + ([self.atypical.output] if self.atypical else [])
+        return tuple(dict.fromkeys(heads))
+
+
+@dataclass(frozen=True)
+class DecisionSpec:
+    """How scores become decisions (the paper's values are the defaults)."""
+
+    mitotic_threshold: float = 0.5  # ensemble mean p(MF) at or above this keeps a candidate as an MF
+    atypical_above: float = 0.9  # p(atypical) above this: atypical
+    normal_below: float = 0.1  # p(atypical) below this: normal; between the two: uncertain subtype
+    atypical_heads: tuple[str, ...] = ()  # classifiers whose atypical heads are averaged; () = all that have one
+    hotspot_area_mm2: float = 2.0
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, checked engine bundle."""
+
+    path: Path  # the bundle folder
+    name: str
+    version: str
+    intended_use: str
+    detector: DetectorSpec
+    classifiers: tuple[ClassifierSpec, ...]
+    decision: DecisionSpec
+    manifest_sha256: str
+    description: str = ""
+    model_card: Path | None = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_NAME
+
+    @property
+    def models(self) -> tuple[ModelSpec, ...]:
+        return (self.detector, *self.classifiers)
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        known = ", ".join(m.name for m in self.models)
+        raise KeyError(f"bundle {self.name!r} has no model {name!r}; models: {known}")
+
+    @property
+    def atypical_classifiers(self) -> tuple[ClassifierSpec, ...]:
+        chosen = self.decision.atypical_heads
+        return tuple(c for c in self.classifiers if c.atypical and (not chosen or c.name in chosen))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# finding bundles
+
+
+def bundle_search_path() -> list[Path]:
+    """Folders that hold bundles, in the order they are searched.
+
+    ``$MITOSIS_EDGE_BUNDLES``, then the ``engines/`` folder of a source checkout, then the bundles
+    installed with the package (``<prefix>/share/mitosis-edge/engines``).
+    """
+    paths: list[Path] = []
+    if env := os.environ.get(BUNDLES_ENV):
+        paths.append(Path(env))
+    checkout = Path(__file__).resolve().parents[2] / "engines"
+    if (checkout / DEMO_BUNDLE / MANIFEST_NAME).is_file():
+        paths.append(checkout)
+    paths.append(Path(sys.prefix) / "share" / "mitosis-edge" / "engines")
+    return paths
+
+
+def find_bundle(name_or_path: str | Path | None) -> Path:
+    """A bundle folder from a path or a bare bundle name (``demo``); None or "" means the demo bundle."""
+    if name_or_path is None or str(name_or_path) == "":
+        name_or_path = DEMO_BUNDLE
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_file() and candidate.name == MANIFEST_NAME:
+        return candidate.parent
+    if (candidate / MANIFEST_NAME).is_file():
+        return candidate
+    if candidate.parent == Path(".") and not candidate.exists():
+        for folder in bundle_search_path():
+            if (folder / str(name_or_path) / MANIFEST_NAME).is_file():
+                return folder / str(name_or_path)
+    searched = ", ".join(str(p) for p in bundle_search_path())
+    raise ManifestError(
+        str(name_or_path),
+        [f"no {MANIFEST_NAME} there; give a bundle folder or the name of an installed bundle (searched {searched})"],
+    )
+
+
+def list_bundles() -> list[Path]:
+    """Every bundle folder found on the search path (first one wins for a name)."""
+    seen: dict[str, Path] = {}
+    for folder in bundle_search_path():
+        if folder.is_dir():
+            for manifest in sorted(folder.glob(f"*/{MANIFEST_NAME}")):
+                seen.setdefault(manifest.parent.name, manifest.parent)
+    return list(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_bundle(name_or_path: str | Path | None = None, *, check_graphs: bool = True) -> Bundle:
+    """Load a bundle and check it. Raises ManifestError listing every problem found.
+
+    With ``check_graphs`` (the default) each ONNX file is hashed and its graph compared with the
+    manifest; that needs the ``onnx`` package.
+    """
+    folder = find_bundle(name_or_path)
+    manifest_path = folder / MANIFEST_NAME
+    try:
+        text = manifest_path.read_bytes()
+        raw = tomllib.loads(text.decode("utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(manifest_path, [f"cannot read the manifest: {exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(manifest_path, [f"not valid TOML: {exc}"]) from None
+    problems: list[str] = []
+    bundle = _parse(folder, raw, hashlib.sha256(text).hexdigest(), problems)
+    if bundle is not None and check_graphs:
+        for model in bundle.models:
+            problems.extend(check_model_file(model))
+    if problems or bundle is None:
+        raise ManifestError(manifest_path, problems)
+    return bundle
+
+
+class _Fields:
+    """Typed access to one TOML table that records problems instead of stopping at the first."""
+
+    def __init__(self, where: str, table: Any, problems: list[str]) -> None:
+        self.where = where
+        self.problems = problems
+        if not isinstance(table, dict):
+            problems.append(f"[{where}] must be a table, got {table!r}")
+            table = {}
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def _get(self, key: str, default: Any, required: bool) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if required:
+                self.problems.append(f"[{self.where}] {key} is missing")
+            return default
+        return self.table[key]
+
+    def str(self, key: str, default: str = "", *, required: bool = False, choices: tuple[str, ...] = ()) -> str:
+        value = self._get(key, default, required)
+        if not isinstance(value, str):
+            self.problems.append(f"[{self.where}] {key}={value!r} must be a string")
+            return default
+        if choices and value not in choices:
+            self.problems.append(f"[{self.where}] {key}={value!r} must be one of {', '.join(choices)}")
+            return default
+        return value
+
+    def num(self, key: str, default: float, *, required: bool = False, lo: float | None = None,
+            hi: float | None = None, integer: bool = False) -> float:
+        value = self._get(key, default, required)
+        ok = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value)):
+            self.problems.append(f"[{self.where}] {key}={value!r} must be {'an integer' if integer else 'a number'}")
+            return default
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.problems.append(f"[{self.where}] {key}={value} must be in [{lo}, {hi}]")
+            return default
+        return value
+
+    def strs(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key, list(default), False)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problems.append(f"[{self.where}] {key}={value!r} must be a list of strings")
+            return default
+        return tuple(value)
+
+    def triple(self, key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
+        value = self._get(key, list(default), False)
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+            self.problems.append(f"[{self.where}] {key}={value!r} must be a list of 3 numbers, one per channel in the model's channel_order")
+            return default
+        return (float(value[0]), float(value[1]), float(value[2]))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            self.problems.append(f"[{self.where}] unknown field(s): {', '.join(unknown)} (see docs/engines.md)")
+
+
+def _parse(folder: Path, raw: dict[str, Any], manifest_sha: str, problems: list[str]) -> Bundle | None:
+    unknown = sorted(set(raw) - {"bundle", "detector", "classifier", "decision"})
+    if unknown:
+        problems.append(f"unknown table(s): {', '.join(unknown)}; known: [bundle], [detector], [[classifier]], [decision]")
+    b = _Fields("bundle", raw.get("bundle", {}), problems)
+    name = b.str("name", required=True)
+    version = b.str("version", required=True)
+    intended_use = b.str("intended_use", required=True)
+    description = b.str("description")
+    card = b.str("model_card")
+    b.finish()
+    if "detector" not in raw:
+        problems.append("[detector] is missing: a bundle needs one detector")
+    detector = _parse_detector(folder, raw.get("detector", {}), problems)
+    raw_classifiers = raw.get("classifier", [])
+    if not isinstance(raw_classifiers, list) or not raw_classifiers:
+        problems.append("[[classifier]] is missing: a bundle needs at least one classifier")
+        raw_classifiers = []
+    classifiers = tuple(_parse_classifier(folder, i, t, problems) for i, t in enumerate(raw_classifiers))
+    names = [c.name for c in classifiers]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"[[classifier]] name {dup!r} is used twice; names must be unique")
+    if "detector" in names:
+        problems.append("[[classifier]] name 'detector' is reserved for the detector")
+    decision = _parse_decision(raw.get("decision", {}), classifiers, problems)
+    if problems:
+        return None
+    return Bundle(
+        path=folder.resolve(), name=name, version=version, intended_use=intended_use, detector=detector,
+        classifiers=classifiers, decision=decision, manifest_sha256=manifest_sha, description=description,
+        model_card=(folder / card).resolve() if card else None,
+    )
+
+
+def _model_common(folder: Path, f: _Fields) -> dict[str, Any]:
+    norm = f.table.get("normalisation", {})
+    f.used.add("normalisation")
+    n = _Fields(f"{f.where}.normalisation", norm, f.problems)
+    normalisation = Normalisation(
+        scale=n.num("scale", 1.0 / 255.0, lo=0.0), mean=n.triple("mean", (0.0, 0.0, 0.0)),
+        std=n.triple("std", (1.0, 1.0, 1.0)),
+    )
+    if any(s == 0 for s in normalisation.std):
+        f.problems.append(f"[{f.where}.normalisation] std={list(normalisation.std)} must not contain 0")
+    n.finish()
+    file = f.str("file", required=True)
+    sha = f.str("sha256", required=True).lower()
+    if sha and (len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha)):
+        f.problems.append(f"[{f.where}] sha256={sha!r} must be 64 hex digits")
+    return {
+        "path": (folder / file).resolve() if file else folder,
+        "sha256": sha,
+        "input_name": f.str("input", required=True),
+        "size": int(f.num("size", 0, required=True, lo=16, hi=16384, integer=True)),
+        "mpp": float(f.num("mpp", 0.25, required=True, lo=0.01, hi=100.0)),
+        "layout": f.str("layout", "NCHW", choices=_LAYOUTS),
+        "channel_order": f.str("channel_order", "RGB", choices=_ORDERS),
+        "normalisation": normalisation,
+    }
+
+
+def _parse_detector(folder: Path, table: Any, problems: list[str]) -> DetectorSpec:
+    f = _Fields("detector", table, problems)
+    common = _model_common(folder, f)
+    classes = f.strs("classes", ("mitotic_figure",))
+    candidates = f.strs("candidate_classes", classes)
+    for c in candidates:
+        if c not in classes:
+            problems.append(f"[detector] candidate class {c!r} is not in classes {list(classes)}")
+    spec = DetectorSpec(
+        name="detector", role="detector", **common,
+        output=f.str("output", required=True),
+        output_format=cast(DetectorFormat, f.str("output_format", "yolo_raw", required=True, choices=_FORMATS)),
+        classes=classes, candidate_classes=tuple(c for c in candidates if c in classes),
+        scores=cast(ScoreKind, f.str("scores", "probabilities", choices=_SCORES)),
+        score_threshold=float(f.num("score_threshold", 0.25, lo=0.0, hi=1.0)),
+        nms_iou=float(f.num("nms_iou", 0.45, lo=0.0, hi=1.0)),
+        max_detections=int(f.num("max_detections", 300, lo=1, integer=True)),
+        merge_radius_um=float(f.num("merge_radius_um", 5.0, lo=0.0, hi=100.0)),
+    )
+    f.finish()
+    return spec
+
+
+def _head(f: _Fields, prefix: str, scores: ScoreKind, required: bool) -> HeadSpec | None:
+    output = f.str(f"{prefix}_output", required=required)
+    index = f.table.get(f"{prefix}_index")
+    f.used.add(f"{prefix}_index")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+        f.problems.append(f"[{f.where}] {prefix}_index={index!r} must be a column number (0 or more)")
+        index = None
+    return HeadSpec(output, index, scores) if output else None
+
+
+def _parse_classifier(folder: Path, i: int, table: Any, problems: list[str]) -> ClassifierSpec:
+    label = table.get("name", str(i)) if isinstance(table, dict) else str(i)
+    f = _Fields(f"classifier {label}", table, problems)
+    name = f.str("name", f"classifier{i}", required=True)
+    common = _model_common(folder, f)
+    scores = cast(ScoreKind, f.str("scores", "logits", choices=_SCORES))
+    spec = ClassifierSpec(
+        name=name, role="classifier", **common, weight=float(f.num("weight", 1.0, lo=0.0)),
+        mitotic=_head(f, "mitotic", scores, True) or HeadSpec("mitotic"),
+        atypical=_head(f, "atypical", scores, False),
+    )
+    f.finish()
+    return spec
+
+
+def _parse_decision(table: Any, classifiers: tuple[ClassifierSpec, ...], problems: list[str]) -> DecisionSpec:
+    f = _Fields("decision", table, problems)
+    spec = DecisionSpec(
+        mitotic_threshold=float(f.num("mitotic_threshold", 0.5, lo=0.0, hi=1.0)),
+        atypical_above=float(f.num("atypical_above", 0.9, lo=0.0, hi=1.0)),
+        normal_below=float(f.num("normal_below", 0.1, lo=0.0, hi=1.0)),
+        atypical_heads=f.strs("atypical_heads", ()),
+        hotspot_area_mm2=float(f.num("hotspot_area_mm2", 2.0, lo=0.01, hi=100.0)),
+    )
+    f.finish()
+    if spec.normal_below > spec.atypical_above:
+        problems.append(
+            f"[decision] normal_below={spec.normal_below} must not exceed atypical_above={spec.atypical_above}"
+        )
+    with_heads = {c.name for c in classifiers if c.atypical}
+    for name in spec.atypical_heads:
+        if name not in with_heads:
+            problems.append(
+                f"[decision] atypical_heads names {name!r}, which is not a classifier with an atypical_output"
+                f" (those are: {', '.join(sorted(with_heads)) or 'none'})"
+            )
+    if classifiers and sum(c.weight for c in classifiers) <= 0:
+        problems.append("[[classifier]] weights sum to 0; give at least one classifier a positive weight")
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# checking ONNX graphs against the manifest
+
+
+def graph_specs(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec], int]:
+    """Inputs (initializers excluded), outputs and the default-domain opset of an ONNX file."""
+    onnx = _onnx()
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        tensor = value.type.tensor_type
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        except (KeyError, ValueError, TypeError):
+            dtype = f"onnx-type-{tensor.elem_type}"
+        dims: tuple[int | None, ...] = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim
+        )
+        return TensorSpec(value.name, dtype, dims)
+
+    inputs = [spec(v) for v in model.graph.input if v.name not in initializers]
+    outputs = [spec(v) for v in model.graph.output]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return inputs, outputs, opset
+
+
+def check_model_file(model: ModelSpec) -> list[str]:
+    """Every difference between one model's manifest entry and its ONNX file (empty when they agree)."""
+    where = f"{model.path.name} ({model.name})"
+    if not model.path.is_file():
+        return [f"{where}: file {model.path} does not exist"]
+    problems: list[str] = []
+    found_sha = sha256_file(model.path)
+    if found_sha != model.sha256:
+        problems.append(f"{where}: sha256 expected {model.sha256}, found {found_sha} (file changed, or update the manifest)")
+    try:
+        inputs, outputs, opset = graph_specs(model.path)
+    except ManifestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnx raises many types for a damaged file; all mean "not ONNX"
+        return [*problems, f"{where}: not a readable ONNX model: {exc}"]
+    if opset and opset < MIN_OPSET:
+        problems.append(f"{where}: opset {opset} is older than {MIN_OPSET}; re-export with opset >= 17")
+    problems.extend(_check_input(where, model, inputs))
+    by_name = {o.name: o for o in outputs}
+    if isinstance(model, DetectorSpec):
+        problems.extend(_check_detector_output(where, model, by_name))
+    elif isinstance(model, ClassifierSpec):
+        heads = [("mitotic", model.mitotic), ("atypical", model.atypical)]
+        for label, head in heads:
+            if head is not None:
+                problems.extend(_check_head(where, label, head, by_name))
+    return problems
+
+
+def _names(specs: Any) -> str:
+    return ", ".join(s.describe() for s in specs) or "none"
+
+
+def _check_input(where: str, model: ModelSpec, inputs: list[TensorSpec]) -> list[str]:
+    want = model.input_spec
+    if len(inputs) != 1:
+        return [f"{where}: expected exactly one input {want.describe()}, found {_names(inputs)}"]
+    got = inputs[0]
+    problems: list[str] = []
+    if got.name != want.name:
+        problems.append(f"{where}: input name expected {want.name!r}, found {got.name!r}")
+    if got.dtype != "uint8":
+        hint = (f"; wrap it with: mitosis-edge engines wrap {model.path.name} --bundle {model.path.parent} "
+                f"--model {model.name}") if got.dtype in _FLOAT_TYPES else ""
+        problems.append(f"{where}: input {got.name} dtype expected uint8 (NHWC RGB), found {got.dtype}{hint}")
+    if got.rank != 4:
+        problems.append(f"{where}: input {got.name} expected rank 4 {want.describe()}, found {got.describe()}")
+        return problems
+    if got.shape[0] is not None:
+        problems.append(f"{where}: input {got.name} batch dimension expected dynamic, found fixed {got.shape[0]}"
+                        " (export with a dynamic batch axis)")
+    for axis, label in ((1, "height"), (2, "width"), (3, "channels")):
+        if got.shape[axis] != want.shape[axis]:
+            problems.append(f"{where}: input {got.name} {label} (axis {axis}) expected {want.shape[axis]},"
+                            f" found {'dynamic' if got.shape[axis] is None else got.shape[axis]}")
+    return problems
+
+
+def _check_detector_output(where: str, model: DetectorSpec, outputs: dict[str, TensorSpec]) -> list[str]:
+    if model.output not in outputs:
+        return [f"{where}: output {model.output!r} not in the graph; outputs are {_names(outputs.values())}"]
+    got = outputs[model.output]
+    c = len(model.classes)
+    expected = {
+        "yolo_raw": ("[B, N, 5+C]", (None, None, 5 + c), 2),
+        "yolov8": ("[B, 4+C, N]", (None, 4 + c, None), 1),
+        "boxes": ("[B, K, 6]", (None, None, 6), 2),
+    }[model.output_format]
+    label, shape, fixed_axis = expected
+    problems = []
+    if got.dtype not in _FLOAT_TYPES:
+        problems.append(f"{where}: output {got.name} dtype expected float32 or float16, found {got.dtype}")
+    if got.rank != 3:
+        problems.append(f"{where}: output {got.name} expected rank 3 {label} for {model.output_format}, "
+                        f"found {got.describe()}")
+        return problems
+    if got.shape[0] is not None:
+        problems.append(f"{where}: output {got.name} batch dimension expected dynamic, found fixed {got.shape[0]}")
+    if got.shape[fixed_axis] is not None and got.shape[fixed_axis] != shape[fixed_axis]:
+        problems.append(
+            f"{where}: output {got.name} axis {fixed_axis} expected {shape[fixed_axis]} ({label} with C={c} classes "
+            f"{list(model.classes)}), found {got.shape[fixed_axis]}"
+        )
+    return problems
+
+
+def _check_head(where: str, label: str, head: HeadSpec, outputs: dict[str, TensorSpec]) -> list[str]:
+    if head.output not in outputs:
+        return [f"{where}: {label} head output {head.output!r} not in the graph; outputs are {_names(outputs.values())}"]
+    got = outputs[head.output]
+    problems = []
+    if got.dtype not in _FLOAT_TYPES:
+        problems.append(f"{where}: {label} head {got.name} dtype expected float32 or float16, found {got.dtype}")
+    if got.rank not in (1, 2):
+        problems.append(f"{where}: {label} head {got.name} expected rank 1 [B] or 2 [B,K], found {got.describe()}")
+    elif got.rank == 2 and got.shape[1] is not None:
+        k = got.shape[1]
+        if head.index is None and k != 1:
+            problems.append(f"{where}: {label} head {got.name} has {k} columns; set {label}_index to the positive column")
+        elif head.index is not None and head.index >= k:
+            problems.append(f"{where}: {label}_index={head.index} is outside the {k} columns of {got.name}")
+    if got.rank >= 1 and got.shape[0] is not None:
+        problems.append(f"{where}: {label} head {got.name} batch dimension expected dynamic, found fixed {got.shape[0]}")
+    return problems
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - onnx is a dependency; this guards a broken install
+        raise ManifestError("onnx", ["the 'onnx' package is needed to check bundles: pip install 'onnx>=1.16'"]) from None
+    return onnx
