@@ -535,13 +535,14 @@ def _check_input(where: str, model: ModelSpec, inputs: list[TensorSpec]) -> list
     if len(inputs) != 1:
         return [f"{where}: expected exactly one input {want.describe()}, found {_names(inputs)}"]
     got = inputs[0]
+    if got.dtype in _FLOAT_TYPES:  # an unwrapped float model: name and layout differences follow from that
+        return [f"{where}: input {got.name} dtype expected uint8 (NHWC RGB), found {got.dtype}; wrap it with: "
+                f"mitosis-edge engines wrap {model.path.name} --bundle {model.path.parent} --model {model.name}"]
     problems: list[str] = []
     if got.name != want.name:
         problems.append(f"{where}: input name expected {want.name!r}, found {got.name!r}")
     if got.dtype != "uint8":
-        hint = (f"; wrap it with: mitosis-edge engines wrap {model.path.name} --bundle {model.path.parent} "
-                f"--model {model.name}") if got.dtype in _FLOAT_TYPES else ""
-        problems.append(f"{where}: input {got.name} dtype expected uint8 (NHWC RGB), found {got.dtype}{hint}")
+        problems.append(f"{where}: input {got.name} dtype expected uint8 (NHWC RGB), found {got.dtype}")
     if got.rank != 4:
         problems.append(f"{where}: input {got.name} expected rank 4 {want.describe()}, found {got.describe()}")
         return problems
