@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import resource
 import time
@@ -149,8 +150,12 @@ def bench_engine(
             timings: dict[str, list[float]] = {"bare": [], "infer": [], "submit": []}
             engine.infer(data[0])  # warm-up: first runs allocate arenas
             for _ in range(repeats):
-                for label, loop in (("bare", bare), ("infer", lambda: [engine.infer(b) for b in data]),
-                                    ("submit", lambda: _pipelined(engine, data))):
+                loops = (
+                    ("bare", bare),
+                    ("infer", functools.partial(_sequential, engine, data)),
+                    ("submit", functools.partial(_pipelined, engine, data)),
+                )
+                for label, loop in loops:
                     if loop is None:
                         continue
                     t0 = time.perf_counter()
@@ -158,7 +163,10 @@ def bench_engine(
                     timings[label].append(time.perf_counter() - t0)
             items = size * batches
             entry: dict[str, Any] = {
-                "model": model.name, "role": model.role, "batch_size": size, "batches": batches,
+                "model": model.name,
+                "role": model.role,
+                "batch_size": size,
+                "batches": batches,
                 "items_per_s": items / min(timings["infer"]),
                 "submit_items_per_s": items / min(timings["submit"]),
             }
@@ -169,9 +177,18 @@ def bench_engine(
             models.append(entry)
     detector = next(m for m in models if m["role"] == "detector")
     return {
-        "bundle": bundle.name, "backend": config.engines.backend, "threads": config.engines.intra_op_threads or None,
-        "models": models, "detector_tiles_per_s": detector["items_per_s"], "peak_rss_mb": peak_rss_mb(),
+        "bundle": bundle.name,
+        "backend": config.engines.backend,
+        "threads": config.engines.intra_op_threads or None,
+        "models": models,
+        "detector_tiles_per_s": detector["items_per_s"],
+        "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _sequential(engine: Any, data: list[Any]) -> None:
+    for batch in data:
+        engine.infer(batch)
 
 
 def _pipelined(engine: Any, data: list[Any]) -> None:

@@ -19,7 +19,9 @@ EXIT_FAILED = 1
 
 def register(sub: Any, bench_sub: Any) -> None:
     """Add the engines commands to the top-level parser's subcommands, and ``bench engine``."""
-    p = sub.add_parser("engines", help="model bundles: list, check, verify a backend, wrap a model, build TensorRT plans")
+    p = sub.add_parser(
+        "engines", help="model bundles: list, check, verify a backend, wrap a model, build TensorRT plans"
+    )
     eng = p.add_subparsers(title="engine commands", metavar="WHAT")
 
     e = eng.add_parser("list", help="bundles, their models, cached TensorRT plans and whether each fits this machine")
@@ -34,13 +36,22 @@ def register(sub: Any, bench_sub: Any) -> None:
 
     e = eng.add_parser("verify", help="run the same inputs through ONNX Runtime (CPU) and a backend; compare")
     _bundle_option(e)
-    e.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), default=None,
-                   help="backend to check against ONNX Runtime on the CPU (default: engines.backend)")
+    e.add_argument(
+        "--backend",
+        choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"),
+        default=None,
+        help="backend to check against ONNX Runtime on the CPU (default: engines.backend)",
+    )
     e.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-3; 2e-2 for fp16/int8)")
     e.add_argument("--rtol", type=float, default=None, help="relative tolerance (default 1e-3; 2e-2 for fp16/int8)")
     e.add_argument("--random", type=int, default=2, metavar="N", help="random batches per model (default 2)")
-    e.add_argument("--tiles", type=int, default=4, metavar="N",
-                   help="tiles from a synthetic slide (default 4; 0 = random inputs only)")
+    e.add_argument(
+        "--tiles",
+        type=int,
+        default=4,
+        metavar="N",
+        help="tiles from a synthetic slide (default 4; 0 = random inputs only)",
+    )
     e.add_argument("--json", action="store_true")
     _trt_options(e, build=False)
     e.set_defaults(handler=cmd_verify)
@@ -70,8 +81,12 @@ def register(sub: Any, bench_sub: Any) -> None:
 
 
 def _bundle_option(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--bundle", required=required, metavar="DIR",
-                   help="bundle folder or installed bundle name (default: engines.bundle, else the demo bundle)")
+    p.add_argument(
+        "--bundle",
+        required=required,
+        metavar="DIR",
+        help="bundle folder or installed bundle name (default: engines.bundle, else the demo bundle)",
+    )
 
 
 def _trt_options(p: argparse.ArgumentParser, build: bool) -> None:
@@ -81,24 +96,34 @@ def _trt_options(p: argparse.ArgumentParser, build: bool) -> None:
     if build:
         p.add_argument("--workspace-gb", type=float, help="builder workspace in GB (default 4)")
         p.add_argument("--timing-cache", metavar="PATH", help="timing cache file, reused across builds")
-        p.add_argument("--hardware-compat", choices=("none", "ampere+"), default="none",
-                       help="ampere+: one plan for every Ampere-or-newer GPU (a little slower)")
-        p.add_argument("--version-compatible", action="store_true",
-                       help="a plan later TensorRT versions (and the lean runtime) can load")
+        p.add_argument(
+            "--hardware-compat",
+            choices=("none", "ampere+"),
+            default="none",
+            help="ampere+: one plan for every Ampere-or-newer GPU (a little slower)",
+        )
+        p.add_argument(
+            "--version-compatible",
+            action="store_true",
+            help="a plan later TensorRT versions (and the lean runtime) can load",
+        )
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(getattr(args, "config", None), {
-        "engines.bundle": getattr(args, "bundle", None),
-        "engines.backend": getattr(args, "backend", None),
-        "engines.precision": getattr(args, "precision", None),
-        "engines.max_batch": getattr(args, "max_batch", None),
-        "engines.plan_cache": getattr(args, "plan_cache", None),
-        "engines.workspace_gb": getattr(args, "workspace_gb", None),
-        "engines.timing_cache": getattr(args, "timing_cache", None),
-        "engines.intra_op_threads": getattr(args, "threads", None),
-        "stream.batch_size": getattr(args, "batch_size", None),
-    })
+    return load_config(
+        getattr(args, "config", None),
+        {
+            "engines.bundle": getattr(args, "bundle", None),
+            "engines.backend": getattr(args, "backend", None),
+            "engines.precision": getattr(args, "precision", None),
+            "engines.max_batch": getattr(args, "max_batch", None),
+            "engines.plan_cache": getattr(args, "plan_cache", None),
+            "engines.workspace_gb": getattr(args, "workspace_gb", None),
+            "engines.timing_cache": getattr(args, "timing_cache", None),
+            "engines.intra_op_threads": getattr(args, "threads", None),
+            "stream.batch_size": getattr(args, "batch_size", None),
+        },
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -117,19 +142,31 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _bundle_summary(bundle: Any) -> dict[str, Any]:
     return {
-        "name": bundle.name, "version": bundle.version, "path": str(bundle.path),
-        "intended_use": bundle.intended_use, "manifest_sha256": bundle.manifest_sha256,
+        "name": bundle.name,
+        "version": bundle.version,
+        "path": str(bundle.path),
+        "intended_use": bundle.intended_use,
+        "manifest_sha256": bundle.manifest_sha256,
         "models": [
-            {"name": m.name, "role": m.role, "file": m.path.name, "sha256": m.sha256, "input": m.input_spec.describe(),
-             "mpp": m.mpp, "outputs": list(m.output_names)}
+            {
+                "name": m.name,
+                "role": m.role,
+                "file": m.path.name,
+                "sha256": m.sha256,
+                "input": m.input_spec.describe(),
+                "mpp": m.mpp,
+                "outputs": list(m.output_names),
+            }
             for m in bundle.models
         ],
     }
 
 
 def _model_lines(bundle: Any) -> list[str]:
-    return [f"  {m.role:10} {m.name:14} {m.path.name:24} {m.input_spec.describe():32} at {m.mpp} µm/px"
-            for m in bundle.models]
+    return [
+        f"  {m.role:10} {m.name:14} {m.path.name:24} {m.input_spec.describe():32} at {m.mpp} µm/px"
+        for m in bundle.models
+    ]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -143,15 +180,26 @@ def cmd_list(args: argparse.Namespace) -> int:
         try:
             bundles.append({**_bundle_summary(load_bundle(folder)), "problems": []})
         except EngineError as exc:
-            bundles.append({"name": folder.name, "path": str(folder), "models": [],
-                            "problems": getattr(exc, "problems", [str(exc)])})
+            bundles.append(
+                {
+                    "name": folder.name,
+                    "path": str(folder),
+                    "models": [],
+                    "problems": getattr(exc, "problems", [str(exc)]),
+                }
+            )
     machine, why_not = machine_info()
     plans = []
     for sidecar in list_plans(config.engines.plan_cache_dir):
         fits, reason = plan_matches_machine(sidecar, machine) if machine else (False, why_not)
         plans.append({**sidecar, "matches_machine": fits, "reason": reason})
-    result = {"bundles": bundles, "plan_cache": str(config.engines.plan_cache_dir), "plans": plans,
-              "machine": dataclasses.asdict(machine) if machine else None, "machine_note": why_not}
+    result = {
+        "bundles": bundles,
+        "plan_cache": str(config.engines.plan_cache_dir),
+        "plans": plans,
+        "machine": dataclasses.asdict(machine) if machine else None,
+        "machine_note": why_not,
+    }
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return EXIT_OK
@@ -169,8 +217,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"TensorRT plans in {result['plan_cache']}: {len(plans) or 'none'}")
     for plan in plans:
         mark = "fits this machine" if plan["matches_machine"] else f"does not fit: {plan['reason']}"
-        print(f"  {plan.get('bundle')}/{plan.get('model')} {plan.get('precision')} "
-              f"TensorRT {plan.get('tensorrt_version')} on {plan.get('gpu_name')}: {mark}")
+        print(
+            f"  {plan.get('bundle')}/{plan.get('model')} {plan.get('precision')} "
+            f"TensorRT {plan.get('tensorrt_version')} on {plan.get('gpu_name')}: {mark}"
+        )
     if machine is None:
         print(f"this machine: {why_not}")
     return EXIT_OK
@@ -188,19 +238,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     rtol = args.rtol if args.rtol is not None else (FP16_TOLERANCE if low else DEFAULT_RTOL)
     reference_config = EnginesConfig(intra_op_threads=config.engines.intra_op_threads)
     with open_engines(bundle, reference_config) as reference, open_engines(bundle, config.engines) as candidate:
-        report = verify_bundle(bundle, reference, candidate, atol=atol, rtol=rtol, random_count=args.random,
-                               slide_tiles=args.tiles)
+        report = verify_bundle(
+            bundle, reference, candidate, atol=atol, rtol=rtol, random_count=args.random, slide_tiles=args.tiles
+        )
     if args.json:
         print(json.dumps(report.to_json_dict(), indent=2))
     else:
         print(f"bundle {report.bundle}: {report.backend} against onnxruntime (CPU), atol {atol:g}, rtol {rtol:g}")
         print(f"  {'model':14} {'output':12} {'inputs':7} {'max abs err':>12} {'max rel err':>12}  result")
         for o in report.outputs:
-            print(f"  {o.model:14} {o.output:12} {o.inputs:7} {o.max_abs_error:12.3g} {o.max_rel_error:12.3g}  "
-                  f"{'ok' if o.passed else 'ABOVE TOLERANCE'}")
+            print(
+                f"  {o.model:14} {o.output:12} {o.inputs:7} {o.max_abs_error:12.3g} {o.max_rel_error:12.3g}  "
+                f"{'ok' if o.passed else 'ABOVE TOLERANCE'}"
+            )
         for d in report.detections:
-            print(f"  detections ({d.inputs}): reference {d.reference}, {report.backend} {d.candidate}, "
-                  f"agree {d.agreed} ({d.agreement:.1%})")
+            print(
+                f"  detections ({d.inputs}): reference {d.reference}, {report.backend} {d.candidate}, "
+                f"agree {d.agreed} ({d.agreement:.1%})"
+            )
         print("PASSED" if report.passed else "FAILED: outputs differ beyond tolerance")
     return EXIT_OK if report.passed else EXIT_FAILED
 
@@ -215,10 +270,14 @@ def cmd_wrap(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise ConfigError(f"--model: {exc.args[0]}") from None
     path, sha = wrap_file(args.source, model, args.out)
-    print(f"wrote {path}: input {model.input_spec.describe()} (uint8 NHWC RGB; {model.layout} "
-          f"{model.channel_order} normalisation inside the graph)")
-    print(f'sha256 = "{sha}"   # put this in [{"detector" if model.role == "detector" else "classifier"}] '
-          f"{model.name} of {bundle.manifest_path}")
+    print(
+        f"wrote {path}: input {model.input_spec.describe()} (uint8 NHWC RGB; {model.layout} "
+        f"{model.channel_order} normalisation inside the graph)"
+    )
+    print(
+        f'sha256 = "{sha}"   # put this in [{"detector" if model.role == "detector" else "classifier"}] '
+        f"{model.name} of {bundle.manifest_path}"
+    )
     return EXIT_OK
 
 
@@ -228,16 +287,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     config = _config(args)
     bundle = load_bundle(config.engines.bundle)
-    options = build_options(config.engines, hardware_compat=args.hardware_compat,
-                            version_compatible=args.version_compatible)
+    options = build_options(
+        config.engines, hardware_compat=args.hardware_compat, version_compatible=args.version_compatible
+    )
     records = build_bundle(bundle, options, config.engines.plan_cache_dir)
     if args.json:
         print(json.dumps([r.sidecar for r in records], indent=2, default=str))
         return EXIT_OK
     for r in records:
         s = r.sidecar
-        print(f"built {s['model']}: {r.plan_path} ({s['precision']}, batch 1..{s['max_batch']}, "
-              f"{s['build_seconds']:.0f} s, TensorRT {s['tensorrt_version']} on {s['gpu_name']})")
+        print(
+            f"built {s['model']}: {r.plan_path} ({s['precision']}, batch 1..{s['max_batch']}, "
+            f"{s['build_seconds']:.0f} s, TensorRT {s['tensorrt_version']} on {s['gpu_name']})"
+        )
     return EXIT_OK
 
 
@@ -253,8 +315,10 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     for m in result["models"]:
         line = f"  {m['role']:10} {m['model']:14} batch {m['batch_size']:3}  {m['items_per_s']:9.1f} /s"
         if "overhead" in m:
-            line += (f"  bare session.run {m['bare_items_per_s']:9.1f} /s  overhead {m['overhead']:+.1%}"
-                     f"  (submit/collect {m['submit_overhead']:+.1%})")
+            line += (
+                f"  bare session.run {m['bare_items_per_s']:9.1f} /s  overhead {m['overhead']:+.1%}"
+                f"  (submit/collect {m['submit_overhead']:+.1%})"
+            )
         print(line)
     print(f"peak RSS {result['peak_rss_mb']:.0f} MiB")
     return EXIT_OK

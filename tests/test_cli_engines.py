@@ -23,7 +23,9 @@ def test_engines_check_reports_a_consistent_bundle(tmp_path: Path) -> None:
 def test_engines_check_lists_every_problem_and_exits_1(tmp_path: Path) -> None:
     folder = make_tiny_bundle(tmp_path / "tiny")
     manifest = folder / "manifest.toml"
-    manifest.write_text(manifest.read_text().replace('input = "tiles"', 'input = "image"').replace("size = 16", "size = 24"))
+    manifest.write_text(
+        manifest.read_text().replace('input = "tiles"', 'input = "image"').replace("size = 16", "size = 24")
+    )
     result = run_cli("engines", "check", "--bundle", str(folder))
     assert result.returncode == 1
     assert "problems in the engine bundle" in result.stderr
@@ -34,8 +36,7 @@ def test_engines_check_lists_every_problem_and_exits_1(tmp_path: Path) -> None:
 
 def test_engines_verify_passes_onnxruntime_against_itself_on_random_and_slide_inputs(tmp_path: Path) -> None:
     folder = make_tiny_bundle(tmp_path / "tiny")
-    result = run_cli("engines", "verify", "--bundle", str(folder), "--backend", "onnxruntime", "--tiles", "2",
-                     "--json")
+    result = run_cli("engines", "verify", "--bundle", str(folder), "--backend", "onnxruntime", "--tiles", "2", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] is True
@@ -75,8 +76,9 @@ def test_engines_list_shows_bundles_and_plans_and_the_machine(tmp_path: Path) ->
     make_tiny_bundle(bundles / "tiny")
     shutil.copytree(bundles / "tiny", bundles / "broken")
     (bundles / "broken" / "clf_a.onnx").write_bytes(b"x")
-    env_result = run_cli("engines", "list", "--json", "--plan-cache", str(tmp_path / "plans"),
-                         env={"MITOSIS_EDGE_BUNDLES": str(bundles)})
+    env_result = run_cli(
+        "engines", "list", "--json", "--plan-cache", str(tmp_path / "plans"), env={"MITOSIS_EDGE_BUNDLES": str(bundles)}
+    )
     assert env_result.returncode == 0, env_result.stderr
     listing = json.loads(env_result.stdout)
     by_name = {b["name"]: b for b in listing["bundles"]}

@@ -29,7 +29,8 @@ def float_detector(size: int = 32, layout: str = "NCHW", fixed_batch: bool = Fal
         helper.make_node("Sigmoid", ["rows"], ["raw"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_detector",
+        nodes,
+        "tiny_detector",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("raw", TensorProto.FLOAT, [batch, rows, 6])],
         [numpy_helper.from_array(np.array([-1, rows, 6], np.int64), "shape")],
@@ -52,10 +53,13 @@ def float_classifier(size: int = 16, layout: str = "NCHW") -> onnx.ModelProto:
         numpy_helper.from_array(np.array([i], np.int64), f"i{i}") for i in range(3)
     ]
     graph = helper.make_graph(
-        nodes, "tiny_classifier",
+        nodes,
+        "tiny_classifier",
         [helper.make_tensor_value_info("crop", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("mitotic", TensorProto.FLOAT, ["batch", 1]),
-         helper.make_tensor_value_info("atypical", TensorProto.FLOAT, ["batch", 1])],
+        [
+            helper.make_tensor_value_info("mitotic", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("atypical", TensorProto.FLOAT, ["batch", 1]),
+        ],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -86,14 +90,22 @@ def make_tiny_bundle(
         "clf_b.onnx": (float_classifier(crop_size, layout="NHWC"), "crops", crop_size),
     }
     layouts = {"detector.onnx": "NCHW", "clf_a.onnx": "NCHW", "clf_b.onnx": "NHWC"}
-    for file, (model, input_name, size) in models.items():
+    for file, (float_model, input_name, size) in models.items():
+        model = float_model
         if wrap:
-            model = wrap_model(model, input_name=input_name, size=size, layout=layouts[file],  # type: ignore[arg-type]
-                               channel_order="RGB", normalisation=NORMALISATION)
+            model = wrap_model(
+                float_model,
+                input_name=input_name,
+                size=size,
+                layout=layouts[file],  # type: ignore[arg-type]
+                channel_order="RGB",
+                normalisation=NORMALISATION,
+            )
         onnx.save(model, str(folder / file))
     sha = {f: sha256_file(folder / f) for f in models}
     norm = _norm_toml(NORMALISATION)
-    (folder / "manifest.toml").write_text(f"""
+    (folder / "manifest.toml").write_text(
+        f"""
 [bundle]
 name = "tiny"
 version = "0.0.1"
@@ -101,7 +113,7 @@ intended_use = "tests only"
 
 [detector]
 file = "detector.onnx"
-sha256 = "{sha['detector.onnx']}"
+sha256 = "{sha["detector.onnx"]}"
 input = "tiles"
 size = {detector_size}
 mpp = 0.25
@@ -116,7 +128,7 @@ score_threshold = 0.3
 [[classifier]]
 name = "a"
 file = "clf_a.onnx"
-sha256 = "{sha['clf_a.onnx']}"
+sha256 = "{sha["clf_a.onnx"]}"
 input = "crops"
 size = {crop_size}
 mpp = 0.25
@@ -131,7 +143,7 @@ scores = "logits"
 [[classifier]]
 name = "b"
 file = "clf_b.onnx"
-sha256 = "{sha['clf_b.onnx']}"
+sha256 = "{sha["clf_b.onnx"]}"
 input = "crops"
 size = {crop_size}
 mpp = 0.25
@@ -146,7 +158,9 @@ scores = "logits"
 mitotic_threshold = 0.5
 atypical_heads = ["a", "b"]
 {extra_decision}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return folder
 
 

@@ -102,22 +102,33 @@ def open_engines(bundle: Bundle, config: EnginesConfig | None = None, *, detecto
         return open_tensorrt_engines(bundle, config, detector_batch=detector_batch)
     if config.backend not in ("onnxruntime", "onnxruntime-cuda"):
         raise ConfigError(f"engines.backend={config.backend!r} is not one of onnxruntime, onnxruntime-cuda, tensorrt")
-    from edge.engines.onnxrt import OnnxRuntimeEngine
+    from edge.engines.onnxrt import Device, OnnxRuntimeEngine
 
-    device = "cuda" if config.backend == "onnxruntime-cuda" else "cpu"
+    device: Device = "cuda" if config.backend == "onnxruntime-cuda" else "cpu"
     opened: list[OnnxRuntimeEngine] = []
     try:
         for model in bundle.models:
-            size = max(default_max_batch(model, config.max_batch), detector_batch if model.role == "detector" else 0,
-                       config.classifier_batch if model.role == "classifier" else 0)
-            opened.append(OnnxRuntimeEngine(model.path, name=model.name, device=device,
-                                            intra_op_threads=config.intra_op_threads, max_batch=size,
-                                            in_flight=config.in_flight))
+            size = max(
+                default_max_batch(model, config.max_batch),
+                detector_batch if model.role == "detector" else 0,
+                config.classifier_batch if model.role == "classifier" else 0,
+            )
+            opened.append(
+                OnnxRuntimeEngine(
+                    model.path,
+                    name=model.name,
+                    device=device,
+                    intra_op_threads=config.intra_op_threads,
+                    max_batch=size,
+                    in_flight=config.in_flight,
+                )
+            )
     except BaseException:
         for engine in opened:
             engine.close()
         raise
     detector, *classifiers = opened
-    log.info("opened bundle %s %s on %s: %s", bundle.name, bundle.version, config.backend,
-             ", ".join(e.name for e in opened))
+    log.info(
+        "opened bundle %s %s on %s: %s", bundle.name, bundle.version, config.backend, ", ".join(e.name for e in opened)
+    )
     return EngineSet(bundle, detector, {e.name: e for e in classifiers}, backend=detector.backend)

@@ -40,7 +40,9 @@ class TensorSpec:
         return len(self.shape)
 
     def describe(self) -> str:
-        dims = ",".join("B" if i == 0 and d is None else ("?" if d is None else str(d)) for i, d in enumerate(self.shape))
+        dims = ",".join(
+            "B" if i == 0 and d is None else ("?" if d is None else str(d)) for i, d in enumerate(self.shape)
+        )
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
@@ -87,10 +89,10 @@ def check_batch(engine_name: str, spec: TensorSpec, max_batch: int, batch: np.nd
 
     >>> spec = TensorSpec("crops", "uint8", (None, 64, 64, 3))
     >>> check_batch("clf", spec, 8, np.zeros((2, 64, 64, 3), np.uint8))
-    >>> check_batch("clf", spec, 8, np.zeros((2, 64, 64, 3), np.float32))
+    >>> check_batch("clf", spec, 2, np.zeros((3, 64, 64, 3), np.uint8))
     Traceback (most recent call last):
     ...
-    edge.errors.EngineInputError: engine 'clf': input crops must be uint8, got float32 (engines take uint8 NHWC RGB; normalisation lives in the ONNX graph)
+    edge.errors.EngineInputError: engine 'clf': batch of 3 is outside 1..max_batch=2
     """
     if not isinstance(batch, np.ndarray):
         raise EngineInputError(f"engine {engine_name!r}: input must be a numpy array, got {type(batch).__name__}")

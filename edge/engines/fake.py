@@ -87,9 +87,7 @@ class FakeEngine:
             raise EngineError(f"engine {self._name!r}: simulated failure on batch {self.batches_seen}")
         if self._fn is not None:
             return self._fn(batch)
-        return {
-            o.name: np.zeros((len(batch), *(d or 1 for d in o.shape[1:])), dtype=o.dtype) for o in self._outputs
-        }
+        return {o.name: np.zeros((len(batch), *(d or 1 for d in o.shape[1:])), dtype=o.dtype) for o in self._outputs}
 
     def submit(self, batch: np.ndarray) -> Pending:
         """Runs at once; the returned future holds the outputs or the error."""

@@ -292,7 +292,7 @@ class _Fields:
             return default
         return self.table[key]
 
-    def str(self, key: str, default: str = "", *, required: bool = False, choices: tuple[str, ...] = ()) -> str:
+    def text(self, key: str, default: str = "", *, required: bool = False, choices: tuple[str, ...] = ()) -> str:
         value = self._get(key, default, required)
         if not isinstance(value, str):
             self.problems.append(f"[{self.where}] {key}={value!r} must be a string")
@@ -302,8 +302,16 @@ class _Fields:
             return default
         return value
 
-    def num(self, key: str, default: float, *, required: bool = False, lo: float | None = None,
-            hi: float | None = None, integer: bool = False) -> float:
+    def num(
+        self,
+        key: str,
+        default: float,
+        *,
+        required: bool = False,
+        lo: float | None = None,
+        hi: float | None = None,
+        integer: bool = False,
+    ) -> float:
         value = self._get(key, default, required)
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
         if isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -314,7 +322,7 @@ class _Fields:
             return default
         return value
 
-    def strs(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def texts(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self._get(key, list(default), False)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.problems.append(f"[{self.where}] {key}={value!r} must be a list of strings")
@@ -323,9 +331,15 @@ class _Fields:
 
     def triple(self, key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
         value = self._get(key, list(default), False)
-        if (not isinstance(value, list) or len(value) != 3
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
-            self.problems.append(f"[{self.where}] {key}={value!r} must be a list of 3 numbers, one per channel in the model's channel_order")
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            self.problems.append(
+                f"[{self.where}] {key}={value!r} must be a list of 3 numbers,"
+                " one per channel in the model's channel_order"
+            )
             return default
         return (float(value[0]), float(value[1]), float(value[2]))
 
@@ -338,13 +352,15 @@ class _Fields:
 def _parse(folder: Path, raw: dict[str, Any], manifest_sha: str, problems: list[str]) -> Bundle | None:
     unknown = sorted(set(raw) - {"bundle", "detector", "classifier", "decision"})
     if unknown:
-        problems.append(f"unknown table(s): {', '.join(unknown)}; known: [bundle], [detector], [[classifier]], [decision]")
+        problems.append(
+            f"unknown table(s): {', '.join(unknown)}; known: [bundle], [detector], [[classifier]], [decision]"
+        )
     b = _Fields("bundle", raw.get("bundle", {}), problems)
-    name = b.str("name", required=True)
-    version = b.str("version", required=True)
-    intended_use = b.str("intended_use", required=True)
-    description = b.str("description")
-    card = b.str("model_card")
+    name = b.text("name", required=True)
+    version = b.text("version", required=True)
+    intended_use = b.text("intended_use", required=True)
+    description = b.text("description")
+    card = b.text("model_card")
     b.finish()
     if "detector" not in raw:
         problems.append("[detector] is missing: a bundle needs one detector")
@@ -363,8 +379,15 @@ def _parse(folder: Path, raw: dict[str, Any], manifest_sha: str, problems: list[
     if problems:
         return None
     return Bundle(
-        path=folder.resolve(), name=name, version=version, intended_use=intended_use, detector=detector,
-        classifiers=classifiers, decision=decision, manifest_sha256=manifest_sha, description=description,
+        path=folder.resolve(),
+        name=name,
+        version=version,
+        intended_use=intended_use,
+        detector=detector,
+        classifiers=classifiers,
+        decision=decision,
+        manifest_sha256=manifest_sha,
+        description=description,
         model_card=(folder / card).resolve() if card else None,
     )
 
@@ -374,24 +397,25 @@ def _model_common(folder: Path, f: _Fields) -> dict[str, Any]:
     f.used.add("normalisation")
     n = _Fields(f"{f.where}.normalisation", norm, f.problems)
     normalisation = Normalisation(
-        scale=n.num("scale", 1.0 / 255.0, lo=0.0), mean=n.triple("mean", (0.0, 0.0, 0.0)),
+        scale=n.num("scale", 1.0 / 255.0, lo=0.0),
+        mean=n.triple("mean", (0.0, 0.0, 0.0)),
         std=n.triple("std", (1.0, 1.0, 1.0)),
     )
     if any(s == 0 for s in normalisation.std):
         f.problems.append(f"[{f.where}.normalisation] std={list(normalisation.std)} must not contain 0")
     n.finish()
-    file = f.str("file", required=True)
-    sha = f.str("sha256", required=True).lower()
+    file = f.text("file", required=True)
+    sha = f.text("sha256", required=True).lower()
     if sha and (len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha)):
         f.problems.append(f"[{f.where}] sha256={sha!r} must be 64 hex digits")
     return {
         "path": (folder / file).resolve() if file else folder,
         "sha256": sha,
-        "input_name": f.str("input", required=True),
+        "input_name": f.text("input", required=True),
         "size": int(f.num("size", 0, required=True, lo=16, hi=16384, integer=True)),
         "mpp": float(f.num("mpp", 0.25, required=True, lo=0.01, hi=100.0)),
-        "layout": f.str("layout", "NCHW", choices=_LAYOUTS),
-        "channel_order": f.str("channel_order", "RGB", choices=_ORDERS),
+        "layout": f.text("layout", "NCHW", choices=_LAYOUTS),
+        "channel_order": f.text("channel_order", "RGB", choices=_ORDERS),
         "normalisation": normalisation,
     }
 
@@ -399,17 +423,20 @@ def _model_common(folder: Path, f: _Fields) -> dict[str, Any]:
 def _parse_detector(folder: Path, table: Any, problems: list[str]) -> DetectorSpec:
     f = _Fields("detector", table, problems)
     common = _model_common(folder, f)
-    classes = f.strs("classes", ("mitotic_figure",))
-    candidates = f.strs("candidate_classes", classes)
+    classes = f.texts("classes", ("mitotic_figure",))
+    candidates = f.texts("candidate_classes", classes)
     for c in candidates:
         if c not in classes:
             problems.append(f"[detector] candidate class {c!r} is not in classes {list(classes)}")
     spec = DetectorSpec(
-        name="detector", role="detector", **common,
-        output=f.str("output", required=True),
-        output_format=cast(DetectorFormat, f.str("output_format", "yolo_raw", required=True, choices=_FORMATS)),
-        classes=classes, candidate_classes=tuple(c for c in candidates if c in classes),
-        scores=cast(ScoreKind, f.str("scores", "probabilities", choices=_SCORES)),
+        name="detector",
+        role="detector",
+        **common,
+        output=f.text("output", required=True),
+        output_format=cast(DetectorFormat, f.text("output_format", "yolo_raw", required=True, choices=_FORMATS)),
+        classes=classes,
+        candidate_classes=tuple(c for c in candidates if c in classes),
+        scores=cast(ScoreKind, f.text("scores", "probabilities", choices=_SCORES)),
         score_threshold=float(f.num("score_threshold", 0.25, lo=0.0, hi=1.0)),
         nms_iou=float(f.num("nms_iou", 0.45, lo=0.0, hi=1.0)),
         max_detections=int(f.num("max_detections", 300, lo=1, integer=True)),
@@ -420,7 +447,7 @@ def _parse_detector(folder: Path, table: Any, problems: list[str]) -> DetectorSp
 
 
 def _head(f: _Fields, prefix: str, scores: ScoreKind, required: bool) -> HeadSpec | None:
-    output = f.str(f"{prefix}_output", required=required)
+    output = f.text(f"{prefix}_output", required=required)
     index = f.table.get(f"{prefix}_index")
     f.used.add(f"{prefix}_index")
     if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
@@ -432,11 +459,14 @@ def _head(f: _Fields, prefix: str, scores: ScoreKind, required: bool) -> HeadSpe
 def _parse_classifier(folder: Path, i: int, table: Any, problems: list[str]) -> ClassifierSpec:
     label = table.get("name", str(i)) if isinstance(table, dict) else str(i)
     f = _Fields(f"classifier {label}", table, problems)
-    name = f.str("name", f"classifier{i}", required=True)
+    name = f.text("name", f"classifier{i}", required=True)
     common = _model_common(folder, f)
-    scores = cast(ScoreKind, f.str("scores", "logits", choices=_SCORES))
+    scores = cast(ScoreKind, f.text("scores", "logits", choices=_SCORES))
     spec = ClassifierSpec(
-        name=name, role="classifier", **common, weight=float(f.num("weight", 1.0, lo=0.0)),
+        name=name,
+        role="classifier",
+        **common,
+        weight=float(f.num("weight", 1.0, lo=0.0)),
         mitotic=_head(f, "mitotic", scores, True) or HeadSpec("mitotic"),
         atypical=_head(f, "atypical", scores, False),
     )
@@ -450,7 +480,7 @@ def _parse_decision(table: Any, classifiers: tuple[ClassifierSpec, ...], problem
         mitotic_threshold=float(f.num("mitotic_threshold", 0.5, lo=0.0, hi=1.0)),
         atypical_above=float(f.num("atypical_above", 0.9, lo=0.0, hi=1.0)),
         normal_below=float(f.num("normal_below", 0.1, lo=0.0, hi=1.0)),
-        atypical_heads=f.strs("atypical_heads", ()),
+        atypical_heads=f.texts("atypical_heads", ()),
         hotspot_area_mm2=float(f.num("hotspot_area_mm2", 2.0, lo=0.01, hi=100.0)),
     )
     f.finish()
@@ -505,7 +535,9 @@ def check_model_file(model: ModelSpec) -> list[str]:
     problems: list[str] = []
     found_sha = sha256_file(model.path)
     if found_sha != model.sha256:
-        problems.append(f"{where}: sha256 expected {model.sha256}, found {found_sha} (file changed, or update the manifest)")
+        problems.append(
+            f"{where}: sha256 expected {model.sha256}, found {found_sha} (file changed, or update the manifest)"
+        )
     try:
         inputs, outputs, opset = graph_specs(model.path)
     except ManifestError:
@@ -536,8 +568,10 @@ def _check_input(where: str, model: ModelSpec, inputs: list[TensorSpec]) -> list
         return [f"{where}: expected exactly one input {want.describe()}, found {_names(inputs)}"]
     got = inputs[0]
     if got.dtype in _FLOAT_TYPES:  # an unwrapped float model: name and layout differences follow from that
-        return [f"{where}: input {got.name} dtype expected uint8 (NHWC RGB), found {got.dtype}; wrap it with: "
-                f"mitosis-edge engines wrap {model.path.name} --bundle {model.path.parent} --model {model.name}"]
+        return [
+            f"{where}: input {got.name} dtype expected uint8 (NHWC RGB), found {got.dtype}; wrap it with: "
+            f"mitosis-edge engines wrap {model.path.name} --bundle {model.path.parent} --model {model.name}"
+        ]
     problems: list[str] = []
     if got.name != want.name:
         problems.append(f"{where}: input name expected {want.name!r}, found {got.name!r}")
@@ -547,12 +581,16 @@ def _check_input(where: str, model: ModelSpec, inputs: list[TensorSpec]) -> list
         problems.append(f"{where}: input {got.name} expected rank 4 {want.describe()}, found {got.describe()}")
         return problems
     if got.shape[0] is not None:
-        problems.append(f"{where}: input {got.name} batch dimension expected dynamic, found fixed {got.shape[0]}"
-                        " (export with a dynamic batch axis)")
+        problems.append(
+            f"{where}: input {got.name} batch dimension expected dynamic, found fixed {got.shape[0]}"
+            " (export with a dynamic batch axis)"
+        )
     for axis, label in ((1, "height"), (2, "width"), (3, "channels")):
         if got.shape[axis] != want.shape[axis]:
-            problems.append(f"{where}: input {got.name} {label} (axis {axis}) expected {want.shape[axis]},"
-                            f" found {'dynamic' if got.shape[axis] is None else got.shape[axis]}")
+            problems.append(
+                f"{where}: input {got.name} {label} (axis {axis}) expected {want.shape[axis]},"
+                f" found {'dynamic' if got.shape[axis] is None else got.shape[axis]}"
+            )
     return problems
 
 
@@ -571,8 +609,9 @@ def _check_detector_output(where: str, model: DetectorSpec, outputs: dict[str, T
     if got.dtype not in _FLOAT_TYPES:
         problems.append(f"{where}: output {got.name} dtype expected float32 or float16, found {got.dtype}")
     if got.rank != 3:
-        problems.append(f"{where}: output {got.name} expected rank 3 {label} for {model.output_format}, "
-                        f"found {got.describe()}")
+        problems.append(
+            f"{where}: output {got.name} expected rank 3 {label} for {model.output_format}, found {got.describe()}"
+        )
         return problems
     if got.shape[0] is not None:
         problems.append(f"{where}: output {got.name} batch dimension expected dynamic, found fixed {got.shape[0]}")
@@ -586,7 +625,9 @@ def _check_detector_output(where: str, model: DetectorSpec, outputs: dict[str, T
 
 def _check_head(where: str, label: str, head: HeadSpec, outputs: dict[str, TensorSpec]) -> list[str]:
     if head.output not in outputs:
-        return [f"{where}: {label} head output {head.output!r} not in the graph; outputs are {_names(outputs.values())}"]
+        return [
+            f"{where}: {label} head output {head.output!r} not in the graph; outputs are {_names(outputs.values())}"
+        ]
     got = outputs[head.output]
     problems = []
     if got.dtype not in _FLOAT_TYPES:
@@ -596,11 +637,15 @@ def _check_head(where: str, label: str, head: HeadSpec, outputs: dict[str, Tenso
     elif got.rank == 2 and got.shape[1] is not None:
         k = got.shape[1]
         if head.index is None and k != 1:
-            problems.append(f"{where}: {label} head {got.name} has {k} columns; set {label}_index to the positive column")
+            problems.append(
+                f"{where}: {label} head {got.name} has {k} columns; set {label}_index to the positive column"
+            )
         elif head.index is not None and head.index >= k:
             problems.append(f"{where}: {label}_index={head.index} is outside the {k} columns of {got.name}")
     if got.rank >= 1 and got.shape[0] is not None:
-        problems.append(f"{where}: {label} head {got.name} batch dimension expected dynamic, found fixed {got.shape[0]}")
+        problems.append(
+            f"{where}: {label} head {got.name} batch dimension expected dynamic, found fixed {got.shape[0]}"
+        )
     return problems
 
 
@@ -608,5 +653,7 @@ def _onnx() -> Any:
     try:
         import onnx
     except ImportError:  # pragma: no cover - onnx is a dependency; this guards a broken install
-        raise ManifestError("onnx", ["the 'onnx' package is needed to check bundles: pip install 'onnx>=1.16'"]) from None
+        raise ManifestError(
+            "onnx", ["the 'onnx' package is needed to check bundles: pip install 'onnx>=1.16'"]
+        ) from None
     return onnx

@@ -24,8 +24,13 @@ Device = Literal["cpu", "cuda"]
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 _ORT_TYPES = {
-    "tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16",
-    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(double)": "float64",
+    "tensor(uint8)": "uint8",
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+    "tensor(double)": "float64",
 }
 
 
@@ -93,8 +98,13 @@ class OnnxRuntimeEngine:
         self._slots = threading.BoundedSemaphore(max(1, in_flight))
         self._lock = threading.Lock()
         self._closed = False
-        log.debug("ONNX Runtime engine %s on %s: %s -> %s", self._name, self._session.get_providers(),
-                  self._input.describe(), ", ".join(o.describe() for o in self._outputs))
+        log.debug(
+            "ONNX Runtime engine %s on %s: %s -> %s",
+            self._name,
+            self._session.get_providers(),
+            self._input.describe(),
+            ", ".join(o.describe() for o in self._outputs),
+        )
 
     @property
     def name(self) -> str:

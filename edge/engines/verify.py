@@ -77,14 +77,19 @@ class VerifyReport:
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
-            "bundle": self.bundle, "backend": self.backend, "atol": self.atol, "rtol": self.rtol,
+            "bundle": self.bundle,
+            "backend": self.backend,
+            "atol": self.atol,
+            "rtol": self.rtol,
             "passed": self.passed,
             "outputs": [{**asdict(o), "passed": o.passed} for o in self.outputs],
             "detections": [{**asdict(d), "agreement": d.agreement} for d in self.detections],
         }
 
 
-def compare_outputs(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> tuple[float, float, float]:
+def compare_outputs(
+    reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float
+) -> tuple[float, float, float]:
     """(max absolute error, max relative error, worst excess over ``atol + rtol * |reference|``).
 
     >>> compare_outputs(np.array([1.0, 2.0]), np.array([1.0, 2.5]), 0.1, 0.1)
@@ -144,8 +149,7 @@ def slide_inputs(bundle: Bundle, folder: Path, seed: int, max_tiles: int) -> dic
     side = max(4096, 4 * bundle.detector.size)
     path = folder / "verify-slide.tiff"
     truth = generate_slide(path, SynthParams(width=side, height=side, seed=seed), default_truth_path(path))
-    config = Config(tiling=TilingConfig(tile_size=bundle.detector.size, overlap=0),
-                    stream=StreamConfig(batch_size=1))
+    config = Config(tiling=TilingConfig(tile_size=bundle.detector.size, overlap=0), stream=StreamConfig(batch_size=1))
     inputs: dict[str, list[np.ndarray]] = {}
     with open_slide(path) as slide:
         sp = plan_slide(slide, config)
@@ -192,11 +196,18 @@ def verify_engines(
                 got_out = got_engine.infer(batch)
                 for name, ref_value in ref_out.items():
                     got_value = got_out.get(name)
-                    errs = compare_outputs(ref_value, got_value, atol, rtol) if got_value is not None else (
-                        float("inf"),) * 3
+                    errs = (
+                        compare_outputs(ref_value, got_value, atol, rtol)
+                        if got_value is not None
+                        else (float("inf"),) * 3
+                    )
                     prev = worst.get(name, (0.0, 0.0, float("-inf"), 0))
-                    worst[name] = (max(prev[0], errs[0]), max(prev[1], errs[1]), max(prev[2], errs[2]),
-                                   prev[3] + int(ref_value.size))
+                    worst[name] = (
+                        max(prev[0], errs[0]),
+                        max(prev[1], errs[1]),
+                        max(prev[2], errs[2]),
+                        prev[3] + int(ref_value.size),
+                    )
                 if isinstance(model, DetectorSpec) and model.output in got_out:
                     d = detections_agree(ref_out[model.output], got_out[model.output], model, kind)
                     agreement = [agreement[0] + d.reference, agreement[1] + d.candidate, agreement[2] + d.agreed]

@@ -46,10 +46,13 @@ def wrap_model(
     old = inputs[0]
     elem = old.type.tensor_type.elem_type
     if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16):
-        raise ManifestError(where, [
-            f"input {old.name} is {helper.tensor_dtype_to_np_dtype(elem).name}, not float32 or float16: "
-            "already wrapped, or not a float model"
-        ])
+        raise ManifestError(
+            where,
+            [
+                f"input {old.name} is {helper.tensor_dtype_to_np_dtype(elem).name}, not float32 or float16: "
+                "already wrapped, or not a float model"
+            ],
+        )
     dims = old.type.tensor_type.shape.dim
     if len(dims) != 4:
         raise ManifestError(where, [f"input {old.name} must have rank 4 (NCHW or NHWC), found rank {len(dims)}"])
@@ -57,8 +60,10 @@ def wrap_model(
     spatial = (2, 3) if layout == "NCHW" else (1, 2)
     problems = []
     if dims[channel_axis].HasField("dim_value") and dims[channel_axis].dim_value != 3:
-        problems.append(f"input {old.name} has {dims[channel_axis].dim_value} channels on axis {channel_axis}"
-                        f" for layout {layout}; expected 3 (is the layout right?)")
+        problems.append(
+            f"input {old.name} has {dims[channel_axis].dim_value} channels on axis {channel_axis}"
+            f" for layout {layout}; expected 3 (is the layout right?)"
+        )
     for axis in spatial:
         if dims[axis].HasField("dim_value") and dims[axis].dim_value not in (0, size):
             problems.append(f"input {old.name} axis {axis} is {dims[axis].dim_value} px, the manifest says size={size}")
@@ -79,16 +84,20 @@ def wrap_model(
     nodes = [helper.make_node("Cast", [source], [f"{_PREFIX}cast"], to=elem, name=f"{_PREFIX}Cast")]
     current = f"{_PREFIX}cast"
     if channel_order == "BGR":
-        nodes.append(helper.make_node("Slice", [current, f"{_PREFIX}bgr_start", f"{_PREFIX}bgr_end",
-                                                f"{_PREFIX}bgr_axes", f"{_PREFIX}bgr_steps"],
-                                      [f"{_PREFIX}bgr"], name=f"{_PREFIX}ReverseChannels"))
+        nodes.append(
+            helper.make_node(
+                "Slice",
+                [current, f"{_PREFIX}bgr_start", f"{_PREFIX}bgr_end", f"{_PREFIX}bgr_axes", f"{_PREFIX}bgr_steps"],
+                [f"{_PREFIX}bgr"],
+                name=f"{_PREFIX}ReverseChannels",
+            )
+        )
         current = f"{_PREFIX}bgr"
     nodes.append(helper.make_node("Mul", [current, f"{_PREFIX}mul"], [f"{_PREFIX}scaled"], name=f"{_PREFIX}Mul"))
     target = internal if layout == "NHWC" else f"{_PREFIX}normalised"
     nodes.append(helper.make_node("Add", [f"{_PREFIX}scaled", f"{_PREFIX}add"], [target], name=f"{_PREFIX}Add"))
     if layout == "NCHW":
-        nodes.append(helper.make_node("Transpose", [target], [internal], perm=[0, 3, 1, 2],
-                                      name=f"{_PREFIX}Transpose"))
+        nodes.append(helper.make_node("Transpose", [target], [internal], perm=[0, 3, 1, 2], name=f"{_PREFIX}Transpose"))
     constants = [numpy_helper.from_array(mul, f"{_PREFIX}mul"), numpy_helper.from_array(add, f"{_PREFIX}add")]
     if channel_order == "BGR":
         constants += [
@@ -129,8 +138,12 @@ def wrap_file(source: str | Path, model: ModelSpec, out: str | Path | None = Non
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others for a damaged file
         raise ManifestError(source, [f"not a readable ONNX model: {exc}"]) from None
     wrapped = wrap_model(
-        float_model, input_name=model.input_name, size=model.size, layout=model.layout,
-        channel_order=model.channel_order, normalisation=model.normalisation,
+        float_model,
+        input_name=model.input_name,
+        size=model.size,
+        layout=model.layout,
+        channel_order=model.channel_order,
+        normalisation=model.normalisation,
     )
     target = Path(out) if out is not None else model.path
     target.parent.mkdir(parents=True, exist_ok=True)
