@@ -195,6 +195,7 @@ class SlidePlan:
     mask_mpp: tuple[float, float]
     tissue_area_mm2: float
     plan: TilePlan
+    thumbnail: np.ndarray | None = None  # the RGB thumbnail the mask was computed on (mask_mpp)
 
 
 def plan_slide(slide: Slide, config: Config) -> SlidePlan:
@@ -223,7 +224,7 @@ def plan_slide(slide: Slide, config: Config) -> SlidePlan:
         scale.level,
         ", upsampled" if scale.upsampled else "",
     )
-    return SlidePlan(scale=scale, mask=mask, mask_mpp=mask_mpp, tissue_area_mm2=area, plan=plan)
+    return SlidePlan(scale=scale, mask=mask, mask_mpp=mask_mpp, tissue_area_mm2=area, plan=plan, thumbnail=thumb)
 
 
 def open_stream(

@@ -1,0 +1,191 @@
+"""Calibration as in the paper: choose ensemble weights and the MF threshold that maximise F1 on validation slides.
+
+One inference pass per slide caches every candidate's position and per-model p(MF); the grid search
+then only recombines those numbers (no engine runs per grid point). The result is written as a new
+bundle version beside a calibration report; a bundle is never edited in place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import logging
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.engines.manifest import MANIFEST_NAME, Bundle, load_bundle
+from edge.errors import ConfigError
+from edge.evaluate import DEFAULT_MATCH_RADIUS_UM, match_points
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHT_STEP = 0.05
+DEFAULT_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.01))
+REPORT_NAME = "calibration.json"
+
+
+@dataclass(frozen=True)
+class CachedSlide:
+    """One validation slide after a single inference pass: candidates, per-model p(MF), and the truth."""
+
+    name: str
+    points_um: np.ndarray  # (N, 2) candidate centres
+    p_mitotic: dict[str, np.ndarray]  # model name -> (N,)
+    truth_um: np.ndarray  # (T, 2) true mitotic figures
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    weights: tuple[float, ...]
+    threshold: float
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def f1(self) -> float:
+        denominator = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denominator if denominator else 0.0
+
+
+@dataclass
+class Calibration:
+    models: tuple[str, ...]
+    best: GridPoint
+    grid: list[GridPoint] = field(default_factory=list)
+    slides: list[str] = field(default_factory=list)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "models": list(self.models),
+            "best": {"weights": dict(zip(self.models, self.best.weights, strict=True)),
+                     "mitotic_threshold": self.best.threshold, "f1": self.best.f1,
+                     "tp": self.best.tp, "fp": self.best.fp, "fn": self.best.fn},
+            "slides": self.slides,
+            "grid": [{"weights": list(g.weights), "threshold": g.threshold, "f1": round(g.f1, 6),
+                      "tp": g.tp, "fp": g.fp, "fn": g.fn} for g in self.grid],
+        }
+
+
+def weight_grid(models: int, step: float) -> list[tuple[float, ...]]:
+    """Every weight vector on the simplex with the given step (weights sum to 1).
+
+    >>> weight_grid(2, 0.5)
+    [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+    >>> len(weight_grid(3, 0.1))
+    66
+    """
+    if not 0 < step <= 1:
+        raise ConfigError(f"weight step={step} must be in (0, 1]")
+    n = round(1 / step)
+    if models == 1:
+        return [(1.0,)]
+    combos = [c for c in itertools.product(range(n + 1), repeat=models - 1) if sum(c) <= n]
+    return [tuple(round(k / n, 6) for k in (*c, n - sum(c))) for c in sorted(combos)]
+
+
+def grid_search(
+    slides: Sequence[CachedSlide],
+    models: Sequence[str],
+    *,
+    weight_step: float = DEFAULT_WEIGHT_STEP,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    radius_um: float = DEFAULT_MATCH_RADIUS_UM,
+) -> Calibration:
+    """F1 (TP, FP, FN summed over slides, MIDOG matching) for every weights x threshold; the best wins.
+
+    Ties go to the higher threshold (fewer false positives on new data), then to more even weights.
+    """
+    if not slides:
+        raise ConfigError("calibration needs at least one slide with truth")
+    grid: list[GridPoint] = []
+    for weights in weight_grid(len(models), weight_step):
+        per_slide = [_weighted(s, models, weights) for s in slides]
+        for threshold in thresholds:
+            tp = fp = fn = 0
+            for slide, p in zip(slides, per_slide, strict=True):
+                m = match_points(slide.points_um[p >= threshold], slide.truth_um, radius_um)
+                tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
+            grid.append(GridPoint(weights, float(threshold), tp, fp, fn))
+    best = max(grid, key=lambda g: (round(g.f1, 9), g.threshold, -float(np.ptp(g.weights))))
+    return Calibration(tuple(models), best, grid, [s.name for s in slides])
+
+
+def _weighted(slide: CachedSlide, models: Sequence[str], weights: tuple[float, ...]) -> np.ndarray:
+    total = np.zeros(len(slide.points_um))
+    for name, w in zip(models, weights, strict=True):
+        total += w * slide.p_mitotic[name]
+    return total / max(sum(weights), 1e-12)
+
+
+# --- writing the calibrated bundle ----------------------------------------------------------------
+
+
+def calibrated_manifest(text: str, weights: dict[str, float], threshold: float, version: str) -> str:
+    """The manifest text with new classifier weights, MF threshold and version; comments and order kept."""
+    blocks = re.split(r"(?m)^(?=\s*\[)", text)
+    out = []
+    for block in blocks:
+        header = block.lstrip().split("\n", 1)[0].strip()
+        if header == "[bundle]":
+            block = _set_key(block, "version", json.dumps(version))
+        elif header == "[[classifier]]":
+            name = re.search(r'(?m)^\s*name\s*=\s*"([^"]*)"', block)
+            if name and name.group(1) in weights:
+                block = _set_key(block, "weight", f"{weights[name.group(1)]:g}")
+        elif header == "[decision]":
+            block = _set_key(block, "mitotic_threshold", f"{threshold:g}")
+        out.append(block)
+    return "".join(out)
+
+
+def _set_key(block: str, key: str, value: str) -> str:
+    pattern = re.compile(rf"(?m)^(\s*){re.escape(key)}\s*=\s*[^\n#]*?(\s*(#.*)?)$")
+    if pattern.search(block):
+        return pattern.sub(lambda m: f"{m.group(1)}{key} = {value}{m.group(2) or ''}", block, count=1)
+    head, _, rest = block.partition("\n")
+    return f"{head}\n{key} = {value}\n{rest}"
+
+
+def write_calibrated_bundle(
+    bundle: Bundle, calibration: Calibration, out: str | Path, *, version: str | None = None
+) -> Bundle:
+    """Copy the bundle to ``out`` with the calibrated values and a calibration report; returns it loaded."""
+    target = Path(out).resolve()
+    if target == bundle.path.resolve():
+        raise ConfigError(f"--out {out} is the bundle itself; calibration writes a new bundle, never in place")
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
+    stamp = _dt.datetime.now(_dt.UTC)
+    version = version or f"{bundle.version}+cal.{stamp:%Y%m%d}"
+    weights = dict(zip(calibration.models, calibration.best.weights, strict=True))
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(bundle.path, partial, ignore=shutil.ignore_patterns(REPORT_NAME, "*.partial"))
+    manifest = partial / MANIFEST_NAME
+    manifest.write_text(
+        calibrated_manifest(manifest.read_text(encoding="utf-8"), weights, calibration.best.threshold, version),
+        encoding="utf-8",
+    )
+    report = {
+        "source_bundle": {"name": bundle.name, "version": bundle.version, "path": str(bundle.path),
+                          "manifest_sha256": bundle.manifest_sha256},
+        "version": version,
+        "created_at": stamp.isoformat(timespec="seconds"),
+        "matching_radius_um": DEFAULT_MATCH_RADIUS_UM,
+        **calibration.to_json_dict(),
+    }
+    (partial / REPORT_NAME).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    loaded = load_bundle(partial)  # the new manifest must be as valid as the old one
+    if target.exists():
+        target.rmdir()
+    partial.rename(target)
+    log.info("calibrated bundle %s %s written to %s (F1 %.3f)", loaded.name, version, target, calibration.best.f1)
+    return load_bundle(target)

@@ -1,0 +1,123 @@
+"""The two-stage pipeline's wiring, with fake engines whose answers are known: every tile's figure found
+once, decisions applied, failures and cancel mid-way leave nothing running."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from edge.config import Config, StreamConfig
+from edge.engines import EngineSet, FakeEngine, load_bundle
+from edge.errors import EngineError, SlideReadError, StreamCancelled, TileDecodeError
+from edge.pipeline import analyze_slide
+from tests.conftest import SynthFactory
+from tests.tiny_bundle import make_tiny_bundle
+
+TILE = 256
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("b") / "tiny", detector_size=TILE, crop_size=32)
+
+
+def fake_engines(bundle_dir: Path, *, atypical_logit: float = 5.0, fail_after: int | None = None) -> EngineSet:
+    """A detector that sees one figure at the centre of every tile; classifiers sure it is a mitosis."""
+    bundle = load_bundle(bundle_dir)
+
+    def detector(batch: np.ndarray) -> dict[str, np.ndarray]:
+        row = np.array([TILE / 2, TILE / 2, 20.0, 20.0, 0.9, 1.0], np.float32)
+        return {"raw": np.tile(row, (len(batch), 1, 1))}
+
+    def classifier(batch: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(batch)
+        return {"mitotic": np.full((n, 1), 5.0, np.float32), "atypical": np.full((n, 1), atypical_logit, np.float32)}
+
+    det_spec = bundle.detector
+    engines = EngineSet(
+        bundle,
+        FakeEngine(det_spec.input_spec, (), detector, name="detector", max_batch=8, fail_after=fail_after),
+        {c.name: FakeEngine(c.input_spec, (), classifier, name=c.name, max_batch=64) for c in bundle.classifiers},
+        backend="fake",
+    )
+    return engines
+
+
+def _config(bundle_dir: Path) -> Config:
+    return Config(stream=StreamConfig(reader_threads=2, batch_size=4))
+
+
+def test_every_tile_figure_is_found_once_classified_and_scored(bundle_dir: Path, synth_slide: SynthFactory) -> None:
+    path = synth_slide(width=2048, height=1536, seed=3)
+    stages: dict[str, tuple[int, int]] = {}
+    with fake_engines(bundle_dir) as engines:
+        analysis = analyze_slide(path, _config(bundle_dir), engines=engines,
+                                 progress=lambda s, d, t: stages.__setitem__(s, (d, t)))
+    plan = analysis.slide_plan.plan
+    result = analysis.result
+    expected = {(t.x0 + TILE / 2 * plan.px0_per_out_x, t.y0 + TILE / 2 * plan.px0_per_out_y) for t in plan.tiles}
+    assert {(f.x_px, f.y_px) for f in result.figures} == expected
+    assert all(f.is_mitotic and f.subtype == "atypical" for f in result.figures)
+    assert result.scores.totals.mitotic == len(plan) == analysis.tiles
+    assert result.scores.totals.atypical_ratio is None  # no normal figures: undefined, not a division error
+    assert stages["detect"] == (len(plan), len(plan)) and stages["classify"][0] == stages["classify"][1]
+    assert result.provenance["backend"] == "fake" and result.provenance["bundle"]["name"] == "tiny"
+    assert set(result.provenance["timings_s"]) >= {"read", "detect", "classify", "total"}
+    assert all(f.scores.keys() == {"mitotic:a", "mitotic:b", "atypical:a", "atypical:b"} for f in result.figures)
+
+
+def test_uncertain_subtypes_stay_out_of_the_ratio(bundle_dir: Path, synth_slide: SynthFactory) -> None:
+    with fake_engines(bundle_dir, atypical_logit=0.0) as engines:  # p(atypical) = 0.5: uncertain
+        result = analyze_slide(synth_slide(width=2048, height=1536, seed=3), _config(bundle_dir),
+                               engines=engines).result
+    totals = result.scores.totals
+    assert totals.uncertain == totals.mitotic > 0 and totals.atypical == totals.normal == 0
+
+
+def test_an_engine_failing_mid_slide_raises_and_leaves_no_thread(bundle_dir: Path, synth_slide: SynthFactory) -> None:
+    engines = fake_engines(bundle_dir, fail_after=2)
+    with pytest.raises(EngineError, match="simulated failure on batch 3"):
+        analyze_slide(synth_slide(width=2048, height=1536, seed=3), _config(bundle_dir), engines=engines)
+
+
+def test_a_slide_whose_reads_fail_half_way_names_the_tile(
+    bundle_dir: Path, synth_slide: SynthFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "damaged.tiff"
+    shutil.copy(synth_slide(width=2048, height=1536, seed=3), path)
+    with fake_engines(bundle_dir) as engines:  # a stored tile under the middle tissue tile of the plan
+        tiles = analyze_slide(path, _config(bundle_dir), engines=engines).slide_plan.plan.tiles
+    middle = tiles[len(tiles) // 2]
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+        across = -(-page.imagewidth // page.tilewidth)
+        victim = int(middle.y0 + TILE // 2) // page.tilelength * across + int(middle.x0 + TILE // 2) // page.tilewidth
+    with path.open("r+b") as fh:
+        fh.seek(offsets[victim])
+        fh.write(b"\x00\x13" * (counts[victim] // 2))
+    with fake_engines(bundle_dir) as engines, pytest.raises(TileDecodeError) as err:
+        analyze_slide(path, _config(bundle_dir), engines=engines)
+    assert str(path) in str(err.value)
+
+
+def test_cancel_stops_the_analysis(bundle_dir: Path, synth_slide: SynthFactory) -> None:
+    cancel = threading.Event()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "detect" and done > 0:
+            cancel.set()
+
+    with fake_engines(bundle_dir) as engines, pytest.raises(StreamCancelled):
+        analyze_slide(synth_slide(width=2048, height=1536, seed=3), _config(bundle_dir), engines=engines,
+                      cancel_event=cancel, progress=progress)
+
+
+def test_a_slide_far_coarser_than_the_models_is_refused(bundle_dir: Path, synth_slide: SynthFactory) -> None:
+    with fake_engines(bundle_dir) as engines, pytest.raises(SlideReadError, match="too coarse for the detector"):
+        analyze_slide(synth_slide(width=1024, height=1024, mpp=1.0, seed=3), _config(bundle_dir), engines=engines)
