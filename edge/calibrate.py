@@ -134,15 +134,16 @@ def calibrated_manifest(text: str, weights: dict[str, float], threshold: float, 
     out = []
     for block in blocks:
         header = block.lstrip().split("\n", 1)[0].strip()
+        new = block
         if header == "[bundle]":
-            block = _set_key(block, "version", json.dumps(version))
+            new = _set_key(block, "version", json.dumps(version))
         elif header == "[[classifier]]":
             name = re.search(r'(?m)^\s*name\s*=\s*"([^"]*)"', block)
             if name and name.group(1) in weights:
-                block = _set_key(block, "weight", f"{weights[name.group(1)]:g}")
+                new = _set_key(block, "weight", f"{weights[name.group(1)]:g}")
         elif header == "[decision]":
-            block = _set_key(block, "mitotic_threshold", f"{threshold:g}")
-        out.append(block)
+            new = _set_key(block, "mitotic_threshold", f"{threshold:g}")
+        out.append(new)
     return "".join(out)
 
 
