@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge import __version__, cli_analysis, cli_engines
+from edge import __version__, cli_analysis, cli_engines, cli_results
 from edge.config import Config, load_config
 from edge.errors import ConfigError, EdgeError
 
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(handler=cmd_bench_read)
     cli_engines.register(sub, bench_sub)
     cli_analysis.register(sub, bench_sub)
+    cli_results.register(sub)
 
     p = sub.add_parser("demo", help="the quick-start demo on a generated slide")
     p.add_argument("--size", type=int, default=12288, help="synthetic slide side in px (default 12288)")

@@ -1,0 +1,205 @@
+"""Exports of one slide: result.json, QuPath GeoJSON, MIDOG JSON, CSV, overlay PNG; written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge.errors import ConfigError
+from edge.exports import (
+    CLASS_COLOURS,
+    CSV_COLUMNS,
+    HOTSPOT_POLYGON_VERTICES,
+    OVERLAY_MAX_SIDE,
+    RESULT_SCHEMA,
+    geojson_dict,
+    midog_dict,
+    write_exports,
+)
+from edge.scoring import Figure, SlideResult, score_slide
+
+MPP = 0.25
+
+
+def figure(x_px: float, y_px: float, subtype: str | None, *, mitotic: bool = True) -> Figure:
+    return Figure(
+        x_px=x_px,
+        y_px=y_px,
+        x_um=x_px * MPP,
+        y_um=y_px * MPP,
+        width_px=50.0,
+        height_px=50.0,
+        detector_score=0.7,
+        p_mitotic=0.92 if mitotic else 0.1,
+        p_atypical=None if subtype is None else {"normal": 0.02, "atypical": 0.97, "uncertain": 0.5}[subtype],
+        is_mitotic=mitotic,
+        subtype=subtype if mitotic else None,  # type: ignore[arg-type]
+        scores={"mitotic:net": 0.92},
+    )
+
+
+@pytest.fixture
+def result() -> SlideResult:
+    figures = (
+        figure(4000, 2000, "normal"),
+        figure(4100, 2050, "atypical"),
+        figure(4200, 1900, "uncertain"),
+        figure(30000, 30000, "normal"),
+        figure(4050, 2010, None, mitotic=False),
+        figure(20000, 10000, None, mitotic=False),
+    )
+    scores = score_slide(figures, tissue_area_mm2=12.5)
+    slide = {"width": 40000, "height": 32000, "mpp_x": MPP, "mpp_y": MPP, "format": "tiff", "vendor": "generic"}
+    provenance = {"package_version": "0.1.0", "backend": "onnxruntime", "created_at": "2026-01-01T00:00:00Z"}
+    return SlideResult("/scans/slide-1.tiff", slide, scores, figures, provenance)
+
+
+def test_geojson_points_classes_colours_and_measurements(result: SlideResult) -> None:
+    data = geojson_dict(result)
+    assert data["type"] == "FeatureCollection"
+    detections = [f for f in data["features"] if f["properties"]["objectType"] == "detection"]
+    assert len(detections) == 4  # mitotic figures only by default
+    names = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"] for f in detections}
+    assert names == {
+        "Mitotic figure (normal)": list(CLASS_COLOURS["normal"]),
+        "Mitotic figure (atypical)": list(CLASS_COLOURS["atypical"]),
+        "Mitotic figure (uncertain subtype)": list(CLASS_COLOURS["uncertain"]),
+    }
+    first = detections[0]
+    assert first["geometry"] == {"type": "Point", "coordinates": [4000, 2000]}
+    assert first["properties"]["measurements"] == {
+        "detector_score": 0.7,
+        "p_mitotic": 0.92,
+        "p_atypical": 0.02,
+        "mitotic:net": 0.92,
+    }
+    assert len({f["id"] for f in data["features"]}) == len(data["features"])
+    with_lookalikes = geojson_dict(result, include_lookalikes=True)
+    lookalikes = [
+        f
+        for f in with_lookalikes["features"]
+        if f["properties"]["classification"]["name"] == "Mitotic figure look-alike"
+    ]
+    assert len(lookalikes) == 2
+
+
+def test_geojson_hotspot_is_a_closed_circle_of_the_right_radius(result: SlideResult) -> None:
+    data = geojson_dict(result)
+    (spot,) = [f for f in data["features"] if f["properties"]["objectType"] == "annotation"]
+    assert spot["properties"]["classification"]["name"] == "Hotspot"
+    assert spot["geometry"]["type"] == "Polygon"
+    ring = np.array(spot["geometry"]["coordinates"][0])
+    assert len(ring) == HOTSPOT_POLYGON_VERTICES + 1
+    assert ring[0].tolist() == ring[-1].tolist()
+    hotspot = result.scores.hotspot.hotspot
+    centre = np.array([hotspot.center_x_um, hotspot.center_y_um]) / MPP
+    np.testing.assert_allclose(np.hypot(*(ring - centre).T), hotspot.radius_um / MPP)
+    measurements = spot["properties"]["measurements"]
+    assert measurements["Mitotic count"] == 3
+    assert (measurements["Atypical count"], measurements["Normal count"], measurements["Uncertain count"]) == (1, 1, 1)
+    assert measurements["AMF/NMF ratio"] == 1.0
+
+
+def test_midog_json_in_millimetres(result: SlideResult) -> None:
+    data = midog_dict(result)
+    assert data["type"] == "Multiple points"
+    assert data["version"] == {"major": 1, "minor": 0}
+    assert len(data["points"]) == 4
+    first = data["points"][0]
+    assert first["name"] == "mitotic figure"
+    assert first["point"] == pytest.approx([1.0, 0.5, 0])
+    assert first["probability"] == 0.92
+
+
+def test_exports_need_the_slide_mpp(result: SlideResult) -> None:
+    broken = SlideResult(result.slide_path, {"width": 10}, result.scores, result.figures, {})
+    with pytest.raises(ConfigError, match="mpp"):
+        midog_dict(broken)
+
+
+def test_write_exports_writes_every_file_atomically(result: SlideResult, tmp_path: Path) -> None:
+    thumbnail = np.full((1000, 1250, 3), 230, dtype=np.uint8)  # 8 µm/px: 40000 x 32000 px at 0.25
+    mask = np.zeros((1000, 1250), dtype=bool)
+    mask[100:900, 100:1100] = True
+    thumbnail[mask] = (200, 120, 180)
+    paths = write_exports(result, tmp_path / "out", thumbnail=thumbnail, thumbnail_mpp=(8.0, 8.0), tissue_mask=mask)
+    assert set(paths) == {"result", "geojson", "midog", "csv", "overlay"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "detections.csv",
+        "detections.geojson",
+        "midog.json",
+        "overlay.png",
+        "result.json",
+    ]
+
+    data = json.loads(paths["result"].read_text(encoding="utf-8"))
+    assert data["schema"] == RESULT_SCHEMA
+    assert SlideResult.from_json_dict(data) == result
+
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text(encoding="utf-8"))))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert len(rows) == len(result.figures)
+    assert [r["is_mitotic"] for r in rows] == ["true", "true", "true", "true", "false", "false"]
+    assert [r["in_hotspot"] for r in rows] == ["true", "true", "true", "false", "true", "false"]
+    assert rows[4]["p_atypical"] == "" and rows[4]["subtype"] == ""
+    assert float(rows[0]["x_um"]) == 1000.0
+
+    with Image.open(paths["overlay"]) as image:
+        assert image.size == (1250, 1000)
+        assert image.mode == "RGB"
+        pixels = np.asarray(image)
+    assert (pixels == np.array(CLASS_COLOURS["hotspot"])).all(axis=-1).any()
+    assert (pixels == np.array(CLASS_COLOURS["normal"])).all(axis=-1).any()
+
+
+def test_overlay_is_capped_and_mpp_derived_from_the_slide(result: SlideResult, tmp_path: Path) -> None:
+    thumbnail = np.full((3200, 4000, 3), 240, dtype=np.uint8)
+    paths = write_exports(result, tmp_path, thumbnail=thumbnail)
+    with Image.open(paths["overlay"]) as image:
+        assert image.size == (OVERLAY_MAX_SIDE, round(3200 * OVERLAY_MAX_SIDE / 4000))
+    paths = write_exports(result, tmp_path)  # again, without a thumbnail: files replaced, no overlay key
+    assert "overlay" not in paths
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
+
+
+def test_a_failed_write_leaves_no_partial_file(
+    result: SlideResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge.exports as exports
+
+    write_exports(result, tmp_path)
+    before = (tmp_path / "result.json").read_bytes()
+
+    def fail(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(exports.os, "replace", fail)
+    empty = SlideResult(result.slide_path, result.slide, score_slide([], tissue_area_mm2=1.0), (), {})
+    with pytest.raises(OSError, match="disk full"):
+        write_exports(empty, tmp_path)
+    assert (tmp_path / "result.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "detections.csv",
+        "detections.geojson",
+        "midog.json",
+        "result.json",
+    ]
+
+
+def test_no_figures_exports_an_empty_collection_without_hotspot(tmp_path: Path) -> None:
+    scores = score_slide([], tissue_area_mm2=0.0)
+    result = SlideResult("x.svs", {"mpp_x": 0.5, "mpp_y": 0.5}, scores, (), {})
+    paths = write_exports(result, tmp_path)
+    assert json.loads(paths["geojson"].read_text())["features"] == []
+    assert json.loads(paths["midog"].read_text())["points"] == []
+    data = json.loads(paths["result"].read_text())
+    assert data["scores"]["hotspot"]["center_x_um"] is None
+    assert data["scores"]["mitotic_density_per_mm2"] is None
+    assert not math.isnan(data["scores"]["hotspot"]["area_mm2"])
