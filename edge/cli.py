@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_analysis.register(sub, bench_sub)
     cli_results.register(sub)
 
-    p = sub.add_parser("demo", help="the quick-start demo on a generated slide")
+    p = sub.add_parser("demo", help="the quick-start demo: a generated slide analyzed with the demo models")
     p.add_argument("--size", type=int, default=12288, help="synthetic slide side in px (default 12288)")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--keep", metavar="DIR", help="write the demo slide here instead of a temporary folder")
@@ -254,50 +254,50 @@ def cmd_bench_read(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate a slide, open it, find the tissue and stream every tile: the foundation end to end."""
-    from edge.slide import open_slide
-    from edge.stream import open_stream, plan_slide
+    """Generate a slide with planted mitoses, analyze it with the demo bundle and score the result against the truth."""
+    from edge.cli_analysis import progress_bar, summary_lines
+    from edge.engines import load_bundle
+    from edge.evaluate import evaluate_image, read_predictions, read_truth
+    from edge.exports import write_exports
+    from edge.pipeline import analyze_slide
     from edge.synth import SynthParams, default_truth_path, generate_slide
 
     config = _config(args)
+    bundle = load_bundle(config.engines.bundle)  # a broken bundle fails before minutes of work
     with tempfile.TemporaryDirectory(prefix="mitosis-edge-demo-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         slide_path = folder / "demo-slide.tiff"
+        truth_path = default_truth_path(slide_path)
         print(f"1/3 generating a {args.size} x {args.size} px synthetic slide (seed {args.seed}) ...")
         truth = generate_slide(
             slide_path,
             SynthParams(width=args.size, height=args.size, seed=args.seed),
-            default_truth_path(slide_path),
+            truth_path,
             progress=_progress_printer("synth"),
         )
-        print("2/3 reading its metadata and finding the tissue ...")
-        with open_slide(slide_path, config.slide) as slide:
-            info = slide.info
-            sp = plan_slide(slide, config)
-            print(
-                f"    {info.format}, {info.width} x {info.height} px, {len(info.levels)} levels, "
-                f"mpp {info.mpp_x} ({info.mpp_source})"
-            )
-            print(f"    tissue {sp.tissue_area_mm2:.2f} mm², {len(sp.plan)} tiles of {sp.plan.tile_size} px")
-            print("3/3 streaming every tissue tile ...")
-            t0 = time.perf_counter()
-            show = _progress_printer("tiles")
-            with open_stream(slide, sp, config) as stream:
-                for batch in stream:
-                    show(stream.stats.tiles, len(sp.plan))
-                    del batch
-            elapsed = time.perf_counter() - t0
-        print(f"    {len(sp.plan)} tiles in {elapsed:.1f} s ({len(sp.plan) / max(elapsed, 1e-9):.1f} tiles/s)")
-        print(f"planted objects: {json.dumps(truth.counts())}")
-        hs = truth.hotspot
-        print(
-            f"true hotspot ({hs.area_mm2:g} mm² field): {hs.mitotic_count} mitotic figures "
-            f"around ({hs.center_x_um / 1000:.2f}, {hs.center_y_um / 1000:.2f}) mm"
+        print(f"    planted: {json.dumps(truth.counts())}; true hotspot {truth.hotspot.mitotic_count} mitotic figures")
+        print(f"2/3 analyzing it with bundle {bundle.name} {bundle.version} on {config.engines.backend} ...")
+        analysis = analyze_slide(slide_path, config, progress=progress_bar())
+        out = folder / "results"
+        paths = write_exports(
+            analysis.result, out, thumbnail=analysis.overview, thumbnail_mpp=analysis.overview_mpp,
+            tissue_mask=analysis.slide_plan.mask,
         )
-        print("detection, the hotspot mitotic count and the atypical ratio come with the engines and pipeline.")
+        for line in summary_lines(analysis.result, analysis.tiles, analysis.times.total):
+            print(f"    {line}")
+        print("3/3 scoring the detections against the planted truth (MIDOG protocol, 7.5 µm) ...")
+        report = evaluate_image(read_predictions(paths["result"]), read_truth(truth_path))
+        f1 = "n/a" if report.f1 is None else f"{report.f1:.3f}"
+        print(
+            f"    F1 {f1} (TP {report.tp}, FP {report.fp}, FN {report.fn}); hotspot mitotic count "
+            f"{report.hotspot_count_pred} found vs {report.hotspot_count_true} planted"
+        )
         if args.keep:
-            print(f"slide kept at {slide_path}, truth at {default_truth_path(slide_path)}")
+            print(f"exports in {out}: {', '.join(p.name for p in paths.values())}")
+            print(f"slide {slide_path}, truth {truth_path}")
+        else:
+            print("(pass --keep DIR to keep the slide, its truth and the exports: result.json, QuPath GeoJSON, ...)")
     return EXIT_OK
 
 

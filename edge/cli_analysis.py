@@ -102,7 +102,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     analysis = analyze_slide(args.slide, config, progress=progress_bar())
     sp = analysis.slide_plan
     paths = write_exports(
-        analysis.result, out, thumbnail=sp.thumbnail, thumbnail_mpp=sp.mask_mpp, tissue_mask=sp.mask
+        analysis.result, out, thumbnail=analysis.overview, thumbnail_mpp=analysis.overview_mpp, tissue_mask=sp.mask
     )
     if args.json:
         print(json.dumps(analysis.result.to_json_dict(), indent=2))
@@ -126,13 +126,17 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
     t = s.totals
     density = "n/a" if s.mitotic_density_per_mm2 is None else f"{s.mitotic_density_per_mm2:.2f}"
     hint = s.mitotic_score_hint
+    kind = " ".join(dict.fromkeys(str(v) for v in (info.get("format"), info.get("vendor")) if v))
+    where = (
+        f"at ({hs.hotspot.center_x_um / 1000:.2f}, {hs.hotspot.center_y_um / 1000:.2f}) mm"
+        if c.mitotic
+        else "(no mitotic figures found)"
+    )
     lines = [
         f"slide      {result.slide_path}",
-        f"           {info.get('format')} {info.get('vendor') or ''}, {info['width']} x {info['height']} px, "
-        f"{info['mpp_x']:.4g} µm/px",
+        f"           {kind}, {info['width']} x {info['height']} px, {info['mpp_x']:.4g} µm/px",
         f"tissue     {s.tissue_area_mm2:.2f} mm², {tiles} tiles, {s.candidates} candidates",
-        f"hotspot    mitotic count {c.mitotic} in {hs.hotspot.area_mm2:.2f} mm² at "
-        f"({hs.hotspot.center_x_um / 1000:.2f}, {hs.hotspot.center_y_um / 1000:.2f}) mm",
+        f"hotspot    mitotic count {c.mitotic} in {hs.hotspot.area_mm2:.2f} mm² {where}",
         f"           {c.atypical} atypical, {c.normal} normal, {c.uncertain} uncertain subtype; "
         f"atypical ratio (AMF/NMF) {_ratio(c.atypical_ratio)}",
         f"whole      {t.mitotic} mitotic figures: {t.atypical} atypical, {t.normal} normal, {t.uncertain} uncertain; "

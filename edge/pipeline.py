@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_UPSAMPLING = 2.5  # a slide coarser than 2.5x the model's mpp has too little detail to find mitoses
 CROP_READ_THREADS = 2
+OVERVIEW_SIDE_PX = 2048  # the overlay's thumbnail: enough to see each figure's mark on a 15 mm slide
 
 
 @dataclass
@@ -69,7 +70,9 @@ class Analysis:
     """What one slide's analysis produced: the result and what exports need besides it."""
 
     result: SlideResult
-    slide_plan: SlidePlan  # its thumbnail, tissue mask and mask_mpp are what the overlay needs
+    slide_plan: SlidePlan  # the tissue mask (at mask_mpp) outlines the tissue in the overlay
+    overview: np.ndarray  # RGB thumbnail for the overlay, longest side about OVERVIEW_SIDE_PX
+    overview_mpp: tuple[float, float]
     times: StageTimes
     tiles: int
     candidates_before_merge: int
@@ -155,8 +158,11 @@ def _analyze(
             tissue_fraction=tissue_fraction,
         )
         times.score = time.perf_counter() - t0
-        times.total = time.perf_counter() - t_start
         info = slide.info
+        overview, overview_mpp = slide.thumbnail(
+            max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
+        )
+        times.total = time.perf_counter() - t_start
         slide_meta = {
             "width": info.width, "height": info.height, "mpp_x": mpp0[0], "mpp_y": mpp0[1],
             "mpp_source": info.mpp_source, "format": info.format, "vendor": info.vendor,
@@ -170,7 +176,7 @@ def _analyze(
             figures=tuple(figures),
             provenance=_provenance(config, engines, times),
         )
-        return Analysis(result, sp, times, total, detections.raw)
+        return Analysis(result, sp, overview, overview_mpp, times, total, detections.raw)
 
 
 def _radius_um(area_mm2: float) -> float:
