@@ -22,7 +22,7 @@ import numpy as np
 
 from edge.engines.manifest import MANIFEST_NAME, Bundle, load_bundle
 from edge.errors import ConfigError
-from edge.evaluate import DEFAULT_MATCH_RADIUS_UM, match_points
+from edge.evaluate import DEFAULT_MATCH_RADIUS_UM, DetectionMetrics, match_points
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,20 @@ class CachedSlide:
 
 
 @dataclass(frozen=True)
-class GridPoint:
+class GridPoint(DetectionMetrics):
     weights: tuple[float, ...]
     threshold: float
     tp: int
     fp: int
     fn: int
 
+    def counts(self) -> tuple[int, int, int]:
+        return self.tp, self.fp, self.fn
+
     @property
-    def f1(self) -> float:
-        denominator = 2 * self.tp + self.fp + self.fn
-        return 2 * self.tp / denominator if denominator else 0.0
+    def score(self) -> float:
+        """F1, with 0 where it is undefined (no figures at all)."""
+        return self.f1 or 0.0
 
 
 @dataclass
@@ -66,10 +69,10 @@ class Calibration:
         return {
             "models": list(self.models),
             "best": {"weights": dict(zip(self.models, self.best.weights, strict=True)),
-                     "mitotic_threshold": self.best.threshold, "f1": self.best.f1,
+                     "mitotic_threshold": self.best.threshold, "f1": self.best.score,
                      "tp": self.best.tp, "fp": self.best.fp, "fn": self.best.fn},
             "slides": self.slides,
-            "grid": [{"weights": list(g.weights), "threshold": g.threshold, "f1": round(g.f1, 6),
+            "grid": [{"weights": list(g.weights), "threshold": g.threshold, "f1": round(g.score, 6),
                       "tp": g.tp, "fp": g.fp, "fn": g.fn} for g in self.grid],
         }
 
@@ -114,7 +117,7 @@ def grid_search(
                 m = match_points(slide.points_um[p >= threshold], slide.truth_um, radius_um)
                 tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
             grid.append(GridPoint(weights, float(threshold), tp, fp, fn))
-    best = max(grid, key=lambda g: (round(g.f1, 9), g.threshold, -float(np.ptp(g.weights))))
+    best = max(grid, key=lambda g: (round(g.score, 9), g.threshold, -float(np.ptp(g.weights))))
     return Calibration(tuple(models), best, grid, [s.name for s in slides])
 
 
@@ -188,5 +191,5 @@ def write_calibrated_bundle(
     if target.exists():
         target.rmdir()
     partial.rename(target)
-    log.info("calibrated bundle %s %s written to %s (F1 %.3f)", loaded.name, version, target, calibration.best.f1)
+    log.info("calibrated bundle %s %s written to %s (F1 %.3f)", loaded.name, version, target, calibration.best.score)
     return load_bundle(target)

@@ -303,18 +303,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _progress_printer(label: str) -> Callable[[int, int], None]:
     """A callback (done, total) that draws a one-line bar on a terminal and stays silent otherwise."""
-    if not sys.stderr.isatty():
-        return lambda done, total: None
-
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / total) if total else width
-        sys.stderr.write(f"\r{label:6} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
+    bar = cli_analysis.progress_bar()
+    return lambda done, total: bar(label, done, total)
 
 
 # --- logging -------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return EXIT_OK
     best = calibration.best
     weights = ", ".join(f"{m} {w:g}" for m, w in zip(calibration.models, best.weights, strict=True))
-    print(f"best of {len(calibration.grid)} grid points on {len(cached)} slide(s): F1 {best.f1:.3f} "
+    print(f"best of {len(calibration.grid)} grid points on {len(cached)} slide(s): F1 {best.score:.3f} "
           f"(TP {best.tp}, FP {best.fp}, FN {best.fn})")
     print(f"weights    {weights}")
     print(f"threshold  mitotic_threshold = {best.threshold:g}")

@@ -202,6 +202,27 @@ def _f1(tp: int, fp: int, fn: int) -> float | None:
     return _ratio(2 * tp, 2 * tp + fp + fn)
 
 
+class DetectionMetrics:
+    """F1, precision and recall from the (TP, FP, FN) that ``counts`` gives (None where a denominator is 0)."""
+
+    def counts(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    @property
+    def f1(self) -> float | None:
+        return _f1(*self.counts())
+
+    @property
+    def precision(self) -> float | None:
+        tp, fp, _ = self.counts()
+        return _ratio(tp, tp + fp)
+
+    @property
+    def recall(self) -> float | None:
+        tp, _, fn = self.counts()
+        return _ratio(tp, tp + fn)
+
+
 @dataclass(frozen=True)
 class SubtypingScores:
     """Subtype agreement on matched figures whose truth is normal or atypical.
@@ -277,7 +298,7 @@ def _subtyping(pred: PointSet, truth: PointSet, pairs: Sequence[tuple[int, int]]
 
 
 @dataclass(frozen=True)
-class ImageEvaluation:
+class ImageEvaluation(DetectionMetrics):
     """Counts and metrics of one image."""
 
     image: str
@@ -288,17 +309,8 @@ class ImageEvaluation:
     hotspot_count_true: int
     subtyping: SubtypingScores = field(default_factory=SubtypingScores)
 
-    @property
-    def f1(self) -> float | None:
-        return _f1(self.tp, self.fp, self.fn)
-
-    @property
-    def precision(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fp)
-
-    @property
-    def recall(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fn)
+    def counts(self) -> tuple[int, int, int]:
+        return self.tp, self.fp, self.fn
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -316,7 +328,7 @@ class ImageEvaluation:
 
 
 @dataclass(frozen=True)
-class EvaluationReport:
+class EvaluationReport(DetectionMetrics):
     """Metrics over all images: TP, FP, FN summed first, then F1 (MIDOG), never an average of F1s.
 
     With several images `hotspot_count_pred` / `_true` are sums; `hotspot_count_mae` is the mean
@@ -339,17 +351,8 @@ class EvaluationReport:
     def fn(self) -> int:
         return sum(i.fn for i in self.images)
 
-    @property
-    def f1(self) -> float | None:
-        return _f1(self.tp, self.fp, self.fn)
-
-    @property
-    def precision(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fp)
-
-    @property
-    def recall(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fn)
+    def counts(self) -> tuple[int, int, int]:
+        return self.tp, self.fp, self.fn
 
     @property
     def hotspot_count_pred(self) -> int:

@@ -11,8 +11,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edge.errors import ConfigError
+from edge.fileio import atomic_write
 from edge.scoring import Figure, SlideResult, points_in_hotspot
 
 __all__ = [
@@ -253,7 +252,7 @@ def overlay_image(
 
     marks = Image.new("RGBA", size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(marks)
-    r = max(3.0, max(size) / 400)
+    r = max(4.0, max(size) / 256)
     for figure in sorted(result.figures, key=lambda f: f.is_mitotic):  # MFs drawn on top
         kind = _figure_class(figure)
         x, y = figure.x_um * sx, figure.y_um * sy
@@ -268,23 +267,6 @@ def overlay_image(
         rx, ry = spot.radius_um * sx, spot.radius_um * sy
         draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), outline=(*CLASS_COLOURS["hotspot"], 255), width=3)
     return Image.alpha_composite(base, marks).convert("RGB")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _json_bytes(data: Mapping[str, Any]) -> bytes:
@@ -325,7 +307,7 @@ def write_exports(
     written: dict[str, Path] = {}
     for key, (name, data) in contents.items():
         path = out / name
-        _atomic_write(path, data)
+        atomic_write(path, data)
         written[key] = path
     logger.info("wrote %d exports for %s to %s", len(written), result.slide_path, out)
     return written

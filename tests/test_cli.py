@@ -103,7 +103,11 @@ def test_bench_read_json(synth_slide: SynthFactory) -> None:
     assert figures["tiles"] > 0 and figures["region_reader"] == "tiles"
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    result = run_cli("demo", "--size", "4096", "--keep", str(tmp_path))
+def test_demo_analyzes_a_generated_slide_and_scores_it_against_the_truth(tmp_path: Path) -> None:
+    result = run_cli("demo", "--size", "6144", "--keep", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "tiles" in result.stdout and (tmp_path / "demo-slide.tiff").exists()
+    out = result.stdout
+    assert "mitotic count" in out and "F1 " in out and "planted" in out
+    assert (tmp_path / "demo-slide.tiff").exists()
+    for name in ("result.json", "detections.geojson", "midog.json", "detections.csv", "overlay.png"):
+        assert (tmp_path / "results" / name).exists()

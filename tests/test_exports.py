@@ -172,7 +172,7 @@ def test_overlay_is_capped_and_mpp_derived_from_the_slide(result: SlideResult, t
 def test_a_failed_write_leaves_no_partial_file(
     result: SlideResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edge.exports as exports
+    import edge.fileio as fileio
 
     write_exports(result, tmp_path)
     before = (tmp_path / "result.json").read_bytes()
@@ -180,7 +180,7 @@ def test_a_failed_write_leaves_no_partial_file(
     def fail(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(exports.os, "replace", fail)
+    monkeypatch.setattr(fileio.os, "replace", fail)
     empty = SlideResult(result.slide_path, result.slide, score_slide([], tissue_area_mm2=1.0), (), {})
     with pytest.raises(OSError, match="disk full"):
         write_exports(empty, tmp_path)

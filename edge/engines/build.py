@@ -18,9 +18,7 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shlex
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from edge.engines.manifest import Bundle, ModelSpec, sha256_file
 from edge.engines.probe import GpuProbe, probe_gpu, require_gpu
 from edge.engines.tensorrt import load_tensorrt, trt_logger, trt_major
 from edge.errors import BackendUnavailableError, ConfigError, EngineError, PlanError
+from edge.fileio import atomic_write
 
 if TYPE_CHECKING:
     from edge.config import EnginesConfig
@@ -456,21 +455,6 @@ def build_command(bundle: Bundle, options: BuildOptions, cache_dir: str | Path |
     return shlex.join(args)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a plan (and a crash leaves none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_sidecar(path: Path) -> dict[str, Any] | None:
     """A sidecar's JSON, or None when it is missing or unreadable."""
     try:
@@ -595,8 +579,8 @@ def build_plan(
         _save_timing_cache(config, options.timing_cache)
 
     sidecar = _sidecar(model, bundle, options, recipe, machine, fields, key, data, seconds, cache_dir)
-    _write_atomic(path, data)
-    _write_atomic(path.with_suffix(SIDECAR_SUFFIX), (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, data)
+    atomic_write(path.with_suffix(SIDECAR_SUFFIX), (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
     log.info("built %s in %.1f s (%.1f MB)", path, seconds, len(data) / 1e6)
     return PlanRecord(path, sidecar, key)
 
@@ -638,7 +622,7 @@ def _save_timing_cache(config: Any, path: Path) -> None:
     if cache is None:
         return
     try:
-        _write_atomic(path, bytes(memoryview(cache.serialize())))
+        atomic_write(path, bytes(memoryview(cache.serialize())))
     except OSError as exc:
         log.warning("cannot save timing cache %s: %s", path, exc)
 

@@ -1,0 +1,102 @@
+"""`mitosis-edge analyze`, `evaluate`, `bench analyze` and `calibrate` with the demo bundle, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SynthFactory, data_file
+from tests.test_cli import run_cli
+
+UNSEEN_SEED = 4242  # not used in training or in choosing the demo bundle's thresholds
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory: pytest.TempPathFactory, synth_slide: SynthFactory) -> tuple[Path, Path]:
+    slide = synth_slide(width=8192, height=8192, seed=UNSEEN_SEED, mitoses=30, imposters=30)
+    out = tmp_path_factory.mktemp("analyze") / "out"
+    result = run_cli("analyze", str(slide), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "mitotic count" in result.stdout and "atypical ratio" in result.stdout
+    return slide, out
+
+
+def test_analyze_finds_the_planted_mitoses_on_an_unseen_slide(analyzed: tuple[Path, Path]) -> None:
+    slide, out = analyzed
+    truth = slide.with_name(slide.stem + ".truth.json")
+    result = run_cli("evaluate", "--pred", str(out / "result.json"), "--truth", str(truth), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["f1"] >= 0.9, report
+    assert abs(report["hotspot_count_pred"] - report["hotspot_count_true"]) <= 1, report
+
+
+def test_analyze_writes_every_export(analyzed: tuple[Path, Path]) -> None:
+    _, out = analyzed
+    result = json.loads((out / "result.json").read_text())
+    assert result["schema"].startswith("mitosis-edge/result/")
+    assert result["provenance"]["bundle"]["name"] == "demo"
+    assert result["provenance"]["backend"] == "onnxruntime"
+    assert set(result["provenance"]["timings_s"]) >= {"read", "detect", "classify", "total"}
+    geojson = json.loads((out / "detections.geojson").read_text())
+    assert geojson["type"] == "FeatureCollection"
+    names = {f["properties"]["classification"]["name"] for f in geojson["features"]}
+    assert names & {"Mitotic figure (normal)", "Mitotic figure (atypical)", "Mitotic figure (uncertain subtype)"}
+    midog = json.loads((out / "midog.json").read_text())
+    assert midog["type"] == "Multiple points" and midog["points"]
+    assert (out / "detections.csv").read_text().startswith("x_px,")
+    assert (out / "overlay.png").stat().st_size > 0
+
+
+def test_analyze_json_prints_the_result(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    slide = synth_slide(width=4096, height=4096, seed=UNSEEN_SEED + 1)
+    result = run_cli("analyze", str(slide), "--out", str(tmp_path / "o"), "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert {"scores", "figures", "provenance", "slide"} <= set(printed)
+
+
+def test_analyze_a_real_svs_scanned_at_half_the_resolution(tmp_path: Path) -> None:
+    result = run_cli("analyze", str(data_file("wsi/CMU-1-Small-Region.svs")), "--out", str(tmp_path / "svs"))
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "svs" / "result.json").read_text())
+    assert data["slide"]["mpp_x"] == pytest.approx(0.499) and data["slide"]["resampled"] is True
+
+
+def test_analyze_a_slide_without_mpp_says_how_to_fix_it(tmp_path: Path) -> None:
+    path = str(data_file("wsi/tcga-cr-7395-01a-01-ts1.svs"))
+    result = run_cli("analyze", path, "--out", str(tmp_path / "x"))
+    assert result.returncode == 1
+    assert path in result.stderr and "--mpp" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x" / "result.json").exists()
+
+
+@pytest.mark.parametrize("name", ["broken.svs", "camelyon-multiframe.dcm"])
+def test_analyze_refuses_unreadable_or_too_coarse_slides_clearly(name: str, tmp_path: Path) -> None:
+    result = run_cli("analyze", str(data_file(f"wsi/{name}")), "--out", str(tmp_path / "x"))
+    assert result.returncode == 1, result.stdout
+    assert name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_analyze_reports_the_ratio_to_the_slower_stage(synth_slide: SynthFactory) -> None:
+    slide = synth_slide(width=4096, height=4096, seed=UNSEEN_SEED + 1)
+    result = run_cli("bench", "analyze", str(slide), "--detector-batches", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    bench = json.loads(result.stdout)
+    for key in ("end_to_end_tiles_per_s", "read_tiles_per_s", "detector_tiles_per_s", "ratio", "peak_rss_mb"):
+        assert bench[key] > 0, key
+
+
+def test_calibrate_writes_a_new_bundle_version(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    slide = synth_slide(width=4096, height=4096, seed=UNSEEN_SEED + 2, mitoses=12, imposters=12)
+    truth = slide.with_name(slide.stem + ".truth.json")
+    out = tmp_path / "demo-cal"
+    result = run_cli("calibrate", "--slide", str(slide), "--truth", str(truth), "--out", str(out),
+                     "--weight-step", "0.25")
+    assert result.returncode == 0, result.stderr
+    assert "mitotic_threshold" in result.stdout
+    check = run_cli("engines", "check", "--bundle", str(out))
+    assert check.returncode == 0, check.stderr
+    assert json.loads((out / "calibration.json").read_text())["source_bundle"]["name"] == "demo"
