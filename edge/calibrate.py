@@ -104,7 +104,7 @@ def grid_search(
 ) -> Calibration:
     """F1 (TP, FP, FN summed over slides, MIDOG matching) for every weights x threshold; the best wins.
 
-    Ties go to the higher threshold (fewer false positives on new data), then to more even weights.
+    Ties are broken by ``choose_best``: the middle of the widest plateau of best F1.
     """
     if not slides:
         raise ConfigError("calibration needs at least one slide with truth")
@@ -117,8 +117,41 @@ def grid_search(
                 m = match_points(slide.points_um[p >= threshold], slide.truth_um, radius_um)
                 tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
             grid.append(GridPoint(weights, float(threshold), tp, fp, fn))
-    best = max(grid, key=lambda g: (round(g.score, 9), g.threshold, -float(np.ptp(g.weights))))
-    return Calibration(tuple(models), best, grid, [s.name for s in slides])
+    return Calibration(tuple(models), choose_best(grid), grid, [s.name for s in slides])
+
+
+def choose_best(grid: Sequence[GridPoint]) -> GridPoint:
+    """The best F1; among equals, the most robust point: the weights whose best-F1 thresholds form the
+    widest run, then the most even weights, and the threshold in the middle of that run.
+
+    Validation sets are small, so many points tie; the middle of a wide plateau is the choice least
+    likely to fall off it on new slides.
+    """
+    top = max(round(g.score, 9) for g in grid)
+    by_weights: dict[tuple[float, ...], list[GridPoint]] = {}
+    for g in grid:
+        by_weights.setdefault(g.weights, []).append(g)
+    best_run: list[GridPoint] = []
+    best_key: tuple[int, float] | None = None
+    for weights, points in by_weights.items():
+        run: list[GridPoint] = []
+        for g in sorted(points, key=lambda g: g.threshold):
+            if round(g.score, 9) == top:
+                run.append(g)
+                continue
+            best_key, best_run = _longer(run, weights, best_key, best_run)
+            run = []
+        best_key, best_run = _longer(run, weights, best_key, best_run)
+    return best_run[(len(best_run) - 1) // 2]
+
+
+def _longer(
+    run: list[GridPoint], weights: tuple[float, ...], best_key: tuple[int, float] | None, best_run: list[GridPoint]
+) -> tuple[tuple[int, float] | None, list[GridPoint]]:
+    if not run:
+        return best_key, best_run
+    key = (len(run), -float(np.ptp(weights)))
+    return (key, run) if best_key is None or key > best_key else (best_key, best_run)
 
 
 def _weighted(slide: CachedSlide, models: Sequence[str], weights: tuple[float, ...]) -> np.ndarray:

@@ -75,3 +75,15 @@ def test_a_calibrated_bundle_is_a_new_folder_with_a_report(tmp_path: Path) -> No
         write_calibrated_bundle(bundle, calibration, tmp_path / "tiny-cal")
     with pytest.raises(ConfigError, match="never in place"):
         write_calibrated_bundle(bundle, calibration, tmp_path / "tiny")
+
+
+def test_ties_go_to_the_middle_of_the_widest_best_plateau() -> None:
+    from edge.calibrate import GridPoint, choose_best
+
+    def point(w: float, t: float, tp: int) -> GridPoint:
+        return GridPoint((w, 1 - w), t, tp, 10 - tp, 10 - tp)
+
+    grid = [point(0.5, t / 10, 10 if 3 <= t <= 7 else 5) for t in range(1, 10)]
+    grid += [point(1.0, t / 10, 10 if t == 9 else 5) for t in range(1, 10)]
+    best = choose_best(grid)
+    assert best.weights == (0.5, 0.5) and best.threshold == 0.5
