@@ -27,7 +27,8 @@ from edge.evaluate import DEFAULT_MATCH_RADIUS_UM, DetectionMetrics, match_point
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHT_STEP = 0.05
-DEFAULT_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.01))
+DEFAULT_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.995, 0.01))
+TIE_TOLERANCE = 0.005  # F1 this close to the best counts as a tie: on a small validation set it is one figure
 REPORT_NAME = "calibration.json"
 
 
@@ -120,14 +121,15 @@ def grid_search(
     return Calibration(tuple(models), choose_best(grid), grid, [s.name for s in slides])
 
 
-def choose_best(grid: Sequence[GridPoint]) -> GridPoint:
-    """The best F1; among equals, the most robust point: the weights whose best-F1 thresholds form the
-    widest run, then the most even weights, and the threshold in the middle of that run.
+def choose_best(grid: Sequence[GridPoint], tolerance: float = TIE_TOLERANCE) -> GridPoint:
+    """The best F1; among near-equals (within ``tolerance``), the most robust point: the weights whose
+    best-F1 thresholds form the widest run, then the most even weights, and the threshold in the middle
+    of that run.
 
-    Validation sets are small, so many points tie; the middle of a wide plateau is the choice least
-    likely to fall off it on new slides.
+    Validation sets are small, so many points tie or differ by one figure; the middle of a wide plateau
+    is the choice least likely to fall off it on new slides.
     """
-    top = max(round(g.score, 9) for g in grid)
+    top = max(round(g.score, 9) for g in grid) - tolerance
     by_weights: dict[tuple[float, ...], list[GridPoint]] = {}
     for g in grid:
         by_weights.setdefault(g.weights, []).append(g)
@@ -136,7 +138,7 @@ def choose_best(grid: Sequence[GridPoint]) -> GridPoint:
     for weights, points in by_weights.items():
         run: list[GridPoint] = []
         for g in sorted(points, key=lambda g: g.threshold):
-            if round(g.score, 9) == top:
+            if round(g.score, 9) >= top:
                 run.append(g)
                 continue
             best_key, best_run = _longer(run, weights, best_key, best_run)

@@ -41,7 +41,7 @@ def test_grid_search_trusts_the_informative_model_and_finds_a_separating_thresho
     assert best.weights == (1.0, 0.0)
     assert 0.45 <= best.threshold <= 0.55
     assert (best.tp, best.fp, best.fn) == (80, 0, 0) and best.f1 == 1.0
-    assert len(calibration.grid) == 5 * 91
+    assert len(calibration.grid) == 5 * 95
     report = calibration.to_json_dict()
     assert report["best"]["weights"] == {"a": 1.0, "b": 0.0} and report["slides"] == ["slide1", "slide2"]
 
