@@ -334,19 +334,25 @@ def merge_across_tiles(boxes: Boxes, radius_px: float) -> Boxes:
     centre distance: a figure whose halves two tiles each saw keeps the higher score, while two
     figures farther apart than the radius stay two. Returns the kept boxes sorted by score descending.
     """
+    return boxes.take(merge_indices(boxes, radius_px))
+
+
+def merge_indices(boxes: Boxes, radius_px: float) -> NDArray[np.int64]:
+    """Indices into ``boxes`` of what ``merge_across_tiles`` keeps, best score first (so per-candidate
+    data kept beside the boxes, such as classifier probabilities, can follow the merge)."""
     if not math.isfinite(radius_px) or radius_px < 0:
         raise ValueError(f"radius_px={radius_px!r} must be a finite number >= 0")
-    ranked = boxes.take(np.argsort(-boxes.score, kind="stable"))
-    if len(ranked) < 2:
-        return ranked
-    points = np.column_stack([ranked.cx, ranked.cy]).astype(np.float64)
+    order = np.argsort(-boxes.score, kind="stable").astype(np.int64)
+    if len(order) < 2:
+        return order
+    points = np.column_stack([boxes.cx[order], boxes.cy[order]]).astype(np.float64)
     pairs = cKDTree(points).query_pairs(radius_px, output_type="ndarray")
     if len(pairs) == 0:
-        return ranked
+        return order
     pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # query_pairs gives i < j, i ranked better
-    starts = np.searchsorted(pairs[:, 0], np.arange(len(ranked) + 1))
-    keep = np.ones(len(ranked), dtype=bool)
+    starts = np.searchsorted(pairs[:, 0], np.arange(len(order) + 1))
+    keep = np.ones(len(order), dtype=bool)
     for i in np.unique(pairs[:, 0]):
         if keep[i]:
             keep[pairs[starts[i] : starts[i + 1], 1]] = False
-    return ranked.take(keep)
+    return order[keep]
