@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edge import __version__, cli_analysis, cli_engines, cli_results
-from edge.config import Config, load_config
+from edge.cli_args import config_from_args
 from edge.errors import ConfigError, EdgeError
 
 log = logging.getLogger("edge.cli")
@@ -113,20 +113,6 @@ def _slide_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="tiles per batch")
 
 
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(
-        getattr(args, "config", None),
-        {
-            "slide.mpp_override": getattr(args, "mpp", None),
-            "slide.reader": getattr(args, "reader", None),
-            "slide.region_reader": getattr(args, "region_reader", None),
-            "slide.target_mpp": getattr(args, "target_mpp", None),
-            "stream.reader_threads": getattr(args, "threads", None),
-            "stream.batch_size": getattr(args, "batch_size", None),
-        },
-    )
-
-
 # --- commands ------------------------------------------------------------------------------------
 
 
@@ -134,7 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from edge.slide import open_slide
     from edge.stream import plan_slide
 
-    config = _config(args)
+    config = config_from_args(args)
     with open_slide(args.slide, config.slide) as slide:
         info = slide.info
         data: dict[str, Any] = info.to_json_dict()
@@ -232,7 +218,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_bench_read(args: argparse.Namespace) -> int:
     from edge.bench import bench_read
 
-    result = bench_read(args.slide, _config(args), repeats=args.repeats)
+    result = bench_read(args.slide, config_from_args(args), repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -262,7 +248,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edge.pipeline import analyze_slide
     from edge.synth import SynthParams, default_truth_path, generate_slide
 
-    config = _config(args)
+    config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)  # a broken bundle fails before minutes of work
     with tempfile.TemporaryDirectory(prefix="mitosis-edge-demo-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)

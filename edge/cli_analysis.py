@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, load_config
+from edge.cli_args import config_from_args
 
 EXIT_OK = 0
 
@@ -55,20 +55,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per model (default: one per core)")
 
 
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(
-        getattr(args, "config", None),
-        {
-            "engines.bundle": getattr(args, "bundle", None),
-            "engines.backend": getattr(args, "backend", None),
-            "engines.intra_op_threads": getattr(args, "intra_op_threads", None),
-            "slide.mpp_override": getattr(args, "mpp", None),
-            "stream.reader_threads": getattr(args, "threads", None),
-            "stream.batch_size": getattr(args, "batch_size", None),
-        },
-    )
-
-
 def progress_bar() -> Callable[[str, int, int], None]:
     """A (stage, done, total) callback drawing one line per stage on a terminal; silent otherwise."""
     if not sys.stderr.isatty():
@@ -97,7 +83,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from edge.exports import write_exports
     from edge.pipeline import analyze_slide
 
-    config = _config(args)
+    config = config_from_args(args)
     out = Path(args.out) if args.out else default_out_dir(args.slide)
     analysis = analyze_slide(args.slide, config, progress=progress_bar())
     sp = analysis.slide_plan
@@ -158,7 +144,7 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
 def cmd_bench_analyze(args: argparse.Namespace) -> int:
     from edge.bench import bench_analyze
 
-    config = _config(args)
+    config = config_from_args(args)
     result = bench_analyze(args.slide, config, detector_batches=args.detector_batches)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -186,7 +172,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if len(args.slide) != len(args.truth):
         raise ConfigError(f"give one --truth per --slide: {len(args.slide)} slides, {len(args.truth)} truths")
-    config = _config(args)
+    config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)
     models = [c.name for c in bundle.classifiers]
     cached = []

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any
 
-from edge.config import Config, load_config
+from edge.cli_args import config_from_args
 from edge.errors import ConfigError
 
 EXIT_OK = 0
@@ -75,7 +75,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     b.add_argument("--batches", type=int, default=8, help="batches per loop (default 8)")
     b.add_argument("--repeats", type=int, default=3, help="best of N, loops interleaved (default 3)")
     b.add_argument("--batch-size", type=int, help="tiles per detector batch (default stream.batch_size)")
-    b.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
+    b.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per model (default: one per core)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(handler=cmd_bench_engine)
 
@@ -109,27 +109,10 @@ def _trt_options(p: argparse.ArgumentParser, build: bool) -> None:
         )
 
 
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(
-        getattr(args, "config", None),
-        {
-            "engines.bundle": getattr(args, "bundle", None),
-            "engines.backend": getattr(args, "backend", None),
-            "engines.precision": getattr(args, "precision", None),
-            "engines.max_batch": getattr(args, "max_batch", None),
-            "engines.plan_cache": getattr(args, "plan_cache", None),
-            "engines.workspace_gb": getattr(args, "workspace_gb", None),
-            "engines.timing_cache": getattr(args, "timing_cache", None),
-            "engines.intra_op_threads": getattr(args, "threads", None),
-            "stream.batch_size": getattr(args, "batch_size", None),
-        },
-    )
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     from edge.engines import load_bundle
 
-    config = _config(args)
+    config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)  # raises ManifestError listing every problem
     if args.json:
         print(json.dumps(_bundle_summary(bundle), indent=2))
@@ -174,7 +157,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from edge.engines.manifest import list_bundles, load_bundle
     from edge.errors import EngineError
 
-    config = _config(args)
+    config = config_from_args(args)
     bundles: list[dict[str, Any]] = []
     for folder in list_bundles():
         try:
@@ -231,7 +214,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from edge.engines import load_bundle, open_engines
     from edge.engines.verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_TOLERANCE, verify_bundle
 
-    config = _config(args)
+    config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)
     low = config.engines.backend == "tensorrt" and config.engines.precision != "fp32"
     atol = args.atol if args.atol is not None else (FP16_TOLERANCE if low else DEFAULT_ATOL)
@@ -285,7 +268,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from edge.engines import load_bundle
     from edge.engines.build import build_bundle, build_options
 
-    config = _config(args)
+    config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)
     options = build_options(
         config.engines, hardware_compat=args.hardware_compat, version_compatible=args.version_compatible
@@ -306,7 +289,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from edge.bench import bench_engine
 
-    config = _config(args)
+    config = config_from_args(args)
     result = bench_engine(config.engines.bundle, config, batches=args.batches, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))

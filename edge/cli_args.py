@@ -1,0 +1,31 @@
+"""Command-line flags to settings: one table for every subcommand, so a flag means the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+from edge.config import Config, load_config
+
+# argparse destination -> dotted setting; a subcommand without the flag leaves the setting alone
+FLAG_SETTINGS = {
+    "mpp": "slide.mpp_override",
+    "reader": "slide.reader",
+    "region_reader": "slide.region_reader",
+    "target_mpp": "slide.target_mpp",
+    "threads": "stream.reader_threads",
+    "batch_size": "stream.batch_size",
+    "bundle": "engines.bundle",
+    "backend": "engines.backend",
+    "intra_op_threads": "engines.intra_op_threads",
+    "precision": "engines.precision",
+    "max_batch": "engines.max_batch",
+    "plan_cache": "engines.plan_cache",
+    "workspace_gb": "engines.workspace_gb",
+    "timing_cache": "engines.timing_cache",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The ``--config`` file (or the defaults) with every flag the user gave applied on top."""
+    overrides = {setting: getattr(args, dest, None) for dest, setting in FLAG_SETTINGS.items()}
+    return load_config(getattr(args, "config", None), overrides)
