@@ -222,6 +222,10 @@ class DetectionMetrics:
         tp, _, fn = self.counts()
         return _ratio(tp, tp + fn)
 
+    def metrics_dict(self) -> dict[str, Any]:
+        tp, fp, fn = self.counts()
+        return {"tp": tp, "fp": fp, "fn": fn, "f1": self.f1, "precision": self.precision, "recall": self.recall}
+
 
 @dataclass(frozen=True)
 class SubtypingScores:
@@ -315,12 +319,7 @@ class ImageEvaluation(DetectionMetrics):
     def to_json_dict(self) -> dict[str, Any]:
         return {
             "image": self.image,
-            "tp": self.tp,
-            "fp": self.fp,
-            "fn": self.fn,
-            "f1": self.f1,
-            "precision": self.precision,
-            "recall": self.recall,
+            **self.metrics_dict(),
             "hotspot_count_pred": self.hotspot_count_pred,
             "hotspot_count_true": self.hotspot_count_true,
             "subtyping": self.subtyping.to_json_dict(),
@@ -377,12 +376,7 @@ class EvaluationReport(DetectionMetrics):
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
-            "tp": self.tp,
-            "fp": self.fp,
-            "fn": self.fn,
-            "f1": self.f1,
-            "precision": self.precision,
-            "recall": self.recall,
+            **self.metrics_dict(),
             "radius_um": self.radius_um,
             "hotspot_area_mm2": self.hotspot_area_mm2,
             "hotspot_count_pred": self.hotspot_count_pred,

@@ -232,7 +232,9 @@ _ATTR_CC_MINOR = 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR
 
 
 def _emit(state: dict[str, Any], stage: str) -> None:
-    print(json.dumps({**state, "stage": stage}), flush=True)
+    # the child's protocol with its parent: one JSON line per stage on stdout (not logging: it is data)
+    sys.stdout.write(json.dumps({**state, "stage": stage}) + "\n")
+    sys.stdout.flush()
 
 
 def _child(check_tensorrt: bool) -> int:  # pragma: no cover - runs in the child; covered via run_probe
