@@ -109,28 +109,20 @@ def compare_outputs(
     return float(round(diff.max(), 12)), float(round(rel.max(), 12)), float(round(excess.max(), 12))
 
 
-def detection_scores(output: np.ndarray, spec: DetectorSpec) -> np.ndarray:
-    """Per-row candidate score ``[B, N]`` of a raw detector output (objectness x best candidate class)."""
-    out = np.asarray(output, np.float32)
-    if spec.output_format == "yolov8":
-        out = out.transpose(0, 2, 1)
-    if spec.scores == "logits":
-        out = out.copy()
-        first_score = 4
-        out[..., first_score:] = 1.0 / (1.0 + np.exp(-out[..., first_score:]))
-    if spec.output_format == "boxes":
-        return out[..., 4]
-    if spec.output_format == "yolo_raw":
-        classes = out[..., 5:][..., list(spec.candidate_indices)]
-        return out[..., 4] * classes.max(axis=-1)
-    return out[..., 4:][..., list(spec.candidate_indices)].max(axis=-1)
+AGREE_RADIUS_PX = 1.0  # two backends' detections of one figure lie this close in tile px
 
 
 def detections_agree(reference: np.ndarray, candidate: np.ndarray, spec: DetectorSpec, inputs: str) -> DetectionReport:
-    """Compare which detector rows pass the score threshold in each output (rows are the same anchors)."""
-    ref = detection_scores(reference, spec) >= spec.score_threshold
-    got = detection_scores(candidate, spec) >= spec.score_threshold
-    return DetectionReport(inputs, int(ref.sum()), int(got.sum()), int((ref & got).sum()))
+    """Decode both outputs tile by tile with the pipeline's own decoder and match the candidates one to one."""
+    from edge.detect import decode
+    from edge.evaluate import match_points
+
+    counts = [0, 0, 0]
+    for ref_tile, got_tile in zip(reference, candidate, strict=True):
+        ref, got = decode(ref_tile, spec), decode(got_tile, spec)
+        matched = match_points(np.column_stack([ref.cx, ref.cy]), np.column_stack([got.cx, got.cy]), AGREE_RADIUS_PX)
+        counts = [counts[0] + len(ref), counts[1] + len(got), counts[2] + matched.tp]
+    return DetectionReport(inputs, *counts)
 
 
 def random_batches(model: ModelSpec, batches: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
