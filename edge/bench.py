@@ -202,22 +202,18 @@ def _pipelined(engine: Any, data: list[Any]) -> None:
 
 
 def _bare_session_loop(path: Path, engine: Any, config: Config, data: list[Any]) -> Any:
-    """A plain onnxruntime loop with the same session settings, or None for other backends."""
+    """A plain ``session.run`` loop with the engine's own session settings, or None for other backends."""
     if engine.backend != "onnxruntime":
         return None
-    import os
-
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = config.engines.intra_op_threads or (os.cpu_count() or 1)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    from edge.engines.onnxrt import new_session
+
+    session = new_session(path, intra_op_threads=config.engines.intra_op_threads)
     name = session.get_inputs()[0].name
     session.run(None, {name: np.zeros((1, *engine.input_spec.shape[1:]), np.uint8)})
     return lambda: [session.run(None, {name: b}) for b in data]
+
 
 
 def bench_analyze(path: str | Path, config: Config, *, detector_batches: int = 8) -> dict[str, Any]:

@@ -46,6 +46,19 @@ def available_providers() -> list[str]:
     return list(_ort().get_available_providers())
 
 
+def new_session(path: str | Path, *, intra_op_threads: int = 0, device: Device = "cpu") -> Any:
+    """An ONNX Runtime session with the settings every engine uses (also the baseline of ``bench engine``)."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings from graph optimisers are noise for users
+    providers = [CUDA, CPU] if device == "cuda" else [CPU]
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
 def _spec(arg: Any) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d > 0 else None for d in arg.shape)
     return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)
@@ -75,15 +88,8 @@ class OnnxRuntimeEngine:
                 f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu instead of onnxruntime, "
                 "or use the CPU backend"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # warnings from graph optimisers are noise for users
-        providers = [CUDA, CPU] if device == "cuda" else [CPU]
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self._session = new_session(path, intra_op_threads=intra_op_threads, device=device)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad models
             raise EngineError(f"engine {self._name!r}: ONNX Runtime cannot load {path}: {exc}") from None
         inputs = self._session.get_inputs()
