@@ -35,7 +35,7 @@ from edge.detect import Boxes, TileOwnership, decode, merge_across_tiles, nms, t
 from edge.engines import Bundle, EngineSet, load_bundle, open_engines
 from edge.engines.base import Pending
 from edge.errors import EdgeError, SlideReadError, StreamCancelled
-from edge.scoring import Figure, SlideResult, score_slide, tissue_fraction_in_circles
+from edge.scoring import Figure, SlideResult, hotspot_radius_um, score_slide, tissue_fraction_in_circles
 from edge.slide import Slide, open_slide
 from edge.stream import SlidePlan, TileBatch, open_stream, plan_slide
 
@@ -144,12 +144,10 @@ def _analyze(
         times.decode += time.perf_counter() - t0
         figures = _classify(slide, merged, config, engines, cancel_event, times, report)
         t0 = time.perf_counter()
-        radius_mask = sp.mask
+        radius_um = hotspot_radius_um(bundle.decision.hotspot_area_mm2)
 
         def tissue_fraction(centres_um: np.ndarray) -> np.ndarray:
-            return tissue_fraction_in_circles(
-                radius_mask, sp.mask_mpp, centres_um, _radius_um(bundle.decision.hotspot_area_mm2)
-            )
+            return tissue_fraction_in_circles(sp.mask, sp.mask_mpp, centres_um, radius_um)
 
         scores = score_slide(
             figures,
@@ -179,12 +177,6 @@ def _analyze(
         return Analysis(result, sp, overview, overview_mpp, times, total, detections.raw)
 
 
-def _radius_um(area_mm2: float) -> float:
-    from edge.scoring import hotspot_radius_um
-
-    return hotspot_radius_um(area_mm2)
-
-
 def _check_scale(slide: Slide, sp: SlidePlan, bundle: Bundle) -> None:
     mpp0 = slide.info.level_mpp(0)
     if min(mpp0) > bundle.detector.mpp * MAX_UPSAMPLING:
@@ -211,10 +203,10 @@ def _detect(
     px0_per_out = (sp.plan.px0_per_out_x, sp.plan.px0_per_out_y)
     found = _Detections()
     detector = engines.detector
-    in_flight: list[tuple[TileBatch, Pending, float]] = []
+    in_flight: list[tuple[TileBatch, Pending]] = []
 
-    def collect(entry: tuple[TileBatch, Pending, float]) -> None:
-        batch, pending, submitted = entry
+    def collect(entry: tuple[TileBatch, Pending]) -> None:
+        batch, pending = entry
         t0 = time.perf_counter()
         outputs = pending.result()
         times.detect += time.perf_counter() - t0
@@ -231,13 +223,12 @@ def _detect(
             if keep.any():
                 found.parts.append(to_slide(boxes.take(keep), tile, px0_per_out))
         times.decode += time.perf_counter() - t0
-        del submitted
 
     done = 0
     try:
         with open_stream(slide, sp, config, cancel_event) as stream:
             for batch in stream:
-                in_flight.append((batch, detector.submit(batch.pixels), time.perf_counter()))
+                in_flight.append((batch, detector.submit(batch.pixels)))
                 if len(in_flight) > 1:
                     first = in_flight.pop(0)
                     collect(first)
@@ -251,7 +242,7 @@ def _detect(
             times.read = stream.stats.read_seconds
             times.read_wait = stream.stats.wait_seconds
     finally:
-        for _batch, pending, _t in in_flight:  # an error mid-way: wait for the engine before leaving
+        for _batch, pending in in_flight:  # an error mid-way: wait for the engine before leaving
             try:
                 pending.result()
             except EdgeError:

@@ -506,7 +506,7 @@ def _parse_decision(table: Any, classifiers: tuple[ClassifierSpec, ...], problem
 
 def graph_specs(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec], int]:
     """Inputs (initializers excluded), outputs and the default-domain opset of an ONNX file."""
-    onnx = _onnx()
+    onnx = import_onnx()
     model = onnx.load(str(path), load_external_data=False)
     initializers = {t.name for t in model.graph.initializer}
 
@@ -649,11 +649,12 @@ def _check_head(where: str, label: str, head: HeadSpec, outputs: dict[str, Tenso
     return problems
 
 
-def _onnx() -> Any:
+def import_onnx() -> Any:
+    """The onnx package (a dependency), imported lazily with an install hint."""
     try:
         import onnx
     except ImportError:  # pragma: no cover - onnx is a dependency; this guards a broken install
         raise ManifestError(
-            "onnx", ["the 'onnx' package is needed to check bundles: pip install 'onnx>=1.16'"]
+            "onnx", ["the 'onnx' package is needed to check and wrap models: pip install 'onnx>=1.16'"]
         ) from None
     return onnx

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.engines.manifest import ChannelOrder, Layout, ModelSpec, Normalisation, sha256_file
+from edge.engines.manifest import ChannelOrder, Layout, ModelSpec, Normalisation, import_onnx, sha256_file
 from edge.errors import ManifestError
 
 _PREFIX = "mitosis_edge_wrap_"
@@ -32,7 +32,7 @@ def wrap_model(
     ``(x * scale - mean) / std`` in the float model's dtype, channels reversed for a BGR model, and
     transposed to NCHW for an NCHW model (the transpose first, on uint8). Outputs are unchanged.
     """
-    onnx = _onnx()
+    onnx = import_onnx()
     from onnx import TensorProto, helper, numpy_helper
 
     wrapped = onnx.ModelProto()
@@ -129,7 +129,7 @@ def wrap_file(source: str | Path, model: ModelSpec, out: str | Path | None = Non
 
     Returns the written path and its sha256, which belongs in the manifest's ``sha256`` field.
     """
-    onnx = _onnx()
+    onnx = import_onnx()
     source = Path(source)
     try:
         float_model = onnx.load(str(source))
@@ -151,11 +151,3 @@ def wrap_file(source: str | Path, model: ModelSpec, out: str | Path | None = Non
     onnx.save(wrapped, str(tmp))
     tmp.replace(target)
     return target, sha256_file(target)
-
-
-def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError:  # pragma: no cover - onnx is a dependency; this guards a broken install
-        raise ManifestError("onnx", ["the 'onnx' package is needed to wrap models: pip install 'onnx>=1.16'"]) from None
-    return onnx
