@@ -174,6 +174,129 @@ class EnginesConfig:
         return Path(self.plan_cache or default_plan_cache()).expanduser()
 
 
+DEFAULT_SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".qptiff", ".dcm",
+)
+# names scanners and copy tools write before the final rename: never a job
+DEFAULT_IGNORE_PATTERNS = (
+    "*.tmp", "*.temp", "*.part", "*.partial", "*.crdownload", "*.filepart", "*.copying", "~*", ".*", "*~",
+)
+ObserverName = Literal["auto", "native", "polling"]
+
+
+def default_data_dir() -> str:
+    """Where the daemon keeps its store and exports: ``$XDG_DATA_HOME/mitosis-edge`` (``~/.local/share/...``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "mitosis-edge")
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """Folders the daemon watches for new slides, and when a file counts as finished.
+
+    >>> WatchConfig(folders=("/scans",), polling_folders=("/mnt/share",)).all_folders
+    ('/scans', '/mnt/share')
+    """
+
+    folders: tuple[str, ...] = ()  # watched recursively with the observer chosen by `observer`
+    polling_folders: tuple[str, ...] = ()  # always polled: network shares (NFS, SMB) send no native events
+    observer: ObserverName = "auto"  # auto: polling on network file systems, native (inotify) elsewhere
+    poll_interval_s: float = 2.0  # how often the polling observer and the stability gate look again
+    recursive: bool = True
+    extensions: tuple[str, ...] = DEFAULT_SLIDE_EXTENSIONS  # lower case, with the dot; ".dcm" = a DICOM folder
+    ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE_PATTERNS  # fnmatch patterns on the file name
+    quiet_period_s: float = 10.0  # size and mtime unchanged this long (and the reader opens it) = finished
+    settle_timeout_s: float = 3600.0  # a file still changing or unreadable after this long ends as failed
+    fingerprint: Literal["quick", "full"] = "quick"  # quick: size, mtime, sha256 of head and tail; full: whole file
+    on_duplicate: Literal["skip", "reprocess"] = "skip"  # the same slide (same fingerprint) seen again
+    scan_on_start: bool = True  # slides already in the folders at start-up become jobs (once each)
+
+    def validate(self) -> None:
+        _positive("watch.poll_interval_s", self.poll_interval_s)
+        _non_negative("watch.quiet_period_s", self.quiet_period_s)
+        _positive("watch.settle_timeout_s", self.settle_timeout_s)
+        if self.settle_timeout_s <= self.quiet_period_s:
+            raise ConfigError(
+                f"watch.settle_timeout_s={self.settle_timeout_s} must be longer than "
+                f"watch.quiet_period_s={self.quiet_period_s}"
+            )
+        for ext in self.extensions:
+            if not ext.startswith(".") or ext != ext.lower():
+                raise ConfigError(f"watch.extensions entry {ext!r} must be lower case and start with a dot, e.g. '.svs'")
+
+    @property
+    def all_folders(self) -> tuple[str, ...]:
+        return self.folders + tuple(f for f in self.polling_folders if f not in self.folders)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The scan-time daemon: its store, workers, retries, shutdown and retention."""
+
+    data_dir: str = ""  # store (edge.db) and exports (results/<job>/); "" = $XDG_DATA_HOME/mitosis-edge
+    workers: int = 1  # slides analysed at once; each has its own reader threads
+    max_attempts: int = 3  # a slide that keeps failing ends as failed with the last error
+    retry_backoff_s: float = 30.0  # wait before the 2nd attempt; doubled for each further attempt
+    retry_backoff_max_s: float = 3600.0
+    shutdown_grace_s: float = 60.0  # SIGTERM: the running slide may finish this long, else it is re-queued
+    min_free_disk_mb: int = 1024  # a job starts only with this much free space where exports are written
+    export_retention_days: float = 0.0  # exports older than this are deleted (results stay); 0 = keep
+    metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics; "" = off
+    log_format: Literal["text", "json"] = "text"
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"daemon.workers={self.workers} must be at least 1")
+        if self.max_attempts < 1:
+            raise ConfigError(f"daemon.max_attempts={self.max_attempts} must be at least 1")
+        _non_negative("daemon.retry_backoff_s", self.retry_backoff_s)
+        _non_negative("daemon.retry_backoff_max_s", self.retry_backoff_max_s)
+        _non_negative("daemon.shutdown_grace_s", self.shutdown_grace_s)
+        if self.min_free_disk_mb < 0:
+            raise ConfigError(f"daemon.min_free_disk_mb={self.min_free_disk_mb} must be 0 or more")
+        _non_negative("daemon.export_retention_days", self.export_retention_days)
+        if self.metrics_listen:
+            _host_port("daemon.metrics_listen", self.metrics_listen)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir or default_data_dir()).expanduser()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC API for lab software: address, TLS, tokens and the roots SubmitSlide may read from."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:50051"  # HOST:PORT; port 0 picks a free one
+    insecure: bool = False  # plain text without TLS: only when set explicitly
+    tls_cert: str = ""  # server certificate chain (PEM)
+    tls_key: str = ""  # its private key (PEM)
+    tls_client_ca: str = ""  # set = mutual TLS: clients must present a certificate signed by this CA
+    tokens_file: str = ""  # bearer tokens, one "TOKEN ROLE [NAME]" per line, ROLE = read | submit; "" = no auth
+    allowed_roots: tuple[str, ...] = ()  # SubmitSlide accepts paths under these; () = the watched folders
+    max_workers: int = 16  # RPC threads; streams each hold one
+    max_message_mb: int = 16
+    subscriber_buffer: int = 1000  # events a WatchEvents subscriber may lag before its stream ends
+    max_page_size: int = 1000
+
+    def validate(self) -> None:
+        _host_port("server.listen", self.listen)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("server.tls_cert and server.tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key too")
+        if self.insecure and self.tls_cert:
+            raise ConfigError("server.insecure=true and server.tls_cert are contradictory; choose one")
+        for name in ("max_workers", "max_message_mb", "subscriber_buffer", "max_page_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server.{name}={getattr(self, name)} must be at least 1")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
 @dataclass(frozen=True)
 class Config:
     """All settings. Sections match the TOML tables."""
@@ -183,6 +306,9 @@ class Config:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def validate(self) -> Config:
         for f in fields(self):
@@ -273,6 +399,11 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{name}={value!r} must be a string")
         return value
+    if origin is tuple:  # tuple[str, ...]: a TOML array of strings (one string is taken as a list of one)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{name}={value!r} must be a list of strings")
+        return tuple(items)
     return value
 
 
@@ -289,3 +420,9 @@ def _non_negative(name: str, value: float) -> None:
 def _fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{name}={value} must be between 0 and 1")
+
+
+def _host_port(name: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}={value!r} must be HOST:PORT, e.g. 127.0.0.1:50051 or [::]:50051")
