@@ -29,7 +29,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     b = bench_sub.add_parser("analyze", help="end-to-end throughput against read-only and detector-only")
     b.add_argument("slide")
     _common(b)
-    b.add_argument("--detector-batches", type=int, default=8, help="batches timed for detector-only (default 8)")
+    b.add_argument("--detector-batches", type=int, default=8, help="batches held for detector-only (default 8)")
+    b.add_argument("--detector-seconds", type=float, default=2.0,
+                   help="detector-only runs the held batches again and again this long, before and after (default 2)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(handler=cmd_bench_analyze)
 
@@ -145,7 +147,9 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
     from edge.bench import bench_analyze
 
     config = config_from_args(args)
-    result = bench_analyze(args.slide, config, detector_batches=args.detector_batches)
+    result = bench_analyze(
+        args.slide, config, detector_batches=args.detector_batches, detector_seconds=args.detector_seconds
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK

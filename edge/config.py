@@ -222,7 +222,9 @@ class WatchConfig:
             )
         for ext in self.extensions:
             if not ext.startswith(".") or ext != ext.lower():
-                raise ConfigError(f"watch.extensions entry {ext!r} must be lower case and start with a dot, e.g. '.svs'")
+                raise ConfigError(
+                    f"watch.extensions entry {ext!r} must be lower case and start with a dot, e.g. '.svs'"
+                )
 
     @property
     def all_folders(self) -> tuple[str, ...]:

@@ -1,9 +1,10 @@
 """The two-stage pipeline on one slide: tile stream → detector → candidates → crops → classifier ensemble → scores.
 
 Streaming and bounded: the tile stream reads ahead in its own threads while the detector runs one
-batch behind (submit, then collect the previous batch), so reading and inference overlap and
-memory depends on batch size and queue depth, never on the slide. Candidates are small (a few
-numbers each); crops are read in batches while the previous batch is classified. The numeric work
+batch (collect the previous batch, classify its candidates, submit this one), so reading and
+inference overlap and memory depends on batch size and queue depth, never on the slide. Candidates are small (a few
+numbers each); their crops are cut from the tile in memory and classified in batches between
+detector batches, so at most one classifier batch of crops waits at a time. The numeric work
 lives in the pure modules ``detect``, ``classify`` and ``scoring``; this module only wires them.
 """
 
@@ -14,8 +15,7 @@ import datetime as _dt
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,19 +31,19 @@ from edge.classify import (
     ensemble_mitotic,
 )
 from edge.config import Config
-from edge.detect import Boxes, TileOwnership, decode, merge_across_tiles, nms, to_slide
+from edge.detect import Boxes, TileOwnership, decode, merge_indices, nms, to_slide
 from edge.engines import Bundle, EngineSet, load_bundle, open_engines
 from edge.engines.base import Pending
-from edge.errors import EdgeError, SlideReadError, StreamCancelled
+from edge.errors import EdgeError, SlideReadError
 from edge.scoring import Figure, SlideResult, hotspot_radius_um, score_slide, tissue_fraction_in_circles
-from edge.slide import Slide, open_slide
+from edge.slide import ReadScale, Slide, open_slide
 from edge.stream import SlidePlan, TileBatch, open_stream, plan_slide
+from edge.tiling import Tile
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_UPSAMPLING = 2.5  # a slide coarser than 2.5x the model's mpp has too little detail to find mitoses
-CROP_READ_THREADS = 2
 OVERVIEW_SIDE_PX = 2048  # the overlay's thumbnail: enough to see each figure's mark on a 15 mm slide
 
 
@@ -76,12 +76,6 @@ class Analysis:
     times: StageTimes
     tiles: int
     candidates_before_merge: int
-
-
-@dataclass
-class _Detections:
-    parts: list[Boxes] = field(default_factory=list)
-    raw: int = 0
 
 
 def pipeline_config(config: Config, bundle: Bundle) -> Config:
@@ -136,13 +130,13 @@ def _analyze(
         times.plan = time.perf_counter() - t0
         total = len(sp.plan)
         report("detect", 0, total)
-        detections = _detect(slide, sp, config, engines, cancel_event, times, report)
+        candidates = _detect(slide, sp, config, engines, cancel_event, times, report)
         t0 = time.perf_counter()
-        boxes = Boxes.concat(detections.parts)
         mpp0 = slide.info.level_mpp(0)
-        merged = merge_across_tiles(boxes, bundle.detector.merge_radius_um / mpp0[0])
+        boxes, p_mitotic, p_atypical = candidates.merged(bundle.detector.merge_radius_um / mpp0[0])
+        figures = _figures(boxes, p_mitotic, p_atypical, bundle, mpp0)
         times.decode += time.perf_counter() - t0
-        figures = _classify(slide, merged, config, engines, cancel_event, times, report)
+        report("classify", len(figures), len(figures))
         t0 = time.perf_counter()
         radius_um = hotspot_radius_um(bundle.decision.hotspot_area_mm2)
 
@@ -174,7 +168,7 @@ def _analyze(
             figures=tuple(figures),
             provenance=_provenance(config, engines, times),
         )
-        return Analysis(result, sp, overview, overview_mpp, times, total, detections.raw)
+        return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw)
 
 
 def _check_scale(slide: Slide, sp: SlidePlan, bundle: Bundle) -> None:
@@ -196,12 +190,18 @@ def _detect(
     cancel_event: threading.Event | None,
     times: StageTimes,
     report: Progress,
-) -> _Detections:
-    """Stream tiles through the detector, one batch in flight behind the one being read."""
+) -> _Candidates:
+    """Stream tiles through the detector and classify its candidates as they come.
+
+    Each batch's candidates are cut from the tile already in memory (no second read of the slide)
+    and classified in batches of ``engines.classifier_batch`` between detector batches: on a CPU
+    backend both engines share the cores, so running them in turn is as fast as overlapping them
+    and keeps only one classifier batch of crops in memory.
+    """
     spec = engines.bundle.detector
     ownership = TileOwnership(sp.plan)
     px0_per_out = (sp.plan.px0_per_out_x, sp.plan.px0_per_out_y)
-    found = _Detections()
+    candidates = _Candidates(slide, sp, config, engines, times)
     detector = engines.detector
     in_flight: list[tuple[TileBatch, Pending]] = []
 
@@ -214,88 +214,164 @@ def _detect(
         raw = outputs[spec.output]
         for i, tile in enumerate(batch.tiles):
             boxes = nms(decode(raw[i], spec), spec.nms_iou, spec.max_detections)
-            found.raw += len(boxes)
+            candidates.raw += len(boxes)
             if len(boxes) == 0:
                 continue
             cx_out = tile.x + boxes.cx
             cy_out = tile.y + boxes.cy
             keep = ownership.owned_by(tile.index, cx_out, cy_out) & (boxes.cx < tile.width) & (boxes.cy < tile.height)
             if keep.any():
-                found.parts.append(to_slide(boxes.take(keep), tile, px0_per_out))
+                local = boxes.take(keep)
+                times.decode += time.perf_counter() - t0
+                candidates.add(tile, batch.pixels[i], local, to_slide(local, tile, px0_per_out))
+                t0 = time.perf_counter()
         times.decode += time.perf_counter() - t0
+        candidates.classify_ready()
 
     done = 0
     try:
         with open_stream(slide, sp, config, cancel_event) as stream:
             for batch in stream:
-                in_flight.append((batch, detector.submit(batch.pixels)))
-                if len(in_flight) > 1:
-                    first = in_flight.pop(0)
+                if in_flight:
+                    first = in_flight.pop()
                     collect(first)
                     done += len(first[0].tiles)
                     report("detect", done, len(sp.plan))
+                in_flight.append((batch, detector.submit(batch.pixels)))
             while in_flight:
-                first = in_flight.pop(0)
+                first = in_flight.pop()
                 collect(first)
                 done += len(first[0].tiles)
                 report("detect", done, len(sp.plan))
             times.read = stream.stats.read_seconds
             times.read_wait = stream.stats.wait_seconds
+        candidates.classify_rest()
     finally:
         for _batch, pending in in_flight:  # an error mid-way: wait for the engine before leaving
             try:
                 pending.result()
             except EdgeError:
                 pass
-    return found
+    return candidates
 
 
-def _classify(
-    slide: Slide,
-    boxes: Boxes,
-    config: Config,
-    engines: EngineSet,
-    cancel_event: threading.Event | None,
-    times: StageTimes,
-    report: Progress,
-) -> list[Figure]:
-    """Read a crop per candidate for each classifier (grouped by crop size and mpp) and run the ensemble."""
-    bundle = engines.bundle
-    n = len(boxes)
-    report("classify", 0, n)
-    if n == 0:
-        return []
-    mpp0 = slide.info.level_mpp(0)
-    p_mitotic: dict[str, np.ndarray] = {}
-    p_atypical: dict[str, np.ndarray] = {}
-    groups: dict[tuple[int, float], list[str]] = {}
-    for clf in bundle.classifiers:
-        groups.setdefault((clf.size, clf.mpp), []).append(clf.name)
-    batch_size = max(1, min(config.engines.classifier_batch, *(e.max_batch for e in engines.classifiers.values())))
-    work = n * len(groups)
-    for g, ((size, mpp), names) in enumerate(groups.items()):
-        scale = slide.read_scale(mpp)
-        x0, y0 = crop_origins(boxes.cx, boxes.cy, size, (scale.px0_per_out_x, scale.px0_per_out_y))
-        results: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {name: [] for name in names}
-        for start, crops in _crop_batches(slide, x0, y0, size, scale, batch_size, cancel_event, times):
-            t0 = time.perf_counter()
-            pending = {name: engines.classifiers[name].submit(crops) for name in names}
-            for name in names:
+@dataclass
+class _CropGroup:
+    """Classifiers that take the same crop (size and mpp), and the crops waiting for their next batch."""
+
+    size: int
+    scale: ReadScale
+    names: list[str]
+    from_tiles: bool  # the classifiers read at the tiles' scale: crops are cut from the tile in memory
+    pending: list[np.ndarray] = field(default_factory=list)
+
+
+class _Candidates:
+    """Every candidate kept so far (level-0 boxes) and each classifier's probabilities for it."""
+
+    def __init__(self, slide: Slide, sp: SlidePlan, config: Config, engines: EngineSet, times: StageTimes) -> None:
+        self.slide = slide
+        self.engines = engines
+        self.times = times
+        self.raw = 0  # detections before ownership and merging
+        self.boxes: list[Boxes] = []
+        self.p_mitotic: dict[str, list[np.ndarray]] = {c.name: [] for c in engines.bundle.classifiers}
+        self.p_atypical: dict[str, list[np.ndarray | None]] = {c.name: [] for c in engines.bundle.classifiers}
+        self.waiting = 0  # candidates added but not yet classified
+        self.batch_size = max(
+            1, min(config.engines.classifier_batch, *(e.max_batch for e in engines.classifiers.values()))
+        )
+        self.groups: list[_CropGroup] = []
+        for clf in engines.bundle.classifiers:
+            scale = slide.read_scale(clf.mpp)
+            group = next((g for g in self.groups if g.size == clf.size and g.scale == scale), None)
+            if group is None:
+                self.groups.append(_CropGroup(clf.size, scale, [clf.name], scale == sp.scale))
+            else:
+                group.names.append(clf.name)
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.boxes)
+
+    def add(self, tile: Tile, pixels: np.ndarray, local: Boxes, boxes: Boxes) -> None:
+        """Queue crops of a tile's candidates: ``local`` in the tile's px, ``boxes`` the same in level-0 px."""
+        t0 = time.perf_counter()
+        for group in self.groups:
+            group.pending.append(self._crops(group, tile, pixels, local, boxes))
+        self.boxes.append(boxes)
+        self.waiting += len(boxes)
+        self.times.crops += time.perf_counter() - t0
+
+    def classify_ready(self) -> None:
+        while self.waiting >= self.batch_size:
+            self._classify(self.batch_size)
+
+    def classify_rest(self) -> None:
+        if self.waiting:
+            self._classify(self.waiting)
+
+    def merged(self, radius_px: float) -> tuple[Boxes, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One candidate per figure across tiles (see ``merge_across_tiles``) with its probabilities."""
+        boxes = Boxes.concat(self.boxes)
+        keep = merge_indices(boxes, radius_px)
+        p_mitotic = {name: np.concatenate(parts)[keep] for name, parts in self.p_mitotic.items()}
+        p_atypical: dict[str, np.ndarray] = {}
+        for name, parts in self.p_atypical.items():
+            arrays = [p for p in parts if p is not None]
+            if arrays and len(arrays) == len(parts):
+                p_atypical[name] = np.concatenate(arrays)[keep]
+        return boxes.take(keep), p_mitotic, p_atypical
+
+    def _crops(self, group: _CropGroup, tile: Tile, pixels: np.ndarray, local: Boxes, boxes: Boxes) -> np.ndarray:
+        size = group.size
+        out = np.empty((len(boxes), size, size, 3), np.uint8)
+        left = np.round(local.cx.astype(np.float64) - size / 2).astype(np.int64)
+        top = np.round(local.cy.astype(np.float64) - size / 2).astype(np.int64)
+        inside = (left >= 0) & (top >= 0) & (left + size <= tile.width) & (top + size <= tile.height)
+        if not group.from_tiles:
+            inside[:] = False
+        x0, y0 = crop_origins(boxes.cx, boxes.cy, size, (group.scale.px0_per_out_x, group.scale.px0_per_out_y))
+        for j in range(len(boxes)):
+            if inside[j]:
+                out[j] = pixels[top[j] : top[j] + size, left[j] : left[j] + size]
+            else:  # near the tile's edge, or another scale: read from the slide (pads past its edge)
+                self.slide.read_region(float(x0[j]), float(y0[j]), size, size, group.scale, out=out[j])
+        return out
+
+    def _classify(self, n: int) -> None:
+        t0 = time.perf_counter()
+        bundle = self.engines.bundle
+        for group in self.groups:
+            crops = np.concatenate(group.pending) if len(group.pending) > 1 else group.pending[0]
+            batch, rest = crops[:n], crops[n:]
+            group.pending = [rest] if len(rest) else []
+            pending = {name: self.engines.classifiers[name].submit(batch) for name in group.names}
+            for name in group.names:
                 spec = next(c for c in bundle.classifiers if c.name == name)
-                results[name].append(classifier_outputs_to_probabilities(pending[name].result(), spec))
-            times.classify += time.perf_counter() - t0
-            report("classify", g * n + min(n, start + len(crops)), work)
-        for name in names:
-            p_mitotic[name] = np.concatenate([m for m, _ in results[name]])
-            if all(a is not None for _, a in results[name]):
-                p_atypical[name] = np.concatenate([a for _, a in results[name] if a is not None])
+                p_mf, p_amf = classifier_outputs_to_probabilities(pending[name].result(), spec)
+                self.p_mitotic[name].append(p_mf)
+                self.p_atypical[name].append(p_amf)
+        self.waiting -= n
+        self.times.classify += time.perf_counter() - t0
+
+
+def _figures(
+    boxes: Boxes,
+    p_mitotic: dict[str, np.ndarray],
+    p_atypical: dict[str, np.ndarray],
+    bundle: Bundle,
+    mpp0: tuple[float, float],
+) -> list[Figure]:
+    """The ensemble's decision for every merged candidate."""
+    if len(boxes) == 0:
+        return []
     weights = {c.name: c.weight for c in bundle.classifiers}
     ensemble = ensemble_mitotic(p_mitotic, weights)
     chosen = [c.name for c in bundle.atypical_classifiers if c.name in p_atypical]
     atypical = atypical_probability(p_atypical, chosen)
     is_mitotic, subtype = decide(ensemble, atypical, bundle.decision)
     figures = []
-    for i in range(n):
+    for i in range(len(boxes)):
         scores = {f"mitotic:{k}": float(v[i]) for k, v in p_mitotic.items()}
         scores.update({f"atypical:{k}": float(v[i]) for k, v in p_atypical.items()})
         mitotic = bool(is_mitotic[i])
@@ -313,41 +389,6 @@ def _classify(
             )
         )
     return figures
-
-
-def _crop_batches(
-    slide: Slide,
-    x0: np.ndarray,
-    y0: np.ndarray,
-    size: int,
-    scale: Any,
-    batch_size: int,
-    cancel_event: threading.Event | None,
-    times: StageTimes,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Batches of crops, the next one read in worker threads while the caller classifies this one."""
-
-    def read(start: int) -> np.ndarray:
-        t0 = time.perf_counter()
-        stop = min(len(x0), start + batch_size)
-        out = np.empty((stop - start, size, size, 3), np.uint8)
-        for j, i in enumerate(range(start, stop)):
-            slide.read_region(float(x0[i]), float(y0[i]), size, size, scale, out=out[j])
-        times.crops += time.perf_counter() - t0
-        return out
-
-    starts = list(range(0, len(x0), batch_size))
-    with ThreadPoolExecutor(CROP_READ_THREADS, thread_name_prefix="crops") as pool:
-        ahead = [pool.submit(read, s) for s in starts[:2]]
-        for k, start in enumerate(starts):
-            if cancel_event is not None and cancel_event.is_set():
-                for f in ahead:
-                    f.cancel()
-                raise StreamCancelled("analysis cancelled while classifying candidates")
-            crops = ahead.pop(0).result()
-            if k + 2 < len(starts):
-                ahead.append(pool.submit(read, starts[k + 2]))
-            yield start, crops
 
 
 def _provenance(config: Config, engines: EngineSet, times: StageTimes) -> dict[str, Any]:

@@ -121,3 +121,35 @@ def test_cancel_stops_the_analysis(bundle_dir: Path, synth_slide: SynthFactory) 
 def test_a_slide_far_coarser_than_the_models_is_refused(bundle_dir: Path, synth_slide: SynthFactory) -> None:
     with fake_engines(bundle_dir) as engines, pytest.raises(SlideReadError, match="too coarse for the detector"):
         analyze_slide(synth_slide(width=1024, height=1024, mpp=1.0, seed=3), _config(bundle_dir), engines=engines)
+
+
+def test_crops_cut_from_the_tile_in_memory_match_crops_read_from_the_slide(
+    bundle_dir: Path, synth_slide: SynthFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The classifiers see the same pixels whether a crop is cut from the detector's tile or read again."""
+    import edge.pipeline as pipeline
+
+    path = synth_slide(width=2048, height=1536, seed=3)
+    seen: dict[bool, list[np.ndarray]] = {True: [], False: []}
+    original = pipeline._Candidates._crops
+
+    def recording(self: pipeline._Candidates, group: pipeline._CropGroup, *args: object) -> np.ndarray:
+        crops = original(self, group, *args)  # type: ignore[arg-type]
+        seen[group.from_tiles].append(crops)
+        return crops
+
+    monkeypatch.setattr(pipeline._Candidates, "_crops", recording)
+    with fake_engines(bundle_dir) as engines:
+        analyze_slide(path, _config(bundle_dir), engines=engines)
+        init = pipeline._Candidates.__init__
+
+        def from_the_slide(self: pipeline._Candidates, *args: object) -> None:
+            init(self, *args)  # type: ignore[arg-type]
+            for group in self.groups:
+                group.from_tiles = False
+
+        monkeypatch.setattr(pipeline._Candidates, "__init__", from_the_slide)
+        analyze_slide(path, _config(bundle_dir), engines=engines)
+    cut, read = np.concatenate(seen[True]), np.concatenate(seen[False])
+    assert len(cut) == len(read) > 0
+    assert np.array_equal(cut, read)
