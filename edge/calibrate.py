@@ -1,5 +1,10 @@
 """Calibration as in the paper: choose ensemble weights and the MF threshold that maximise F1 on validation slides.
 
+The detector's score threshold is searched too: every candidate the detector drops is one crop less to
+classify, so the highest detector threshold that still reaches the best F1 is chosen.
+Filtering the cached candidates by detector score is exact: NMS and the merge across tiles keep the
+higher score, so a lower-scoring box never removed a higher one.
+
 One inference pass per slide caches every candidate's position and per-model p(MF); the grid search
 then only recombines those numbers (no engine runs per grid point). The result is written as a new
 bundle version beside a calibration report; a bundle is never edited in place.
@@ -40,6 +45,17 @@ class CachedSlide:
     points_um: np.ndarray  # (N, 2) candidate centres
     p_mitotic: dict[str, np.ndarray]  # model name -> (N,)
     truth_um: np.ndarray  # (T, 2) true mitotic figures
+    detector_score: np.ndarray | None = None  # (N,); None: detector thresholds are not searched
+
+    def above(self, detector_threshold: float) -> CachedSlide:
+        """The candidates a detector with this score threshold would have proposed."""
+        if self.detector_score is None:
+            return self
+        keep = self.detector_score >= detector_threshold
+        return CachedSlide(
+            self.name, self.points_um[keep], {m: p[keep] for m, p in self.p_mitotic.items()}, self.truth_um,
+            self.detector_score[keep],
+        )
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,8 @@ class GridPoint(DetectionMetrics):
     tp: int
     fp: int
     fn: int
+    detector_threshold: float | None = None  # None: the bundle's own
+    candidates: int = 0  # candidates over all slides at this detector threshold (classifier work)
 
     def counts(self) -> tuple[int, int, int]:
         return self.tp, self.fp, self.fn
@@ -70,12 +88,34 @@ class Calibration:
         return {
             "models": list(self.models),
             "best": {"weights": dict(zip(self.models, self.best.weights, strict=True)),
-                     "mitotic_threshold": self.best.threshold, "f1": self.best.score,
+                     "mitotic_threshold": self.best.threshold, "detector_score_threshold": self.best.detector_threshold,
+                     "candidates": self.best.candidates, "f1": self.best.score,
                      "tp": self.best.tp, "fp": self.best.fp, "fn": self.best.fn},
             "slides": self.slides,
-            "grid": [{"weights": list(g.weights), "threshold": g.threshold, "f1": round(g.score, 6),
-                      "tp": g.tp, "fp": g.fp, "fn": g.fn} for g in self.grid],
+            "detector": self.detector_summary(),
+            "grid": [{"weights": list(g.weights), "threshold": g.threshold, "detector_threshold": g.detector_threshold,
+                      "f1": round(g.score, 6), "tp": g.tp, "fp": g.fp, "fn": g.fn} for g in self.grid],
         }
+
+
+    def detector_summary(self) -> list[dict[str, Any]]:
+        """Per detector threshold: the candidates left and the best F1 reachable with them."""
+        rows: dict[float | None, dict[str, Any]] = {}
+        for g in self.grid:
+            row = rows.setdefault(g.detector_threshold, {"score_threshold": g.detector_threshold,
+                                                         "candidates": g.candidates, "best_f1": 0.0})
+            row["best_f1"] = max(row["best_f1"], round(g.score, 6))
+        return list(rows.values())
+
+
+def detector_threshold_grid(current: float, *, step: float = 0.05, highest: float = 0.6) -> list[float]:
+    """The bundle's detector threshold and every multiple of ``step`` above it up to ``highest``.
+
+    >>> detector_threshold_grid(0.14, step=0.1, highest=0.4)
+    [0.14, 0.2, 0.3, 0.4]
+    """
+    above = [round(k * step, 6) for k in range(1, round(highest / step) + 1) if k * step > current + 1e-9]
+    return [current, *above]
 
 
 def weight_grid(models: int, step: float) -> list[tuple[float, ...]]:
@@ -101,23 +141,29 @@ def grid_search(
     *,
     weight_step: float = DEFAULT_WEIGHT_STEP,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    detector_thresholds: Sequence[float] = (),
     radius_um: float = DEFAULT_MATCH_RADIUS_UM,
 ) -> Calibration:
-    """F1 (TP, FP, FN summed over slides, MIDOG matching) for every weights x threshold; the best wins.
+    """F1 (TP, FP, FN summed over slides, MIDOG matching) for every detector threshold x weights x MF
+    threshold; the best wins. No ``detector_thresholds``: the candidates as cached.
 
-    Ties are broken by ``choose_best``: the middle of the widest plateau of best F1.
+    Ties are broken by ``choose_best``: the highest detector threshold with the best F1, then the
+    middle of the widest plateau of best F1 over weights and MF thresholds.
     """
     if not slides:
         raise ConfigError("calibration needs at least one slide with truth")
     grid: list[GridPoint] = []
-    for weights in weight_grid(len(models), weight_step):
-        per_slide = [_weighted(s, models, weights) for s in slides]
-        for threshold in thresholds:
-            tp = fp = fn = 0
-            for slide, p in zip(slides, per_slide, strict=True):
-                m = match_points(slide.points_um[p >= threshold], slide.truth_um, radius_um)
-                tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
-            grid.append(GridPoint(weights, float(threshold), tp, fp, fn))
+    for detector_threshold in detector_thresholds or (None,):
+        kept = [s if detector_threshold is None else s.above(detector_threshold) for s in slides]
+        candidates = sum(len(s.points_um) for s in kept)
+        for weights in weight_grid(len(models), weight_step):
+            per_slide = [_weighted(s, models, weights) for s in kept]
+            for threshold in thresholds:
+                tp = fp = fn = 0
+                for slide, p in zip(kept, per_slide, strict=True):
+                    m = match_points(slide.points_um[p >= threshold], slide.truth_um, radius_um)
+                    tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
+                grid.append(GridPoint(weights, float(threshold), tp, fp, fn, detector_threshold, candidates))
     return Calibration(tuple(models), choose_best(grid), grid, [s.name for s in slides])
 
 
@@ -130,6 +176,14 @@ def choose_best(grid: Sequence[GridPoint], tolerance: float = TIE_TOLERANCE) -> 
     is the choice least likely to fall off it on new slides.
     """
     top = max(round(g.score, 9) for g in grid) - tolerance
+    detector_thresholds = sorted({g.detector_threshold for g in grid if g.detector_threshold is not None})
+    if detector_thresholds:
+        # The detector threshold trades recall for work, so no tolerance here: the highest threshold
+        # that still reaches the very best F1 (no validation figure lost), classifying the fewest crops.
+        best = max(round(g.score, 9) for g in grid)
+        chosen = max(d for d in detector_thresholds
+                     if max(round(g.score, 9) for g in grid if g.detector_threshold == d) >= best)
+        grid = [g for g in grid if g.detector_threshold == chosen]
     by_weights: dict[tuple[float, ...], list[GridPoint]] = {}
     for g in grid:
         by_weights.setdefault(g.weights, []).append(g)
@@ -166,8 +220,11 @@ def _weighted(slide: CachedSlide, models: Sequence[str], weights: tuple[float, .
 # --- writing the calibrated bundle ----------------------------------------------------------------
 
 
-def calibrated_manifest(text: str, weights: dict[str, float], threshold: float, version: str) -> str:
-    """The manifest text with new classifier weights, MF threshold and version; comments and order kept."""
+def calibrated_manifest(
+    text: str, weights: dict[str, float], threshold: float, version: str, detector_threshold: float | None = None
+) -> str:
+    """The manifest text with new classifier weights, MF threshold, detector score threshold (when given)
+    and version; comments and order kept."""
     blocks = re.split(r"(?m)^(?=\s*\[)", text)
     out = []
     for block in blocks:
@@ -179,6 +236,8 @@ def calibrated_manifest(text: str, weights: dict[str, float], threshold: float, 
             name = re.search(r'(?m)^\s*name\s*=\s*"([^"]*)"', block)
             if name and name.group(1) in weights:
                 new = _set_key(block, "weight", f"{weights[name.group(1)]:g}")
+        elif header == "[detector]" and detector_threshold is not None:
+            new = _set_key(block, "score_threshold", f"{detector_threshold:g}")
         elif header == "[decision]":
             new = _set_key(block, "mitotic_threshold", f"{threshold:g}")
         out.append(new)
@@ -210,7 +269,10 @@ def write_calibrated_bundle(
     shutil.copytree(bundle.path, partial, ignore=shutil.ignore_patterns(REPORT_NAME, "*.partial"))
     manifest = partial / MANIFEST_NAME
     manifest.write_text(
-        calibrated_manifest(manifest.read_text(encoding="utf-8"), weights, calibration.best.threshold, version),
+        calibrated_manifest(
+            manifest.read_text(encoding="utf-8"), weights, calibration.best.threshold, version,
+            calibration.best.detector_threshold,
+        ),
         encoding="utf-8",
     )
     report = {

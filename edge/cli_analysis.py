@@ -42,6 +42,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     c.add_argument("--out", required=True, metavar="NEWDIR", help="folder for the new bundle version (must be new)")
     c.add_argument("--version", help="version of the new bundle (default: <version>+cal.<date>)")
     c.add_argument("--weight-step", type=float, default=0.05, help="ensemble weight grid step (default 0.05)")
+    c.add_argument("--detector-up-to", type=float, default=0.6, metavar="P",
+                   help="also search detector score thresholds from the bundle's up to P in steps of 0.05 "
+                   "(default 0.6; 0 keeps the bundle's)")
     c.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
     c.add_argument("--mpp", type=float, help="µm/px for slides that record none")
     c.add_argument("--json", action="store_true", help="print the calibration report as JSON")
@@ -168,7 +171,7 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from edge.calibrate import CachedSlide, grid_search, write_calibrated_bundle
+    from edge.calibrate import CachedSlide, detector_threshold_grid, grid_search, write_calibrated_bundle
     from edge.engines import load_bundle, open_engines
     from edge.errors import ConfigError
     from edge.evaluate import read_truth
@@ -191,9 +194,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                     points_um=np.array([[f.x_um, f.y_um] for f in figures]).reshape(-1, 2),
                     p_mitotic={m: np.array([f.scores[f"mitotic:{m}"] for f in figures]) for m in models},
                     truth_um=truth.points_um,
+                    detector_score=np.array([f.detector_score for f in figures]),
                 )
             )
-    calibration = grid_search(cached, models, weight_step=args.weight_step)
+    own = bundle.detector.score_threshold
+    detector_thresholds = detector_threshold_grid(own, highest=args.detector_up_to) if args.detector_up_to > own else []
+    calibration = grid_search(cached, models, weight_step=args.weight_step, detector_thresholds=detector_thresholds)
     new = write_calibrated_bundle(bundle, calibration, args.out, version=args.version)
     if args.json:
         print(json.dumps(calibration.to_json_dict(), indent=2))
@@ -204,5 +210,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"(TP {best.tp}, FP {best.fp}, FN {best.fn})")
     print(f"weights    {weights}")
     print(f"threshold  mitotic_threshold = {best.threshold:g}")
+    if best.detector_threshold is not None:
+        print(f"detector   score_threshold = {best.detector_threshold:g} ({best.candidates} candidates to classify, "
+              f"{sum(len(c.points_um) for c in cached)} at the bundle's {own:g})")
     print(f"wrote      bundle {new.name} {new.version} to {new.path} (report: {new.path / 'calibration.json'})")
     return EXIT_OK

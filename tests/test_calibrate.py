@@ -87,3 +87,28 @@ def test_ties_go_to_the_middle_of_the_widest_best_plateau() -> None:
     grid += [point(1.0, t / 10, 10 if t == 9 else 5) for t in range(1, 10)]
     best = choose_best(grid)
     assert best.weights == (0.5, 0.5) and best.threshold == 0.5
+
+
+def test_the_detector_threshold_rises_while_it_costs_no_f1(tmp_path: Path) -> None:
+    """True figures score >= 0.6 at the detector, look-alikes spread over 0.1-0.9: every detector
+    threshold up to 0.6 keeps the best F1 with fewer candidates, and the highest of them is chosen."""
+    rng = np.random.default_rng(5)
+    base = _slide(1)
+    detector_score = np.r_[rng.uniform(0.6, 1.0, 40), rng.uniform(0.1, 0.9, 20)]
+    slide = CachedSlide(base.name, base.points_um, base.p_mitotic, base.truth_um, detector_score)
+    calibration = grid_search([slide], ["a", "b"], weight_step=0.5, detector_thresholds=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert calibration.best.score == 1.0
+    assert calibration.best.detector_threshold == 0.6  # the least work at the best F1
+    summary = {row["score_threshold"]: row for row in calibration.detector_summary()}
+    assert summary[0.6]["candidates"] < summary[0.1]["candidates"] == 60
+    bundle = load_bundle(make_tiny_bundle(tmp_path / "tiny"))
+    new = write_calibrated_bundle(bundle, calibration, tmp_path / "tiny-cal")
+    assert new.detector.score_threshold == 0.6
+
+
+def test_a_detector_threshold_that_loses_figures_is_not_chosen() -> None:
+    base = _slide(1)
+    detector_score = np.r_[np.linspace(0.15, 0.9, 40), np.full(20, 0.12)]  # true figures from 0.15 up
+    slide = CachedSlide(base.name, base.points_um, base.p_mitotic, base.truth_um, detector_score)
+    calibration = grid_search([slide], ["a", "b"], weight_step=0.5, detector_thresholds=[0.1, 0.15, 0.3, 0.5])
+    assert calibration.best.detector_threshold in (0.1, 0.15) and calibration.best.fn == 0
