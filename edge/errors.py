@@ -12,11 +12,16 @@ Every error a user can cause says what was wrong, with the value, and what to do
     │   ├── MissingMppError                 no pixel size recorded and none given
     │   └── CorruptSlideError               truncated or damaged file
     │       └── TileDecodeError             one tile failed to decode during a read
-    └── EngineError                         anything about model bundles and inference engines
-        ├── ManifestError (ValueError)      a bundle's manifest disagrees with itself or its ONNX files
-        ├── EngineInputError (ValueError)   a batch of the wrong shape or dtype was given to an engine
-        ├── BackendUnavailableError         the backend is not installed, or no GPU is usable
-        └── PlanError                       a TensorRT plan is missing, stale or built for other hardware
+    ├── EngineError                         anything about model bundles and inference engines
+    │   ├── ManifestError (ValueError)      a bundle's manifest disagrees with itself or its ONNX files
+    │   ├── EngineInputError (ValueError)   a batch of the wrong shape or dtype was given to an engine
+    │   ├── BackendUnavailableError         the backend is not installed, or no GPU is usable
+    │   └── PlanError                       a TensorRT plan is missing, stale or built for other hardware
+    └── StoreError                          anything about the job store (SQLite)
+        ├── JobNotFoundError (KeyError)     no job with that id
+        ├── ResultNotFoundError (KeyError)  no result (yet) for that job or fingerprint
+        ├── JobStateError                   the job is in a state that does not allow the change
+        └── StoreCorruptError               not a mitosis-edge store, or a newer schema than this version
 """
 
 from __future__ import annotations
@@ -120,3 +125,29 @@ class PlanError(EngineError):
 
     def __reduce__(self) -> tuple[type[PlanError], tuple[str, str]]:
         return (type(self), (self.message, self.command))
+
+
+class StoreError(EdgeError):
+    """The job store could not do what was asked. Names the store or job and what to do."""
+
+
+class _StoreKeyError(StoreError, KeyError):
+    # KeyError.__str__ quotes its message; a store error reads as a sentence.
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class JobNotFoundError(_StoreKeyError):
+    """No job with that id exists in the store."""
+
+
+class ResultNotFoundError(_StoreKeyError):
+    """The job (or fingerprint) has no stored result: unknown, not done yet, or failed."""
+
+
+class JobStateError(StoreError):
+    """The job's state does not allow the change, e.g. cancelling a job that is already done."""
+
+
+class StoreCorruptError(StoreError):
+    """The file is not a mitosis-edge store, is damaged, or has a newer schema than this version knows."""

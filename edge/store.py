@@ -1,0 +1,822 @@
+"""The daemon's durable state in one SQLite file: jobs, slides, results, detections and the event log.
+
+WAL mode: one writer connection behind a lock, pooled reader connections that never wait on a write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from edge.errors import JobNotFoundError, JobStateError, ResultNotFoundError, StoreCorruptError, StoreError
+from edge.scoring import Figure, SlideResult
+
+__all__ = [
+    "DETECTION_CLASSES",
+    "EVENT_TYPES",
+    "JOB_SOURCES",
+    "JOB_STATES",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Event",
+    "Job",
+    "JobNotFoundError",
+    "JobStateError",
+    "ResultNotFoundError",
+    "Store",
+    "StoreCorruptError",
+    "StoreError",
+    "StoredResult",
+]
+
+log = logging.getLogger(__name__)
+
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+JOB_SOURCES = ("watch", "submit")
+EVENT_TYPES = (
+    "job_queued",
+    "job_running",
+    "job_retry",
+    "job_done",
+    "job_failed",
+    "job_cancelled",
+    "job_requeued",
+)
+# "normal", "atypical", "uncertain": mitotic figures by subtype; "non_mitotic": rejected candidates.
+DETECTION_CLASSES = ("normal", "atypical", "uncertain", "non_mitotic")
+
+APPLICATION = "mitosis-edge"  # meta.application: tells our store from any other SQLite file
+BUSY_TIMEOUT_MS = 10_000  # another process (a CLI, a second daemon) holding the write lock
+EVENT_POLL_S = 0.5  # wait_for_events also sees events written by other processes this often
+DEFAULT_DETECTION_BATCH = 500
+MAX_PAGE = 10_000  # most rows one list_jobs or events_after call returns
+RESTART_REASON = "daemon restarted"
+FAILURE_REASON_CHARS = 60  # failure_counts keys: the error's first clause, cut to this length
+
+# Migration i takes the schema from version i to i + 1; each is a list of single SQL statements
+# run in one transaction with the version bump. A new version is one more entry at the end;
+# a released entry never changes (its text is literal SQL, not built from the constants above).
+_V1 = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "INSERT INTO meta (key, value) VALUES ('application', 'mitosis-edge')",
+    """CREATE TABLE slides (
+        slide_id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        fingerprint TEXT,
+        meta TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX slides_by_fingerprint ON slides (fingerprint)",
+    "CREATE INDEX slides_by_path ON slides (path)",
+    """CREATE TABLE jobs (
+        job_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        slide_id INTEGER NOT NULL REFERENCES slides (slide_id),
+        state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        source TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        mpp_override REAL,
+        bundle TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        not_before REAL
+    )""",
+    "CREATE INDEX jobs_by_slide ON jobs (slide_id)",
+    "CREATE INDEX jobs_to_claim ON jobs (state, priority DESC, created_at, job_id)",
+    """CREATE TABLE results (
+        job_id INTEGER PRIMARY KEY REFERENCES jobs (job_id),
+        summary TEXT NOT NULL,
+        exports TEXT NOT NULL,
+        detections INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        pruned_at REAL
+    )""",
+    "CREATE INDEX results_by_age ON results (created_at)",
+    """CREATE TABLE detections (
+        detection_id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES results (job_id),
+        class TEXT NOT NULL CHECK (class IN ('normal', 'atypical', 'uncertain', 'non_mitotic')),
+        p_mitotic REAL NOT NULL,
+        x_px REAL NOT NULL,
+        y_px REAL NOT NULL,
+        figure TEXT NOT NULL
+    )""",
+    # (job_id, detection_id): keyset pages scan each job's rows in order, whatever the filter.
+    "CREATE INDEX detections_by_job ON detections (job_id)",
+    """CREATE TABLE events (
+        sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+        type TEXT NOT NULL,
+        job_id INTEGER REFERENCES jobs (job_id),
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One slide to analyse and where it stands. Times are unix seconds."""
+
+    job_id: int
+    state: str
+    slide_path: str
+    fingerprint: str | None
+    source: str
+    priority: int
+    mpp_override: float | None
+    bundle: str | None
+    attempts: int
+    error: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    not_before: float | None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A done job's result: the slide summary (SlideResult without figures) and its export paths."""
+
+    job_id: int
+    slide_path: str
+    fingerprint: str | None
+    summary: dict[str, Any]
+    exports: dict[str, str]
+    detections: int
+    created_at: float
+    pruned_at: float | None = None  # when the export files were handed out for deletion
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the event log; `sequence` increases by one per event, from 1."""
+
+    sequence: int
+    type: str
+    job_id: int | None
+    payload: dict[str, Any]
+    created_at: float
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_JOB_SELECT = """SELECT j.job_id, j.state, s.path, s.fingerprint, j.source, j.priority, j.mpp_override,
+    j.bundle, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.not_before
+    FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
+_JOB_UPDATE = """UPDATE jobs SET state = ?, attempts = ?, error = ?, started_at = ?, finished_at = ?,
+    not_before = ? WHERE job_id = ?"""
+_RESULT_SELECT = """SELECT r.job_id, s.path, s.fingerprint, r.summary, r.exports, r.detections, r.created_at,
+    r.pruned_at FROM results r JOIN jobs j ON j.job_id = r.job_id JOIN slides s ON s.slide_id = j.slide_id"""
+_EVENT_SELECT = "SELECT sequence, type, job_id, payload, created_at FROM events"
+
+
+class Store:
+    """The job store. Thread-safe: the watcher, the workers and gRPC threads call it at once.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder, Store.open(Path(folder) / "edge.db") as store:
+    ...     job, created = store.add_job("/scans/a.svs", fingerprint="sha256:ab")
+    ...     store.add_job("/scans/a-copy.svs", fingerprint="sha256:ab")[1], store.claim_next_job().state
+    (False, 'running')
+    """
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._write_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._closed = False
+        self._events_changed = threading.Condition()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._writer = _connect(self.path)
+        except sqlite3.Error as exc:
+            raise _open_error(self.path, exc) from exc
+        try:
+            _prepare(self._writer, self.path, MIGRATIONS)
+        except BaseException as exc:
+            self._writer.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _open_error(self.path, exc) from exc
+            raise
+
+    @classmethod
+    def open(cls, path: str | Path, *, clock: Callable[[], float] = time.time) -> Store:
+        """Open the store at `path`: created from nothing, or migrated from an older schema."""
+        return cls(path, clock=clock)
+
+    def close(self) -> None:
+        """Close every connection; waiters in `wait_for_events` return at once. Idempotent."""
+        with self._pool_lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._idle_readers = self._idle_readers, []
+        for conn in idle:
+            conn.close()
+        with self._write_lock:
+            self._writer.close()
+        with self._events_changed:
+            self._events_changed.notify_all()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    @property
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(_one(conn, "PRAGMA user_version")[0])
+
+    # --- connections ------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT); rolled back on any exception."""
+        with self._write_lock:
+            self._check_open()
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        with self._events_changed:
+            self._events_changed.notify_all()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A reader connection from the pool (a new one when all are busy), returned after use."""
+        with self._pool_lock:
+            self._check_open()
+            conn = self._idle_readers.pop() if self._idle_readers else None
+        if conn is None:
+            conn = _connect(self.path, reader=True)
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            with self._pool_lock:
+                closed = self._closed
+                if not closed:
+                    self._idle_readers.append(conn)
+            if closed:
+                conn.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.path} is closed; open it again with Store.open")
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def add_job(
+        self,
+        slide_path: str,
+        *,
+        fingerprint: str | None = None,
+        source: str = "watch",
+        priority: int = 0,
+        mpp_override: float | None = None,
+        bundle: str | None = None,
+        dedupe: bool = True,
+        slide_meta: Mapping[str, Any] | None = None,
+    ) -> tuple[Job, bool]:
+        """Queue a slide; returns (job, created).
+
+        With `dedupe` and a fingerprint seen before (in any state, so a bad file is not retried
+        in a loop) nothing is written and the newest job with it comes back with created False.
+        """
+        _check_source(source)
+        meta = json.dumps(dict(slide_meta or {}))
+        now = self._clock()
+        with self._write() as conn:
+            if dedupe and fingerprint is not None:
+                row = _one(
+                    conn, f"{_JOB_SELECT} WHERE s.fingerprint = ? ORDER BY j.job_id DESC LIMIT 1", (fingerprint,)
+                )
+                if row is not None:
+                    return Job(*row), False
+            slide_id = _slide_id(conn, str(slide_path), fingerprint, meta, now)
+            job = _insert_job(conn, self.path, slide_id, source, int(priority), mpp_override, bundle, now)
+        return job, True
+
+    def add_failed_job(
+        self, slide_path: str, error: str, *, fingerprint: str | None = None, source: str = "watch"
+    ) -> Job:
+        """Record a slide that failed before it could be queued (e.g. never settled), in one transaction.
+
+        Appends "job_queued" then "job_failed", like any job that fails; never deduplicated.
+        """
+        _check_source(source)
+        now = self._clock()
+        with self._write() as conn:
+            slide_id = _slide_id(conn, str(slide_path), fingerprint, "{}", now)
+            job = _insert_job(conn, self.path, slide_id, source, 0, None, None, now)
+            failed = _save(conn, replace(job, state="failed", error=error, finished_at=now))
+            _append_event(conn, "job_failed", failed, now, {"error": error, "attempts": 0})
+        return failed
+
+    def claim_next_job(self, now: float | None = None) -> Job | None:
+        """Start the next job: queued and due, highest priority first, then the oldest. None if none."""
+        moment = self._clock() if now is None else now
+        with self._write() as conn:
+            row = _one(
+                conn,
+                f"{_JOB_SELECT} WHERE j.state = 'queued' AND (j.not_before IS NULL OR j.not_before <= ?)"
+                " ORDER BY j.priority DESC, j.created_at, j.job_id LIMIT 1",
+                (moment,),
+            )
+            if row is None:
+                return None
+            job = Job(*row)
+            running = _save(conn, replace(job, state="running", attempts=job.attempts + 1, started_at=moment))
+            _append_event(conn, "job_running", running, moment, {"attempts": running.attempts})
+        return running
+
+    def complete_job(self, job_id: int, result: SlideResult, exports: Mapping[str, str | Path]) -> Job:
+        """Store the result, one detection row per figure and the "job_done" event in one transaction.
+
+        Only a running job can complete; otherwise (e.g. cancelled meanwhile) JobStateError and
+        nothing is written.
+        """
+        summary = replace(result, figures=()).to_json_dict()
+        summary.pop("figures")
+        summary_json = json.dumps(summary)
+        exports_json = json.dumps({str(kind): str(Path(p).absolute()) for kind, p in exports.items()})
+        slide_json = json.dumps(dict(result.slide))
+        now = self._clock()
+        hotspot, totals = result.scores.hotspot.counts, result.scores.totals
+        with self._write() as conn:
+            job = _transition(conn, self.path, job_id, ("running",), "completed")
+            done = _save(conn, replace(job, state="done", finished_at=now, error=None))
+            conn.execute(
+                "INSERT INTO results (job_id, summary, exports, detections, created_at) VALUES (?, ?, ?, ?, ?)",
+                (job_id, summary_json, exports_json, len(result.figures), now),
+            )
+            conn.executemany(
+                "INSERT INTO detections (job_id, class, p_mitotic, x_px, y_px, figure) VALUES (?, ?, ?, ?, ?, ?)",
+                (_detection_row(job_id, figure) for figure in result.figures),
+            )
+            _merge_slide_meta(conn, job_id, slide_json)
+            payload = {
+                "mitotic_count": hotspot.mitotic,
+                "atypical_ratio": hotspot.atypical_ratio,
+                "total_mitotic": totals.mitotic,
+            }
+            _append_event(conn, "job_done", done, now, payload)
+        return done
+
+    def fail_job(self, job_id: int, error: str, *, retry_at: float | None = None) -> Job:
+        """Record a failed attempt: back to queued until `retry_at` ("job_retry"), or failed for good."""
+        now = self._clock()
+        with self._write() as conn:
+            job = _transition(conn, self.path, job_id, ("queued", "running"), "failed")
+            if retry_at is None:
+                new = _save(conn, replace(job, state="failed", error=error, finished_at=now))
+                _append_event(conn, "job_failed", new, now, {"error": error, "attempts": new.attempts})
+            else:
+                new = _save(conn, replace(job, state="queued", error=error, started_at=None, not_before=retry_at))
+                payload = {"error": error, "attempts": new.attempts, "retry_at": retry_at}
+                _append_event(conn, "job_retry", new, now, payload)
+        return new
+
+    def requeue_job(self, job_id: int, reason: str) -> Job:
+        """Put a running job back in the queue; the attempt does not count (it did not fail)."""
+        now = self._clock()
+        with self._write() as conn:
+            return _requeue(conn, _transition(conn, self.path, job_id, ("running",), "re-queued"), reason, now)
+
+    def cancel_job(self, job_id: int) -> Job:
+        """Cancel a queued or running job (stopping a running one is the caller's part)."""
+        now = self._clock()
+        with self._write() as conn:
+            job = _transition(conn, self.path, job_id, ("queued", "running"), "cancelled")
+            cancelled = _save(conn, replace(job, state="cancelled", finished_at=now))
+            _append_event(conn, "job_cancelled", cancelled, now)
+        return cancelled
+
+    def recover_running(self) -> list[Job]:
+        """At start-up: every job left running by a crash goes back to the queue."""
+        now = self._clock()
+        with self._write() as conn:
+            rows = conn.execute(f"{_JOB_SELECT} WHERE j.state = 'running' ORDER BY j.job_id").fetchall()
+            recovered = [_requeue(conn, Job(*row), RESTART_REASON, now) for row in rows]
+        if recovered:
+            log.info("re-queued %d job(s) left running: %s", len(recovered), [j.job_id for j in recovered])
+        return recovered
+
+    def get_job(self, job_id: int) -> Job:
+        with self._read() as conn:
+            return _job_in(conn, self.path, job_id)
+
+    def find_jobs_by_fingerprint(self, fingerprint: str) -> list[Job]:
+        """Every job of slides with this fingerprint, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(f"{_JOB_SELECT} WHERE s.fingerprint = ? ORDER BY j.job_id", (fingerprint,)).fetchall()
+        return [Job(*row) for row in rows]
+
+    def list_jobs(
+        self,
+        *,
+        states: Sequence[str] = (),
+        slide_path_contains: str = "",
+        after_job_id: int = 0,
+        limit: int = 100,
+        newest_first: bool = False,
+    ) -> list[Job]:
+        """One page of jobs ordered by id; the next page starts after the last id of this one."""
+        _check_page(limit)
+        clauses, params = _state_filter(states)
+        if slide_path_contains:
+            clauses.append("instr(s.path, ?) > 0")
+            params.append(slide_path_contains)
+        if after_job_id > 0:
+            clauses.append("j.job_id < ?" if newest_first else "j.job_id > ?")
+            params.append(after_job_id)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        order = "DESC" if newest_first else "ASC"
+        with self._read() as conn:
+            rows = conn.execute(f"{_JOB_SELECT}{where} ORDER BY j.job_id {order} LIMIT ?", (*params, limit)).fetchall()
+        return [Job(*row) for row in rows]
+
+    def queue_depth(self) -> int:
+        with self._read() as conn:
+            return int(_one(conn, "SELECT COUNT(*) FROM jobs WHERE state = 'queued'")[0])
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: 0 for state in JOB_STATES} | {state: int(n) for state, n in rows}
+
+    def failure_counts(self) -> dict[str, int]:
+        """Failed jobs by short reason: the error text's first clause (usually the exception class)."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT error, COUNT(*) FROM jobs WHERE state = 'failed' GROUP BY error").fetchall()
+        counts: dict[str, int] = {}
+        for error, n in rows:
+            reason = _short_reason(error)
+            counts[reason] = counts.get(reason, 0) + int(n)
+        return counts
+
+    # --- results and detections ----------------------------------------------------------------
+
+    def get_result(self, job_id: int) -> StoredResult:
+        with self._read() as conn:
+            row = _one(conn, f"{_RESULT_SELECT} WHERE r.job_id = ?", (job_id,))
+            if row is None:
+                raise _no_result(conn, self.path, job_id)
+        return _stored_result(row)
+
+    def get_result_by_fingerprint(self, fingerprint: str) -> StoredResult:
+        """The result of the newest done job of a slide with this fingerprint."""
+        with self._read() as conn:
+            row = _one(conn, f"{_RESULT_SELECT} WHERE s.fingerprint = ? ORDER BY r.job_id DESC LIMIT 1", (fingerprint,))
+        if row is None:
+            raise ResultNotFoundError(
+                f"no result for fingerprint {fingerprint!r} in {self.path}: no job of that slide is done yet;"
+                " submit the slide or wait for its job"
+            )
+        return _stored_result(row)
+
+    def iter_detections(
+        self,
+        job_id: int,
+        *,
+        classes: Sequence[str] = (),
+        min_p_mitotic: float = 0.0,
+        batch: int = DEFAULT_DETECTION_BATCH,
+    ) -> Iterator[Figure]:
+        """A done job's figures in stored order, read `batch` rows at a time (never all at once).
+
+        `classes` from DETECTION_CLASSES (empty: all). Raises ResultNotFoundError at once when the
+        job has no result.
+        """
+        wanted = tuple(classes)
+        unknown = [c for c in wanted if c not in DETECTION_CLASSES]
+        if unknown:
+            raise ValueError(f"detection classes {unknown} unknown; use any of {DETECTION_CLASSES}")
+        if batch < 1:
+            raise ValueError(f"batch={batch} must be at least 1")
+        with self._read() as conn:
+            if _one(conn, "SELECT 1 FROM results WHERE job_id = ?", (job_id,)) is None:
+                raise _no_result(conn, self.path, job_id)
+        return self._detection_pages(job_id, wanted, float(min_p_mitotic), batch)
+
+    def _detection_pages(
+        self, job_id: int, classes: tuple[str, ...], min_p_mitotic: float, batch: int
+    ) -> Iterator[Figure]:
+        class_filter = f" AND class IN ({', '.join('?' * len(classes))})" if classes else ""
+        sql = (
+            "SELECT detection_id, figure FROM detections WHERE job_id = ? AND detection_id > ?"
+            f"{class_filter} AND p_mitotic >= ? ORDER BY detection_id LIMIT ?"
+        )
+        last = 0
+        while True:
+            # A connection per page, never held across a yield: a client reading slowly blocks nothing.
+            with self._read() as conn:
+                rows = conn.execute(sql, (job_id, last, *classes, min_p_mitotic, batch)).fetchall()
+            for _, figure in rows:
+                yield Figure.from_json_dict(json.loads(figure))
+            if len(rows) < batch:
+                return
+            last = rows[-1][0]
+
+    def delete_exports_older_than(self, cutoff: float) -> list[StoredResult]:
+        """Mark results created before `cutoff` as pruned and return them; the caller deletes their files.
+
+        Results, detections and the export paths stay in the store.
+        """
+        now = self._clock()
+        with self._write() as conn:
+            rows = conn.execute(
+                f"{_RESULT_SELECT} WHERE r.created_at < ? AND r.pruned_at IS NULL ORDER BY r.job_id", (cutoff,)
+            ).fetchall()
+            conn.execute("UPDATE results SET pruned_at = ? WHERE created_at < ? AND pruned_at IS NULL", (now, cutoff))
+        return [replace(_stored_result(row), pruned_at=now) for row in rows]
+
+    # --- events --------------------------------------------------------------------------------
+
+    def events_after(self, sequence: int, limit: int = 1000) -> list[Event]:
+        """Events with a sequence above `sequence`, oldest first."""
+        _check_page(limit)
+        with self._read() as conn:
+            rows = conn.execute(f"{_EVENT_SELECT} WHERE sequence > ? ORDER BY sequence LIMIT ?", (sequence, limit))
+            return [Event(seq, kind, job, json.loads(payload), at) for seq, kind, job, payload, at in rows.fetchall()]
+
+    def last_sequence(self) -> int:
+        with self._read() as conn:
+            return int(_one(conn, "SELECT COALESCE(MAX(sequence), 0) FROM events")[0])
+
+    def wait_for_events(self, after_sequence: int, timeout: float) -> bool:
+        """Block until an event after `after_sequence` exists (True) or `timeout` s pass (False).
+
+        Woken by every commit of this process; other processes' events are seen within EVENT_POLL_S.
+        Returns False at once once the store is closed.
+        """
+        deadline = time.monotonic() + max(timeout, 0.0)
+        # The check runs under the condition's lock, so a commit's notify cannot slip in between.
+        with self._events_changed:
+            while not self._closed:
+                try:
+                    if self.last_sequence() > after_sequence:
+                        return True
+                except StoreError:
+                    return False  # closed by another thread meanwhile
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._events_changed.wait(min(remaining, EVENT_POLL_S))
+        return False
+
+
+# --- schema ----------------------------------------------------------------------------------------
+
+
+def _connect(path: Path, *, reader: bool = False) -> sqlite3.Connection:
+    # check_same_thread=False: pooled readers move between threads; each is used by one at a time.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")
+        if reader:
+            conn.execute("PRAGMA query_only = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _prepare(conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[str]]) -> None:
+    """Refuse a foreign or newer file untouched; else switch to WAL and migrate to the newest schema."""
+    _check_identity(conn, path, len(migrations))
+    conn.execute("PRAGMA journal_mode = WAL")
+    _migrate(conn, path, migrations)
+
+
+def _check_identity(conn: sqlite3.Connection, path: Path, known: int) -> int:
+    version = int(_one(conn, "PRAGMA user_version")[0])
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    app = _one(conn, "SELECT value FROM meta WHERE key = 'application'") if "meta" in tables else None
+    if version == 0 and not tables:
+        return 0  # a new, empty file
+    if app is None or app[0] != APPLICATION:
+        raise StoreCorruptError(
+            f"{path} is not a mitosis-edge store (an SQLite file with tables {sorted(tables)});"
+            " move it away or set another [daemon] data_dir"
+        )
+    if version > known:
+        raise StoreCorruptError(
+            f"{path} has store schema version {version}, newer than version {known} that this mitosis-edge knows;"
+            " upgrade mitosis-edge to use it (the file was left untouched)"
+        )
+    return version
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    if isinstance(exc, sqlite3.OperationalError):  # cannot open, locked, read-only, disk I/O
+        return StoreError(
+            f"cannot open the store {path}: {exc}; check that its folder is writable"
+            " and that no other program keeps the file locked"
+        )
+    return StoreCorruptError(
+        f"{path} is not a mitosis-edge store or is damaged ({exc}); move it away or set another [daemon] data_dir"
+    )
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[str]]) -> None:
+    target = len(migrations)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again under the write lock: another process may have migrated meanwhile.
+        start = _check_identity(conn, path, target)
+        for version in range(start, target):
+            for statement in migrations[version]:
+                _run_step(conn, path, statement, version)
+        if start < target:
+            conn.execute(f"PRAGMA user_version = {target}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if start < target:
+        log.info("store %s: schema version %d -> %d", path, start, target)
+
+
+def _run_step(conn: sqlite3.Connection, path: Path, statement: str, version: int) -> None:
+    try:
+        conn.execute(statement)
+    except sqlite3.Error as exc:
+        first_line = statement.strip().splitlines()[0]
+        raise StoreError(
+            f"migrating {path} from schema version {version} to {version + 1} failed at {first_line!r}: {exc};"
+            " the store was left unchanged; report this with the file"
+        ) from exc
+
+
+# --- rows ------------------------------------------------------------------------------------------
+
+
+def _one(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+    """The first row or None; fetchall ends the statement so no read snapshot stays open."""
+    rows = conn.execute(sql, params).fetchall()
+    return rows[0] if rows else None
+
+
+def _job_in(conn: sqlite3.Connection, path: Path, job_id: int) -> Job:
+    row = _one(conn, f"{_JOB_SELECT} WHERE j.job_id = ?", (job_id,))
+    if row is None:
+        raise JobNotFoundError(f"no job {job_id} in {path}; check the id (list_jobs shows the jobs)")
+    return Job(*row)
+
+
+def _transition(conn: sqlite3.Connection, path: Path, job_id: int, allowed: tuple[str, ...], action: str) -> Job:
+    job = _job_in(conn, path, job_id)
+    if job.state not in allowed:
+        raise JobStateError(f"job {job_id} is {job.state}; only {' or '.join(allowed)} jobs can be {action}")
+    return job
+
+
+def _save(conn: sqlite3.Connection, job: Job) -> Job:
+    values = (job.state, job.attempts, job.error, job.started_at, job.finished_at, job.not_before, job.job_id)
+    conn.execute(_JOB_UPDATE, values)
+    return job
+
+
+def _insert_job(
+    conn: sqlite3.Connection,
+    path: Path,
+    slide_id: int,
+    source: str,
+    priority: int,
+    mpp_override: float | None,
+    bundle: str | None,
+    now: float,
+) -> Job:
+    cursor = conn.execute(
+        "INSERT INTO jobs (slide_id, state, source, priority, mpp_override, bundle, created_at)"
+        " VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+        (slide_id, source, priority, mpp_override, bundle, now),
+    )
+    job = _job_in(conn, path, int(cursor.lastrowid or 0))
+    _append_event(conn, "job_queued", job, now, {"source": source})
+    return job
+
+
+def _requeue(conn: sqlite3.Connection, job: Job, reason: str, now: float) -> Job:
+    queued = _save(conn, replace(job, state="queued", attempts=max(job.attempts - 1, 0), started_at=None))
+    _append_event(conn, "job_requeued", queued, now, {"reason": reason})
+    return queued
+
+
+def _append_event(
+    conn: sqlite3.Connection, kind: str, job: Job, now: float, extra: Mapping[str, Any] | None = None
+) -> None:
+    payload = {"job_id": job.job_id, "state": job.state, "slide_path": job.slide_path, **(extra or {})}
+    conn.execute(
+        "INSERT INTO events (type, job_id, payload, created_at) VALUES (?, ?, ?, ?)",
+        (kind, job.job_id, json.dumps(payload), now),
+    )
+
+
+def _slide_id(conn: sqlite3.Connection, path: str, fingerprint: str | None, meta: str, now: float) -> int:
+    """The slide row of this path and fingerprint, created or with `meta` merged in."""
+    row = _one(conn, "SELECT slide_id, meta FROM slides WHERE path = ? AND fingerprint IS ?", (path, fingerprint))
+    if row is None:
+        cursor = conn.execute(
+            "INSERT INTO slides (path, fingerprint, meta, created_at) VALUES (?, ?, ?, ?)",
+            (path, fingerprint, meta, now),
+        )
+        return int(cursor.lastrowid or 0)
+    merged = json.loads(row[1]) | json.loads(meta)
+    conn.execute("UPDATE slides SET meta = ? WHERE slide_id = ?", (json.dumps(merged), row[0]))
+    return int(row[0])
+
+
+def _merge_slide_meta(conn: sqlite3.Connection, job_id: int, meta: str) -> None:
+    row = _one(
+        conn,
+        "SELECT s.slide_id, s.meta FROM slides s JOIN jobs j ON j.slide_id = s.slide_id WHERE j.job_id = ?",
+        (job_id,),
+    )
+    merged = json.loads(row[1]) | json.loads(meta)
+    conn.execute("UPDATE slides SET meta = ? WHERE slide_id = ?", (json.dumps(merged), row[0]))
+
+
+def _detection_class(figure: Figure) -> str:
+    if not figure.is_mitotic:
+        return "non_mitotic"
+    return figure.subtype if figure.subtype in ("normal", "atypical") else "uncertain"
+
+
+def _detection_row(job_id: int, figure: Figure) -> tuple[Any, ...]:
+    figure_json = json.dumps(figure.to_json_dict())
+    return (job_id, _detection_class(figure), figure.p_mitotic, figure.x_px, figure.y_px, figure_json)
+
+
+def _stored_result(row: Sequence[Any]) -> StoredResult:
+    job_id, path, fingerprint, summary, exports, detections, created_at, pruned_at = row
+    return StoredResult(
+        job_id, path, fingerprint, json.loads(summary), json.loads(exports), int(detections), created_at, pruned_at
+    )
+
+
+def _no_result(conn: sqlite3.Connection, path: Path, job_id: int) -> ResultNotFoundError:
+    row = _one(conn, "SELECT state FROM jobs WHERE job_id = ?", (job_id,))
+    if row is None:
+        return ResultNotFoundError(f"no job {job_id} in {path}, so no result; check the id")
+    return ResultNotFoundError(f"job {job_id} has no result: it is {row[0]}; results exist for done jobs only")
+
+
+def _state_filter(states: Sequence[str]) -> tuple[list[str], list[Any]]:
+    unknown = [s for s in states if s not in JOB_STATES]
+    if unknown:
+        raise ValueError(f"job states {unknown} unknown; use any of {JOB_STATES}")
+    if not states:
+        return [], []
+    return [f"j.state IN ({', '.join('?' * len(states))})"], list(states)
+
+
+def _check_source(source: str) -> None:
+    if source not in JOB_SOURCES:
+        raise ValueError(f"job source={source!r} must be one of {JOB_SOURCES}")
+
+
+def _check_page(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit={limit} must be between 1 and {MAX_PAGE}")
+
+
+def _short_reason(error: str | None) -> str:
+    clause = (error or "").split(":", 1)[0].strip()
+    return clause[:FAILURE_REASON_CHARS] or "unknown"
