@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -287,3 +288,117 @@ def bench_analyze(
         "stage_seconds": analysis.times.to_dict(),
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def bench_daemon(
+    config: Config,
+    *,
+    slides: int = 200,
+    size: int = 1536,
+    quiet_period_s: float = 1.0,
+    timeout_s: float = 1800.0,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Drop ``slides`` distinct slides into a running daemon's inbox at once and measure what the issue asks:
+    each processed exactly once, the delay from the end of the quiet period to the job, and whether
+    memory stays flat (RSS after the first 25% of slides against after all of them).
+
+    The slides are a few generated ones plus byte-distinct copies (a few bytes appended after the
+    TIFF data, which readers ignore), so the fingerprints differ without minutes of generation.
+    """
+    import shutil
+    import tempfile
+    import threading
+
+    from edge.daemon import Daemon
+    from edge.synth import SynthParams, generate_slide
+
+    with tempfile.TemporaryDirectory(prefix="mitosis-edge-bench-daemon-", dir=workdir) as tmp:
+        root = Path(tmp)
+        staging, inbox = root / "staging", root / "inbox"
+        staging.mkdir()
+        inbox.mkdir()
+        bases = [staging / f"base-{i}.tiff" for i in range(min(4, slides))]
+        for i, base in enumerate(bases):
+            generate_slide(base, SynthParams(width=size, height=size, seed=9000 + i))
+        names = []
+        for i in range(slides):
+            name = f"slide-{i:04d}.tiff"
+            target = staging / name
+            shutil.copyfile(bases[i % len(bases)], target)
+            with target.open("ab") as f:
+                f.write(i.to_bytes(8, "little"))
+            names.append(name)
+        config = config.with_overrides({
+            "watch.folders": [str(inbox)], "watch.polling_folders": [], "watch.quiet_period_s": quiet_period_s,
+            "watch.poll_interval_s": min(0.5, quiet_period_s), "daemon.data_dir": str(root / "data"),
+            "daemon.metrics_listen": "", "daemon.min_free_disk_mb": 0, "server.enabled": False,
+        })
+        rss: list[tuple[int, float]] = []
+        with Daemon(config) as daemon:
+            while not daemon.is_ready():
+                time.sleep(0.05)
+            dropped = time.time()
+            for name in names:
+                os.replace(staging / name, inbox / name)
+            t0 = time.perf_counter()
+            stop = threading.Event()
+
+            def sample() -> None:
+                while not stop.wait(0.5):
+                    rss.append((daemon.store.counts_by_state()["done"], current_rss_mb()))
+
+            sampler = threading.Thread(target=sample, name="bench-rss")
+            sampler.start()
+            try:
+                finished = _wait_terminal(daemon, slides, timeout_s)
+            finally:
+                stop.set()
+                sampler.join()
+            wall = time.perf_counter() - t0
+            jobs = daemon.store.list_jobs(limit=10_000)
+            results = sum(1 for j in jobs if j.state == "done")
+    per_slide: dict[str, int] = {}
+    for j in jobs:
+        per_slide[Path(j.slide_path).name] = per_slide.get(Path(j.slide_path).name, 0) + 1
+    pickup = sorted(j.created_at - dropped - quiet_period_s for j in jobs)
+    early = [m for done, m in rss if done >= slides // 4]
+    return {
+        "slides": slides,
+        "finished_in_time": finished,
+        "jobs": len(jobs),
+        "done": results,
+        "failed": sum(1 for j in jobs if j.state == "failed"),
+        "slides_with_one_job": sum(1 for n in names if per_slide.get(n) == 1),
+        "slides_with_several_jobs": sum(1 for n in names if per_slide.get(n, 0) > 1),
+        "wall_seconds": wall,
+        "slides_per_hour": slides / wall * 3600 if wall > 0 else 0.0,
+        "pickup_after_quiet_s": {
+            "first": pickup[0] if pickup else None,
+            "median": pickup[len(pickup) // 2] if pickup else None,
+            "max": pickup[-1] if pickup else None,
+        },
+        "rss_mb_after_quarter": early[0] if early else None,
+        "rss_mb_at_end": rss[-1][1] if rss else None,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def current_rss_mb() -> float:
+    """Resident set size now (Linux /proc; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def _wait_terminal(daemon: Any, slides: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counts = daemon.store.counts_by_state()
+        if counts["done"] + counts["failed"] + counts["cancelled"] >= slides and daemon.wait_idle(0.2):
+            return True
+        time.sleep(0.2)
+    return False

@@ -6,14 +6,14 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge import __version__, cli_analysis, cli_engines, cli_results
+from edge import __version__, cli_analysis, cli_client, cli_daemon, cli_engines, cli_results
 from edge.cli_args import config_from_args
+from edge.config import load_config
 from edge.errors import ConfigError, EdgeError
 
 log = logging.getLogger("edge.cli")
@@ -26,7 +26,7 @@ EXIT_USAGE = 2  # bad arguments or configuration
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose, args.log_format)
+    _configure_logging(args, config_file=getattr(args, "config", None))
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USAGE
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mitosis-edge {__version__}")
     parser.add_argument("--config", metavar="TOML", help="settings file (every setting has a default)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        help="log line format (default: text; serve: daemon.log_format)")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     p = sub.add_parser("info", help="print a slide's metadata: vendor, levels, mpp, objective, associated images")
@@ -94,13 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_engines.register(sub, bench_sub)
     cli_analysis.register(sub, bench_sub)
     cli_results.register(sub)
+    cli_daemon.register_bench(bench_sub)
 
-    p = sub.add_parser("demo", help="the quick-start demo: a generated slide analyzed with the demo models")
-    p.add_argument("--size", type=int, default=12288, help="synthetic slide side in px (default 12288)")
-    p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--keep", metavar="DIR", help="write the demo slide here instead of a temporary folder")
-    _slide_options(p)
-    p.set_defaults(handler=cmd_demo)
+    cli_daemon.register(sub)
+    cli_client.add_client_parser(sub)
     return parser
 
 
@@ -208,7 +206,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     )
     truth_path = Path(args.truth) if args.truth else default_truth_path(args.out)
     t0 = time.perf_counter()
-    truth = generate_slide(args.out, params, truth_path, progress=_progress_printer("synth"))
+    truth = generate_slide(args.out, params, truth_path, progress=cli_analysis.progress_printer("synth"))
     elapsed = time.perf_counter() - t0
     print(f"wrote {args.out} ({args.width} x {args.height} px at {args.mpp} µm/px) in {elapsed:.1f} s")
     print(f"truth {truth_path}: {json.dumps(truth.counts())}, hotspot {truth.hotspot.mitotic_count} mitotic figures")
@@ -239,60 +237,6 @@ def cmd_bench_read(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate a slide with planted mitoses, analyze it with the demo bundle and score the result against the truth."""
-    from edge.cli_analysis import progress_bar, summary_lines
-    from edge.engines import load_bundle
-    from edge.evaluate import evaluate_image, read_predictions, read_truth
-    from edge.exports import write_exports
-    from edge.pipeline import analyze_slide
-    from edge.synth import SynthParams, default_truth_path, generate_slide
-
-    config = config_from_args(args)
-    bundle = load_bundle(config.engines.bundle)  # a broken bundle fails before minutes of work
-    with tempfile.TemporaryDirectory(prefix="mitosis-edge-demo-") as tmp:
-        folder = Path(args.keep) if args.keep else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        slide_path = folder / "demo-slide.tiff"
-        truth_path = default_truth_path(slide_path)
-        print(f"1/3 generating a {args.size} x {args.size} px synthetic slide (seed {args.seed}) ...")
-        truth = generate_slide(
-            slide_path,
-            SynthParams(width=args.size, height=args.size, seed=args.seed),
-            truth_path,
-            progress=_progress_printer("synth"),
-        )
-        print(f"    planted: {json.dumps(truth.counts())}; true hotspot {truth.hotspot.mitotic_count} mitotic figures")
-        print(f"2/3 analyzing it with bundle {bundle.name} {bundle.version} on {config.engines.backend} ...")
-        analysis = analyze_slide(slide_path, config, progress=progress_bar())
-        out = folder / "results"
-        paths = write_exports(
-            analysis.result, out, thumbnail=analysis.overview, thumbnail_mpp=analysis.overview_mpp,
-            tissue_mask=analysis.slide_plan.mask,
-        )
-        for line in summary_lines(analysis.result, analysis.tiles, analysis.times.total):
-            print(f"    {line}")
-        print("3/3 scoring the detections against the planted truth (MIDOG protocol, 7.5 µm) ...")
-        report = evaluate_image(read_predictions(paths["result"]), read_truth(truth_path))
-        f1 = "n/a" if report.f1 is None else f"{report.f1:.3f}"
-        print(
-            f"    F1 {f1} (TP {report.tp}, FP {report.fp}, FN {report.fn}); hotspot mitotic count "
-            f"{report.hotspot_count_pred} found vs {report.hotspot_count_true} planted"
-        )
-        if args.keep:
-            print(f"exports in {out}: {', '.join(p.name for p in paths.values())}")
-            print(f"slide {slide_path}, truth {truth_path}")
-        else:
-            print("(pass --keep DIR to keep the slide, its truth and the exports: result.json, QuPath GeoJSON, ...)")
-    return EXIT_OK
-
-
-def _progress_printer(label: str) -> Callable[[int, int], None]:
-    """A callback (done, total) that draws a one-line bar on a terminal and stays silent otherwise."""
-    bar = cli_analysis.progress_bar()
-    return lambda done, total: bar(label, done, total)
-
-
 # --- logging -------------------------------------------------------------------------------------
 
 
@@ -309,7 +253,17 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def _configure_logging(verbose: int, fmt: str) -> None:
+def _configure_logging(args: argparse.Namespace, config_file: str | None) -> None:
+    """WARNING by default (-v INFO, -vv DEBUG); a daemon logs INFO by default, in daemon.log_format."""
+    verbose = args.verbose
+    fmt = args.log_format
+    if getattr(args, "daemon_logging", False):
+        verbose = max(verbose, 1)
+        if fmt is None:
+            try:
+                fmt = load_config(config_file).daemon.log_format
+            except ConfigError:
+                fmt = "text"  # the command itself reports the bad config
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(

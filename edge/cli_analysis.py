@@ -60,6 +60,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per model (default: one per core)")
 
 
+def progress_printer(label: str) -> Callable[[int, int], None]:
+    """A callback (done, total) drawing a one-line bar labelled ``label`` on a terminal, silent otherwise."""
+    bar = progress_bar()
+    return lambda done, total: bar(label, done, total)
+
+
 def progress_bar() -> Callable[[str, int, int], None]:
     """A (stage, done, total) callback drawing one line per stage on a terminal; silent otherwise."""
     if not sys.stderr.isatty():

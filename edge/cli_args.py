@@ -22,6 +22,10 @@ FLAG_SETTINGS = {
     "plan_cache": "engines.plan_cache",
     "workspace_gb": "engines.workspace_gb",
     "timing_cache": "engines.timing_cache",
+    "data": "daemon.data_dir",
+    "workers": "daemon.workers",
+    "listen": "server.listen",
+    "server_insecure": "server.insecure",
 }
 
 

@@ -1,4 +1,4 @@
-"""The `mitosis-edge` command as a user runs it: info, synth, bench read and the demo."""
+"""The `mitosis-edge` command as a user runs it: info, synth, bench read and the demo (a daemon end to end)."""
 
 from __future__ import annotations
 
@@ -103,11 +103,14 @@ def test_bench_read_json(synth_slide: SynthFactory) -> None:
     assert figures["tiles"] > 0 and figures["region_reader"] == "tiles"
 
 
-def test_demo_analyzes_a_generated_slide_and_scores_it_against_the_truth(tmp_path: Path) -> None:
+def test_demo_runs_a_daemon_that_picks_up_a_copied_slide_and_reports_over_grpc(tmp_path: Path) -> None:
     result = run_cli("demo", "--size", "6144", "--keep", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
+    assert "queued" in out and "result over gRPC" in out
     assert "mitotic count" in out and "F1 " in out and "planted" in out
-    assert (tmp_path / "demo-slide.tiff").exists()
+    assert (tmp_path / "inbox" / "demo-slide.tiff").exists() and (tmp_path / "data" / "edge.db").exists()
+    exports = list((tmp_path / "data" / "results").iterdir())
+    assert len(exports) == 1
     for name in ("result.json", "detections.geojson", "midog.json", "detections.csv", "overlay.png"):
-        assert (tmp_path / "results" / name).exists()
+        assert (exports[0] / name).exists()

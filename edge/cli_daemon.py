@@ -1,0 +1,197 @@
+"""`mitosis-edge serve` (the scan-time daemon) and `mitosis-edge demo` (a daemon, a scanner copy and a result)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edge.cli_analysis import progress_printer
+from edge.cli_args import config_from_args
+from edge.errors import EdgeError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+DEMO_QUIET_PERIOD_S = 2.0  # the demo's stability gate: short, so the demo is quick; a lab's default is 10 s
+DEMO_COPY_SECONDS = 3.0  # the demo copies its slide into the inbox in chunks over this long
+DEMO_TIMEOUT_S = 600.0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the scan-time daemon: watch folders, analyse each new slide, serve gRPC")
+    p.add_argument("--watch", action="append", metavar="DIR", help="folder to watch (repeat; adds to watch.folders)")
+    p.add_argument("--watch-polling", action="append", metavar="DIR",
+                   help="folder on a network share, watched by polling (repeat)")
+    p.add_argument("--data", metavar="DIR", help="store and exports (daemon.data_dir)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="gRPC address (server.listen, default 127.0.0.1:50051)")
+    p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
+    p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    p.add_argument("--insecure", dest="server_insecure", action="store_const", const=True,
+                   help="serve gRPC in plain text, without TLS (keep it on localhost)")
+    p.add_argument("--workers", type=int, help="slides analysed at once (daemon.workers, default 1)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus /metrics address; '' turns it off")
+    p.set_defaults(handler=cmd_serve, daemon_logging=True)
+
+    p = sub.add_parser("demo", help="the quick-start demo: a daemon picks up a generated slide and reports its result")
+    p.add_argument("--size", type=int, default=12288, help="synthetic slide side in px (default 12288)")
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--keep", metavar="DIR", help="keep the slide, its truth, the store and the exports in DIR")
+    p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
+    p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
+    p.set_defaults(handler=cmd_demo)
+
+
+def register_bench(bench_sub: Any) -> None:
+    b = bench_sub.add_parser("daemon", help="drop many slides into a daemon at once: exactly once, pickup, memory")
+    b.add_argument("--slides", type=int, default=200, help="slides dropped at once (default 200)")
+    b.add_argument("--size", type=int, default=1536, help="side of each synthetic slide in px (default 1536)")
+    b.add_argument("--quiet-period", type=float, default=1.0, help="watch.quiet_period_s for the run (default 1)")
+    b.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
+    b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(handler=cmd_bench_daemon)
+
+
+def cmd_bench_daemon(args: argparse.Namespace) -> int:
+    from edge.bench import bench_daemon
+
+    result = bench_daemon(config_from_args(args), slides=args.slides, size=args.size,
+                          quiet_period_s=args.quiet_period)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        pickup = result["pickup_after_quiet_s"]
+        print(f"slides         {result['slides']} dropped at once: {result['done']} done, {result['failed']} failed, "
+              f"{result['slides_with_several_jobs']} processed more than once")
+        print(f"throughput     {result['slides_per_hour']:.0f} slides/h ({result['wall_seconds']:.0f} s)")
+        print(f"pickup         job created {pickup['first']:.2f} s (first) / {pickup['median']:.2f} s (median) / "
+              f"{pickup['max']:.2f} s (last) after the quiet period ended")
+        print(f"memory         RSS {result['rss_mb_after_quarter']:.0f} MiB after a quarter, "
+              f"{result['rss_mb_at_end']:.0f} MiB at the end")
+    ok = result["finished_in_time"] and result["slides_with_one_job"] == result["slides"]
+    return EXIT_OK if ok else EXIT_ERROR
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """The config file plus the serve flags (watch folders add to the file's)."""
+    config = config_from_args(args)
+    overrides: dict[str, Any] = {}
+    if args.watch:
+        overrides["watch.folders"] = [*config.watch.folders, *args.watch]
+    if args.watch_polling:
+        overrides["watch.polling_folders"] = [*config.watch.polling_folders, *args.watch_polling]
+    if args.metrics is not None:
+        overrides["daemon.metrics_listen"] = args.metrics
+    return config.with_overrides(overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edge.daemon import Daemon
+
+    config = serve_config(args)
+    if not config.watch.all_folders:
+        print("mitosis-edge serve: no watch folder: slides come only from SubmitSlide over gRPC "
+              "(add --watch DIR or watch.folders)", file=sys.stderr)
+    return Daemon(config).run()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a daemon on a temporary inbox, copy a generated slide in as a scanner would, and report its result."""
+    from edge.client import EdgeClient
+    from edge.daemon import Daemon
+    from edge.engines import load_bundle
+    from edge.synth import SynthParams, default_truth_path, generate_slide
+
+    config = config_from_args(args)
+    bundle = load_bundle(config.engines.bundle)  # a broken bundle fails before minutes of work
+    with tempfile.TemporaryDirectory(prefix="mitosis-edge-demo-") as tmp:
+        folder = Path(args.keep) if args.keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        inbox, scans = folder / "inbox", folder / "scanner"
+        for f in (inbox, scans):
+            f.mkdir(exist_ok=True)
+        slide_path = scans / "demo-slide.tiff"
+        truth_path = default_truth_path(slide_path)
+        print(f"1/4 generating a {args.size} x {args.size} px synthetic slide (seed {args.seed}) ...")
+        truth = generate_slide(slide_path, SynthParams(width=args.size, height=args.size, seed=args.seed), truth_path,
+                               progress=progress_printer("synth"))
+        print(f"    planted: {json.dumps(truth.counts())}; true hotspot {truth.hotspot.mitotic_count} mitotic figures")
+        config = config.with_overrides({
+            "watch.folders": [str(inbox)], "watch.polling_folders": [], "watch.quiet_period_s": DEMO_QUIET_PERIOD_S,
+            "watch.poll_interval_s": 0.5, "daemon.data_dir": str(folder / "data"), "daemon.metrics_listen": "",
+            "daemon.min_free_disk_mb": 0, "server.listen": "127.0.0.1:0", "server.insecure": True,
+            "server.tls_cert": "", "server.tls_key": "", "server.tls_client_ca": "", "server.tokens_file": "",
+        })
+        print(f"2/4 starting a daemon: bundle {bundle.name} {bundle.version} on {config.engines.backend}, "
+              f"watching {inbox}")
+        with Daemon(config) as daemon, EdgeClient(daemon.server.address, insecure=True) as client:
+            job = _copy_and_wait(client, slide_path, inbox / slide_path.name)
+            if job["state"] != "done":
+                print(f"mitosis-edge demo: the daemon's job ended {job['state']}: {job.get('error', '')}",
+                      file=sys.stderr)
+                return EXIT_ERROR
+            result = client.get_result(job["job_id"])
+            _print_result(job, result, truth_path, folder, keep=bool(args.keep))
+    return EXIT_OK
+
+
+def _copy_and_wait(client: Any, source: Path, target: Path) -> dict[str, Any]:
+    """Copy ``source`` into the inbox in chunks over a few seconds, then follow the daemon's events over gRPC."""
+    after = client.status()["last_sequence"]
+    events = client.watch_events(after, timeout=DEMO_TIMEOUT_S)
+    try:
+        size = source.stat().st_size
+        chunks = 12
+        print(f"3/4 copying the slide into the inbox in {chunks} chunks over {DEMO_COPY_SECONDS:.0f} s, as a scanner "
+              f"writes it; the daemon waits until it has been quiet for {DEMO_QUIET_PERIOD_S:.0f} s")
+        with source.open("rb") as src, target.open("wb") as dst:
+            for _ in range(chunks):
+                dst.write(src.read(-(-size // chunks)))
+                dst.flush()
+                time.sleep(DEMO_COPY_SECONDS / chunks)
+        copied = time.monotonic()
+        job_id = None
+        bar = progress_printer("analyse")
+        for event in events:
+            if job_id is None and event["type"] == "job_queued" and Path(event["slide_path"]) == target:
+                job_id = event["job_id"]
+                print(f"    job {job_id} queued {time.monotonic() - copied:.1f} s after the copy ended")
+                bar(0, 1)
+            elif job_id is not None and event["job_id"] == job_id and event["type"] in (
+                "job_done", "job_failed", "job_cancelled"
+            ):
+                bar(1, 1)
+                return dict(client.get_job(job_id))
+    finally:
+        events.cancel()
+    raise EdgeError(f"the daemon did not finish {target} within {DEMO_TIMEOUT_S:.0f} s")
+
+
+def _print_result(job: dict[str, Any], result: dict[str, Any], truth_path: Path, folder: Path, *, keep: bool) -> None:
+    from edge.cli_analysis import summary_lines
+    from edge.evaluate import evaluate_image, read_predictions, read_truth
+    from edge.scoring import SlideResult
+
+    exports = result["exports"]
+    stored = SlideResult.from_json_dict(json.loads(Path(exports["result"]).read_text(encoding="utf-8")))
+    seconds = float(stored.provenance.get("timings_s", {}).get("total", 0.0))
+    print(f"    job {job['job_id']} done; result over gRPC: hotspot mitotic count "
+          f"{result['scores']['hotspot']['mitotic']}, atypical ratio {result['scores']['hotspot']['atypical_ratio']}")
+    for line in summary_lines(stored, int(stored.slide.get("tiles", 0)), seconds):
+        print(f"    {line}")
+    print("4/4 scoring the detections against the planted truth (MIDOG protocol, 7.5 µm) ...")
+    report = evaluate_image(read_predictions(exports["result"]), read_truth(truth_path))
+    f1 = "n/a" if report.f1 is None else f"{report.f1:.3f}"
+    print(f"    F1 {f1} (TP {report.tp}, FP {report.fp}, FN {report.fn}); hotspot mitotic count "
+          f"{report.hotspot_count_pred} found vs {report.hotspot_count_true} planted")
+    if keep:
+        print(f"exports in {Path(exports['result']).parent}: {', '.join(Path(p).name for p in exports.values())}")
+        print(f"store {folder / 'data' / 'edge.db'}; slide {folder / 'inbox'}; truth {truth_path}")
+    else:
+        print("(pass --keep DIR to keep the slide, its truth, the store and the exports: result.json, QuPath "
+              "GeoJSON, MIDOG JSON, CSV, overlay PNG)")

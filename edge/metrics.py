@@ -1,0 +1,115 @@
+"""Prometheus metrics of the daemon: jobs by state, queue depth, slides per hour, tiles/s, stage latencies, failures.
+
+One registry per daemon (tests start several in one process). Job counts and the queue depth are
+read from the store when Prometheus scrapes, so they are never out of step with it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edge.errors import EdgeError
+
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+PICKUP_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+HOUR_S = 3600.0
+MAX_REASON_CHARS = 60  # failure reasons become label values: keep them short and few
+
+
+def failure_reason(error: str) -> str:
+    """A short, low-cardinality label for an error text: its leading exception or cause name.
+
+    >>> failure_reason("CorruptSlideError: /scans/a.svs: truncated file")
+    'CorruptSlideError'
+    >>> failure_reason("slide did not settle within 3600 s")
+    'slide did not settle within N s'
+    """
+    head = error.split(":", 1)[0].strip() or "unknown"
+    return re.sub(r"\d+(\.\d+)?", "N", head)[:MAX_REASON_CHARS]
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        jobs = GaugeMetricFamily("mitosis_edge_jobs", "Jobs in the store by state", labels=["state"])
+        try:
+            counts = self.store.counts_by_state()
+        except EdgeError:  # a closed store during shutdown: report nothing rather than fail the scrape
+            return
+        for state, n in counts.items():
+            jobs.add_metric([state], n)
+        yield jobs
+        yield GaugeMetricFamily("mitosis_edge_queue_depth", "Jobs waiting to run", value=counts.get("queued", 0))
+
+
+class DaemonMetrics:
+    """The daemon's counters; ``serve`` exposes them at http://HOST:PORT/metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.slides_done = Counter("mitosis_edge_slides_done", "Slides analysed and stored", registry=r)
+        self.tiles = Counter("mitosis_edge_tiles", "Tiles through the detector", registry=r)
+        self.failures = Counter("mitosis_edge_failures", "Failed attempts by reason", ["reason"], registry=r)
+        self.tiles_per_s = Gauge("mitosis_edge_tiles_per_second", "End-to-end tiles/s of the last slide", registry=r)
+        self.slides_per_hour = Gauge("mitosis_edge_slides_per_hour", "Slides finished in the last hour", registry=r)
+        self.running_slides = Gauge("mitosis_edge_running_slides", "Slides being analysed now", registry=r)
+        self.stage_seconds = Histogram("mitosis_edge_stage_seconds", "Seconds per pipeline stage and slide",
+                                       ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        self.slide_seconds = Histogram("mitosis_edge_slide_seconds", "Seconds per slide, claim to stored",
+                                       buckets=STAGE_BUCKETS, registry=r)
+        self.pickup_seconds = Histogram("mitosis_edge_pickup_seconds",
+                                        "Seconds from a slide's last write to its job (includes the quiet period)",
+                                        buckets=PICKUP_BUCKETS, registry=r)
+        self._finished: list[float] = []
+        self._lock = threading.Lock()
+
+    def attach_store(self, store: Any) -> None:
+        self.registry.register(_StoreCollector(store))
+
+    def serve(self, host: str, port: int) -> tuple[Any, threading.Thread]:
+        """Start the /metrics HTTP endpoint; returns (server, thread) for shutdown."""
+        server, thread = start_http_server(port, addr=host or "127.0.0.1", registry=self.registry)
+        return server, thread
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        self.running_slides.inc()
+        try:
+            yield
+        finally:
+            self.running_slides.dec()
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        """The pipeline's progress callback; nothing to record per tile (the totals come with ``done``)."""
+
+    def picked_up(self, seconds: float) -> None:
+        self.pickup_seconds.observe(max(0.0, seconds))
+
+    def failed(self, error: str) -> None:
+        self.failures.labels(failure_reason(error)).inc()
+
+    def done(self, analysis: Any, seconds: float) -> None:
+        self.slides_done.inc()
+        self.tiles.inc(analysis.tiles)
+        self.slide_seconds.observe(seconds)
+        if analysis.times.total > 0:
+            self.tiles_per_s.set(analysis.tiles / analysis.times.total)
+        for stage, value in analysis.times.to_dict().items():
+            if stage != "total":
+                self.stage_seconds.labels(stage).observe(value)
+        now = time.monotonic()
+        with self._lock:
+            self._finished = [t for t in self._finished if now - t < HOUR_S] + [now]
+            self.slides_per_hour.set(len(self._finished))

@@ -1,0 +1,274 @@
+"""The scan-time daemon as a lab runs it: slides dropped into a watched folder become exactly one result each;
+bad files fail with reasons while good ones go on; retries, cancel, a full disk, retention; SIGTERM and kill -9
+of a real `mitosis-edge serve` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.config import Config, load_config
+from edge.daemon import Daemon
+from edge.errors import EngineError, StreamCancelled
+from edge.store import Store
+from tests.conftest import SynthFactory
+
+QUIET_S = 0.3
+
+
+def daemon_config(tmp_path: Path, **settings: Any) -> Config:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    overrides = {
+        "watch.folders": [str(inbox)], "watch.quiet_period_s": QUIET_S, "watch.poll_interval_s": 0.2,
+        "watch.settle_timeout_s": 3.0, "daemon.data_dir": str(tmp_path / "data"), "daemon.metrics_listen": "",
+        "daemon.min_free_disk_mb": 0, "daemon.retry_backoff_s": 0.05, "server.listen": "127.0.0.1:0",
+        "server.insecure": True, "stream.reader_threads": 2,
+    }
+    overrides.update(settings)
+    return load_config(None, overrides)
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(config: Config, **kwargs: Any) -> Daemon:
+        daemon = Daemon(config, **kwargs).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop(grace=0.0)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def states(store: Store) -> dict[str, str]:
+    return {Path(j.slide_path).name: j.state for j in store.list_jobs(limit=1000)}
+
+
+def test_a_slide_dropped_into_the_inbox_becomes_one_result_with_exports(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"daemon.metrics_listen": "127.0.0.1:0"}))
+    shutil.copy(synth_slide(width=2048, height=1536, seed=3), tmp_path / "inbox" / "a.tiff")
+    wait_for(lambda: states(daemon.store).get("a.tiff") == "done", what="a.tiff done")
+    job = daemon.store.list_jobs()[0]
+    result = daemon.store.get_result(job.job_id)
+    assert result.summary["scores"]["hotspot"] is not None
+    for path in result.exports.values():
+        assert Path(path).exists() and Path(path).parent == daemon.results_dir / str(job.job_id)
+    scraped = urllib.request.urlopen(f"http://{daemon.metrics_address()}/metrics", timeout=5).read().decode()
+    assert 'mitosis_edge_jobs{state="done"} 1.0' in scraped and "mitosis_edge_slides_done_total 1.0" in scraped
+    assert "mitosis_edge_stage_seconds_bucket" in scraped and "mitosis_edge_queue_depth 0.0" in scraped
+
+
+def test_the_same_slide_seen_again_under_another_name_is_not_processed_twice(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path))
+    inbox = tmp_path / "inbox"
+    shutil.copy(synth_slide(width=2048, height=1536, seed=3), inbox / "a.tiff")
+    wait_for(lambda: states(daemon.store).get("a.tiff") == "done", what="a.tiff done")
+    os.rename(inbox / "a.tiff", inbox / "renamed.tiff")
+    (inbox / "renamed.tiff").touch()
+    time.sleep(QUIET_S * 4)
+    assert daemon.wait_idle(30)
+    assert len(daemon.store.list_jobs()) == 1
+
+
+def test_bad_files_fail_with_reasons_while_the_next_good_slide_completes(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    good = synth_slide(width=2048, height=1536, seed=3)
+    daemon = start_daemon(daemon_config(tmp_path))
+    inbox = tmp_path / "inbox"
+    (inbox / "zero.svs").write_bytes(b"")
+    (inbox / "text.tiff").write_text("this is not a slide\n" * 100)
+    data = good.read_bytes()
+    (inbox / "truncated.tiff").write_bytes(data[: len(data) // 2])
+    (inbox / "corrupt.tiff").write_bytes(data[:4096] + os.urandom(len(data) - 4096))
+    shutil.copy(good, inbox / "good.tiff")
+    names = ("zero.svs", "text.tiff", "truncated.tiff", "corrupt.tiff", "good.tiff")
+    terminal = ("done", "failed")
+    wait_for(lambda: all(states(daemon.store).get(n) in terminal for n in names), timeout=90, what="every file")
+    jobs = {Path(j.slide_path).name: j for j in daemon.store.list_jobs(limit=100)}
+    assert jobs["good.tiff"].state == "done"
+    for name in names[:-1]:
+        assert jobs[name].state == "failed" and jobs[name].error, name
+    assert daemon.server is not None  # the daemon is still serving
+
+
+def test_a_failing_slide_is_retried_with_backoff_then_failed_with_the_last_error(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    attempts: list[float] = []
+
+    def analyze(*args: Any) -> Any:
+        attempts.append(time.monotonic())
+        raise EngineError(f"engine fell over (attempt {len(attempts)})")
+
+    config = daemon_config(tmp_path, **{"daemon.max_attempts": 3, "watch.folders": []})
+    daemon = start_daemon(config, analyze=analyze)
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "failed", what="job failed")
+    failed = daemon.store.get_job(job.job_id)
+    assert failed.attempts == 3 and "attempt 3" in (failed.error or "")
+    events = daemon.store.events_after(0)
+    retries = [e for e in events if e.type == "job_retry"]
+    waits = [e.payload["retry_at"] - e.created_at for e in retries]
+    assert len(attempts) == 3 and len(retries) == 2 and events[-1].type == "job_failed"
+    assert waits[0] == pytest.approx(0.05, abs=0.02) and waits[1] == pytest.approx(0.1, abs=0.02)  # the wait doubles
+
+
+def test_a_full_disk_fails_the_job_cleanly(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = daemon_config(tmp_path, **{"daemon.max_attempts": 1, "daemon.min_free_disk_mb": 10**9,
+                                        "watch.folders": []})
+    daemon = start_daemon(config)
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "failed", what="job failed")
+    error = daemon.store.get_job(job.job_id).error or ""
+    assert "MB free" in error and "daemon.min_free_disk_mb" in error
+    assert list(daemon.results_dir.iterdir()) == []  # nothing half-written
+
+
+def test_cancelling_a_running_slide_stops_it_and_stores_nothing(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    started = threading.Event()
+
+    def analyze(path: Path, config: Config, engines: Any, cancel: threading.Event, progress: Any) -> Any:
+        started.set()
+        cancel.wait(30)
+        raise StreamCancelled("cancelled")
+
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": []}), analyze=analyze)
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    assert started.wait(30)
+    daemon.cancel_job(job.job_id)
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "cancelled", what="cancelled")
+    assert daemon.wait_idle(10)
+    assert daemon.store.get_job(job.job_id).state == "cancelled"
+    with pytest.raises(KeyError):
+        daemon.store.get_result(job.job_id)
+
+
+def test_stopping_out_of_grace_returns_the_running_slide_to_the_queue(
+    tmp_path: Path, synth_slide: SynthFactory
+) -> None:
+    started = threading.Event()
+
+    def analyze(path: Path, config: Config, engines: Any, cancel: threading.Event, progress: Any) -> Any:
+        started.set()
+        cancel.wait(30)
+        raise StreamCancelled("cancelled")
+
+    daemon = Daemon(daemon_config(tmp_path, **{"watch.folders": []}), analyze=analyze).start()
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    assert started.wait(30)
+    daemon.stop(grace=0.2)
+    with Store.open(tmp_path / "data" / "edge.db") as store:
+        again = store.get_job(job.job_id)
+    assert again.state == "queued" and again.attempts == 0
+
+
+def test_retention_removes_old_exports_but_keeps_the_results(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": []}))
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", what="done")
+    assert daemon.prune_exports(cutoff=time.time() + 1) == 1
+    assert not (daemon.results_dir / str(job.job_id)).exists()
+    assert daemon.store.get_result(job.job_id).summary["scores"]
+
+
+def test_a_missing_watch_folder_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, **{"watch.folders": [str(tmp_path / "nope")]})
+    with pytest.raises(ValueError, match="does not exist"):
+        Daemon(config)
+
+
+# --- a real `mitosis-edge serve` process ---------------------------------------------------------
+
+
+def serve(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    exe = shutil.which("mitosis-edge")
+    cmd = [exe] if exe else [sys.executable, "-m", "edge"]
+    args = ["serve", "--watch", str(tmp_path / "inbox"), "--data", str(tmp_path / "data"),
+            "--listen", "127.0.0.1:0", "--insecure", "--metrics", "", *extra]
+    config = tmp_path / "edge.toml"
+    config.write_text(f"[watch]\nquiet_period_s = {QUIET_S}\npoll_interval_s = 0.2\n[stream]\nreader_threads = 2\n"
+                      "[daemon]\nmin_free_disk_mb = 0\n")
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    with (tmp_path / "serve.log").open("a") as log:
+        return subprocess.Popen([*cmd, "--config", str(config), *args], stdout=log, stderr=log, text=True)
+
+
+def jobs_in(tmp_path: Path) -> list[Any]:
+    db = tmp_path / "data" / "edge.db"
+    if not db.exists():
+        return []
+    with Store.open(db) as store:
+        return store.list_jobs(limit=100)
+
+
+def test_sigterm_stops_a_serving_daemon_gracefully(tmp_path: Path) -> None:
+    process = serve(tmp_path)
+    try:
+        wait_for(lambda: "gRPC on 127.0.0.1:" in (tmp_path / "serve.log").read_text(), timeout=60, what="serving")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()
+    assert "mitosis-edge stopped" in (tmp_path / "serve.log").read_text()
+
+
+def test_kill_9_during_a_slide_then_restart_gives_exactly_one_result(
+    tmp_path: Path, synth_slide: SynthFactory
+) -> None:
+    slide = synth_slide(width=6144, height=6144, seed=11)
+    process = serve(tmp_path)
+    try:
+        shutil.copy(slide, tmp_path / "inbox" / "slide.tiff")
+        wait_for(lambda: any(j.state == "running" for j in jobs_in(tmp_path)), timeout=120, what="running")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    assert [j.state for j in jobs_in(tmp_path)] == ["running"]  # the crash left it running
+    process = serve(tmp_path)
+    try:
+        wait_for(lambda: [j.state for j in jobs_in(tmp_path)] == ["done"], timeout=180, what="done after restart")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    with Store.open(tmp_path / "data" / "edge.db") as store:
+        (job,) = store.list_jobs()
+        assert store.get_result(job.job_id).job_id == job.job_id
+        types = [e.type for e in store.events_after(0)]
+    assert types.count("job_done") == 1 and "job_requeued" in types
