@@ -99,6 +99,12 @@ class Daemon:
         if recovered:
             log.warning("re-queued %d slide(s) left running by an earlier stop: %s",
                         len(recovered), ", ".join(j.slide_path for j in recovered))
+        for job in recovered:
+            if job.attempts >= self.config.daemon.max_attempts:
+                self.store.fail_job(job.job_id, (
+                    f"the daemon stopped {job.attempts} times while analysing this slide (a crash or kill each "
+                    "time); it is not tried again automatically: check the slide, then submit it again"
+                ))
         try:
             self._start_metrics()
             self._start_server()

@@ -425,11 +425,16 @@ class Store:
         return cancelled
 
     def recover_running(self) -> list[Job]:
-        """At start-up: every job left running by a crash goes back to the queue."""
+        """At start-up: every job left running by a crash goes back to the queue.
+
+        The interrupted run counts as an attempt, so a slide that crashes the process every time
+        (a reader library that segfaults on it) ends as failed after ``max_attempts`` instead of
+        looping forever; a graceful ``requeue_job`` gives the attempt back.
+        """
         now = self._clock()
         with self._write() as conn:
             rows = conn.execute(f"{_JOB_SELECT} WHERE j.state = 'running' ORDER BY j.job_id").fetchall()
-            recovered = [_requeue(conn, Job(*row), RESTART_REASON, now) for row in rows]
+            recovered = [_requeue(conn, Job(*row), RESTART_REASON, now, count_attempt=True) for row in rows]
         if recovered:
             log.info("re-queued %d job(s) left running: %s", len(recovered), [j.job_id for j in recovered])
         return recovered
@@ -733,8 +738,9 @@ def _insert_job(
     return job
 
 
-def _requeue(conn: sqlite3.Connection, job: Job, reason: str, now: float) -> Job:
-    queued = _save(conn, replace(job, state="queued", attempts=max(job.attempts - 1, 0), started_at=None))
+def _requeue(conn: sqlite3.Connection, job: Job, reason: str, now: float, *, count_attempt: bool = False) -> Job:
+    attempts = job.attempts if count_attempt else max(job.attempts - 1, 0)
+    queued = _save(conn, replace(job, state="queued", attempts=attempts, started_at=None))
     _append_event(conn, "job_requeued", queued, now, {"reason": reason})
     return queued
 

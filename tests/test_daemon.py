@@ -272,3 +272,20 @@ def test_kill_9_during_a_slide_then_restart_gives_exactly_one_result(
         assert store.get_result(job.job_id).job_id == job.job_id
         types = [e.type for e in store.events_after(0)]
     assert types.count("job_done") == 1 and "job_requeued" in types
+
+
+def test_a_slide_that_stopped_the_daemon_too_often_ends_failed_instead_of_looping(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, **{"daemon.max_attempts": 2, "watch.folders": []})
+    (tmp_path / "data").mkdir()
+    with Store.open(tmp_path / "data" / "edge.db") as store:
+        job, _ = store.add_job("/scans/crashes-the-reader.svs")
+        store.claim_next_job()  # the first run: the process died, and recovery counts the attempt
+        store.recover_running()
+        store.claim_next_job()  # the second run died too
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+        failed = daemon.store.get_job(job.job_id)
+    finally:
+        daemon.stop(grace=0.0)
+    assert failed.state == "failed" and "stopped 2 times" in (failed.error or "")

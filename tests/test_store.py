@@ -319,13 +319,14 @@ def test_cancel_queued_and_running_jobs_only(store: Store) -> None:
     assert isinstance(caught.value, KeyError) and str(caught.value).startswith("no job 99")
 
 
-def test_requeue_and_recover_running_give_the_attempt_back(store: Store) -> None:
+def test_requeue_gives_the_attempt_back_and_crash_recovery_counts_it(store: Store) -> None:
     first = running_job(store, "/scans/a.svs", "sha256:a")
     second = running_job(store, "/scans/b.svs", "sha256:b")
     requeued = store.requeue_job(first, "shutdown grace ran out")
     assert requeued.state == "queued" and requeued.attempts == 0
     assert store.events_after(0)[-1].payload["reason"] == "shutdown grace ran out"
-    assert [j.job_id for j in store.recover_running()] == [second]
+    recovered = store.recover_running()
+    assert [j.job_id for j in recovered] == [second] and recovered[0].attempts == 1
     assert store.counts_by_state()["queued"] == 2 and store.recover_running() == []
     with pytest.raises(JobStateError, match="only running jobs can be re-queued"):
         store.requeue_job(first, "again")
