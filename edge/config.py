@@ -243,6 +243,7 @@ class DaemonConfig:
     shutdown_grace_s: float = 60.0  # SIGTERM: the running slide may finish this long, else it is re-queued
     min_free_disk_mb: int = 1024  # a job starts only with this much free space where exports are written
     export_retention_days: float = 0.0  # exports older than this are deleted (results stay); 0 = keep
+    analysis_nice: int = 10  # niceness of the analysis threads (engines, readers): the API answers first; 0 = equal
     metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics; "" = off
     log_format: Literal["text", "json"] = "text"
 
@@ -257,6 +258,8 @@ class DaemonConfig:
         if self.min_free_disk_mb < 0:
             raise ConfigError(f"daemon.min_free_disk_mb={self.min_free_disk_mb} must be 0 or more")
         _non_negative("daemon.export_retention_days", self.export_retention_days)
+        if not 0 <= self.analysis_nice <= 19:
+            raise ConfigError(f"daemon.analysis_nice={self.analysis_nice} must be between 0 and 19")
         if self.metrics_listen:
             _host_port("daemon.metrics_listen", self.metrics_listen)
 

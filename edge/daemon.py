@@ -265,6 +265,7 @@ class Daemon:
     # --- workers ---------------------------------------------------------------------------------
 
     def _work(self) -> None:
+        _lower_priority(self.config.daemon.analysis_nice)  # reader threads started from here inherit it
         while not self._stopping.is_set():
             job = self._store().claim_next_job() if self._ready.is_set() else None
             if job is None:
@@ -379,6 +380,7 @@ class Daemon:
 
     def _load_default_engines(self) -> None:
         """Load the configured bundle; until then health says NOT_SERVING and no job starts."""
+        _lower_priority(self.config.daemon.analysis_nice)  # inference pool threads created here inherit it
         try:
             self._engines_for("")
         except EdgeError as exc:
@@ -482,6 +484,18 @@ def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threa
 def _model_sha256(engines: EngineSet, name: str) -> str:
     """An ONNX Runtime model's identity: its file's sha256 (TensorRT engines have a plan cache key)."""
     return f"onnx-sha256:{engines.bundle.model(name).sha256}"
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's niceness (Linux: per thread, inherited by threads it starts), so inference
+    yields the cores to the gRPC API and the watcher when they have work."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+    except OSError as exc:
+        log.warning("could not lower the analysis threads' priority: %s", exc)
 
 
 def _reason(exc: BaseException) -> str:
