@@ -900,7 +900,7 @@ def start_server(
     if not config.tls and not config.insecure:
         raise ConfigError(
             "the gRPC server needs TLS or an explicit choice of plain text: set server.tls_cert and "
-            "server.tls_key (plus server.tls_client_ca for mutual TLS), or server.insecure = true"
+            "server.tls_key (plus server.tls_client_ca for mutual TLS), or server.insecure = true (serve --insecure)"
         )
     credentials = _server_credentials(config) if config.tls else None
     tokens = load_tokens(config.tokens_file) if config.tokens_file else None
