@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -109,8 +110,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)  # a broken bundle fails before minutes of work
-    with tempfile.TemporaryDirectory(prefix="mitosis-edge-demo-") as tmp:
-        folder = Path(args.keep) if args.keep else Path(tmp)
+    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mitosis-edge-demo-"))
+    try:
         folder.mkdir(parents=True, exist_ok=True)
         inbox, scans = folder / "inbox", folder / "scanner"
         for f in (inbox, scans):
@@ -136,7 +137,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return EXIT_ERROR
             result = client.get_result(job["job_id"])
-            _print_result(job, result, truth_path, folder, keep=bool(args.keep))
+            _print_result(job, result, truth_path, folder)
+    finally:
+        if not args.keep:  # the slide is big and generated again in seconds; the results stay
+            for part in ("inbox", "scanner"):
+                shutil.rmtree(folder / part, ignore_errors=True)
+    if not args.keep:
+        print(f"(the slide was removed; pass --keep DIR to keep it and its truth; remove {folder} when done)")
     return EXIT_OK
 
 
@@ -172,7 +179,7 @@ def _copy_and_wait(client: Any, source: Path, target: Path) -> dict[str, Any]:
     raise EdgeError(f"the daemon did not finish {target} within {DEMO_TIMEOUT_S:.0f} s")
 
 
-def _print_result(job: dict[str, Any], result: dict[str, Any], truth_path: Path, folder: Path, *, keep: bool) -> None:
+def _print_result(job: dict[str, Any], result: dict[str, Any], truth_path: Path, folder: Path) -> None:
     from edge.cli_analysis import summary_lines
     from edge.evaluate import evaluate_image, read_predictions, read_truth
     from edge.scoring import SlideResult
@@ -189,9 +196,5 @@ def _print_result(job: dict[str, Any], result: dict[str, Any], truth_path: Path,
     f1 = "n/a" if report.f1 is None else f"{report.f1:.3f}"
     print(f"    F1 {f1} (TP {report.tp}, FP {report.fp}, FN {report.fn}); hotspot mitotic count "
           f"{report.hotspot_count_pred} found vs {report.hotspot_count_true} planted")
-    if keep:
-        print(f"exports in {Path(exports['result']).parent}: {', '.join(Path(p).name for p in exports.values())}")
-        print(f"store {folder / 'data' / 'edge.db'}; slide {folder / 'inbox'}; truth {truth_path}")
-    else:
-        print("(pass --keep DIR to keep the slide, its truth, the store and the exports: result.json, QuPath "
-              "GeoJSON, MIDOG JSON, CSV, overlay PNG)")
+    print(f"exports    {Path(exports['result']).parent}: {', '.join(Path(p).name for p in exports.values())}")
+    print(f"store      {folder / 'data' / 'edge.db'}")
