@@ -112,7 +112,8 @@ class Daemon:
             self._start_watcher()
             for i in range(self.config.daemon.workers):
                 self._spawn(f"worker-{i}", self._work)
-            self._spawn("housekeeping", self._housekeeping)
+            if self.config.daemon.export_retention_days > 0:
+                self._spawn("housekeeping", self._housekeeping)
         except BaseException:
             self.stop(grace=0.0)
             raise
@@ -433,10 +434,10 @@ class Daemon:
         return f"{host}:{port}"
 
     def _housekeeping(self) -> None:
+        """Export retention: prune at start, then every HOUSEKEEPING_INTERVAL_S until the daemon stops."""
         days = self.config.daemon.export_retention_days
-        while not self._stopping.wait(timeout=0.0 if days else HOUSEKEEPING_INTERVAL_S):
-            if days:
-                self.prune_exports(self._clock() - days * 86400.0)
+        while True:
+            self.prune_exports(self._clock() - days * 86400.0)
             if self._stopping.wait(timeout=HOUSEKEEPING_INTERVAL_S):
                 return
 

@@ -289,3 +289,16 @@ def test_a_slide_that_stopped_the_daemon_too_often_ends_failed_instead_of_loopin
     finally:
         daemon.stop(grace=0.0)
     assert failed.state == "failed" and "stopped 2 times" in (failed.error or "")
+
+
+def test_export_retention_runs_by_itself_when_configured(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    first = start_daemon(daemon_config(tmp_path, **{"watch.folders": []}))
+    job = first.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: first.store.get_job(job.job_id).state == "done", what="done")
+    first.stop(grace=0.0)
+    later = time.time() + 2 * 86400  # two days on: a one-day retention prunes at start
+    start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.export_retention_days": 1.0}),
+                 clock=lambda: later)
+    wait_for(lambda: not (tmp_path / "data" / "results" / str(job.job_id)).exists(), timeout=10, what="pruned")
