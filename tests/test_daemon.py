@@ -63,6 +63,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def analysis_until_cancelled(started: threading.Event) -> Callable[..., Any]:
+    """An analysis that signals it started, then runs until the daemon cancels it."""
+
+    def analyze(path: Path, config: Config, engines: Any, cancel: threading.Event, progress: Any) -> Any:
+        started.set()
+        cancel.wait(30)
+        raise StreamCancelled("cancelled")
+
+    return analyze
+
+
 def states(store: Store) -> dict[str, str]:
     return {Path(j.slide_path).name: j.state for j in store.list_jobs(limit=1000)}
 
@@ -158,12 +169,7 @@ def test_cancelling_a_running_slide_stops_it_and_stores_nothing(
     tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
 ) -> None:
     started = threading.Event()
-
-    def analyze(path: Path, config: Config, engines: Any, cancel: threading.Event, progress: Any) -> Any:
-        started.set()
-        cancel.wait(30)
-        raise StreamCancelled("cancelled")
-
+    analyze = analysis_until_cancelled(started)
     daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": []}), analyze=analyze)
     job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
     assert started.wait(30)
@@ -179,12 +185,7 @@ def test_stopping_out_of_grace_returns_the_running_slide_to_the_queue(
     tmp_path: Path, synth_slide: SynthFactory
 ) -> None:
     started = threading.Event()
-
-    def analyze(path: Path, config: Config, engines: Any, cancel: threading.Event, progress: Any) -> Any:
-        started.set()
-        cancel.wait(30)
-        raise StreamCancelled("cancelled")
-
+    analyze = analysis_until_cancelled(started)
     daemon = Daemon(daemon_config(tmp_path, **{"watch.folders": []}), analyze=analyze).start()
     job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
     assert started.wait(30)
