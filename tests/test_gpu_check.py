@@ -65,6 +65,8 @@ def test_on_a_fake_gpu_it_builds_checks_parity_and_times(
     # the fake GPU runs copies one after the other, so the overlap check rightly fails there
     assert "FAILED" in lines["copy overlap, 2 streams"]
     assert cudart.live() == dict.fromkeys(cudart.live(), 0)
+    # the pipeline check opens engines as the daemon does, through the real GPU probe: here it says why not
+    assert "not run" in lines["pipeline tensorrt"] and "GPU" in lines["pipeline tensorrt"]
 
 
 def test_a_missing_bundle_is_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,9 @@ Run it on the machine that will run mitosis-edge with ``--backend tensorrt``:
     python tools/gpu_check.py --json          # the same as JSON
     python tools/gpu_check.py --bundle DIR --plan-cache DIR --mb 512 --repeats 7
 
+After the plans it runs the pipeline end to end on TensorRT (`bench analyze` on a synthetic slide, the
+end-to-end ratio target) and the daemon (`bench daemon`, a few slides).
+
 Every check that cannot run says why ("not run: ..."); a check that runs and fails says so and the
 exit status is 1. On a machine without a GPU everything after the probe is "not run".
 """
@@ -13,6 +16,7 @@ exit status is 1. On a machine without a GPU everything after the probe is "not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -264,6 +268,47 @@ def check_speed(report: Report, engine: Any, model: Any, label: str, repeats: in
     )
 
 
+def check_pipeline(report: Report, bundle_name: str, cache_dir: Path, side: int) -> None:
+    """The whole pipeline and the daemon on TensorRT: `bench analyze` on a synthetic slide (the issue's
+    end-to-end target: >= 0.8 of the slower of read-only and detector-only) with ONNX Runtime on the CPU
+    beside it for reference, then `bench daemon` with a few slides (each processed exactly once)."""
+    from edge.bench import bench_analyze, bench_daemon
+    from edge.config import load_config
+    from edge.engines import load_bundle, open_engines
+    from edge.synth import SynthParams, generate_slide
+
+    settings = {"engines.bundle": bundle_name, "engines.plan_cache": str(cache_dir)}
+    config = load_config(None, {**settings, "engines.backend": "tensorrt"})
+    try:  # fail fast, before a slide is generated
+        with open_engines(load_bundle(bundle_name), config.engines, detector_batch=config.stream.batch_size):
+            pass
+    except EdgeError as exc:
+        report.not_run("pipeline tensorrt", str(exc).replace("\n", " | ")[:400])
+        return
+    slide = cache_dir / "gpu-check-slide.tiff"
+    generate_slide(slide, SynthParams(width=side, height=side, seed=4242))
+    for backend in ("tensorrt", "onnxruntime"):
+        with guarded(report, f"pipeline {backend}"):
+            r = bench_analyze(slide, load_config(None, {**settings, "engines.backend": backend}))
+            meets = r["ratio"] is not None and r["ratio"] >= 0.8
+            report.add(
+                f"pipeline {backend}",
+                OK if meets or backend != "tensorrt" else FAILED,
+                f"{side}² slide, {r['tiles']} tiles: end to end {r['end_to_end_tiles_per_s']:.1f} tiles/s, read-only "
+                f"{r['read_tiles_per_s']:.1f}, detector-only {r['detector_tiles_per_s']:.1f}, ratio {r['ratio']:.2f} "
+                f"(target >= 0.8), peak RSS {r['peak_rss_mb']:.0f} MB",
+            )
+    with guarded(report, "daemon tensorrt"):
+        d = bench_daemon(config, slides=8, size=2048, quiet_period_s=0.5, workdir=cache_dir)
+        once = d["slides_with_one_job"] == d["slides"] and d["done"] == d["slides"]
+        report.add(
+            "daemon tensorrt",
+            OK if once else FAILED,
+            f"{d['done']}/{d['slides']} slides done once each, {d['slides_per_hour']:.0f} slides/h, pickup "
+            f"{d['pickup_after_quiet_s']['max']:.2f} s after the quiet period at most",
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -285,12 +330,15 @@ def run(args: argparse.Namespace) -> tuple[Report, GpuProbe]:
     elif not probe.cuda_runtime_available:
         report.not_run("tensorrt plans", "cuda-python is not installed (the engine's data path needs it)")
     else:
-        with guarded(report, "tensorrt plans"):
-            if args.plan_cache:
-                check_tensorrt(report, probe, args.bundle, Path(args.plan_cache), args.device, args.repeats)
-            else:
-                with tempfile.TemporaryDirectory(prefix="gpu-check-plans-") as tmp:
-                    check_tensorrt(report, probe, args.bundle, Path(tmp), args.device, args.repeats)
+        with contextlib.ExitStack() as stack:
+            cache = Path(args.plan_cache) if args.plan_cache else Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu-check-plans-"))
+            )
+            with guarded(report, "tensorrt plans"):
+                check_tensorrt(report, probe, args.bundle, cache, args.device, args.repeats)
+            if args.slide_px:
+                with guarded(report, "pipeline tensorrt"):
+                    check_pipeline(report, args.bundle, cache, args.slide_px)
     return report, probe
 
 
@@ -303,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mb", type=int, default=DEFAULT_MB, help=f"MiB per copy (default {DEFAULT_MB})")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
     parser.add_argument("--probe-timeout", type=float, default=60.0, help="seconds for the GPU probe (default 60)")
+    parser.add_argument("--slide-px", type=int, default=16384,
+                        help="side of the synthetic slide for the pipeline check (default 16384; 0 skips it)")
     args = parser.parse_args(argv)
     report, probe = run(args)
     if args.json:
