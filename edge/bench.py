@@ -380,18 +380,24 @@ def bench_daemon(
         },
         "rss_mb_after_quarter": early[0] if early else None,
         "rss_mb_at_end": rss[-1][1] if rss else None,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb_daemon_process": peak_rss_mb(),
     }
 
 
 def current_rss_mb() -> float:
-    """Resident set size now (Linux /proc; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return peak_rss_mb()
+    """Resident set size now of this process and its child processes (the daemon's analysis processes);
+    Linux /proc; falls back to this process's peak elsewhere."""
+    import multiprocessing
+
+    total = 0.0
+    for pid in ("self", *(str(c.pid) for c in multiprocessing.active_children())):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            if pid == "self":
+                return peak_rss_mb()
+    return total
 
 
 def _wait_terminal(daemon: Any, slides: int, timeout_s: float) -> bool:

@@ -72,8 +72,8 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
         print(f"throughput     {result['slides_per_hour']:.0f} slides/h ({result['wall_seconds']:.0f} s)")
         print(f"pickup         job created {pickup['first']:.2f} s (first) / {pickup['median']:.2f} s (median) / "
               f"{pickup['max']:.2f} s (last) after the quiet period ended")
-        print(f"memory         RSS {result['rss_mb_after_quarter']:.0f} MiB after a quarter, "
-              f"{result['rss_mb_at_end']:.0f} MiB at the end")
+        print(f"memory         RSS (daemon and its analysis processes) {result['rss_mb_after_quarter']:.0f} MiB "
+              f"after a quarter, {result['rss_mb_at_end']:.0f} MiB at the end")
     ok = result["finished_in_time"] and result["slides_with_one_job"] == result["slides"]
     return EXIT_OK if ok else EXIT_ERROR
 

@@ -243,7 +243,8 @@ class DaemonConfig:
     shutdown_grace_s: float = 60.0  # SIGTERM: the running slide may finish this long, else it is re-queued
     min_free_disk_mb: int = 1024  # a job starts only with this much free space where exports are written
     export_retention_days: float = 0.0  # exports older than this are deleted (results stay); 0 = keep
-    analysis_nice: int = 10  # niceness of the analysis threads (engines, readers): the API answers first; 0 = equal
+    isolation: Literal["process", "thread"] = "process"  # process: a slide that crashes a library kills a child only
+    analysis_nice: int = 10  # niceness of the analysis (engines, readers): the API answers first; 0 = equal
     metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics; "" = off
     log_format: Literal["text", "json"] = "text"
 

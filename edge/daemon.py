@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from edge import __version__
@@ -31,6 +32,7 @@ from edge.errors import ConfigError, EdgeError, SlideReadError, StreamCancelled
 from edge.fingerprint import Fingerprint, fingerprint_slide
 from edge.metrics import DaemonMetrics
 from edge.store import Job, JobStateError, Store
+from edge.worker import AnalysisProcess
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ class Daemon:
         self.results_dir = self.data_dir / RESULTS_DIR
         self._analyze = analyze or _analyze_slide
         self._open_engine_set = open_engine_set or self._default_engines
+        # injected analysis or engines (tests) run in this process; otherwise daemon.isolation decides
+        self._isolated = analyze is None and open_engine_set is None and config.daemon.isolation == "process"
+        self._engine_info: list[dict[str, str]] = []
         self._clock = clock
         self._started_at = time.monotonic()
         self._check_config()
@@ -108,7 +113,8 @@ class Daemon:
         try:
             self._start_metrics()
             self._start_server()
-            self._spawn("engines", self._load_default_engines)
+            if not self._isolated:
+                self._spawn("engines", self._load_default_engines)
             self._start_watcher()
             for i in range(self.config.daemon.workers):
                 self._spawn(f"worker-{i}", self._work)
@@ -211,19 +217,19 @@ class Daemon:
         store = self._store()
         with self._engines_lock:
             engine_sets = list(self._engines.values())
-        engines = []
+        engines = list(self._engine_info)
         for es in engine_sets:
             for role, name in [("detector", "detector"), *[("classifier", n) for n in es.classifiers]]:
                 engines.append({"name": f"{es.bundle.name}/{name}", "role": role,
-                                "cache_key": es.plan_keys.get(name) or _model_sha256(es, name)})
-        default = engine_sets[0].bundle if engine_sets else None
+                                "cache_key": es.plan_keys.get(name) or _model_sha256(es, name),
+                                "bundle": f"{es.bundle.name} {es.bundle.version}"})
         counts = store.counts_by_state()
         return {
             "version": __version__,
             "backend": self.config.engines.backend,
             "gpu": _gpu_name(self.config.engines.backend),
             "engines": engines,
-            "bundle": f"{default.name} {default.version}" if default else "",
+            "bundle": engines[0]["bundle"] if engines else "",
             "queue_depth": counts.get("queued", 0),
             "running": counts.get("running", 0),
             "uptime_s": time.monotonic() - self._started_at,
@@ -266,20 +272,42 @@ class Daemon:
     # --- workers ---------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        _lower_priority(self.config.daemon.analysis_nice)  # reader threads started from here inherit it
-        while not self._stopping.is_set():
-            job = self._store().claim_next_job() if self._ready.is_set() else None
-            if job is None:
-                with self._wake:
-                    self._wake.wait(timeout=IDLE_WAIT_S)
-                continue
-            try:
-                self._process(job)
-            except Exception:  # a bug must not kill the worker: record it on the job and go on
-                log.exception("unexpected error on job %d (%s)", job.job_id, job.slide_path)
-                self._fail(job, "internal error (see the daemon log)", retry=True)
+        process = None
+        if self._isolated:
+            process = self._start_analysis_process()
+            if process is None:
+                return
+        else:
+            _lower_priority(self.config.daemon.analysis_nice)  # reader threads started from here inherit it
+        try:
+            while not self._stopping.is_set():
+                job = self._store().claim_next_job() if self._ready.is_set() else None
+                if job is None:
+                    with self._wake:
+                        self._wake.wait(timeout=IDLE_WAIT_S)
+                    continue
+                try:
+                    self._process(job, process)
+                except Exception:  # a bug must not kill the worker: record it on the job and go on
+                    log.exception("unexpected error on job %d (%s)", job.job_id, job.slide_path)
+                    self._fail(job, "internal error (see the daemon log)", retry=True)
+        finally:
+            if process is not None:
+                process.close()
 
-    def _process(self, job: Job) -> None:
+    def _start_analysis_process(self) -> AnalysisProcess | None:
+        """This worker's child process with its engines open; until one is up, health says NOT_SERVING."""
+        process = AnalysisProcess(self.config, nice=self.config.daemon.analysis_nice)
+        try:
+            self._engine_info = process.start()
+        except EdgeError as exc:
+            self.engine_error = str(exc)
+            log.error("the engines could not be loaded, no slide will be analysed: %s", exc)
+            return None
+        self._set_ready()
+        return process
+
+    def _process(self, job: Job, process: AnalysisProcess | None = None) -> None:
         running = _Running(job)
         with self._running_lock:
             self._running[job.job_id] = running
@@ -290,10 +318,17 @@ class Daemon:
             config = self.config
             if job.mpp_override is not None:
                 config = config.with_overrides({"slide.mpp_override": job.mpp_override})
-            engines = self._engines_for(job.bundle or "")
             with self.metrics.running():
-                analysis = self._analyze(Path(job.slide_path), config, engines, running.cancel, self.metrics.progress)
-            exports = self._write_exports(job, analysis)
+                if process is not None:
+                    if job.bundle:
+                        config = config.with_overrides({"engines.bundle": job.bundle})
+                    analysis, exports = self._analyze_in_child(process, job, config, running.cancel)
+                else:
+                    engines = self._engines_for(job.bundle or "")
+                    analysis = self._analyze(
+                        Path(job.slide_path), config, engines, running.cancel, self.metrics.progress
+                    )
+                    exports = self._write_exports(job, analysis)
         except StreamCancelled:
             if not running.cancelled_by_user:
                 self._store().requeue_job(job.job_id, "daemon stopping before the slide finished")
@@ -336,6 +371,23 @@ class Daemon:
         else:
             log.warning("job %d attempt %d failed, retry in %.0f s: %s: %s", job.job_id, job.attempts,
                         retry_at - self._clock(), job.slide_path, reason)
+
+    def _analyze_in_child(
+        self, process: AnalysisProcess, job: Job, config: Config, cancel: threading.Event
+    ) -> tuple[Any, dict[str, Path]]:
+        """The slide analysed in the worker's child, which writes the exports into a .partial folder."""
+        final = self.results_dir / str(job.job_id)
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            outcome = process.analyze(Path(job.slide_path), config, partial, cancel)
+            shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that stopped before storing
+            os.replace(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        analysis = SimpleNamespace(result=outcome.result, tiles=outcome.tiles, times=_StageTimes(outcome.times))
+        return analysis, {kind: final / p.name for kind, p in outcome.exports.items()}
 
     def _write_exports(self, job: Job, analysis: Any) -> dict[str, Path]:
         """Exports into results/<job>/, built in a .partial folder and renamed: never half there."""
@@ -388,11 +440,17 @@ class Daemon:
             self.engine_error = str(exc)
             log.error("the engines could not be loaded, no slide will be analysed: %s", exc)
             return
+        self._set_ready()
+
+    def _set_ready(self) -> None:
+        if self._ready.is_set():
+            return
         self._ready.set()
         if self.server is not None:
             self.server.set_serving(True)
         self._notify()
-        log.info("engines loaded (%s): ready", self.config.engines.backend)
+        log.info("engines loaded (%s%s): ready", self.config.engines.backend,
+                 ", in a child process per worker" if self._isolated else "")
 
     # --- parts -----------------------------------------------------------------------------------
 
@@ -474,6 +532,17 @@ class Daemon:
 
     def _pending_watch(self) -> int:
         return int(self.watcher.pending()) if self.watcher is not None else 0
+
+
+class _StageTimes:
+    """The stage timings a child process reported, shaped like pipeline.StageTimes for the metrics."""
+
+    def __init__(self, values: dict[str, float]) -> None:
+        self.values = values
+        self.total = values.get("total", 0.0)
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.values)
 
 
 def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threading.Event, progress: Any) -> Any:

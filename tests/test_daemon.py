@@ -303,3 +303,36 @@ def test_export_retention_runs_by_itself_when_configured(
     start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.export_retention_days": 1.0}),
                  clock=lambda: later)
     wait_for(lambda: not (tmp_path / "data" / "results" / str(job.job_id)).exists(), timeout=10, what="pruned")
+
+
+def analysis_children() -> list[Any]:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name == "edge-analysis"]
+
+
+def test_a_crash_in_the_analysis_process_fails_that_slide_and_the_daemon_goes_on(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.max_attempts": 1}))
+    big = daemon.submit_slide(synth_slide(width=6144, height=6144, seed=11))
+    wait_for(lambda: daemon.store.get_job(big.job_id).state == "running", what="running")
+    time.sleep(0.5)
+    (child,) = analysis_children()
+    os.kill(child.pid, signal.SIGKILL)  # as a reader library segfaulting on the slide would
+    wait_for(lambda: daemon.store.get_job(big.job_id).state == "failed", what="failed")
+    assert "analysis process died (signal 9" in (daemon.store.get_job(big.job_id).error or "")
+    small = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: daemon.store.get_job(small.job_id).state == "done", what="the next slide done")
+
+
+def test_cancelling_a_slide_ends_its_analysis_process(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": []}))
+    job = daemon.submit_slide(synth_slide(width=6144, height=6144, seed=11))
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "running", what="running")
+    daemon.cancel_job(job.job_id)
+    wait_for(lambda: not analysis_children(), timeout=10, what="the analysis process ended")
+    assert daemon.store.get_job(job.job_id).state == "cancelled"
+    assert not (daemon.results_dir / str(job.job_id)).exists()
