@@ -173,7 +173,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return EXIT_OK
-    ready = "ready" if status["ready"] else "NOT READY (engines loading)"
+    ready = "ready" if status["ready"] else (
+        f"NOT READY: {status['engine_error']}" if status["engine_error"] else "NOT READY (engines loading)"
+    )
     print(f"server        {client.address}: mitosis-edge {status['version']}, {ready}")
     print(f"backend       {status['backend']}" + (f" on {status['gpu']}" if status["gpu"] else " (no GPU)"))
     print(f"bundle        {status['bundle']}")

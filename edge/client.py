@@ -259,6 +259,7 @@ def status_dict(status: Any) -> dict[str, Any]:
         "watch_folders": list(status.watch_folders),
         "jobs_by_state": dict(status.jobs_by_state),
         "last_sequence": status.last_sequence,
+        "engine_error": status.engine_error,
     }
 
 

@@ -717,6 +717,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             watch_folders=[str(f) for f in status.get("watch_folders") or ()],
             jobs_by_state=counts,
             last_sequence=self.store.last_sequence(),
+            engine_error=str(status.get("engine_error") or ""),
         )
 
 

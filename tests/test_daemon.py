@@ -336,3 +336,17 @@ def test_cancelling_a_slide_ends_its_analysis_process(
     wait_for(lambda: not analysis_children(), timeout=10, what="the analysis process ended")
     assert daemon.store.get_job(job.job_id).state == "cancelled"
     assert not (daemon.results_dir / str(job.job_id)).exists()
+
+
+def test_engines_that_cannot_load_keep_the_daemon_up_and_say_why_over_grpc(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    from edge.client import EdgeClient
+
+    config = daemon_config(tmp_path, **{"watch.folders": [], "engines.bundle": str(tmp_path / "no-such-bundle")})
+    daemon = start_daemon(config)
+    wait_for(lambda: daemon.engine_error is not None, what="the engine error")
+    with EdgeClient(daemon.server.address, insecure=True) as client:
+        status = client.status()
+        assert client.health() == "NOT_SERVING"
+    assert status["ready"] is False and "no-such-bundle" in status["engine_error"]

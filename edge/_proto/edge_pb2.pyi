@@ -381,7 +381,7 @@ class Engine(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., cache_key: _Optional[str] = ...) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence")
+    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence", "engine_error")
     class JobsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -401,6 +401,7 @@ class GetServerStatusResponse(_message.Message):
     WATCH_FOLDERS_FIELD_NUMBER: _ClassVar[int]
     JOBS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     gpu: str
@@ -413,4 +414,5 @@ class GetServerStatusResponse(_message.Message):
     watch_folders: _containers.RepeatedScalarFieldContainer[str]
     jobs_by_state: _containers.ScalarMap[str, int]
     last_sequence: int
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ...) -> None: ...
+    engine_error: str
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ..., engine_error: _Optional[str] = ...) -> None: ...
