@@ -91,16 +91,12 @@ def default_out_dir(slide: str | Path) -> Path:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from edge.exports import write_exports
     from edge.pipeline import analyze_slide
 
     config = config_from_args(args)
     out = Path(args.out) if args.out else default_out_dir(args.slide)
     analysis = analyze_slide(args.slide, config, progress=progress_bar())
-    sp = analysis.slide_plan
-    paths = write_exports(
-        analysis.result, out, thumbnail=analysis.overview, thumbnail_mpp=analysis.overview_mpp, tissue_mask=sp.mask
-    )
+    paths = analysis.write_exports(out)
     if args.json:
         print(json.dumps(analysis.result.to_json_dict(), indent=2))
         return EXIT_OK

@@ -1,6 +1,8 @@
-"""The scan-time daemon: watcher, durable job queue, inference workers, gRPC API and metrics in one process.
+"""The scan-time daemon: watcher, durable job queue, inference workers, gRPC API and metrics.
 
 A slide the watcher hands over (or a client submits) becomes a queued job in the SQLite store.
+Each worker analyses its slides in a child process (``daemon.isolation = "process"``, see
+``edge.worker``) or in this one (``"thread"``, and whenever tests inject an analysis).
 Workers claim jobs oldest first (manual submissions may carry a priority), analyse the slide,
 write its exports into ``<data>/results/<job>/`` and store the result, its detections and the
 "done" event in one transaction. A failing slide is retried with exponential backoff, then marked
@@ -11,7 +13,6 @@ the grace period, re-queues what is left and exits 0.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -27,12 +28,12 @@ from typing import Any
 
 from edge import __version__
 from edge.config import Config
-from edge.engines import EngineSet, load_bundle, open_engines
-from edge.errors import ConfigError, EdgeError, SlideReadError, StreamCancelled
+from edge.engines import EngineSet, load_bundle
+from edge.errors import ConfigError, DiskFullError, EdgeError, SlideReadError, StreamCancelled
 from edge.fingerprint import Fingerprint, fingerprint_slide
 from edge.metrics import DaemonMetrics
 from edge.store import Job, JobStateError, Store
-from edge.worker import AnalysisProcess
+from edge.worker import AnalysisProcess, EngineCache
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ RESULTS_DIR = "results"
 IDLE_WAIT_S = 1.0  # a worker with nothing to do looks at the queue again after this long (or when woken)
 HOUSEKEEPING_INTERVAL_S = 3600.0  # export retention runs this often
 ANALYSIS_ERRORS = (EdgeError, OSError, MemoryError, ValueError, RuntimeError)
-
-
-class DiskFullError(EdgeError, OSError):
-    """Too little free space where the exports are written."""
 
 
 @dataclass
@@ -57,7 +54,8 @@ class _Running:
 class Daemon:
     """Runs everything ``mitosis-edge serve`` promises. ``start()``, then ``stop()`` (or ``run()`` until a signal).
 
-    ``analyze`` is injectable for tests: (path, config, engines, cancel_event, progress) -> Analysis.
+    ``analyze`` is injectable for tests: (path, config, engines, cancel_event, progress) -> Analysis;
+    an injected analysis runs in this process.
     """
 
     def __init__(
@@ -65,17 +63,14 @@ class Daemon:
         config: Config,
         *,
         analyze: Callable[..., Any] | None = None,
-        open_engine_set: Callable[[str], EngineSet] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.data_dir = config.daemon.data_path
         self.results_dir = self.data_dir / RESULTS_DIR
         self._analyze = analyze or _analyze_slide
-        self._open_engine_set = open_engine_set or self._default_engines
-        # injected analysis or engines (tests) run in this process; otherwise daemon.isolation decides
-        self._isolated = analyze is None and open_engine_set is None and config.daemon.isolation == "process"
-        self._engine_info: list[dict[str, str]] = []
+        self._isolated = analyze is None and config.daemon.isolation == "process"
+        self._child_engine_info: list[dict[str, str]] = []  # what the analysis processes loaded
         self._clock = clock
         self._started_at = time.monotonic()
         self._check_config()
@@ -85,8 +80,7 @@ class Daemon:
         self.server: Any = None
         self.watcher: Any = None
         self._metrics_server: Any = None
-        self._engines: dict[str, EngineSet] = {}
-        self._engines_lock = threading.Lock()
+        self._engines = EngineCache()  # "thread" isolation: the engines live in this process
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -154,10 +148,7 @@ class Daemon:
             httpd.shutdown()
             httpd.server_close()
             thread.join(timeout=5.0)
-        with self._engines_lock:
-            for engines in self._engines.values():
-                engines.close()
-            self._engines.clear()
+        self._engines.close()
         self.store.close()
         self._stopped.set()
         log.info("mitosis-edge stopped")
@@ -193,7 +184,7 @@ class Daemon:
         self, path: Path, *, priority: int = 0, mpp_override: float | None = None, bundle: str | None = None
     ) -> Job:
         """Queue a slide a client asked for (always a new job: a client asking again means it)."""
-        store = self._store()
+        store = self.store
         if bundle:
             load_bundle(bundle)  # a wrong bundle is refused now, not after the queue
         fingerprint = _quiet_fingerprint(path, self.config.watch.fingerprint == "full")
@@ -205,7 +196,7 @@ class Daemon:
         return job
 
     def cancel_job(self, job_id: int) -> Job:
-        job = self._store().cancel_job(job_id)
+        job = self.store.cancel_job(job_id)
         with self._running_lock:
             running = self._running.get(job_id)
             if running is not None:
@@ -214,16 +205,8 @@ class Daemon:
         return job
 
     def server_status(self) -> dict[str, Any]:
-        store = self._store()
-        with self._engines_lock:
-            engine_sets = list(self._engines.values())
-        engines = list(self._engine_info)
-        for es in engine_sets:
-            for role, name in [("detector", "detector"), *[("classifier", n) for n in es.classifiers]]:
-                engines.append({"name": f"{es.bundle.name}/{name}", "role": role,
-                                "cache_key": es.plan_keys.get(name) or _model_sha256(es, name),
-                                "bundle": f"{es.bundle.name} {es.bundle.version}"})
-        counts = store.counts_by_state()
+        engines = self._child_engine_info + self._engines.info()
+        counts = self.store.counts_by_state()
         return {
             "version": __version__,
             "backend": self.config.engines.backend,
@@ -245,7 +228,7 @@ class Daemon:
 
     def on_slide_ready(self, path: Path, fingerprint: Fingerprint) -> None:
         """A settled slide: a job, unless the same slide was seen before (watch.on_duplicate)."""
-        store = self._store()
+        store = self.store
         meta = {"size": fingerprint.size, "mtime_ns": fingerprint.mtime_ns}
         skip_any_path = self.config.watch.on_duplicate == "skip"
         # "reprocess": the same bytes under a new path are a new job; the same path again (a restart's scan) is not
@@ -265,7 +248,7 @@ class Daemon:
             log.info("slide %s already seen as job %d (%s): not queued again", path, job.job_id, job.state)
 
     def on_slide_failed(self, path: Path, reason: str) -> None:
-        self._store().add_failed_job(str(path), reason, source="watch")
+        self.store.add_failed_job(str(path), reason, source="watch")
         self.metrics.failed(reason)
         log.error("slide %s failed before analysis: %s", path, reason)
 
@@ -281,7 +264,7 @@ class Daemon:
             _lower_priority(self.config.daemon.analysis_nice)  # reader threads started from here inherit it
         try:
             while not self._stopping.is_set():
-                job = self._store().claim_next_job() if self._ready.is_set() else None
+                job = self.store.claim_next_job() if self._ready.is_set() else None
                 if job is None:
                     with self._wake:
                         self._wake.wait(timeout=IDLE_WAIT_S)
@@ -299,7 +282,7 @@ class Daemon:
         """This worker's child process with its engines open; until one is up, health says NOT_SERVING."""
         process = AnalysisProcess(self.config, nice=self.config.daemon.analysis_nice)
         try:
-            self._engine_info = process.start()
+            self._child_engine_info = process.start()
         except EdgeError as exc:
             self.engine_error = str(exc)
             log.error("the engines could not be loaded, no slide will be analysed: %s", exc)
@@ -315,23 +298,24 @@ class Daemon:
         t0 = time.perf_counter()
         try:
             self._check_disk()
-            config = self.config
-            if job.mpp_override is not None:
-                config = config.with_overrides({"slide.mpp_override": job.mpp_override})
-            with self.metrics.running():
+            config = self.config.with_overrides({"slide.mpp_override": job.mpp_override, "engines.bundle": job.bundle})
+            with self.metrics.running(), self._exports_folder(job) as partial:
                 if process is not None:
-                    if job.bundle:
-                        config = config.with_overrides({"engines.bundle": job.bundle})
-                    analysis, exports = self._analyze_in_child(process, job, config, running.cancel)
+                    outcome = process.analyze(Path(job.slide_path), config, partial, running.cancel)
+                    analysis = SimpleNamespace(result=outcome.result, tiles=outcome.tiles, times=outcome.times)
+                    written = outcome.exports
                 else:
-                    engines = self._engines_for(job.bundle or "")
                     analysis = self._analyze(
-                        Path(job.slide_path), config, engines, running.cancel, self.metrics.progress
+                        Path(job.slide_path), config, self._engines.get(config), running.cancel, None
                     )
-                    exports = self._write_exports(job, analysis)
+                    try:
+                        written = analysis.write_exports(partial)
+                    except OSError as exc:
+                        raise DiskFullError(f"writing the exports to {partial} failed: {exc}") from exc
+            exports = {kind: self._export_dir(job.job_id) / path.name for kind, path in written.items()}
         except StreamCancelled:
             if not running.cancelled_by_user:
-                self._store().requeue_job(job.job_id, "daemon stopping before the slide finished")
+                self.store.requeue_job(job.job_id, "daemon stopping before the slide finished")
                 log.info("job %d re-queued: the daemon is stopping", job.job_id)
             return
         except (SlideReadError, ConfigError) as exc:  # the slide itself is bad: retrying cannot help
@@ -344,10 +328,10 @@ class Daemon:
             with self._running_lock:
                 self._running.pop(job.job_id, None)
         try:
-            self._store().complete_job(job.job_id, analysis.result, exports)
+            self.store.complete_job(job.job_id, analysis.result, exports)
         except JobStateError:
             log.info("job %d was cancelled while it ran; its exports are removed", job.job_id)
-            shutil.rmtree(self.results_dir / str(job.job_id), ignore_errors=True)
+            shutil.rmtree(self._export_dir(job.job_id), ignore_errors=True)
             return
         seconds = time.perf_counter() - t0
         self.metrics.done(analysis, seconds)
@@ -362,7 +346,7 @@ class Daemon:
             delay = min(settings.retry_backoff_s * 2 ** (job.attempts - 1), settings.retry_backoff_max_s)
             retry_at = self._clock() + delay
         try:
-            self._store().fail_job(job.job_id, reason, retry_at=retry_at)
+            self.store.fail_job(job.job_id, reason, retry_at=retry_at)
         except JobStateError:  # cancelled meanwhile
             return
         self.metrics.failed(reason)
@@ -372,41 +356,26 @@ class Daemon:
             log.warning("job %d attempt %d failed, retry in %.0f s: %s: %s", job.job_id, job.attempts,
                         retry_at - self._clock(), job.slide_path, reason)
 
-    def _analyze_in_child(
-        self, process: AnalysisProcess, job: Job, config: Config, cancel: threading.Event
-    ) -> tuple[Any, dict[str, Path]]:
-        """The slide analysed in the worker's child, which writes the exports into a .partial folder."""
-        final = self.results_dir / str(job.job_id)
+    def _export_dir(self, job_id: int) -> Path:
+        return self.results_dir / str(job_id)
+
+    @contextmanager
+    def _exports_folder(self, job: Job) -> Iterator[Path]:
+        """A ``results/<job>.partial`` folder for the job's exports, renamed to ``results/<job>`` when the
+        block succeeds and removed when it fails: an export folder is never half there."""
+        final = self._export_dir(job.job_id)
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            outcome = process.analyze(Path(job.slide_path), config, partial, cancel)
+            yield partial
             shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that stopped before storing
-            os.replace(partial, final)
+            try:
+                os.replace(partial, final)
+            except OSError as exc:
+                raise DiskFullError(f"moving the exports into {final} failed: {exc}") from exc
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        analysis = SimpleNamespace(result=outcome.result, tiles=outcome.tiles, times=_StageTimes(outcome.times))
-        return analysis, {kind: final / p.name for kind, p in outcome.exports.items()}
-
-    def _write_exports(self, job: Job, analysis: Any) -> dict[str, Path]:
-        """Exports into results/<job>/, built in a .partial folder and renamed: never half there."""
-        from edge.exports import write_exports
-
-        final = self.results_dir / str(job.job_id)
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            paths = write_exports(
-                analysis.result, partial, thumbnail=analysis.overview, thumbnail_mpp=analysis.overview_mpp,
-                tissue_mask=analysis.slide_plan.mask,
-            )
-            shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that stopped before storing
-            os.replace(partial, final)
-        except OSError as exc:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise DiskFullError(f"writing the exports to {final} failed: {exc}") from exc
-        return {kind: final / p.name for kind, p in paths.items()}
 
     def _check_disk(self) -> None:
         need = self.config.daemon.min_free_disk_mb
@@ -419,23 +388,11 @@ class Daemon:
 
     # --- engines ---------------------------------------------------------------------------------
 
-    def _default_engines(self, bundle: str) -> EngineSet:
-        config = self.config if not bundle else self.config.with_overrides({"engines.bundle": bundle})
-        return open_engines(load_bundle(config.engines.bundle), config.engines,
-                            detector_batch=config.stream.batch_size)
-
-    def _engines_for(self, bundle: str) -> EngineSet:
-        key = bundle or self.config.engines.bundle
-        with self._engines_lock:
-            if key not in self._engines:
-                self._engines[key] = self._open_engine_set(bundle)
-            return self._engines[key]
-
     def _load_default_engines(self) -> None:
         """Load the configured bundle; until then health says NOT_SERVING and no job starts."""
         _lower_priority(self.config.daemon.analysis_nice)  # inference pool threads created here inherit it
         try:
-            self._engines_for("")
+            self._engines.get(self.config)
         except EdgeError as exc:
             self.engine_error = str(exc)
             log.error("the engines could not be loaded, no slide will be analysed: %s", exc)
@@ -481,7 +438,7 @@ class Daemon:
         listen = self.config.daemon.metrics_listen
         if not listen:
             return
-        self.metrics.attach_store(self._store())
+        self.metrics.attach_store(self.store)
         host, _, port = listen.rpartition(":")
         self._metrics_server = self.metrics.serve(host.strip("[]"), int(port))
 
@@ -501,9 +458,9 @@ class Daemon:
 
     def prune_exports(self, cutoff: float) -> int:
         """Delete export folders of results older than ``cutoff`` (results and detections stay)."""
-        pruned = self._store().delete_exports_older_than(cutoff)
+        pruned = self.store.delete_exports_older_than(cutoff)
         for result in pruned:
-            shutil.rmtree(self.results_dir / str(result.job_id), ignore_errors=True)
+            shutil.rmtree(self._export_dir(result.job_id), ignore_errors=True)
         if pruned:
             log.info("retention: removed the exports of %d result(s)", len(pruned))
         return len(pruned)
@@ -517,14 +474,11 @@ class Daemon:
         with self._wake:
             self._wake.notify_all()
 
-    def _store(self) -> Store:
-        return self.store
-
     def wait_idle(self, timeout: float) -> bool:
         """Tests and the demo: wait until nothing is queued or running."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            counts = self._store().counts_by_state()
+            counts = self.store.counts_by_state()
             if counts.get("queued", 0) == 0 and counts.get("running", 0) == 0 and not self._pending_watch():
                 return True
             time.sleep(0.1)
@@ -534,26 +488,10 @@ class Daemon:
         return int(self.watcher.pending()) if self.watcher is not None else 0
 
 
-class _StageTimes:
-    """The stage timings a child process reported, shaped like pipeline.StageTimes for the metrics."""
-
-    def __init__(self, values: dict[str, float]) -> None:
-        self.values = values
-        self.total = values.get("total", 0.0)
-
-    def to_dict(self) -> dict[str, float]:
-        return dict(self.values)
-
-
 def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threading.Event, progress: Any) -> Any:
     from edge.pipeline import analyze_slide
 
     return analyze_slide(path, config, engines=engines, cancel_event=cancel, progress=progress)
-
-
-def _model_sha256(engines: EngineSet, name: str) -> str:
-    """An ONNX Runtime model's identity: its file's sha256 (TensorRT engines have a plan cache key)."""
-    return f"onnx-sha256:{engines.bundle.model(name).sha256}"
 
 
 def _lower_priority(nice: int) -> None:
@@ -587,18 +525,3 @@ def _gpu_name(backend: str) -> str:
 
     probe = probe_gpu()
     return str(getattr(probe, "gpu_name", "") or getattr(probe, "reason", ""))
-
-
-@contextmanager
-def running_daemon(config: Config, **kwargs: Any) -> Iterator[Daemon]:
-    """A started daemon, stopped on exit (tests, the demo)."""
-    daemon = Daemon(config, **kwargs)
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-
-
-def with_data_dir(config: Config, data_dir: str | Path) -> Config:
-    return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, data_dir=str(data_dir)))

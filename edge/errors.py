@@ -17,11 +17,13 @@ Every error a user can cause says what was wrong, with the value, and what to do
     │   ├── EngineInputError (ValueError)   a batch of the wrong shape or dtype was given to an engine
     │   ├── BackendUnavailableError         the backend is not installed, or no GPU is usable
     │   └── PlanError                       a TensorRT plan is missing, stale or built for other hardware
-    └── StoreError                          anything about the job store (SQLite)
-        ├── JobNotFoundError (KeyError)     no job with that id
-        ├── ResultNotFoundError (KeyError)  no result (yet) for that job or fingerprint
-        ├── JobStateError                   the job is in a state that does not allow the change
-        └── StoreCorruptError               not a mitosis-edge store, or a newer schema than this version
+    ├── StoreError                          anything about the job store (SQLite)
+    │   ├── JobNotFoundError (KeyError)     no job with that id
+    │   ├── ResultNotFoundError (KeyError)  no result (yet) for that job or fingerprint
+    │   ├── JobStateError                   the job is in a state that does not allow the change
+    │   └── StoreCorruptError               not a mitosis-edge store, or a newer schema than this version
+    ├── DiskFullError (OSError)             too little free space where the daemon writes exports
+    └── AnalysisCrashed (RuntimeError)      the daemon's analysis process died on a slide
 """
 
 from __future__ import annotations
@@ -151,3 +153,11 @@ class JobStateError(StoreError):
 
 class StoreCorruptError(StoreError):
     """The file is not a mitosis-edge store, is damaged, or has a newer schema than this version knows."""
+
+
+class DiskFullError(EdgeError, OSError):
+    """Too little free space where the exports are written, or writing them failed."""
+
+
+class AnalysisCrashed(EdgeError, RuntimeError):
+    """The analysis process died while it worked on a slide (a crash in a reader or an engine library)."""

@@ -91,9 +91,6 @@ class DaemonMetrics:
         finally:
             self.running_slides.dec()
 
-    def progress(self, stage: str, done: int, total: int) -> None:
-        """The pipeline's progress callback; nothing to record per tile (the totals come with ``done``)."""
-
     def picked_up(self, seconds: float) -> None:
         self.pickup_seconds.observe(max(0.0, seconds))
 

@@ -77,6 +77,13 @@ class Analysis:
     tiles: int
     candidates_before_merge: int
 
+    def write_exports(self, out_dir: Path) -> dict[str, Path]:
+        """result.json, QuPath GeoJSON, MIDOG JSON, CSV and the overlay (thumbnail, tissue outline) in ``out_dir``."""
+        from edge.exports import write_exports
+
+        return write_exports(self.result, out_dir, thumbnail=self.overview, thumbnail_mpp=self.overview_mpp,
+                             tissue_mask=self.slide_plan.mask)
+
 
 def pipeline_config(config: Config, bundle: Bundle) -> Config:
     """The config with tiles at the detector's input size and mpp."""

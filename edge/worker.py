@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.config import Config
-from edge.errors import EdgeError, StreamCancelled
+from edge.errors import AnalysisCrashed, StreamCancelled
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ STOP_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1
 
 
-class AnalysisCrashed(EdgeError, RuntimeError):
-    """The analysis process died while it worked on a slide (a crash in a reader or an engine library)."""
-
-
 @dataclass
 class Outcome:
     """What the child reports for one slide: the result, the export files, and figures for the metrics."""
@@ -43,7 +39,50 @@ class Outcome:
     result: Any  # SlideResult
     exports: dict[str, Path]
     tiles: int
-    times: dict[str, float]
+    times: Any  # pipeline.StageTimes
+
+
+class EngineCache:
+    """Engine sets by bundle, opened on first use and kept until ``close``; thread-safe."""
+
+    def __init__(self) -> None:
+        self._sets: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, config: Config) -> Any:
+        """The engines of ``config.engines.bundle`` ("" = the demo bundle) with the config's engine settings."""
+        from edge.engines import load_bundle, open_engines
+
+        key = config.engines.bundle
+        with self._lock:
+            if key not in self._sets:
+                self._sets[key] = open_engines(load_bundle(key), config.engines,
+                                               detector_batch=config.stream.batch_size)
+            return self._sets[key]
+
+    def info(self) -> list[dict[str, str]]:
+        """name, role, cache_key and bundle of every engine opened so far."""
+        with self._lock:
+            sets = list(self._sets.values())
+        return [entry for engines in sets for entry in engine_info(engines)]
+
+    def close(self) -> None:
+        with self._lock:
+            for engines in self._sets.values():
+                engines.close()
+            self._sets.clear()
+
+
+def engine_info(engines: Any) -> list[dict[str, str]]:
+    """What GetServerStatus shows of an engine set: name, role, cache key (a TensorRT plan's, or the ONNX
+    file's sha256) and bundle."""
+    bundle = engines.bundle
+    info = []
+    for role, name in [("detector", "detector"), *[("classifier", n) for n in engines.classifiers]]:
+        key = engines.plan_keys.get(name) or f"onnx-sha256:{bundle.model(name).sha256}"
+        info.append({"name": f"{bundle.name}/{name}", "role": role, "cache_key": key,
+                     "bundle": f"{bundle.name} {bundle.version}"})
+    return info
 
 
 class AnalysisProcess:
@@ -148,23 +187,13 @@ def _child_main(conn: Connection, config: Config, nice: int, parent_pid: int) ->
         except OSError:
             pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal: the parent decides
-    from edge.engines import load_bundle, open_engines
-
-    engine_sets: dict[str, Any] = {}
-
-    def engines_for(cfg: Config) -> Any:
-        """The engines of the config's bundle, opened once per bundle and kept."""
-        key = cfg.engines.bundle
-        if key not in engine_sets:
-            engine_sets[key] = open_engines(load_bundle(key), cfg.engines, detector_batch=cfg.stream.batch_size)
-        return engine_sets[key]
-
+    engines = EngineCache()
     try:
-        default = engines_for(config)
+        default = engines.get(config)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
         _send(conn, ("error", _portable(exc)))
         return
-    _send(conn, ("ready", _engine_info(default)))
+    _send(conn, ("ready", engine_info(default)))
     try:
         while True:
             try:
@@ -175,36 +204,23 @@ def _child_main(conn: Connection, config: Config, nice: int, parent_pid: int) ->
                 return
             _, path, cfg, partial = message
             try:
-                _send(conn, _analyze_one(Path(path), cfg, Path(partial), engines_for, parent_pid))
+                _send(conn, _analyze_one(Path(path), cfg, Path(partial), engines, parent_pid))
             except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
                 _send(conn, ("error", _portable(exc)))
     finally:
-        for engines in engine_sets.values():
-            engines.close()
+        engines.close()
 
 
-def _analyze_one(path: Path, config: Config, partial: Path, engines_for: Any, parent_pid: int) -> tuple[Any, ...]:
-    from edge.exports import write_exports
+def _analyze_one(path: Path, config: Config, partial: Path, engines: EngineCache, parent_pid: int) -> tuple[Any, ...]:
     from edge.pipeline import analyze_slide
 
     def progress(stage: str, done: int, total: int) -> None:
         if os.getppid() != parent_pid:  # orphaned where PR_SET_PDEATHSIG is not available
             raise StreamCancelled("the daemon that asked for this analysis is gone")
 
-    analysis = analyze_slide(path, config, engines=engines_for(config), progress=progress)
-    paths = write_exports(analysis.result, partial, thumbnail=analysis.overview, thumbnail_mpp=analysis.overview_mpp,
-                          tissue_mask=analysis.slide_plan.mask)
-    return ("done", analysis.result, {k: str(v) for k, v in paths.items()}, analysis.tiles, analysis.times.to_dict())
-
-
-def _engine_info(engines: Any) -> list[dict[str, str]]:
-    bundle = engines.bundle
-    info = []
-    for role, name in [("detector", "detector"), *[("classifier", n) for n in engines.classifiers]]:
-        key = engines.plan_keys.get(name) or f"onnx-sha256:{bundle.model(name).sha256}"
-        info.append({"name": f"{bundle.name}/{name}", "role": role, "cache_key": key,
-                     "bundle": f"{bundle.name} {bundle.version}"})
-    return info
+    analysis = analyze_slide(path, config, engines=engines.get(config), progress=progress)
+    paths = analysis.write_exports(partial)
+    return ("done", analysis.result, {k: str(v) for k, v in paths.items()}, analysis.tiles, analysis.times)
 
 
 def _send(conn: Connection, message: tuple[Any, ...]) -> None:
