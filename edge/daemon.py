@@ -518,10 +518,12 @@ def _quiet_fingerprint(path: Path, full: bool) -> str | None:
         return None
 
 
-def _gpu_name(backend: str) -> str:
+def _gpu_name(backend: str, probe: Any = None) -> str:
+    """The first CUDA device's name for a GPU backend, or why there is none ("" on the CPU backend)."""
     if backend == "onnxruntime":
         return ""
-    from edge.engines.probe import probe_gpu
+    if probe is None:
+        from edge.engines.probe import probe_gpu
 
-    probe = probe_gpu()
-    return str(getattr(probe, "gpu_name", "") or getattr(probe, "reason", ""))
+        probe = probe_gpu()
+    return str(probe.devices[0].name) if probe.ok and probe.devices else str(probe.reason)

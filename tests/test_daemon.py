@@ -350,3 +350,13 @@ def test_engines_that_cannot_load_keep_the_daemon_up_and_say_why_over_grpc(
         status = client.status()
         assert client.health() == "NOT_SERVING"
     assert status["ready"] is False and "no-such-bundle" in status["engine_error"]
+
+
+def test_server_status_names_the_gpu_or_says_why_there_is_none() -> None:
+    from edge.daemon import _gpu_name
+    from edge.engines.probe import GpuDevice, GpuProbe
+
+    h100 = GpuProbe(ok=True, devices=(GpuDevice(0, "NVIDIA H100 80GB HBM3", "9.0", 81559),))
+    assert _gpu_name("tensorrt", h100) == "NVIDIA H100 80GB HBM3"
+    assert _gpu_name("tensorrt", GpuProbe(ok=False, reason="no GPU: libcuda.so.1 not found")).startswith("no GPU")
+    assert _gpu_name("onnxruntime") == ""
