@@ -6,7 +6,6 @@ read from the store when Prometheus scrapes, so they are never out of step with 
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -18,25 +17,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edge.errors import EdgeError
+from edge.store import failure_reason
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 PICKUP_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 HOUR_S = 3600.0
-MAX_REASON_CHARS = 60  # failure reasons become label values: keep them short and few
-
-
-def failure_reason(error: str) -> str:
-    """A short, low-cardinality label for an error text: its leading exception or cause name.
-
-    >>> failure_reason("CorruptSlideError: /scans/a.svs: truncated file")
-    'CorruptSlideError'
-    >>> failure_reason("slide did not settle within 3600 s")
-    'slide did not settle within N s'
-    """
-    head = error.split(":", 1)[0].strip() or "unknown"
-    return re.sub(r"\d+(\.\d+)?", "N", head)[:MAX_REASON_CHARS]
-
-
 class _StoreCollector(Collector):
     def __init__(self, store: Any) -> None:
         self.store = store

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -32,6 +33,7 @@ __all__ = [
     "JobStateError",
     "ResultNotFoundError",
     "Store",
+    "failure_reason",
     "StoreCorruptError",
     "StoreError",
     "StoredResult",
@@ -59,7 +61,7 @@ EVENT_POLL_S = 0.5  # wait_for_events also sees events written by other processe
 DEFAULT_DETECTION_BATCH = 500
 MAX_PAGE = 10_000  # most rows one list_jobs or events_after call returns
 RESTART_REASON = "daemon restarted"
-FAILURE_REASON_CHARS = 60  # failure_counts keys: the error's first clause, cut to this length
+FAILURE_REASON_CHARS = 60  # failure reasons (failure_counts keys, metric labels): short and few
 
 # Migration i takes the schema from version i to i + 1; each is a list of single SQL statements
 # run in one transaction with the version bump. A new version is one more entry at the end;
@@ -488,7 +490,7 @@ class Store:
             rows = conn.execute("SELECT error, COUNT(*) FROM jobs WHERE state = 'failed' GROUP BY error").fetchall()
         counts: dict[str, int] = {}
         for error, n in rows:
-            reason = _short_reason(error)
+            reason = failure_reason(error)
             counts[reason] = counts.get(reason, 0) + int(n)
         return counts
 
@@ -823,6 +825,14 @@ def _check_page(limit: int) -> None:
         raise ValueError(f"limit={limit} must be between 1 and {MAX_PAGE}")
 
 
-def _short_reason(error: str | None) -> str:
+def failure_reason(error: str | None) -> str:
+    """A short, low-cardinality reason for an error text: its first clause (usually the exception
+    class), numbers replaced by N.
+
+    >>> failure_reason("CorruptSlideError: /scans/a.svs: truncated file")
+    'CorruptSlideError'
+    >>> failure_reason("slide did not settle within 3600 s")
+    'slide did not settle within N s'
+    """
     clause = (error or "").split(":", 1)[0].strip()
-    return clause[:FAILURE_REASON_CHARS] or "unknown"
+    return re.sub(r"\d+(\.\d+)?", "N", clause)[:FAILURE_REASON_CHARS] or "unknown"
