@@ -33,10 +33,10 @@ __all__ = [
     "JobStateError",
     "ResultNotFoundError",
     "Store",
-    "failure_reason",
     "StoreCorruptError",
     "StoreError",
     "StoredResult",
+    "failure_reason",
 ]
 
 log = logging.getLogger(__name__)
