@@ -175,12 +175,12 @@ def choose_best(grid: Sequence[GridPoint], tolerance: float = TIE_TOLERANCE) -> 
     Validation sets are small, so many points tie or differ by one figure; the middle of a wide plateau
     is the choice least likely to fall off it on new slides.
     """
-    top = max(round(g.score, 9) for g in grid) - tolerance
+    best = max(round(g.score, 9) for g in grid)
+    top = best - tolerance
     detector_thresholds = sorted({g.detector_threshold for g in grid if g.detector_threshold is not None})
     if detector_thresholds:
         # The detector threshold trades recall for work, so no tolerance here: the highest threshold
         # that still reaches the very best F1 (no validation figure lost), classifying the fewest crops.
-        best = max(round(g.score, 9) for g in grid)
         chosen = max(d for d in detector_thresholds
                      if max(round(g.score, 9) for g in grid if g.detector_threshold == d) >= best)
         grid = [g for g in grid if g.detector_threshold == chosen]

@@ -149,6 +149,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _copy_and_wait(client: Any, source: Path, target: Path) -> dict[str, Any]:
     """Copy ``source`` into the inbox in chunks over a few seconds, then follow the daemon's events over gRPC."""
+    from edge.client import TERMINAL_EVENTS
+
     after = client.status()["last_sequence"]
     events = client.watch_events(after, timeout=DEMO_TIMEOUT_S)
     try:
@@ -169,9 +171,7 @@ def _copy_and_wait(client: Any, source: Path, target: Path) -> dict[str, Any]:
                 job_id = event["job_id"]
                 print(f"    job {job_id} queued {time.monotonic() - copied:.1f} s after the copy ended")
                 bar(0, 1)
-            elif job_id is not None and event["job_id"] == job_id and event["type"] in (
-                "job_done", "job_failed", "job_cancelled"
-            ):
+            elif job_id is not None and event["job_id"] == job_id and event["type"] in TERMINAL_EVENTS:
                 bar(1, 1)
                 return dict(client.get_job(job_id))
     finally:
