@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edge.store import Store
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MITOSIS_EDGE_TEST_DATA", ROOT.parent / "shared" / "data"))
 
@@ -38,6 +40,13 @@ def no_thread_leaks() -> Iterator[None]:
         t.join(timeout=2.0)
     leaked = [t for t in leaked if t.is_alive()]
     assert not leaked, f"test leaked threads: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """An empty job store in tmp_path/data, closed after the test (tests/test_store.py has its own, with a clock)."""
+    with Store.open(tmp_path / "data" / "edge.db") as opened:
+        yield opened
 
 
 SynthFactory = Callable[..., Path]

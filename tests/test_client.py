@@ -33,12 +33,6 @@ from tests.tls_certs import TestCA
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store.open(tmp_path / "data" / "edge.db") as s:
-        yield s
-
-
-@pytest.fixture
 def scans(tmp_path: Path) -> Path:
     root = tmp_path / "scans"
     root.mkdir()

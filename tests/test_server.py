@@ -40,12 +40,6 @@ Maker = Callable[..., RunningServer]
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store.open(tmp_path / "data" / "edge.db") as s:
-        yield s
-
-
-@pytest.fixture
 def scans(tmp_path: Path) -> Path:
     root = tmp_path / "scans"
     (root / "case-1").mkdir(parents=True)
