@@ -91,13 +91,13 @@ class AnalysisProcess:
     def __init__(self, config: Config, *, nice: int = 0) -> None:
         self.config = config
         self.nice = nice
-        self.engines: list[dict[str, str]] = []  # what the child loaded: name, role, cache_key, bundle
         self._process: Any = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()
 
     def start(self) -> list[dict[str, str]]:
-        """Start the child and wait until its engines are open; raises what it raised."""
+        """Start the child and wait until its engines are open (returns their ``engine_info``); raises what
+        the child raised."""
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         self._process = ctx.Process(
@@ -110,8 +110,8 @@ class AnalysisProcess:
         if reply[0] == "error":
             self.close()
             raise reply[1]
-        self.engines = reply[1]
-        return self.engines
+        info: list[dict[str, str]] = reply[1]
+        return info
 
     @property
     def alive(self) -> bool:
