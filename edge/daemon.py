@@ -228,18 +228,17 @@ class Daemon:
 
     def on_slide_ready(self, path: Path, fingerprint: Fingerprint) -> None:
         """A settled slide: a job, unless the same slide was seen before (watch.on_duplicate)."""
-        store = self.store
         meta = {"size": fingerprint.size, "mtime_ns": fingerprint.mtime_ns}
-        skip_any_path = self.config.watch.on_duplicate == "skip"
-        # "reprocess": the same bytes under a new path are a new job; the same path again (a restart's scan) is not
-        seen_here = [j for j in store.find_jobs_by_fingerprint(fingerprint.key) if j.slide_path == str(path)]
-        if seen_here and not skip_any_path:
-            log.info("slide %s already seen as job %d (%s): not queued again", path, seen_here[-1].job_id,
-                     seen_here[-1].state)
-            return
-        job, created = store.add_job(
-            str(path), fingerprint=fingerprint.key, source="watch", dedupe=skip_any_path, slide_meta=meta,
-        )
+        if self.config.watch.on_duplicate == "skip":  # the store skips a fingerprint it has seen anywhere
+            job, created = self.store.add_job(str(path), fingerprint=fingerprint.key, source="watch", slide_meta=meta)
+        else:  # "reprocess": the same bytes under a new path are a new job; the same path again is not
+            seen_here = [j for j in self.store.find_jobs_by_fingerprint(fingerprint.key) if j.slide_path == str(path)]
+            if seen_here:
+                job, created = seen_here[-1], False
+            else:
+                job, created = self.store.add_job(
+                    str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta
+                )
         if created:
             self.metrics.picked_up(self._clock() - fingerprint.mtime_ns / 1e9)
             log.info("new slide %s: job %d queued", path, job.job_id)

@@ -360,3 +360,19 @@ def test_server_status_names_the_gpu_or_says_why_there_is_none() -> None:
     assert _gpu_name("tensorrt", h100) == "NVIDIA H100 80GB HBM3"
     assert _gpu_name("tensorrt", GpuProbe(ok=False, reason="no GPU: libcuda.so.1 not found")).startswith("no GPU")
     assert _gpu_name("onnxruntime") == ""
+
+
+@pytest.mark.parametrize(("policy", "jobs"), [("skip", 1), ("reprocess", 2)])
+def test_the_duplicate_policy_decides_whether_the_same_bytes_under_a_new_path_are_a_new_job(
+    tmp_path: Path, policy: str, jobs: int
+) -> None:
+    from edge.fingerprint import Fingerprint
+
+    daemon = Daemon(daemon_config(tmp_path, **{"watch.on_duplicate": policy}))
+    try:
+        fingerprint = Fingerprint(size=10, mtime_ns=0, head_tail_sha256="ab" * 32)
+        for path in ("/scans/a.svs", "/scans/a.svs", "/scans/renamed.svs"):  # a restart's scan, then a copy
+            daemon.on_slide_ready(Path(path), fingerprint)
+        assert len(daemon.store.list_jobs()) == jobs
+    finally:
+        daemon.stop(grace=0.0)
