@@ -436,7 +436,8 @@ class Store:
             job = _transition(conn, self.path, job_id, ("queued", "running"), "cancelled")
             cancelled = _save(conn, replace(job, state="cancelled", finished_at=now, cancelled_by=cancelled_by))
             conn.execute("UPDATE jobs SET cancelled_by = ? WHERE job_id = ?", (cancelled_by, job_id))
-            _append_event(conn, "job_cancelled", cancelled, now, {"cancelled_by": cancelled_by} if cancelled_by else None)
+            extra = {"cancelled_by": cancelled_by} if cancelled_by else None
+            _append_event(conn, "job_cancelled", cancelled, now, extra)
         return cancelled
 
     def recover_running(self) -> list[Job]:
