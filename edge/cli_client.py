@@ -141,7 +141,10 @@ def _when(t: float | None) -> str:
 
 def _job_line(job: dict[str, Any]) -> str:
     error = f"  {job['error']}" if job.get("error") and job["state"] in ("failed", "queued") else ""
-    return f"{job['job_id']:>6}  {job['state']:<9}  {_when(job['created_at'])}  {job['slide_path']}{error}"
+    who = job.get("submitted_by") or ("watcher" if job.get("source") == "watch" else "-")
+    cancelled = f"  (cancelled by {job['cancelled_by']})" if job.get("cancelled_by") else ""
+    return (f"{job['job_id']:>6}  {job['state']:<9}  {_when(job['created_at'])}  {who:<12}  "
+            f"{job['slide_path']}{error}{cancelled}")
 
 
 def _ratio(value: float | None) -> str:
