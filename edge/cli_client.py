@@ -60,7 +60,7 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("slide", help="slide path on the daemon's machine")
     c.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     c.add_argument("--mpp", type=float, help="µm/px for a slide that records none")
-    c.add_argument("--bundle", help="model bundle (default: the daemon's)")
+    c.add_argument("--bundle", help="name of a model bundle the daemon allows (default: the daemon's)")
     c.add_argument("--wait", action="store_true", help="wait until the job ends and print its result")
     c.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds")
     _json_flag(c)
