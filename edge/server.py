@@ -853,6 +853,7 @@ class _StreamSlot:
             log.warning("stream refused to %s: %s", untrusted(self._caller.name), refusal)
             self._context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         self._held = True
+        self._context.send_initial_metadata(())  # the client's call.initial_metadata() returns: it holds a slot
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:

@@ -268,27 +268,31 @@ def _junk_body(box: Box) -> Answer:
     return Answer("OK", "")
 
 
+_FLOOD_LOCK = threading.Lock()  # the loop's threads take turns: one viewer flood at a time
+
+
 def _stream_flood(box: Box) -> Answer:
-    """The viewer token opens one stream more than one caller may hold; the refusal of the last is returned."""
+    """The viewer token opens one stream more than one caller may hold; the answer to the last is returned."""
     metadata = (("authorization", f"Bearer {TOKENS['viewer'][0]}"),)
-    calls = [box.stub().WatchEvents(pb.WatchEventsRequest(), metadata=metadata, timeout=20)
-             for _ in range(MAX_STREAMS_PER_CALLER)]
-    try:
+    with _FLOOD_LOCK:
+        calls: list[Any] = []
         try:
+            for _ in range(MAX_STREAMS_PER_CALLER + 1):
+                calls.append(box.stub().WatchEvents(pb.WatchEventsRequest(), metadata=metadata, timeout=20))
+                calls[-1].initial_metadata()  # sent once the stream holds its slot, or when it is refused
+                time.sleep(0.02)
+                if calls[-1].done():  # refused early: the last flood's streams were still being released
+                    break
+            extra = calls[-1]
+            deadline = time.monotonic() + 2.0
+            while not extra.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not extra.done():  # admitted: the limit did not hold
+                return Answer("OK", "")
+            return Answer(extra.code().name, extra.details() or "")
+        finally:
             for call in calls:
-                next(call)  # in its slot once it sends (the store always holds events here)
-        except grpc.RpcError as err:  # another thread of the loop holds the viewer's streams just now
-            return Answer(err.code().name, err.details() or "")
-        extra = box.stub().WatchEvents(pb.WatchEventsRequest(), metadata=metadata, timeout=20)
-        try:
-            next(extra)
-        except grpc.RpcError as err:
-            return Answer(err.code().name, err.details() or "")
-        extra.cancel()
-        return Answer("OK", "")
-    finally:
-        for call in calls:
-            call.cancel()
+                call.cancel()
 
 
 QUICK_ATTACKS: tuple[Attack, ...] = (
