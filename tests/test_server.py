@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -715,3 +716,13 @@ def test_config_roundtrip_through_replace_keeps_validation() -> None:
     with pytest.raises(ConfigError):
         replace(ServerConfig(), max_page_size=0).validate()
     assert os.path.isabs(str(Path(__file__).resolve()))
+
+
+def test_a_certificate_close_to_expiry_is_warned_about_at_start(
+    tmp_path: Path, control: FakeControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = TestCA(tmp_path).issue("localhost", server=True, valid_days=10)
+    config = ServerConfig(listen="127.0.0.1:0", tls_cert=str(files.cert), tls_key=str(files.key))
+    with caplog.at_level(logging.WARNING, logger="edge.server"):
+        start_server(config, control).stop()
+    assert re.search(r"the server certificate .* expires on .* UTC, in [89] day\(s\): renew it", caplog.text)
