@@ -15,6 +15,7 @@ from edge import __version__, cli_analysis, cli_client, cli_daemon, cli_engines,
 from edge.cli_args import config_from_args
 from edge.config import load_config
 from edge.errors import ConfigError, EdgeError
+from edge.logsafe import escape_control
 
 log = logging.getLogger("edge.cli")
 
@@ -253,6 +254,15 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _TextFormatter(logging.Formatter):
+    """One record, one line: control characters in the message (a file name with a newline) are escaped,
+    so nobody can forge log lines; a traceback still follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+
 def _configure_logging(args: argparse.Namespace, config_file: str | None) -> None:
     """WARNING by default (-v INFO, -vv DEBUG); a daemon logs INFO by default, in daemon.log_format."""
     verbose = args.verbose
@@ -267,7 +277,7 @@ def _configure_logging(args: argparse.Namespace, config_file: str | None) -> Non
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        _JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _JsonFormatter() if fmt == "json" else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

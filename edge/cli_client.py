@@ -60,7 +60,7 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("slide", help="slide path on the daemon's machine")
     c.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     c.add_argument("--mpp", type=float, help="µm/px for a slide that records none")
-    c.add_argument("--bundle", help="model bundle (default: the daemon's)")
+    c.add_argument("--bundle", help="name of a model bundle the daemon allows (default: the daemon's)")
     c.add_argument("--wait", action="store_true", help="wait until the job ends and print its result")
     c.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds")
     _json_flag(c)
@@ -141,7 +141,10 @@ def _when(t: float | None) -> str:
 
 def _job_line(job: dict[str, Any]) -> str:
     error = f"  {job['error']}" if job.get("error") and job["state"] in ("failed", "queued") else ""
-    return f"{job['job_id']:>6}  {job['state']:<9}  {_when(job['created_at'])}  {job['slide_path']}{error}"
+    who = job.get("submitted_by") or ("watcher" if job.get("source") == "watch" else "-")
+    cancelled = f"  (cancelled by {job['cancelled_by']})" if job.get("cancelled_by") else ""
+    return (f"{job['job_id']:>6}  {job['state']:<9}  {_when(job['created_at'])}  {who:<12}  "
+            f"{job['slide_path']}{error}{cancelled}")
 
 
 def _ratio(value: float | None) -> str:

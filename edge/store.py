@@ -123,7 +123,13 @@ _V1 = (
         created_at REAL NOT NULL
     )""",
 )
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+# issue 12: who submitted and who cancelled a job (token name or certificate subject; NULL = the watcher)
+_V_I12 = (
+    "ALTER TABLE jobs ADD COLUMN submitted_by TEXT",
+    "ALTER TABLE jobs ADD COLUMN cancelled_by TEXT",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I12)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -145,6 +151,8 @@ class Job:
     started_at: float | None
     finished_at: float | None
     not_before: float | None
+    submitted_by: str | None = None  # the API caller's token name or certificate subject; None = the watcher
+    cancelled_by: str | None = None  # who cancelled it over the API
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,8 +190,8 @@ class Event:
 
 
 _JOB_SELECT = """SELECT j.job_id, j.state, s.path, s.fingerprint, j.source, j.priority, j.mpp_override,
-    j.bundle, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.not_before
-    FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
+    j.bundle, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.not_before, j.submitted_by,
+    j.cancelled_by FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
 _JOB_UPDATE = """UPDATE jobs SET state = ?, attempts = ?, error = ?, started_at = ?, finished_at = ?,
     not_before = ? WHERE job_id = ?"""
 _RESULT_SELECT = """SELECT r.job_id, s.path, s.fingerprint, r.summary, r.exports, r.detections, r.created_at,
@@ -311,6 +319,7 @@ class Store:
         bundle: str | None = None,
         dedupe: bool = True,
         slide_meta: Mapping[str, Any] | None = None,
+        submitted_by: str | None = None,
     ) -> tuple[Job, bool]:
         """Queue a slide; returns (job, created).
 
@@ -329,6 +338,9 @@ class Store:
                     return Job(*row), False
             slide_id = _slide_id(conn, str(slide_path), fingerprint, meta, now)
             job = _insert_job(conn, self.path, slide_id, source, int(priority), mpp_override, bundle, now)
+            if submitted_by is not None:
+                conn.execute("UPDATE jobs SET submitted_by = ? WHERE job_id = ?", (submitted_by, job.job_id))
+                job = replace(job, submitted_by=submitted_by)
         return job, True
 
     def add_failed_job(
@@ -417,13 +429,15 @@ class Store:
         with self._write() as conn:
             return _requeue(conn, _transition(conn, self.path, job_id, ("running",), "re-queued"), reason, now)
 
-    def cancel_job(self, job_id: int) -> Job:
+    def cancel_job(self, job_id: int, *, cancelled_by: str | None = None) -> Job:
         """Cancel a queued or running job (stopping a running one is the caller's part)."""
         now = self._clock()
         with self._write() as conn:
             job = _transition(conn, self.path, job_id, ("queued", "running"), "cancelled")
-            cancelled = _save(conn, replace(job, state="cancelled", finished_at=now))
-            _append_event(conn, "job_cancelled", cancelled, now)
+            cancelled = _save(conn, replace(job, state="cancelled", finished_at=now, cancelled_by=cancelled_by))
+            conn.execute("UPDATE jobs SET cancelled_by = ? WHERE job_id = ?", (cancelled_by, job_id))
+            extra = {"cancelled_by": cancelled_by} if cancelled_by else None
+            _append_event(conn, "job_cancelled", cancelled, now, extra)
         return cancelled
 
     def recover_running(self) -> list[Job]:
