@@ -260,6 +260,11 @@ def status_dict(status: Any) -> dict[str, Any]:
         "jobs_by_state": dict(status.jobs_by_state),
         "last_sequence": status.last_sequence,
         "engine_error": status.engine_error,
+        "not_ready_reason": status.not_ready_reason,
+        "waiting_slides": [
+            {"slide_path": w.slide_path, "reason": w.reason, "waiting_s": w.waiting_s, "fails_in_s": w.fails_in_s}
+            for w in status.waiting_slides
+        ],
     }
 
 

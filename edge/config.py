@@ -207,6 +207,8 @@ class WatchConfig:
     ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE_PATTERNS  # fnmatch patterns on the file name
     quiet_period_s: float = 10.0  # size and mtime unchanged this long (and the reader opens it) = finished
     settle_timeout_s: float = 3600.0  # a file still changing or unreadable after this long ends as failed
+    unreadable_timeout_s: float = 300.0  # a file that stopped changing but does not open fails after this long
+    open_timeout_s: float = 60.0  # opening a settled slide (in a thread) is given up after this long
     fingerprint: Literal["quick", "full"] = "quick"  # quick: size, mtime, sha256 of head and tail; full: whole file
     on_duplicate: Literal["skip", "reprocess"] = "skip"  # the same slide (same fingerprint) seen again
     scan_on_start: bool = True  # slides already in the folders at start-up become jobs (once each)
@@ -215,6 +217,8 @@ class WatchConfig:
         _positive("watch.poll_interval_s", self.poll_interval_s)
         _non_negative("watch.quiet_period_s", self.quiet_period_s)
         _positive("watch.settle_timeout_s", self.settle_timeout_s)
+        _positive("watch.unreadable_timeout_s", self.unreadable_timeout_s)
+        _positive("watch.open_timeout_s", self.open_timeout_s)
         if self.settle_timeout_s <= self.quiet_period_s:
             raise ConfigError(
                 f"watch.settle_timeout_s={self.settle_timeout_s} must be longer than "

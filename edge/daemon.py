@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from typing import Any
 from edge import __version__
 from edge.config import Config
 from edge.engines import EngineSet, load_bundle
-from edge.errors import ConfigError, DiskFullError, EdgeError, SlideReadError, StreamCancelled
+from edge.errors import ConfigError, DiskFullError, EdgeError, SlideReadError, StoreError, StreamCancelled
 from edge.fingerprint import Fingerprint, fingerprint_slide
 from edge.metrics import DaemonMetrics
 from edge.store import Job, JobStateError, Store
@@ -42,6 +43,11 @@ RESULTS_DIR = "results"
 IDLE_WAIT_S = 1.0  # a worker with nothing to do looks at the queue again after this long (or when woken)
 HOUSEKEEPING_INTERVAL_S = 3600.0  # export retention runs this often
 ANALYSIS_ERRORS = (EdgeError, OSError, MemoryError, ValueError, RuntimeError)
+WORKER_BACKOFF_S = 1.0  # a worker hit by an unexpected error (a store it cannot write) waits this long, doubling
+WORKER_BACKOFF_MAX_S = 30.0
+MONITOR_INTERVAL_S = 1.0  # how often the daemon checks its store file and its workers
+STORE_PROBLEM = "store"
+WORKERS_PROBLEM = "workers"
 
 
 @dataclass
@@ -74,8 +80,16 @@ class Daemon:
         self._clock = clock
         self._started_at = time.monotonic()
         self._check_config()
+        store_path = self.data_dir / STORE_NAME
+        _refuse_lost_store(store_path, self.results_dir)
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store.open(self.data_dir / STORE_NAME)
+        self.store = Store.open(store_path)
+        try:
+            _refuse_lost_store(store_path, self.results_dir, store=self.store)
+            self._store_identity = _file_identity(store_path)
+        except BaseException:
+            self.store.close()
+            raise
         self.metrics = DaemonMetrics()
         self.server: Any = None
         self.watcher: Any = None
@@ -89,6 +103,10 @@ class Daemon:
         self._running_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.engine_error: str | None = None
+        self._problems: dict[str, str] = {}  # what keeps the daemon from scoring now -> why (health NOT_SERVING)
+        self._problems_lock = threading.Lock()
+        self.fatal_error: str | None = None  # set when the daemon cannot go on (its store file vanished)
+        self._fatal = threading.Event()
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -114,6 +132,7 @@ class Daemon:
                 self._spawn(f"worker-{i}", self._work)
             if self.config.daemon.export_retention_days > 0:
                 self._spawn("housekeeping", self._housekeeping)
+            self._spawn("monitor", self._monitor)
         except BaseException:
             self.stop(grace=0.0)
             raise
@@ -154,7 +173,8 @@ class Daemon:
         log.info("mitosis-edge stopped")
 
     def run(self) -> int:
-        """Start, serve until SIGTERM or SIGINT, stop gracefully; the exit status (0)."""
+        """Start, serve until SIGTERM or SIGINT, stop gracefully; the exit status: 0, or 1 after a fatal
+        error (the store file vanished)."""
         stop_requested = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -164,12 +184,15 @@ class Daemon:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            while not stop_requested.wait(timeout=1.0):
+            while not stop_requested.wait(timeout=1.0) and not self._fatal.is_set():
                 pass
         finally:
             self.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if self.fatal_error:
+            log.critical("mitosis-edge stopped because of a fatal error: %s", self.fatal_error)
+            return 1
         return 0
 
     def __enter__(self) -> Daemon:
@@ -219,10 +242,40 @@ class Daemon:
             "watch_folders": list(self.config.watch.all_folders),
             "ready": self.is_ready(),
             "engine_error": self.engine_error or "",
+            "not_ready_reason": self.not_ready_reason(),
+            "waiting_slides": self.watcher.waiting() if self.watcher is not None else [],
         }
 
     def is_ready(self) -> bool:
-        return self._ready.is_set()
+        """Engines loaded, a worker alive, the store writable, no fatal error: the health status."""
+        return self._ready.is_set() and not self.not_ready_reason()
+
+    def not_ready_reason(self) -> str:
+        """Why the daemon does not score slides now ("" when it does, or while the engines load)."""
+        if self.fatal_error:
+            return self.fatal_error
+        with self._problems_lock:
+            return "; ".join(self._problems.values())
+
+    def _set_problem(self, key: str, reason: str | None) -> None:
+        """Record (or clear, with None) something that keeps the daemon from scoring; health follows."""
+        with self._problems_lock:
+            before = self._problems.get(key)
+            if reason is None:
+                self._problems.pop(key, None)
+            else:
+                self._problems[key] = reason
+        if before == reason:
+            return
+        if reason is None:
+            log.info("recovered (%s): scoring again", before)
+        else:
+            log.error("not ready: %s", reason)
+        self._update_health()
+
+    def _update_health(self) -> None:
+        if self.server is not None and self._ready.is_set():
+            self.server.set_serving(self.is_ready())
 
     # --- watcher callbacks -------------------------------------------------------------------------
 
@@ -261,21 +314,53 @@ class Daemon:
                 return
         else:
             _lower_priority(self.config.daemon.analysis_nice)  # reader threads started from here inherit it
+        backoff = WORKER_BACKOFF_S
+        unsettled: list[int] = []  # jobs this worker claimed but could not record the outcome of
         try:
             while not self._stopping.is_set():
-                job = self.store.claim_next_job() if self._ready.is_set() else None
-                if job is None:
-                    with self._wake:
-                        self._wake.wait(timeout=IDLE_WAIT_S)
-                    continue
                 try:
-                    self._process(job, process)
-                except Exception:  # a bug must not kill the worker: record it on the job and go on
-                    log.exception("unexpected error on job %d (%s)", job.job_id, job.slide_path)
-                    self._fail(job, "internal error (see the daemon log)", retry=True)
+                    self._work_once(process, unsettled)
+                    backoff = WORKER_BACKOFF_S
+                except Exception as exc:  # anything at all (a store that cannot be written): log, back off, go on
+                    log.exception("worker step failed; trying again in %.0f s", backoff)
+                    if isinstance(exc, sqlite3.Error | StoreError):
+                        self._set_problem(STORE_PROBLEM, f"the store {self.store.path} cannot be written: {exc}")
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, WORKER_BACKOFF_MAX_S)
         finally:
             if process is not None:
                 process.close()
+
+    def _work_once(self, process: AnalysisProcess | None, unsettled: list[int]) -> None:
+        """Claim and analyse one job (or wait for one). What the store raises goes to ``_work``."""
+        while unsettled:  # re-queue what an earlier store error left "running"
+            try:
+                self.store.requeue_job(unsettled[0], "the store could not be written; tried again")
+                log.info("job %d re-queued after the store error", unsettled[0])
+            except JobStateError:  # cancelled meanwhile
+                pass
+            unsettled.pop(0)
+        if self._problem(STORE_PROBLEM):
+            self.store.check_writable()
+            self._set_problem(STORE_PROBLEM, None)
+        job = self.store.claim_next_job() if self._ready.is_set() else None
+        if job is None:
+            with self._wake:
+                self._wake.wait(timeout=IDLE_WAIT_S)
+            return
+        unsettled.append(job.job_id)
+        try:
+            self._process(job, process)
+        except Exception as exc:  # a bug must not kill the worker: record it on the job and go on
+            if isinstance(exc, sqlite3.Error | StoreError):
+                raise
+            log.exception("unexpected error on job %d (%s)", job.job_id, job.slide_path)
+            self._fail(job, "internal error (see the daemon log)", retry=True)
+        unsettled.remove(job.job_id)
+
+    def _problem(self, key: str) -> str | None:
+        with self._problems_lock:
+            return self._problems.get(key)
 
     def _start_analysis_process(self) -> AnalysisProcess | None:
         """This worker's child process with its engines open; until one is up, health says NOT_SERVING."""
@@ -402,8 +487,7 @@ class Daemon:
         if self._ready.is_set():
             return
         self._ready.set()
-        if self.server is not None:
-            self.server.set_serving(True)
+        self._update_health()
         self._notify()
         log.info("engines loaded (%s%s): ready", self.config.engines.backend,
                  ", in a child process per worker" if self._isolated else "")
@@ -464,6 +548,32 @@ class Daemon:
             log.info("retention: removed the exports of %d result(s)", len(pruned))
         return len(pruned)
 
+    def _monitor(self) -> None:
+        """Every MONITOR_INTERVAL_S: the store file is still the one opened, and a worker is alive."""
+        while not self._stopping.wait(timeout=MONITOR_INTERVAL_S):
+            self.check_health()
+
+    def check_health(self) -> None:
+        """One look of the monitor (tests call it directly)."""
+        lost = _store_lost(self.store.path, self._store_identity)
+        if lost and not self.fatal_error:
+            self.fatal_error = (
+                f"{lost}; results can no longer be stored. Stop the daemon, restore {self.store.path.name} "
+                f"(with its -wal file) from a backup into {self.data_dir} and start it again"
+            )
+            log.critical("fatal: %s", self.fatal_error)
+            self._fatal.set()
+            self._stopping.set()  # nothing more is written into a file nobody will read
+            self._notify()
+            if self.server is not None:
+                self.server.set_serving(False)
+            return
+        workers = [t for t in self._threads if t.name.startswith("edge-worker")]
+        if self._ready.is_set() and workers and not any(t.is_alive() for t in workers):
+            self._set_problem(WORKERS_PROBLEM, "no worker thread is alive (see the daemon log); restart the daemon")
+        self.metrics.ready.set(1 if self.is_ready() else 0)
+        self.metrics.slides_waiting.set(len(self.watcher.waiting()) if self.watcher is not None else 0)
+
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=f"edge-{name}", daemon=True)
         self._threads.append(thread)
@@ -485,6 +595,47 @@ class Daemon:
 
     def _pending_watch(self) -> int:
         return int(self.watcher.pending()) if self.watcher is not None else 0
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+def _store_lost(path: Path, identity: tuple[int, int]) -> str:
+    """Why the open store is no longer the file at ``path`` ("" when it still is)."""
+    try:
+        now = _file_identity(path)
+    except FileNotFoundError:
+        return f"the store file {path} was deleted while the daemon ran"
+    except OSError as exc:
+        return f"the store file {path} cannot be looked at: {exc}"
+    if now != identity:
+        return f"the store file {path} was replaced by another file while the daemon ran"
+    return ""
+
+
+def _refuse_lost_store(path: Path, results_dir: Path, *, store: Store | None = None) -> None:
+    """A data dir with export folders but a missing, empty or job-less store: the store was lost. Starting
+    would re-number jobs from 1 and write over those exports, so refuse and say how to recover."""
+    if store is None:
+        if path.exists() and path.stat().st_size > 0:
+            return
+    elif store.list_jobs(limit=1):
+        return
+    try:
+        exports = sorted(p.name for p in results_dir.iterdir() if p.name.split(".")[0].isdigit())
+    except FileNotFoundError:
+        return
+    if not exports:
+        return
+    what = "is missing" if store is None and not path.exists() else "holds no jobs"
+    raise StoreError(
+        f"the store {path} {what}, but {results_dir} holds {len(exports)} export folder(s) "
+        f"({', '.join(exports[:3])}{', ...' if len(exports) > 3 else ''}) from an earlier store: the store "
+        f"was deleted or replaced. Restore {path.name} (with its -wal file) from a backup; or, to start "
+        f"over, move {results_dir} somewhere else (the new store would re-number jobs from 1)"
+    )
 
 
 def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threading.Event, progress: Any) -> Any:

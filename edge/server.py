@@ -718,6 +718,12 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             jobs_by_state=counts,
             last_sequence=self.store.last_sequence(),
             engine_error=str(status.get("engine_error") or ""),
+            not_ready_reason=str(status.get("not_ready_reason") or ""),
+            waiting_slides=[
+                pb.DaemonWaitingSlide(slide_path=str(w["slide_path"]), reason=str(w["reason"]),
+                                      waiting_s=float(w["waiting_s"]), fails_in_s=float(w["fails_in_s"]))
+                for w in status.get("waiting_slides") or ()
+            ],
         )
 
 
@@ -867,7 +873,7 @@ class RunningServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             self._health.set(service, status)
-        log.info("gRPC health: %s", "SERVING" if serving else "NOT_SERVING (engines loading or stopping)")
+        log.info("gRPC health: %s", "SERVING" if serving else "NOT_SERVING (not ready, or stopping)")
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls, end streams, wait up to `grace` s for unary calls, join every thread. Idempotent."""

@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import os
+import stat
 import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
@@ -180,19 +181,15 @@ def resolve_mpp(
 
 
 def detect_format(path: Path) -> tuple[str, Path]:
-    """Return ('tiff'|'openslide', path to open). Raises SlideReadError subclasses for non-slides."""
+    """Return ('tiff'|'openslide', path to open). Raises SlideReadError subclasses for non-slides.
+
+    Only regular files (and folders of them) are opened: a FIFO would block the reader forever.
+    """
     if not path.exists():
         raise SlideNotFoundError(path, "no such file or folder; check the path")
     if path.is_dir():
-        dcm = sorted(path.glob("*.dcm"), key=lambda p: p.stat().st_size, reverse=True)
-        if not dcm:
-            raise NotASlideError(path, "is a folder without .dcm files; pass a slide file or a DICOM WSI folder")
-        return ("openslide", dcm[0])
-    size = path.stat().st_size
-    if size == 0:
-        raise CorruptSlideError(path, "the file is empty (0 bytes); it may still be being written")
-    with path.open("rb") as fh:
-        head = fh.read(132)
+        return ("openslide", _dicom_folder_target(path))
+    head = _read_head(path, 132)
     if head[:4] in TIFF_MAGICS and path.suffix.lower() not in OPENSLIDE_ONLY_EXTENSIONS:
         return ("tiff", path)
     if head[128:132] == b"DICM":
@@ -207,6 +204,62 @@ def detect_format(path: Path) -> tuple[str, Path]:
             "the file is damaged or not a slide",
         )
     raise NotASlideError(path, f"is not a whole-slide image (unrecognised content starting with {head[:4]!r})")
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a non-regular, non-folder file is ("a named pipe (FIFO)", ...); None for a file or folder.
+
+    >>> import stat
+    >>> special_file_kind(stat.S_IFIFO | 0o644), special_file_kind(stat.S_IFREG | 0o644)
+    ('a named pipe (FIFO)', None)
+    """
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    """The first bytes of a regular file. O_NONBLOCK: a FIFO put in its place is refused, never waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        kind = special_file_kind(st.st_mode)
+        if kind is not None:
+            raise NotASlideError(path, f"is {kind}, not a regular file; only slide files and folders of them are read")
+        if st.st_size == 0:
+            raise CorruptSlideError(path, "the file is empty (0 bytes); it may still be being written")
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+
+
+def _dicom_folder_target(folder: Path) -> Path:
+    """The file to open for a DICOM WSI folder: its largest volume instance. The folder must hold one series."""
+    from edge.dicom import series_in_folder
+
+    groups = series_in_folder(folder)
+    if not groups:
+        what = "whose .dcm files are no readable DICOM" if any(folder.glob("*.dcm")) else "without .dcm files"
+        raise NotASlideError(folder, f"is a folder {what}; pass a slide file or a DICOM WSI folder")
+    if len(groups) > 1:
+        raise NotASlideError(
+            folder,
+            f"mixes {len(groups)} DICOM series (SeriesInstanceUID {', '.join(sorted(groups))}): one folder must hold "
+            "one slide's instances; pass one file of the series you mean, or give each slide its own folder",
+        )
+    (instances,) = groups.values()
+    volumes = [i.path for i in instances if i.is_wsi_volume]
+    if not volumes:
+        flavors = sorted({i.image_flavor or "no ImageType" for i in instances})
+        raise NotASlideError(
+            folder, f"holds no whole-slide image, only DICOM {', '.join(flavors)} instance(s); a label or overview "
+            "image alone cannot be analysed",
+        )
+    return max(volumes, key=lambda p: p.stat().st_size)
 
 
 def _openslide_detect(path: Path) -> str | None:

@@ -411,6 +411,12 @@ class Store:
                 _append_event(conn, "job_retry", new, now, payload)
         return new
 
+    def check_writable(self) -> None:
+        """Write one page (a no-op update): raises sqlite3.Error while the store cannot be written,
+        e.g. "database or disk is full"."""
+        with self._write() as conn:
+            conn.execute("UPDATE meta SET value = value WHERE key = 'application'")
+
     def requeue_job(self, job_id: int, reason: str) -> Job:
         """Put a running job back in the queue; the attempt does not count (it did not fail)."""
         now = self._clock()

@@ -381,7 +381,7 @@ class Engine(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., cache_key: _Optional[str] = ...) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence", "engine_error")
+    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence", "engine_error", "not_ready_reason", "waiting_slides")
     class JobsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +402,8 @@ class GetServerStatusResponse(_message.Message):
     JOBS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SLIDES_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     gpu: str
@@ -415,4 +417,18 @@ class GetServerStatusResponse(_message.Message):
     jobs_by_state: _containers.ScalarMap[str, int]
     last_sequence: int
     engine_error: str
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ..., engine_error: _Optional[str] = ...) -> None: ...
+    not_ready_reason: str
+    waiting_slides: _containers.RepeatedCompositeFieldContainer[DaemonWaitingSlide]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ..., engine_error: _Optional[str] = ..., not_ready_reason: _Optional[str] = ..., waiting_slides: _Optional[_Iterable[_Union[DaemonWaitingSlide, _Mapping]]] = ...) -> None: ...
+
+class DaemonWaitingSlide(_message.Message):
+    __slots__ = ("slide_path", "reason", "waiting_s", "fails_in_s")
+    SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_S_FIELD_NUMBER: _ClassVar[int]
+    FAILS_IN_S_FIELD_NUMBER: _ClassVar[int]
+    slide_path: str
+    reason: str
+    waiting_s: float
+    fails_in_s: float
+    def __init__(self, slide_path: _Optional[str] = ..., reason: _Optional[str] = ..., waiting_s: _Optional[float] = ..., fails_in_s: _Optional[float] = ...) -> None: ...
