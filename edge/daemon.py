@@ -452,6 +452,7 @@ class Daemon:
         shutil.rmtree(partial, ignore_errors=True)
         try:
             yield partial
+            _set_aside_foreign_exports(final, job)
             shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that stopped before storing
             try:
                 os.replace(partial, final)
@@ -636,6 +637,19 @@ def _refuse_lost_store(path: Path, results_dir: Path, *, store: Store | None = N
         f"was deleted or replaced. Restore {path.name} (with its -wal file) from a backup; or, to start "
         f"over, move {results_dir} somewhere else (the new store would re-number jobs from 1)"
     )
+
+
+def _set_aside_foreign_exports(folder: Path, job: Job) -> None:
+    """An export folder older than the job cannot be an earlier attempt of it: it belongs to a lost store's
+    job of the same number. It is renamed aside, never overwritten."""
+    try:
+        written = folder.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if written < job.created_at:
+        aside = folder.with_name(f"{folder.name}.earlier-store-{int(written)}")
+        os.replace(folder, aside)
+        log.warning("%s predates job %d (an earlier store's exports): kept as %s", folder, job.job_id, aside)
 
 
 def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threading.Event, progress: Any) -> Any:
