@@ -20,9 +20,9 @@ import pytest
 
 from edge.config import Config, load_config
 from edge.daemon import Daemon
-from edge.errors import EngineError, StreamCancelled
+from edge.errors import EngineError, StoreError, StreamCancelled
 from edge.store import Store
-from tests.conftest import SynthFactory
+from tests.conftest import SynthFactory, data_file
 
 QUIET_S = 0.3
 
@@ -376,3 +376,131 @@ def test_the_duplicate_policy_decides_whether_the_same_bytes_under_a_new_path_ar
         assert len(daemon.store.list_jobs()) == jobs
     finally:
         daemon.stop(grace=0.0)
+
+
+# --- issue 11: a full disk, a lost store, FIFOs, unreadable files ---------------------------------
+
+
+def health_status(daemon: Daemon) -> Any:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(daemon.server.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+@pytest.mark.parametrize("method", ["claim_next_job", "complete_job"])
+def test_a_store_that_cannot_be_written_turns_health_not_serving_and_scoring_resumes_when_it_can(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon], method: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    config = daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"})
+    daemon = start_daemon(config)
+    wait_for(daemon.is_ready, what="engines loaded")
+    disk_full = threading.Event()
+    disk_full.set()
+    original = getattr(daemon.store, method)
+
+    def full_disk(*args: Any, **kwargs: Any) -> Any:
+        if disk_full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.store, method, full_disk)
+    monkeypatch.setattr(daemon.store, "check_writable", lambda: full_disk() if disk_full.is_set() else None)
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: not daemon.is_ready(), what="not ready")
+    assert "database or disk is full" in daemon.server_status()["not_ready_reason"]
+    assert health_status(daemon) == "NOT_SERVING"
+    assert daemon.store.get_job(job.job_id).state in ("queued", "running")
+    disk_full.clear()  # the disk frees: no restart
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", what="done after the disk freed")
+    wait_for(daemon.is_ready, what="ready again")
+    assert health_status(daemon) == "SERVING" and daemon.server_status()["not_ready_reason"] == ""
+    assert all(t.is_alive() for t in daemon._threads if t.name.startswith("edge-worker"))
+
+
+def test_a_deleted_store_is_a_fatal_error_with_the_reason(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": []}))
+    for file in (tmp_path / "data").glob("edge.db*"):
+        file.unlink()
+    wait_for(lambda: daemon.fatal_error is not None, timeout=10, what="the fatal error")
+    assert "was deleted" in (daemon.fatal_error or "") and "restore edge.db" in (daemon.fatal_error or "")
+    assert not daemon.is_ready() and health_status(daemon) == "NOT_SERVING"
+
+
+def test_a_new_store_beside_earlier_exports_refuses_to_start_and_says_how_to_recover(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, **{"watch.folders": []})
+    export = tmp_path / "data" / "results" / "1"
+    export.mkdir(parents=True)
+    (export / "summary.json").write_text("{}")
+    with pytest.raises(StoreError, match=r"is missing.*1 export folder.*Restore edge.db.*move .*results"):
+        Daemon(config)
+    assert not (tmp_path / "data" / "edge.db").exists()  # nothing created
+    Store.open(tmp_path / "data" / "edge.db").close()  # an emptied store: the same refusal
+    with pytest.raises(StoreError, match="holds no jobs"):
+        Daemon(config)
+    assert (export / "summary.json").read_text() == "{}"
+
+
+def test_a_serving_daemon_whose_store_is_deleted_exits_1_and_does_not_start_again_over_its_exports(
+    tmp_path: Path
+) -> None:
+    process = serve(tmp_path)
+    log_file = tmp_path / "serve.log"
+    try:
+        wait_for(lambda: "gRPC on 127.0.0.1:" in log_file.read_text(), timeout=60, what="serving")
+        (tmp_path / "data" / "results" / "7").mkdir()  # an earlier slide's exports
+        for file in (tmp_path / "data").glob("edge.db*"):
+            file.unlink()
+        assert process.wait(timeout=30) == 1
+    finally:
+        process.kill()
+        process.wait()
+    assert "was deleted while the daemon ran" in log_file.read_text()
+    process = serve(tmp_path)
+    try:
+        assert process.wait(timeout=60) == 1
+    finally:
+        process.kill()
+        process.wait()
+    assert "Restore edge.db" in log_file.read_text() and not (tmp_path / "data" / "edge.db").exists()
+
+
+def test_a_fifo_submitted_over_the_api_fails_with_the_reason_and_hangs_nothing(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    fifo = tmp_path / "x.dcm"
+    os.mkfifo(fifo)
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"}))
+    job = daemon.submit_slide(fifo)
+    good = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: daemon.store.get_job(good.job_id).state == "done", what="the good slide after the FIFO")
+    failed = daemon.store.get_job(job.job_id)
+    assert failed.state == "failed" and "named pipe (FIFO)" in (failed.error or "")
+
+
+def test_a_stable_unreadable_slide_is_visible_at_once_in_status_list_and_metrics(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.cli import main
+
+    daemon = start_daemon(daemon_config(tmp_path, **{
+        "watch.settle_timeout_s": 3600.0, "watch.unreadable_timeout_s": 300.0, "daemon.metrics_listen": "127.0.0.1:0",
+    }))
+    shutil.copy(data_file("wsi/broken.svs"), tmp_path / "inbox" / "broken.svs")
+    wait_for(lambda: daemon.server_status()["waiting_slides"], timeout=20, what="the waiting slide")
+    [waiting] = daemon.server_status()["waiting_slides"]
+    assert waiting["slide_path"].endswith("broken.svs") and "no readable slide" in waiting["reason"]
+    assert 200 < waiting["fails_in_s"] <= 300
+    assert main(["client", "--server", daemon.server.address, "--insecure", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "waiting" in out and "broken.svs" in out and "fails in" in out
+    daemon.check_health()
+    scraped = urllib.request.urlopen(f"http://{daemon.metrics_address()}/metrics", timeout=5).read().decode()
+    assert "mitosis_edge_slides_waiting 1.0" in scraped
