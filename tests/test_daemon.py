@@ -504,3 +504,21 @@ def test_a_stable_unreadable_slide_is_visible_at_once_in_status_list_and_metrics
     daemon.check_health()
     scraped = urllib.request.urlopen(f"http://{daemon.metrics_address()}/metrics", timeout=5).read().decode()
     assert "mitosis_edge_slides_waiting 1.0" in scraped
+
+
+def test_health_says_not_serving_when_no_worker_is_alive(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"}))
+    wait_for(daemon.is_ready, what="engines loaded")
+    dead = threading.Thread(target=lambda: None, name="edge-worker-dead")
+    dead.start()
+    dead.join()
+    threads = daemon._threads
+    daemon._threads = [t for t in threads if not t.name.startswith("edge-worker")] + [dead]
+    try:
+        daemon.check_health()
+        assert not daemon.is_ready() and "no worker thread is alive" in daemon.server_status()["not_ready_reason"]
+        assert health_status(daemon) == "NOT_SERVING"
+    finally:
+        daemon._threads = threads
