@@ -44,7 +44,7 @@ IDLE_WAIT_S = 1.0  # a worker with nothing to do looks at the queue again after 
 HOUSEKEEPING_INTERVAL_S = 3600.0  # export retention runs this often
 ANALYSIS_ERRORS = (EdgeError, OSError, MemoryError, ValueError, RuntimeError)
 WORKER_BACKOFF_S = 1.0  # a worker hit by an unexpected error (a store it cannot write) waits this long, doubling
-WORKER_BACKOFF_MAX_S = 30.0
+WORKER_BACKOFF_MAX_S = 10.0
 MONITOR_INTERVAL_S = 1.0  # how often the daemon checks its store file and its workers
 STORE_PROBLEM = "store"
 WORKERS_PROBLEM = "workers"
@@ -211,12 +211,24 @@ class Daemon:
         if bundle:
             load_bundle(bundle)  # a wrong bundle is refused now, not after the queue
         fingerprint = _quiet_fingerprint(path, self.config.watch.fingerprint == "full")
-        job, _ = store.add_job(
-            str(path), fingerprint=fingerprint, source="submit", priority=priority,
-            mpp_override=mpp_override, bundle=bundle or None, dedupe=False,
-        )
+        with self._store_write():
+            job, _ = store.add_job(
+                str(path), fingerprint=fingerprint, source="submit", priority=priority,
+                mpp_override=mpp_override, bundle=bundle or None, dedupe=False,
+            )
         self._notify()
         return job
+
+    @contextmanager
+    def _store_write(self) -> Iterator[None]:
+        """A store write outside the workers (watcher, API): a failure turns health NOT_SERVING with the
+        reason and reaches the caller as a StoreError (gRPC UNAVAILABLE; the watcher tries again)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            reason = f"the store {self.store.path} cannot be written: {exc}"
+            self._set_problem(STORE_PROBLEM, reason)
+            raise StoreError(f"{reason}; free space in {self.data_dir}, then try again") from exc
 
     def cancel_job(self, job_id: int) -> Job:
         job = self.store.cancel_job(job_id)
@@ -322,7 +334,11 @@ class Daemon:
                     self._work_once(process, unsettled)
                     backoff = WORKER_BACKOFF_S
                 except Exception as exc:  # anything at all (a store that cannot be written): log, back off, go on
-                    log.exception("worker step failed; trying again in %.0f s", backoff)
+                    if backoff == WORKER_BACKOFF_S:  # the traceback once per streak, then one line per try
+                        log.exception("worker step failed; trying again in %.0f s", backoff)
+                    else:
+                        log.error("worker step failed again (%s: %s); trying again in %.0f s",
+                                  type(exc).__name__, exc, backoff)
                     if isinstance(exc, sqlite3.Error | StoreError):
                         self._set_problem(STORE_PROBLEM, f"the store {self.store.path} cannot be written: {exc}")
                     self._stopping.wait(backoff)
@@ -515,7 +531,15 @@ class Daemon:
             return
         from edge.watcher import SlideWatcher
 
-        self.watcher = SlideWatcher(self.config.watch, self.on_slide_ready, self.on_slide_failed)
+        def on_ready(path: Path, fingerprint: Fingerprint) -> None:
+            with self._store_write():  # a full store: health says so, the watcher hands the slide over later
+                self.on_slide_ready(path, fingerprint)
+
+        def on_failed(path: Path, reason: str) -> None:
+            with self._store_write():
+                self.on_slide_failed(path, reason)
+
+        self.watcher = SlideWatcher(self.config.watch, on_ready, on_failed)
         self.watcher.start()
 
     def _start_metrics(self) -> None:

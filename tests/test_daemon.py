@@ -522,3 +522,40 @@ def test_health_says_not_serving_when_no_worker_is_alive(
         assert health_status(daemon) == "NOT_SERVING"
     finally:
         daemon._threads = threads
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MB tmpfs to fill for real (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                                           check=False, capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_data_disk_turns_health_not_serving_and_scoring_resumes_once_it_frees(
+    tmp_path: Path, small_filesystem: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread", "daemon.max_attempts": 10,
+                                        "daemon.data_dir": str(small_filesystem / "data")})
+    daemon = start_daemon(config)
+    slide = synth_slide(width=2048, height=1536, seed=3)
+    job = daemon.submit_slide(slide)
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "running", what="running")
+    filler = small_filesystem / "filler"
+    with filler.open("wb") as fh, pytest.raises(OSError):  # fill the disk to the last byte
+        while True:
+            fh.write(b"\0" * 65536)
+    wait_for(lambda: "database or disk is full" in daemon.not_ready_reason(), timeout=30, what="NOT_SERVING")
+    assert health_status(daemon) == "NOT_SERVING"
+    with pytest.raises(StoreError, match="cannot be written: database or disk is full"):
+        daemon.submit_slide(slide)
+    filler.unlink()
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", timeout=60, what="done after the disk freed")
+    wait_for(daemon.is_ready, what="ready again")
+    assert health_status(daemon) == "SERVING"
