@@ -20,7 +20,7 @@ from stat import S_ISREG
 from typing import Any, Literal
 
 from edge.config import DEFAULT_IGNORE_PATTERNS, DEFAULT_SLIDE_EXTENSIONS, WatchConfig
-from edge.dicom import series_in_folder
+from edge.dicom import DicomInstance, series_in_folder
 from edge.errors import ConfigError, NotASlideError, SlideReadError, UnsupportedFormatError
 from edge.fingerprint import Fingerprint, fingerprint_slide, mrxs_companion
 from edge.slide import special_file_kind
@@ -561,8 +561,6 @@ class SlideWatcher:
 
     def _try_hand_over(self, unit: Path, now: float) -> None:
         before = self._gate.snapshot(unit)
-        if os.path.isdir(unit) and self._split_dicom_folder(unit, before, now):
-            return
         try:
             fp = self._open_timed(unit)
         except (NotASlideError, UnsupportedFormatError) as exc:  # its content says: no slide. Waiting cannot help
@@ -573,6 +571,9 @@ class SlideWatcher:
             if self._gate.defer(unit, reason, now):
                 log.info("slide %s has stopped changing but does not open: %s; it fails in %g s unless it opens",
                          unit, reason, self.config.unreadable_timeout_s)
+            return
+        if isinstance(fp, dict):
+            self._split_dicom_folder(unit, fp, before, now)
             return
         after = self._snapshot(unit)
         if after is None:
@@ -595,9 +596,10 @@ class SlideWatcher:
         self._gate.discard(unit)
         self._handed[unit] = (after, fp.key)
 
-    def _open_timed(self, unit: Path) -> Fingerprint:
+    def _open_timed(self, unit: Path) -> Fingerprint | dict[str, list[DicomInstance]]:
         """Open the slide and fingerprint it in a thread of its own, given up after watch.open_timeout_s: a
-        read that blocks (a hung network share) never stalls the gate. A stuck open is not started twice."""
+        read that blocks (a hung network share) never stalls the gate. A stuck open is not started twice.
+        A DICOM folder holding several series is not opened: its series come back instead."""
         stuck = self._opening.get(unit)
         if stuck is not None and stuck.is_alive():
             raise SlideReadError(unit, "an earlier open is still blocked: the file system does not answer")
@@ -605,8 +607,11 @@ class SlideWatcher:
 
         def open_and_fingerprint() -> None:
             try:
+                if os.path.isdir(unit) and len(series := series_in_folder(unit)) > 1:
+                    outcome["result"] = series
+                    return
                 self._opener(unit)
-                outcome["fingerprint"] = fingerprint_slide(unit, full=self.config.fingerprint == "full")
+                outcome["result"] = fingerprint_slide(unit, full=self.config.fingerprint == "full")
             except BaseException as exc:  # noqa: BLE001 - handed to the gate thread below
                 outcome["error"] = exc
 
@@ -624,15 +629,14 @@ class SlideWatcher:
         self._opening.pop(unit, None)
         if "error" in outcome:
             raise outcome["error"]
-        fingerprint: Fingerprint = outcome["fingerprint"]
-        return fingerprint
+        result: Fingerprint | dict[str, list[DicomInstance]] = outcome["result"]
+        return result
 
-    def _split_dicom_folder(self, folder: Path, snap: Snapshot | None, now: float) -> bool:
+    def _split_dicom_folder(
+        self, folder: Path, groups: dict[str, list[DicomInstance]], snap: Snapshot | None, now: float
+    ) -> None:
         """A settled folder of ``.dcm`` files from several series is not one slide: each series becomes a
         slide of its own, named by its first file (the reader finds the rest of the series beside it)."""
-        groups = series_in_folder(folder)
-        if len(groups) < 2:
-            return False
         self._gate.discard(folder)
         if snap is not None:
             self._handed[folder] = (snap, "split")
@@ -642,7 +646,6 @@ class SlideWatcher:
             part_snap = self._snapshot(part)
             if part_snap is not None and part not in self._gate and self._handed.get(part, (None,))[0] != part_snap:
                 self._gate.observe(part, part_snap, now)
-        return True
 
     def _take_incoming(self) -> list[Path]:
         with self._lock:
