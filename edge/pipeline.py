@@ -321,12 +321,13 @@ class _Candidates:
         """One candidate per figure across tiles (see ``merge_across_tiles``) with its probabilities."""
         boxes = Boxes.concat(self.boxes)
         keep = merge_indices(boxes, radius_px)
-        p_mitotic = {name: np.concatenate(parts)[keep] for name, parts in self.p_mitotic.items()}
+        # No candidate at all (a mitosis-free slide, a strict threshold, no tissue) is a valid result: empty arrays.
+        p_mitotic = {name: _concat(parts)[keep] for name, parts in self.p_mitotic.items()}
         p_atypical: dict[str, np.ndarray] = {}
         for name, parts in self.p_atypical.items():
             arrays = [p for p in parts if p is not None]
-            if arrays and len(arrays) == len(parts):
-                p_atypical[name] = np.concatenate(arrays)[keep]
+            if len(arrays) == len(parts):
+                p_atypical[name] = _concat(arrays)[keep]
         return boxes.take(keep), p_mitotic, p_atypical
 
     def _crops(self, group: _CropGroup, tile: Tile, pixels: np.ndarray, local: Boxes, boxes: Boxes) -> np.ndarray:
@@ -360,6 +361,10 @@ class _Candidates:
                 self.p_atypical[name].append(p_amf)
         self.waiting -= n
         self.times.classify += time.perf_counter() - t0
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, np.float32)
 
 
 def _figures(
