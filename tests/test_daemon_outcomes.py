@@ -4,10 +4,15 @@ not retried, transient ones are; a slide re-dropped after a transient failure is
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from edge.daemon import Daemon
+from edge.errors import CorruptSlideError, EngineError, TileDecodeError
 from tests.conftest import SynthFactory
 from tests.test_analyze import blank_tiff
 from tests.test_daemon import daemon_config, start_daemon, wait_for  # noqa: F401 - start_daemon is a fixture
@@ -28,3 +33,68 @@ def test_slides_without_mitoses_or_tissue_are_done_with_a_null_hotspot_and_every
         assert hotspot["mitotic"] == 0 and hotspot["center_x_um"] is None and reason in hotspot["null_reason"]
         assert set(result.exports) >= {"result", "geojson", "midog", "csv", "overlay"}, result.exports
         assert all(Path(p).exists() for p in result.exports.values())
+
+
+# --- retryable or deterministic (issue 11, bug 8) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [
+    TileDecodeError("/scans/a.svs", "tile 17 at level 0 failed to decode: JPEG data truncated"),
+    ValueError("need at least one array to concatenate"),  # a bug fails the same way each time
+])
+def test_a_deterministic_failure_is_not_retried_and_its_reason_says_so(
+    error: Exception, tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]  # noqa: F811
+) -> None:
+    calls: list[int] = []
+
+    def analyze(*args: Any) -> Any:
+        calls.append(1)
+        raise error
+
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.max_attempts": 3}), analyze=analyze)
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "failed", what="job failed")
+    failed = daemon.store.get_job(job.job_id)
+    assert len(calls) == 1 and failed.attempts == 1 and failed.retryable is False
+    assert str(error) in (failed.error or "") and "deterministic error: not retried" in (failed.error or "")
+    assert [e.type for e in daemon.store.events_after(0)].count("job_retry") == 0
+
+
+def test_a_transient_failure_is_retried_and_its_reason_says_so(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]  # noqa: F811
+) -> None:
+    def analyze(*args: Any) -> Any:
+        raise EngineError("CUDA out of memory")
+
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.max_attempts": 2}), analyze=analyze)
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "failed", what="job failed")
+    failed = daemon.store.get_job(job.job_id)
+    assert failed.attempts == 2 and failed.retryable is True
+    assert "transient error: gave up after 2 attempt(s)" in (failed.error or "")
+    (retry,) = [e for e in daemon.store.events_after(0) if e.type == "job_retry"]
+    assert "transient error: retry 2 of 2" in retry.payload["error"]
+
+
+def test_a_read_error_because_the_slide_was_overwritten_meanwhile_is_transient(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]  # noqa: F811
+) -> None:
+    slide = tmp_path / "a.tiff"
+    shutil.copy(synth_slide(width=2048, height=1536, seed=3), slide)
+    calls: list[int] = []
+
+    def analyze(path: Path, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:  # the scanner rewrites the file while it is read
+            path.write_bytes(synth_slide(width=2048, height=1536, seed=4).read_bytes())
+        raise CorruptSlideError(path, "tile 3 failed to decode")
+
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.max_attempts": 3}), analyze=analyze)
+    job = daemon.submit_slide(slide)
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "failed", what="job failed")
+    events = daemon.store.events_after(0)
+    (retry,) = [e for e in events if e.type == "job_retry"]
+    reason = retry.payload["error"]
+    assert "SlideChangedError" in reason and "files changed while it was analysed" in reason
+    assert len(calls) == 2  # the second read met the same bytes again: deterministic, not retried
+    assert "deterministic error" in (daemon.store.get_job(job.job_id).error or "")
