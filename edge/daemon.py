@@ -44,7 +44,7 @@ from edge.errors import (
 from edge.fingerprint import Fingerprint, fingerprint_slide, slide_files
 from edge.metrics import DaemonMetrics
 from edge.store import Job, JobStateError, Store
-from edge.worker import AnalysisProcess, EngineCache
+from edge.worker import AnalysisProcess, EngineCache, TimeLimit
 
 log = logging.getLogger(__name__)
 
@@ -307,18 +307,22 @@ class Daemon:
         log.info("job %d: analysing %s (attempt %d)", job.job_id, job.slide_path, job.attempts)
         t0 = time.perf_counter()
         before = _file_states(Path(job.slide_path))
+        limit = TimeLimit.of(self.config.daemon)
         try:
             self._check_disk()
             config = self.config.with_overrides({"slide.mpp_override": job.mpp_override, "engines.bundle": job.bundle})
             with self.metrics.running(), self._exports_folder(job) as partial:
                 if process is not None:
-                    outcome = process.analyze(Path(job.slide_path), config, partial, running.cancel)
+                    outcome = process.analyze(Path(job.slide_path), config, partial, running.cancel, limit)
                     analysis = SimpleNamespace(result=outcome.result, tiles=outcome.tiles, times=outcome.times)
                     written = outcome.exports
                 else:
                     analysis = self._analyze(
-                        Path(job.slide_path), config, self._engines.get(config), running.cancel, None
+                        Path(job.slide_path), config, self._engines.get(config), running.cancel,
+                        _limited_progress(Path(job.slide_path), limit),
                     )
+                    if limit.expired():
+                        raise limit.error(Path(job.slide_path))
                     try:
                         written = analysis.write_exports(partial)
                     except OSError as exc:
@@ -511,6 +515,19 @@ def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threa
     from edge.pipeline import analyze_slide
 
     return analyze_slide(path, config, engines=engines, cancel_event=cancel, progress=progress)
+
+
+def _limited_progress(path: Path, limit: TimeLimit) -> Callable[[str, int, int], None]:
+    """In-process analysis: the pipeline's progress callback learns the tile plan and stops the analysis
+    (by raising) once the time limit has passed; the child process has its parent watch the clock instead."""
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if limit.tiles is None and stage == "detect":
+            limit.planned(total)
+        if limit.expired():
+            raise limit.error(path)
+
+    return progress
 
 
 def _lower_priority(nice: int) -> None:

@@ -154,3 +154,30 @@ def test_calibrate_takes_a_mitosis_free_slide_among_its_validation_slides(
     result = run_cli("calibrate", *args, "--out", str(tmp_path / "cal"), "--weight-step", "0.5")
     assert result.returncode == 0, result.stderr
     assert "on 2 slide(s)" in result.stdout
+
+
+# --- plausibility before reading (issue 11, bug 5) --------------------------------------------------
+
+
+@pytest.mark.parametrize(("side", "reason"), [
+    (200_000, "40000 megapixels), more than slide.max_level0_megapixels = 30000"),
+    (8192, "tiles share bytes"),  # small enough for the area limit, but its tiles are not really stored
+])
+def test_a_bomb_tiff_is_refused_before_a_pixel_is_read(side: int, reason: str, tmp_path: Path) -> None:
+    from tests.tiff_bomb import write_bomb
+
+    bomb = write_bomb(tmp_path / "bomb.tiff", side, side)
+    result = run_cli("analyze", str(bomb), "--out", str(tmp_path / "x"))
+    assert result.returncode == 1, result.stdout
+    assert "bomb.tiff" in result.stderr and reason in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x" / "result.json").exists()
+
+
+def test_limits_on_level_0_area_and_tile_count_are_settings(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    slide = synth_slide(width=2048, height=2048, seed=5, mitoses=0, imposters=0)
+    for setting, reason in (("max_level0_megapixels = 1.0", "more than slide.max_level0_megapixels = 1"),
+                            ("max_tiles = 1", "more than slide.max_tiles = 1")):
+        config = tmp_path / "edge.toml"
+        config.write_text(f"[slide]\n{setting}\n")
+        result = run_cli("--config", str(config), "analyze", str(slide), "--out", str(tmp_path / "x"))
+        assert result.returncode == 1 and reason in result.stderr, result.stderr
