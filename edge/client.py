@@ -170,6 +170,7 @@ def scores_dict(scores: Any) -> dict[str, Any]:
             "center_y_um": _opt(spot, "center_y_um"),
             **_counts_dict(spot.counts),
             "tissue_fraction": _opt(spot, "tissue_fraction"),
+            "null_reason": spot.null_reason or None,
         },
         "totals": _counts_dict(scores.totals),
         "candidates": scores.candidates,

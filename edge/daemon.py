@@ -5,8 +5,10 @@ Each worker analyses its slides in a child process (``daemon.isolation = "proces
 ``edge.worker``) or in this one (``"thread"``, and whenever tests inject an analysis).
 Workers claim jobs oldest first (manual submissions may carry a priority), analyse the slide,
 write its exports into ``<data>/results/<job>/`` and store the result, its detections and the
-"done" event in one transaction. A failing slide is retried with exponential backoff, then marked
-failed with the last error; a slide that cannot be read is failed at once. The daemon never dies
+"done" event in one transaction. A slide that fails for a transient reason (``edge.errors.is_retryable``:
+an engine or disk hiccup, a crashed analysis process, a file that changed while it was read) is retried
+with exponential backoff, then marked failed with the last error; a deterministic failure (an unreadable
+file, a decode error, a bomb, the time limit) fails at once. The reason says which. The daemon never dies
 because of one slide. On SIGTERM/SIGINT it stops taking work, lets running slides finish within
 the grace period, re-queues what is left and exits 0.
 """
@@ -30,11 +32,21 @@ from typing import Any
 from edge import __version__
 from edge.config import Config
 from edge.engines import EngineSet, load_bundle
-from edge.errors import ConfigError, DiskFullError, EdgeError, SlideReadError, StoreError, StreamCancelled
-from edge.fingerprint import Fingerprint, fingerprint_slide
+from edge.errors import (
+    ConfigError,
+    DiskFullError,
+    EdgeError,
+    SlideChangedError,
+    SlideNotFoundError,
+    SlideReadError,
+    StoreError,
+    StreamCancelled,
+    is_retryable,
+)
+from edge.fingerprint import Fingerprint, fingerprint_slide, slide_files
 from edge.metrics import DaemonMetrics
 from edge.store import Job, JobStateError, Store
-from edge.worker import AnalysisProcess, EngineCache
+from edge.worker import AnalysisProcess, EngineCache, TimeLimit
 
 log = logging.getLogger(__name__)
 
@@ -396,18 +408,23 @@ class Daemon:
             self._running[job.job_id] = running
         log.info("job %d: analysing %s (attempt %d)", job.job_id, job.slide_path, job.attempts)
         t0 = time.perf_counter()
+        before = _file_states(Path(job.slide_path))
+        limit = TimeLimit.of(self.config.daemon)
         try:
             self._check_disk()
             config = self.config.with_overrides({"slide.mpp_override": job.mpp_override, "engines.bundle": job.bundle})
             with self.metrics.running(), self._exports_folder(job) as partial:
                 if process is not None:
-                    outcome = process.analyze(Path(job.slide_path), config, partial, running.cancel)
+                    outcome = process.analyze(Path(job.slide_path), config, partial, running.cancel, limit)
                     analysis = SimpleNamespace(result=outcome.result, tiles=outcome.tiles, times=outcome.times)
                     written = outcome.exports
                 else:
                     analysis = self._analyze(
-                        Path(job.slide_path), config, self._engines.get(config), running.cancel, None
+                        Path(job.slide_path), config, self._engines.get(config), running.cancel,
+                        _limited_progress(Path(job.slide_path), limit),
                     )
+                    if limit.expired():
+                        raise limit.error(Path(job.slide_path))
                     try:
                         written = analysis.write_exports(partial)
                     except OSError as exc:
@@ -418,11 +435,10 @@ class Daemon:
                 self.store.requeue_job(job.job_id, "daemon stopping before the slide finished")
                 log.info("job %d re-queued: the daemon is stopping", job.job_id)
             return
-        except (SlideReadError, ConfigError) as exc:  # the slide itself is bad: retrying cannot help
-            self._fail(job, _reason(exc), retry=False)
-            return
         except ANALYSIS_ERRORS as exc:
-            self._fail(job, _reason(exc), retry=True)
+            if isinstance(exc, SlideReadError) and not exc.retryable:
+                exc = _changed_meanwhile(Path(job.slide_path), before, exc)
+            self._fail(job, _reason(exc), retry=is_retryable(exc))
             return
         finally:
             with self._running_lock:
@@ -440,13 +456,22 @@ class Daemon:
                  hotspot.mitotic, analysis.tiles, job.slide_path)
 
     def _fail(self, job: Job, reason: str, *, retry: bool) -> None:
+        """Record the failure; ``retry``: the error is transient, so try again after a backoff while attempts
+        are left. The stored reason ends with which kind it was and what happens next."""
         settings = self.config.daemon
         retry_at = None
         if retry and job.attempts < settings.max_attempts:
             delay = min(settings.retry_backoff_s * 2 ** (job.attempts - 1), settings.retry_backoff_max_s)
             retry_at = self._clock() + delay
+            reason += f" [transient error: retry {job.attempts + 1} of {settings.max_attempts} in {delay:.0f} s]"
+        elif retry:
+            reason += (f" [transient error: gave up after {job.attempts} attempt(s); drop the slide again or "
+                       "submit it to retry]")
+        else:
+            reason += (" [deterministic error: not retried, the same slide fails the same way; fix or replace "
+                       "the slide, then submit it again]")
         try:
-            self.store.fail_job(job.job_id, reason, retry_at=retry_at)
+            self.store.fail_job(job.job_id, reason, retry_at=retry_at, retryable=retry)
         except JobStateError:  # cancelled meanwhile
             return
         self.metrics.failed(reason)
@@ -682,6 +707,19 @@ def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threa
     return analyze_slide(path, config, engines=engines, cancel_event=cancel, progress=progress)
 
 
+def _limited_progress(path: Path, limit: TimeLimit) -> Callable[[str, int, int], None]:
+    """In-process analysis: the pipeline's progress callback learns the tile plan and stops the analysis
+    (by raising) once the time limit has passed; the child process has its parent watch the clock instead."""
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if limit.tiles is None and stage == "detect":
+            limit.planned(total)
+        if limit.expired():
+            raise limit.error(path)
+
+    return progress
+
+
 def _lower_priority(nice: int) -> None:
     """Raise this thread's niceness (Linux: per thread, inherited by threads it starts), so inference
     yields the cores to the gRPC API and the watcher when they have work."""
@@ -696,6 +734,33 @@ def _lower_priority(nice: int) -> None:
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+FileStates = tuple[tuple[str, int, int], ...] | None
+
+
+def _file_states(path: Path) -> FileStates:
+    """(name, size, mtime_ns) of every file of the slide, or None when it cannot be listed."""
+    try:
+        return tuple((name, (st := file.stat()).st_size, st.st_mtime_ns) for name, file in slide_files(path))
+    except OSError:
+        return None
+
+
+def _changed_meanwhile(path: Path, before: FileStates, exc: SlideReadError) -> SlideReadError:
+    """A read error on a slide whose files changed during the attempt (overwritten, still being copied,
+    removed) is no fault of the slide: a SlideChangedError, which is retried."""
+    if before is None:
+        return exc
+    try:
+        slide_files(path)
+    except SlideNotFoundError:
+        return SlideChangedError(path, f"it vanished while it was analysed ({exc.reason})")
+    except OSError:
+        return exc
+    if _file_states(path) == before:
+        return exc
+    return SlideChangedError(path, f"its files changed while it was analysed ({exc.reason})")
 
 
 def _quiet_fingerprint(path: Path, full: bool) -> str | None:

@@ -274,6 +274,7 @@ def scores_to_pb(scores: Mapping[str, Any]) -> Any:
         area_mm2=float(spot.get("area_mm2") or 0.0),
         radius_um=float(spot.get("radius_um") or 0.0),
         counts=_counts_to_pb(spot),
+        null_reason=str(spot.get("null_reason") or ""),
     )
     _set_optional(hotspot, spot, "center_x_um", "center_y_um", "tissue_fraction")
     hint_data = scores.get("mitotic_score_hint") or {}

@@ -32,6 +32,7 @@ import numpy as np
 from edge.config import SlideConfig
 from edge.errors import (
     CorruptSlideError,
+    ImplausibleSlideError,
     MissingMppError,
     NotASlideError,
     SlideNotFoundError,
@@ -46,6 +47,9 @@ BACKGROUND = 255  # white glass: what is outside the scanned area
 MIN_PLAUSIBLE_MPP = 0.01  # µm/px; below any optical scanner
 MAX_PLAUSIBLE_MPP = 100.0  # µm/px; above this a "resolution" is a default DPI, not a pixel size
 THUMBNAIL_CHUNK = 2048  # level px per side read at once when building a thumbnail
+# A scan stores far more than this per megapixel of level 0 (JPEG of blank glass: ~20 KB); a file with
+# less declares pixels it does not hold (a "bomb" that would plan tens of thousands of tiles).
+MIN_BYTES_PER_MEGAPIXEL = 1000
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 SLIDE_EXTENSIONS = frozenset(
@@ -493,6 +497,48 @@ def _classify_open_error(path: Path, what: str, exc: Exception) -> SlideReadErro
     return CorruptSlideError(path, f"{what} failed: {text}; the file is truncated or damaged (or still being written)")
 
 
+def check_plausible(
+    path: Path, width: int, height: int, file_bytes: int, stored_tile_bytes: int | None, cfg: SlideConfig
+) -> None:
+    """Refuse a slide whose declared level-0 size is beyond the limits or beyond what its bytes can hold,
+    before any pixel is read. ``stored_tile_bytes``: level 0's tile byte counts summed (TIFF), else None.
+
+    >>> check_plausible(Path("a.tiff"), 50_000, 40_000, 900 * 2**20, 880 * 2**20, SlideConfig())
+    >>> check_plausible(Path("bomb.tiff"), 200_000, 200_000, 750_000, 9 * 10**9, SlideConfig())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    edge.errors.ImplausibleSlideError: bomb.tiff: declares 200000 x 200000 px (40000 megapixels), more ... scan is real
+    """
+    megapixels = width * height / 1e6
+    if megapixels > cfg.max_level0_megapixels:
+        raise ImplausibleSlideError(
+            path,
+            f"declares {width} x {height} px ({megapixels:.0f} megapixels), more than slide.max_level0_megapixels = "
+            f"{cfg.max_level0_megapixels:g}; a crafted or damaged file, or a larger scan than expected: raise the "
+            "limit only if the scan is real",
+        )
+    if stored_tile_bytes is not None and stored_tile_bytes > file_bytes:
+        raise ImplausibleSlideError(
+            path,
+            f"its level-0 tiles add up to {stored_tile_bytes} bytes but the file has only {file_bytes}: tiles share "
+            "bytes, so the declared image is not really stored (a crafted or damaged file); re-export the scan",
+        )
+    if file_bytes < megapixels * MIN_BYTES_PER_MEGAPIXEL:
+        raise ImplausibleSlideError(
+            path,
+            f"declares {width} x {height} px ({megapixels:.0f} megapixels) in only {file_bytes} bytes, less than "
+            f"{MIN_BYTES_PER_MEGAPIXEL} bytes per megapixel any scan stores: a crafted or damaged file; re-export the "
+            "scan",
+        )
+
+
+def _slide_bytes(path: Path) -> int:
+    """Bytes of every file of the slide (an MRXS companion folder and a DICOM folder included)."""
+    from edge.fingerprint import slide_files
+
+    return sum(file.stat().st_size for _name, file in slide_files(path))
+
+
 def _open_tiffslide(path: Path, cfg: SlideConfig) -> Slide:
     import tiffslide
 
@@ -509,6 +555,10 @@ def _build_tiffslide(path: Path, ts: Any, cfg: SlideConfig) -> Slide:
     props = ts.properties
     fmt = _tiff_format(tf)
     series = tf.series[props.get("tiffslide.series-index", 0)]
+    level0 = series.levels[0].keyframe
+    stored = int(np.asarray(level0.databytecounts, dtype=np.int64).sum()) if level0.is_tiled else None
+    w0, h0 = ts.level_dimensions[0]
+    check_plausible(path, int(w0), int(h0), _slide_bytes(path), stored, cfg)
     levels = tuple(
         Level(
             i,
@@ -628,6 +678,8 @@ def _open_openslide(path: Path, target: Path, cfg: SlideConfig) -> Slide:
 
     osr = openslide.OpenSlide(str(target))
     try:
+        w0, h0 = osr.level_dimensions[0]
+        check_plausible(path, int(w0), int(h0), _slide_bytes(path), None, cfg)
         props = dict(osr.properties)
         vendor = props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
         levels = tuple(

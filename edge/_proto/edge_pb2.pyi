@@ -163,20 +163,22 @@ class SubtypeCounts(_message.Message):
     def __init__(self, mitotic: _Optional[int] = ..., atypical: _Optional[int] = ..., normal: _Optional[int] = ..., uncertain: _Optional[int] = ..., atypical_ratio: _Optional[float] = ...) -> None: ...
 
 class Hotspot(_message.Message):
-    __slots__ = ("area_mm2", "radius_um", "center_x_um", "center_y_um", "counts", "tissue_fraction")
+    __slots__ = ("area_mm2", "radius_um", "center_x_um", "center_y_um", "counts", "tissue_fraction", "null_reason")
     AREA_MM2_FIELD_NUMBER: _ClassVar[int]
     RADIUS_UM_FIELD_NUMBER: _ClassVar[int]
     CENTER_X_UM_FIELD_NUMBER: _ClassVar[int]
     CENTER_Y_UM_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     TISSUE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    NULL_REASON_FIELD_NUMBER: _ClassVar[int]
     area_mm2: float
     radius_um: float
     center_x_um: float
     center_y_um: float
     counts: SubtypeCounts
     tissue_fraction: float
-    def __init__(self, area_mm2: _Optional[float] = ..., radius_um: _Optional[float] = ..., center_x_um: _Optional[float] = ..., center_y_um: _Optional[float] = ..., counts: _Optional[_Union[SubtypeCounts, _Mapping]] = ..., tissue_fraction: _Optional[float] = ...) -> None: ...
+    null_reason: str
+    def __init__(self, area_mm2: _Optional[float] = ..., radius_um: _Optional[float] = ..., center_x_um: _Optional[float] = ..., center_y_um: _Optional[float] = ..., counts: _Optional[_Union[SubtypeCounts, _Mapping]] = ..., tissue_fraction: _Optional[float] = ..., null_reason: _Optional[str] = ...) -> None: ...
 
 class MitoticScoreHint(_message.Message):
     __slots__ = ("score", "count", "field_area_mm2", "cutoffs", "note")
