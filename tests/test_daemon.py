@@ -416,6 +416,10 @@ def test_a_store_that_cannot_be_written_turns_health_not_serving_and_scoring_res
     assert "database or disk is full" in daemon.server_status()["not_ready_reason"]
     assert health_status(daemon) == "NOT_SERVING"
     assert daemon.store.get_job(job.job_id).state in ("queued", "running")
+    with monkeypatch.context() as full_store:  # a submit meanwhile: refused with the reason (gRPC UNAVAILABLE)
+        full_store.setattr(daemon.store, "add_job", full_disk)
+        with pytest.raises(StoreError, match="cannot be written: database or disk is full; free space"):
+            daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
     disk_full.clear()  # the disk frees: no restart
     wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", what="done after the disk freed")
     wait_for(daemon.is_ready, what="ready again")
@@ -539,22 +543,29 @@ def small_filesystem(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_really_full_data_disk_turns_health_not_serving_and_scoring_resumes_once_it_frees(
-    tmp_path: Path, small_filesystem: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+    tmp_path: Path, small_filesystem: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread", "daemon.max_attempts": 10,
                                         "daemon.data_dir": str(small_filesystem / "data")})
     daemon = start_daemon(config)
-    slide = synth_slide(width=2048, height=1536, seed=3)
-    job = daemon.submit_slide(slide)
+    wait_for(daemon.is_ready, what="engines loaded")
+    health: list[tuple[bool, str]] = []  # every health change, with the reason given at that moment
+    set_serving = daemon.server.set_serving
+
+    def record(serving: bool) -> None:
+        health.append((serving, daemon.not_ready_reason()))
+        set_serving(serving)
+
+    monkeypatch.setattr(daemon.server, "set_serving", record)
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
     wait_for(lambda: daemon.store.get_job(job.job_id).state == "running", what="running")
     filler = small_filesystem / "filler"
     with filler.open("wb") as fh, pytest.raises(OSError):  # fill the disk to the last byte
         while True:
             fh.write(b"\0" * 65536)
-    wait_for(lambda: "database or disk is full" in daemon.not_ready_reason(), timeout=30, what="NOT_SERVING")
-    assert health_status(daemon) == "NOT_SERVING"
-    with pytest.raises(StoreError, match="cannot be written: database or disk is full"):
-        daemon.submit_slide(slide)
+    wait_for(lambda: any(not serving for serving, _ in health), timeout=60, what="health NOT_SERVING")
+    assert any("database or disk is full" in reason for serving, reason in health if not serving), health
     filler.unlink()
     wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", timeout=60, what="done after the disk freed")
     wait_for(daemon.is_ready, what="ready again")
