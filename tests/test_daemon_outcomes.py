@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
-from edge.daemon import Daemon
+from edge.daemon import Daemon, _analyze_slide
 from edge.errors import CorruptSlideError, EngineError, TileDecodeError
+from edge.fingerprint import fingerprint_slide
+from edge.store import Store
 from tests.conftest import SynthFactory
 from tests.test_analyze import blank_tiff
-from tests.test_daemon import daemon_config, start_daemon, states, wait_for  # noqa: F401 - start_daemon: a fixture
+from tests.test_daemon import QUIET_S, daemon_config, start_daemon, states, wait_for  # noqa: F401 - start_daemon: a fixture
 from tests.tiff_bomb import write_bomb
 
 
@@ -156,3 +158,53 @@ def test_an_in_process_analysis_is_held_to_the_time_limit_too(
     job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
     wait_for(lambda: daemon.store.get_job(job.job_id).state == "failed", timeout=20, what="job failed")
     assert "past its time limit of 0.3 s" in (daemon.store.get_job(job.job_id).error or "")
+
+
+# --- dropped again after a failure (issue 11, bug 9) ------------------------------------------------
+
+
+@pytest.mark.parametrize(("first_error", "queued_again"), [
+    (EngineError("CUDA error: an illegal memory access was encountered"), True),  # transient
+    (TileDecodeError("a.tiff", "tile 3 at level 0 failed to decode"), False),  # deterministic
+])
+def test_a_slide_dropped_again_is_queued_again_only_after_a_transient_failure(
+    first_error: Exception, queued_again: bool, tmp_path: Path, synth_slide: SynthFactory,
+    start_daemon: Callable[..., Daemon],  # noqa: F811
+) -> None:
+    calls: list[Path] = []
+
+    def analyze(path: Path, *args: Any) -> Any:
+        calls.append(path)
+        if len(calls) == 1:
+            raise first_error
+        return _analyze_slide(path, *args)
+
+    daemon = start_daemon(daemon_config(tmp_path, **{"daemon.max_attempts": 1}), analyze=analyze)
+    source, inbox = synth_slide(width=2048, height=1536, seed=3), tmp_path / "inbox"
+    shutil.copy(source, inbox / "a.tiff")
+    wait_for(lambda: states(daemon.store).get("a.tiff") == "failed", what="the first job failed")
+    (inbox / "a.tiff").unlink()
+    shutil.copy(source, inbox / "a.tiff")  # the same bytes dropped again
+    if queued_again:
+        wait_for(lambda: [j.state for j in daemon.store.list_jobs()] == ["failed", "done"], what="queued again")
+    else:
+        time.sleep(QUIET_S * 6)
+        assert daemon.wait_idle(30)
+        assert [j.state for j in daemon.store.list_jobs()] == ["failed"]
+
+
+def test_slides_seen_by_a_version_without_middle_samples_are_not_analysed_again_after_the_upgrade(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]  # noqa: F811
+) -> None:
+    slide = tmp_path / "inbox" / "a.tiff"
+    slide.parent.mkdir()
+    shutil.copy(synth_slide(width=6144, height=6144, seed=11), slide)  # over 2 MiB: it has a middle
+    fingerprint = fingerprint_slide(slide)
+    assert fingerprint.legacy_key != fingerprint.key
+    with Store.open(tmp_path / "data" / "edge.db") as store:  # what the earlier version stored
+        job, _ = store.add_job(str(slide), fingerprint=fingerprint.legacy_key)
+        store.cancel_job(job.job_id)
+    daemon = start_daemon(daemon_config(tmp_path))  # scan_on_start looks at a.tiff again
+    time.sleep(QUIET_S * 6)
+    assert daemon.wait_idle(30)
+    assert [j.job_id for j in daemon.store.list_jobs()] == [job.job_id]
