@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from edge.client import job_dict
 from edge.daemon import Daemon, _analyze_slide
 from edge.errors import CorruptSlideError, EngineError, TileDecodeError
 from edge.fingerprint import fingerprint_slide
+from edge.server import job_to_pb
 from edge.store import Store
 from tests.conftest import SynthFactory
 from tests.test_analyze import blank_tiff
@@ -61,6 +63,7 @@ def test_a_deterministic_failure_is_not_retried_and_its_reason_says_so(
     failed = daemon.store.get_job(job.job_id)
     assert len(calls) == 1 and failed.attempts == 1 and failed.retryable is False
     assert str(error) in (failed.error or "") and "deterministic error: not retried" in (failed.error or "")
+    assert job_dict(job_to_pb(failed))["retryable"] is False  # what `client list --json` shows
     assert [e.type for e in daemon.store.events_after(0)].count("job_retry") == 0
 
 
