@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from edge import worker
 from edge.client import job_dict
 from edge.daemon import Daemon, _analyze_slide
 from edge.errors import CorruptSlideError, EngineError, TileDecodeError
@@ -129,8 +130,10 @@ def test_a_bomb_in_the_inbox_fails_at_once_and_the_next_slide_is_scored(
 @pytest.mark.parametrize("derived", [False, True])
 def test_a_slide_past_its_time_limit_fails_with_the_reason_and_the_worker_moves_on(
     derived: bool, tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if derived:  # once planned, 0.001 s per tile: far less than its 42 tiles take
+    if derived:  # once planned, 0.001 s per tile and nothing to finish: far less than its 42 tiles take
+        monkeypatch.setattr(worker, "FINISH_SECONDS", 0.0)
         settings = {"daemon.max_slide_seconds": 0.0, "daemon.seconds_per_tile": 0.001}
     else:
         settings = {"daemon.max_slide_seconds": 1.0}
