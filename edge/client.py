@@ -145,6 +145,7 @@ def job_dict(job: Any) -> dict[str, Any]:
         "started_at": _opt(job, "started_at"),
         "finished_at": _opt(job, "finished_at"),
         "not_before": _opt(job, "not_before"),
+        "retryable": _opt(job, "retryable"),
     }
 
 

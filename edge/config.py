@@ -252,7 +252,7 @@ class DaemonConfig:
     retry_backoff_max_s: float = 3600.0
     shutdown_grace_s: float = 60.0  # SIGTERM: the running slide may finish this long, else it is re-queued
     # A slide still analysed after this long fails (deterministic, not retried) and the worker moves on;
-    # 0 = derived from its tile plan: up to 300 s to open it and plan its tiles, then seconds_per_tile x tiles.
+    # 0 = derived from its tile plan: up to 300 s to plan its tiles, then seconds_per_tile x tiles + 60 s.
     max_slide_seconds: float = 0.0
     seconds_per_tile: float = 1.0  # the derived limit's allowance per planned tile (CPU inference: ~0.1 s)
     min_free_disk_mb: int = 1024  # a job starts only with this much free space where exports are written

@@ -304,9 +304,13 @@ class Daemon:
     # --- watcher callbacks -------------------------------------------------------------------------
 
     def on_slide_ready(self, path: Path, fingerprint: Fingerprint) -> None:
-        """A settled slide: a job, unless the same slide was seen before (watch.on_duplicate)."""
+        """A settled slide: a job, unless the same slide was seen before (watch.on_duplicate) and its last job
+        did not fail for a transient reason: a slide dropped again after such a failure is queued again."""
         meta = {"size": fingerprint.size, "mtime_ns": fingerprint.mtime_ns}
-        if self.config.watch.on_duplicate == "skip":  # the store skips a fingerprint it has seen anywhere
+        earlier = self._seen_under_legacy_key(path, fingerprint)
+        if earlier is not None:
+            job, created = earlier, False
+        elif self.config.watch.on_duplicate == "skip":  # the store skips a fingerprint it has seen anywhere
             job, created = self.store.add_job(str(path), fingerprint=fingerprint.key, source="watch", slide_meta=meta)
         else:  # "reprocess": the same bytes under a new path are a new job; the same path again is not
             seen_here = [j for j in self.store.find_jobs_by_fingerprint(fingerprint.key) if j.slide_path == str(path)]
@@ -316,12 +320,33 @@ class Daemon:
                 job, created = self.store.add_job(
                     str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta
                 )
+        if not created and job.state == "failed" and job.retryable:
+            log.info("slide %s dropped again; its job %d failed for a transient reason (%s): queued again",
+                     path, job.job_id, job.error)
+            job, created = self.store.add_job(
+                str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta
+            )
         if created:
             self.metrics.picked_up(self._clock() - fingerprint.mtime_ns / 1e9)
             log.info("new slide %s: job %d queued", path, job.job_id)
             self._notify()
         else:
             log.info("slide %s already seen as job %d (%s): not queued again", path, job.job_id, job.state)
+
+    def failed_for_a_transient_reason(self, path: Path, key: str) -> bool:
+        """Whether the last job of this path and fingerprint failed for a transient reason: the watcher hands
+        such a slide over again when it settles again (dropped again, or touched)."""
+        jobs = [j for j in self.store.find_jobs_by_fingerprint(key) if j.slide_path == str(path)]
+        return bool(jobs) and jobs[-1].state == "failed" and bool(jobs[-1].retryable)
+
+    def _seen_under_legacy_key(self, path: Path, fingerprint: Fingerprint) -> Job | None:
+        """The newest job of this path stored under the key of a version that did not sample the middle of
+        files: after an upgrade, slides still in the watch folders are not analysed again."""
+        if fingerprint.legacy_key == fingerprint.key:
+            return None
+        jobs = self.store.find_jobs_by_fingerprint(fingerprint.legacy_key)
+        same_path = [j for j in jobs if j.slide_path == str(path)]
+        return same_path[-1] if same_path else None
 
     def on_slide_failed(self, path: Path, reason: str) -> None:
         self.store.add_failed_job(str(path), reason, source="watch")
@@ -564,7 +589,7 @@ class Daemon:
             with self._store_write():
                 self.on_slide_failed(path, reason)
 
-        self.watcher = SlideWatcher(self.config.watch, on_ready, on_failed)
+        self.watcher = SlideWatcher(self.config.watch, on_ready, on_failed, again=self.failed_for_a_transient_reason)
         self.watcher.start()
 
     def _start_metrics(self) -> None:

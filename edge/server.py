@@ -244,6 +244,8 @@ def job_to_pb(job: Job) -> Any:
         value = getattr(job, name)
         if value is not None:
             setattr(msg, name, float(value))
+    if job.retryable is not None:
+        msg.retryable = job.retryable
     return msg
 
 

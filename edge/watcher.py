@@ -359,6 +359,9 @@ class SlideWatcher:
 
     ``on_failed(path, reason)`` is called for a slide that did not settle and open within
     ``settle_timeout_s``. Both are called from the watcher's gate thread; what they raise is logged.
+    A slide that settles again with the same content (a touch, the same bytes dropped again) is handed
+    over again only when ``again(path, key)`` says so (the daemon: its last job failed for a transient
+    reason).
     """
 
     def __init__(
@@ -370,10 +373,12 @@ class SlideWatcher:
         opener: Callable[[Path], None] = default_opener,
         clock: Callable[[], float] = time.monotonic,
         stat: StatFn = os.stat,
+        again: Callable[[Path, str], bool] | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self._on_ready = on_ready
+        self._again = again or (lambda path, key: False)
         self._on_failed = on_failed
         self._opener = opener
         self._clock = clock
@@ -583,7 +588,7 @@ class SlideWatcher:
             self._gate.observe(unit, after, self._clock())
             return
         previous = self._handed.get(unit)
-        if previous is not None and previous[1] == fp.key:
+        if previous is not None and previous[1] == fp.key and not self._again(unit, fp.key):
             log.info("slide %s changed only its mtime; same content, not handed over again", unit)
         else:
             log.info("slide ready: %s (%s, %d bytes)", unit, fp.key, fp.size)

@@ -32,19 +32,18 @@ POLL_S = 0.2  # how often the parent looks at the cancel event while the child w
 STOP_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1
 SLIDE_BASE_SECONDS = 300.0  # the derived time limit's allowance for opening a slide and planning its tiles
-# a slide with few or no tiles (blank, no tissue) still scores and writes its exports: at least this many
-# tiles' allowance after planning
-MIN_TILES_ALLOWANCE = 10
+FINISH_SECONDS = 60.0  # ... and after its tiles, for scoring, the overlay's thumbnail and the exports
 
 
 @dataclass
 class TimeLimit:
     """One slide's time limit: ``daemon.max_slide_seconds``, or (0) derived from its tile plan: up to
-    SLIDE_BASE_SECONDS to open the slide and plan its tiles, then ``daemon.seconds_per_tile`` per planned tile.
+    SLIDE_BASE_SECONDS to open the slide and plan its tiles, then ``daemon.seconds_per_tile`` per planned tile
+    and FINISH_SECONDS for the rest.
 
     >>> limit = TimeLimit(fixed_s=0.0, per_tile_s=0.5, started=100.0)
     >>> limit.seconds, limit.planned(40, now=110.0), limit.seconds
-    (300.0, None, 30.0)
+    (300.0, None, 90.0)
     """
 
     fixed_s: float
@@ -63,7 +62,7 @@ class TimeLimit:
             return self.fixed_s
         if self.tiles is None:
             return SLIDE_BASE_SECONDS
-        return self.planned_after + self.per_tile_s * max(self.tiles, MIN_TILES_ALLOWANCE)
+        return self.planned_after + self.per_tile_s * self.tiles + FINISH_SECONDS
 
     def planned(self, tiles: int, now: float | None = None) -> None:
         self.tiles = tiles
@@ -79,8 +78,7 @@ class TimeLimit:
             how = f"{SLIDE_BASE_SECONDS:g} s to open the slide and plan its tiles (daemon.max_slide_seconds = 0)"
         else:
             how = (f"derived from its {self.tiles} planned tiles: {self.planned_after:.3g} s to plan them + "
-                   f"daemon.seconds_per_tile = {self.per_tile_s:g} s per tile, for at least "
-                   f"{MIN_TILES_ALLOWANCE} tiles")
+                   f"daemon.seconds_per_tile = {self.per_tile_s:g} s per tile + {FINISH_SECONDS:g} s to finish")
         return SlideTimeLimitError(
             path,
             f"still being analysed after {time.monotonic() - self.started:.3g} s, past its time limit of "

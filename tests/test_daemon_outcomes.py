@@ -12,11 +12,16 @@ from typing import Any
 
 import pytest
 
-from edge.daemon import Daemon
+from edge import worker
+from edge.client import job_dict
+from edge.daemon import Daemon, _analyze_slide
 from edge.errors import CorruptSlideError, EngineError, TileDecodeError
+from edge.fingerprint import fingerprint_slide
+from edge.server import job_to_pb
+from edge.store import Store
 from tests.conftest import SynthFactory
 from tests.test_analyze import blank_tiff
-from tests.test_daemon import daemon_config, start_daemon, states, wait_for  # noqa: F401 - start_daemon: a fixture
+from tests.test_daemon import QUIET_S, daemon_config, start_daemon, states, wait_for  # noqa: F401 - start_daemon: a fixture
 from tests.tiff_bomb import write_bomb
 
 
@@ -59,6 +64,7 @@ def test_a_deterministic_failure_is_not_retried_and_its_reason_says_so(
     failed = daemon.store.get_job(job.job_id)
     assert len(calls) == 1 and failed.attempts == 1 and failed.retryable is False
     assert str(error) in (failed.error or "") and "deterministic error: not retried" in (failed.error or "")
+    assert job_dict(job_to_pb(failed))["retryable"] is False  # what `client list --json` shows
     assert [e.type for e in daemon.store.events_after(0)].count("job_retry") == 0
 
 
@@ -124,8 +130,10 @@ def test_a_bomb_in_the_inbox_fails_at_once_and_the_next_slide_is_scored(
 @pytest.mark.parametrize("derived", [False, True])
 def test_a_slide_past_its_time_limit_fails_with_the_reason_and_the_worker_moves_on(
     derived: bool, tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if derived:  # once planned, 0.001 s per tile: far less than its 42 tiles take
+    if derived:  # once planned, 0.001 s per tile and nothing to finish: far less than its 42 tiles take
+        monkeypatch.setattr(worker, "FINISH_SECONDS", 0.0)
         settings = {"daemon.max_slide_seconds": 0.0, "daemon.seconds_per_tile": 0.001}
     else:
         settings = {"daemon.max_slide_seconds": 1.0}
@@ -156,3 +164,53 @@ def test_an_in_process_analysis_is_held_to_the_time_limit_too(
     job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
     wait_for(lambda: daemon.store.get_job(job.job_id).state == "failed", timeout=20, what="job failed")
     assert "past its time limit of 0.3 s" in (daemon.store.get_job(job.job_id).error or "")
+
+
+# --- dropped again after a failure (issue 11, bug 9) ------------------------------------------------
+
+
+@pytest.mark.parametrize(("first_error", "queued_again"), [
+    (EngineError("CUDA error: an illegal memory access was encountered"), True),  # transient
+    (TileDecodeError("a.tiff", "tile 3 at level 0 failed to decode"), False),  # deterministic
+])
+def test_a_slide_dropped_again_is_queued_again_only_after_a_transient_failure(
+    first_error: Exception, queued_again: bool, tmp_path: Path, synth_slide: SynthFactory,
+    start_daemon: Callable[..., Daemon],  # noqa: F811
+) -> None:
+    calls: list[Path] = []
+
+    def analyze(path: Path, *args: Any) -> Any:
+        calls.append(path)
+        if len(calls) == 1:
+            raise first_error
+        return _analyze_slide(path, *args)
+
+    daemon = start_daemon(daemon_config(tmp_path, **{"daemon.max_attempts": 1}), analyze=analyze)
+    source, inbox = synth_slide(width=2048, height=1536, seed=3), tmp_path / "inbox"
+    shutil.copy(source, inbox / "a.tiff")
+    wait_for(lambda: states(daemon.store).get("a.tiff") == "failed", what="the first job failed")
+    (inbox / "a.tiff").unlink()
+    shutil.copy(source, inbox / "a.tiff")  # the same bytes dropped again
+    if queued_again:
+        wait_for(lambda: [j.state for j in daemon.store.list_jobs()] == ["failed", "done"], what="queued again")
+    else:
+        time.sleep(QUIET_S * 6)
+        assert daemon.wait_idle(30)
+        assert [j.state for j in daemon.store.list_jobs()] == ["failed"]
+
+
+def test_slides_seen_by_a_version_without_middle_samples_are_not_analysed_again_after_the_upgrade(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]  # noqa: F811
+) -> None:
+    slide = tmp_path / "inbox" / "a.tiff"
+    slide.parent.mkdir()
+    shutil.copy(synth_slide(width=6144, height=6144, seed=11), slide)  # over 2 MiB: it has a middle
+    fingerprint = fingerprint_slide(slide)
+    assert fingerprint.legacy_key != fingerprint.key
+    with Store.open(tmp_path / "data" / "edge.db") as store:  # what the earlier version stored
+        job, _ = store.add_job(str(slide), fingerprint=fingerprint.legacy_key)
+        store.cancel_job(job.job_id)
+    daemon = start_daemon(daemon_config(tmp_path))  # scan_on_start looks at a.tiff again
+    time.sleep(QUIET_S * 6)
+    assert daemon.wait_idle(30)
+    assert [j.job_id for j in daemon.store.list_jobs()] == [job.job_id]

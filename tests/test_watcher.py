@@ -302,6 +302,24 @@ def test_duplicate_events_and_a_touch_do_not_hand_a_slide_over_again(tmp_path: P
     assert len(rec.ready) == 1 and watcher.pending() == 0
 
 
+def test_the_same_bytes_settling_again_are_handed_over_again_when_the_daemon_asks_for_them(tmp_path: Path) -> None:
+    slide = _slide(tmp_path / "a.svs")
+    rec, clock = Recorder(), FakeClock()
+    asked: list[tuple[Path, str]] = []
+
+    def again(path: Path, key: str) -> bool:  # the daemon: its last job failed for a transient reason
+        asked.append((path, key))
+        return True
+
+    watcher = SlideWatcher(_config(tmp_path), rec.on_ready, rec.on_failed, opener=fake_opener, clock=clock, again=again)
+    look(watcher, clock, 0.0, 1.0)
+    st = slide.stat()
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # dropped again: only the mtime differs
+    look(watcher, clock, 2.0, 3.0)
+    assert [p for p, _ in rec.ready] == [slide, slide] and rec.ready[0][1].key == rec.ready[1][1].key
+    assert asked == [(slide, rec.ready[0][1].key)]
+
+
 def test_changed_content_is_handed_over_again_with_a_new_key(tmp_path: Path) -> None:
     slide = _slide(tmp_path / "a.svs")
     watcher, rec, clock = gated(tmp_path)
