@@ -570,3 +570,19 @@ def test_a_really_full_data_disk_turns_health_not_serving_and_scoring_resumes_on
     wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", timeout=60, what="done after the disk freed")
     wait_for(daemon.is_ready, what="ready again")
     assert health_status(daemon) == "SERVING"
+
+
+def test_an_export_folder_left_by_an_earlier_store_is_set_aside_never_overwritten(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"}))
+    stale = daemon.results_dir / "1"  # what a lost store's job 1 left behind (the refusal at start aside)
+    stale.mkdir()
+    (stale / "result.json").write_text('{"from": "the earlier store"}')
+    os.utime(stale, (time.time() - 86400, time.time() - 86400))
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    assert job.job_id == 1
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", what="done")
+    [aside] = daemon.results_dir.glob("1.earlier-store-*")
+    assert (aside / "result.json").read_text() == '{"from": "the earlier store"}'
+    assert "earlier store" not in (daemon.results_dir / "1" / "result.json").read_text()
