@@ -152,6 +152,11 @@ def grid_search(
     """
     if not slides:
         raise ConfigError("calibration needs at least one slide with truth")
+    if not any(len(s.truth_um) for s in slides):
+        raise ConfigError(
+            f"the {len(slides)} validation slide(s) hold no true mitotic figure, so F1 is undefined for every "
+            "setting: add slides with mitoses (mitosis-free slides are welcome beside them, they count false positives)"
+        )
     grid: list[GridPoint] = []
     for detector_threshold in detector_thresholds or (None,):
         kept = [s if detector_threshold is None else s.above(detector_threshold) for s in slides]

@@ -123,7 +123,7 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
     where = (
         f"at ({hs.hotspot.center_x_um / 1000:.2f}, {hs.hotspot.center_y_um / 1000:.2f}) mm"
         if c.mitotic
-        else "(no mitotic figures found)"
+        else f"(none: {hs.null_reason or 'no mitotic figure found'})"
     )
     lines = [
         f"slide      {result.slide_path}",

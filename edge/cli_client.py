@@ -176,9 +176,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return EXIT_OK
-    ready = "ready" if status["ready"] else (
-        f"NOT READY: {status['engine_error']}" if status["engine_error"] else "NOT READY (engines loading)"
-    )
+    why = status["engine_error"] or status["not_ready_reason"]
+    ready = "ready" if status["ready"] else (f"NOT READY: {why}" if why else "NOT READY (engines loading)")
     print(f"server        {client.address}: mitosis-edge {status['version']}, {ready}")
     print(f"backend       {status['backend']}" + (f" on {status['gpu']}" if status["gpu"] else " (no GPU)"))
     print(f"bundle        {status['bundle']}")
@@ -190,6 +189,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"uptime        {status['uptime_s']:.0f} s; last event {status['last_sequence']}")
     for folder in status["watch_folders"]:
         print(f"watching      {folder}")
+    for line in waiting_lines(status["waiting_slides"]):
+        print(line)
     return EXIT_OK
 
 
@@ -243,6 +244,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             states=args.state or (), slide_path_contains=args.contains, newest_first=args.newest_first,
             limit=args.limit,
         )
+        status = client.status()
     if args.json:
         _print_json(jobs)
         return EXIT_OK
@@ -250,7 +252,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no jobs")
     for job in jobs:
         print(_job_line(job))
+    for line in waiting_lines(status["waiting_slides"]):
+        print(line)
     return EXIT_OK
+
+
+def waiting_lines(waiting: list[dict[str, Any]]) -> list[str]:
+    """Slides the watcher sees but cannot open yet: not jobs yet, but a lab wants to see them at once."""
+    return [
+        f"waiting  {w['slide_path']}: {w['reason']} (fails in {w['fails_in_s']:.0f} s unless it opens)"
+        for w in waiting
+    ]
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -147,6 +147,7 @@ def job_dict(job: Any) -> dict[str, Any]:
         "not_before": _opt(job, "not_before"),
         "submitted_by": job.submitted_by or None,
         "cancelled_by": job.cancelled_by or None,
+        "retryable": _opt(job, "retryable"),
     }
 
 
@@ -172,6 +173,7 @@ def scores_dict(scores: Any) -> dict[str, Any]:
             "center_y_um": _opt(spot, "center_y_um"),
             **_counts_dict(spot.counts),
             "tissue_fraction": _opt(spot, "tissue_fraction"),
+            "null_reason": spot.null_reason or None,
         },
         "totals": _counts_dict(scores.totals),
         "candidates": scores.candidates,
@@ -262,6 +264,11 @@ def status_dict(status: Any) -> dict[str, Any]:
         "jobs_by_state": dict(status.jobs_by_state),
         "last_sequence": status.last_sequence,
         "engine_error": status.engine_error,
+        "not_ready_reason": status.not_ready_reason,
+        "waiting_slides": [
+            {"slide_path": w.slide_path, "reason": w.reason, "waiting_s": w.waiting_s, "fails_in_s": w.fails_in_s}
+            for w in status.waiting_slides
+        ],
     }
 
 

@@ -46,6 +46,9 @@ class SlideConfig:
     mpp_tolerance: float = DEFAULT_MPP_TOLERANCE
     mpp_override: float | None = None  # µm/px, used when (and only when) given
     tile_cache_mb: int = 64  # decoded stored tiles kept for reuse by overlapping reads (a strip's worth)
+    # Plausibility, checked before any pixel is read: a larger slide is refused as implausible (a "bomb").
+    max_level0_megapixels: float = 30000.0  # 30 gigapixels: a whole 75 x 25 mm slide at 0.25 µm/px is ~24
+    max_tiles: int = 40000  # tiles in the tile plan (tissue only); a full 24-gigapixel slide plans ~30000
 
     def validate(self) -> None:
         _positive("slide.target_mpp", self.target_mpp)
@@ -55,6 +58,9 @@ class SlideConfig:
             _positive("slide.mpp_override", self.mpp_override)
         if self.tile_cache_mb < 1:
             raise ConfigError(f"slide.tile_cache_mb={self.tile_cache_mb} must be at least 1")
+        _positive("slide.max_level0_megapixels", self.max_level0_megapixels)
+        if self.max_tiles < 1:
+            raise ConfigError(f"slide.max_tiles={self.max_tiles} must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,8 @@ class WatchConfig:
     ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE_PATTERNS  # fnmatch patterns on the file name
     quiet_period_s: float = 10.0  # size and mtime unchanged this long (and the reader opens it) = finished
     settle_timeout_s: float = 3600.0  # a file still changing or unreadable after this long ends as failed
+    unreadable_timeout_s: float = 300.0  # a file that stopped changing but does not open fails after this long
+    open_timeout_s: float = 60.0  # opening a settled slide (in a thread) is given up after this long
     fingerprint: Literal["quick", "full"] = "quick"  # quick: size, mtime, sha256 of head and tail; full: whole file
     on_duplicate: Literal["skip", "reprocess"] = "skip"  # the same slide (same fingerprint) seen again
     scan_on_start: bool = True  # slides already in the folders at start-up become jobs (once each)
@@ -219,6 +227,8 @@ class WatchConfig:
         _positive("watch.poll_interval_s", self.poll_interval_s)
         _non_negative("watch.quiet_period_s", self.quiet_period_s)
         _positive("watch.settle_timeout_s", self.settle_timeout_s)
+        _positive("watch.unreadable_timeout_s", self.unreadable_timeout_s)
+        _positive("watch.open_timeout_s", self.open_timeout_s)
         if self.settle_timeout_s <= self.quiet_period_s:
             raise ConfigError(
                 f"watch.settle_timeout_s={self.settle_timeout_s} must be longer than "
@@ -245,6 +255,10 @@ class DaemonConfig:
     retry_backoff_s: float = 30.0  # wait before the 2nd attempt; doubled for each further attempt
     retry_backoff_max_s: float = 3600.0
     shutdown_grace_s: float = 60.0  # SIGTERM: the running slide may finish this long, else it is re-queued
+    # A slide still analysed after this long fails (deterministic, not retried) and the worker moves on;
+    # 0 = derived from its tile plan: up to 300 s to plan its tiles, then seconds_per_tile x tiles + 60 s.
+    max_slide_seconds: float = 0.0
+    seconds_per_tile: float = 1.0  # the derived limit's allowance per planned tile (CPU inference: ~0.1 s)
     min_free_disk_mb: int = 1024  # a job starts only with this much free space where exports are written
     export_retention_days: float = 0.0  # exports older than this are deleted (results stay); 0 = keep
     isolation: Literal["process", "thread"] = "process"  # process: a slide that crashes a library kills a child only
@@ -260,6 +274,8 @@ class DaemonConfig:
         _non_negative("daemon.retry_backoff_s", self.retry_backoff_s)
         _non_negative("daemon.retry_backoff_max_s", self.retry_backoff_max_s)
         _non_negative("daemon.shutdown_grace_s", self.shutdown_grace_s)
+        _non_negative("daemon.max_slide_seconds", self.max_slide_seconds)
+        _positive("daemon.seconds_per_tile", self.seconds_per_tile)
         if self.min_free_disk_mb < 0:
             raise ConfigError(f"daemon.min_free_disk_mb={self.min_free_disk_mb} must be 0 or more")
         _non_negative("daemon.export_retention_days", self.export_retention_days)

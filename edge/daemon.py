@@ -5,8 +5,10 @@ Each worker analyses its slides in a child process (``daemon.isolation = "proces
 ``edge.worker``) or in this one (``"thread"``, and whenever tests inject an analysis).
 Workers claim jobs oldest first (manual submissions may carry a priority), analyse the slide,
 write its exports into ``<data>/results/<job>/`` and store the result, its detections and the
-"done" event in one transaction. A failing slide is retried with exponential backoff, then marked
-failed with the last error; a slide that cannot be read is failed at once. The daemon never dies
+"done" event in one transaction. A slide that fails for a transient reason (``edge.errors.is_retryable``:
+an engine or disk hiccup, a crashed analysis process, a file that changed while it was read) is retried
+with exponential backoff, then marked failed with the last error; a deterministic failure (an unreadable
+file, a decode error, a bomb, the time limit) fails at once. The reason says which. The daemon never dies
 because of one slide. On SIGTERM/SIGINT it stops taking work, lets running slides finish within
 the grace period, re-queues what is left and exits 0.
 """
@@ -18,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,14 +34,25 @@ from edge import __version__
 from edge.config import Config
 from edge.engines import EngineSet, load_bundle
 from edge.engines.manifest import find_bundle, list_bundles
-from edge.errors import ConfigError, DiskFullError, EdgeError, ManifestError, SlideReadError, StreamCancelled
+from edge.errors import (
+    ConfigError,
+    DiskFullError,
+    EdgeError,
+    ManifestError,
+    SlideChangedError,
+    SlideNotFoundError,
+    SlideReadError,
+    StoreError,
+    StreamCancelled,
+    is_retryable,
+)
 from edge.fileio import real_path_inside
 from edge.fingerprint import Fingerprint, fingerprint_slide, slide_files
 from edge.logsafe import untrusted
 from edge.metrics import DaemonMetrics
 from edge.server_auth import RequestRefused
 from edge.store import Job, JobStateError, Store
-from edge.worker import AnalysisProcess, EngineCache
+from edge.worker import AnalysisProcess, EngineCache, TimeLimit
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,11 @@ IDLE_WAIT_S = 1.0  # a worker with nothing to do looks at the queue again after 
 HOUSEKEEPING_INTERVAL_S = 3600.0  # export retention runs this often
 ANALYSIS_ERRORS = (EdgeError, OSError, MemoryError, ValueError, RuntimeError)
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what SubmitSlide's bundle may be: a name, no path
+WORKER_BACKOFF_S = 1.0  # a worker hit by an unexpected error (a store it cannot write) waits this long, doubling
+WORKER_BACKOFF_MAX_S = 10.0
+MONITOR_INTERVAL_S = 1.0  # how often the daemon checks its store file and its workers
+STORE_PROBLEM = "store"
+WORKERS_PROBLEM = "workers"
 
 
 @dataclass
@@ -80,8 +99,16 @@ class Daemon:
         self._clock = clock
         self._started_at = time.monotonic()
         self._check_config()
+        store_path = self.data_dir / STORE_NAME
+        _refuse_lost_store(store_path, self.results_dir)
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store.open(self.data_dir / STORE_NAME)
+        self.store = Store.open(store_path)
+        try:
+            _refuse_lost_store(store_path, self.results_dir, store=self.store)
+            self._store_identity = _file_identity(store_path)
+        except BaseException:
+            self.store.close()
+            raise
         self.metrics = DaemonMetrics()
         self.server: Any = None
         self.watcher: Any = None
@@ -101,6 +128,10 @@ class Daemon:
         watch = config.watch
         self.slide_roots = (*(config.server.allowed_roots or watch.all_folders), *watch.all_folders,
                             *watch.symlink_roots)
+        self._problems: dict[str, str] = {}  # what keeps the daemon from scoring now -> why (health NOT_SERVING)
+        self._problems_lock = threading.Lock()
+        self.fatal_error: str | None = None  # set when the daemon cannot go on (its store file vanished)
+        self._fatal = threading.Event()
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -126,6 +157,7 @@ class Daemon:
                 self._spawn(f"worker-{i}", self._work)
             if self.config.daemon.export_retention_days > 0:
                 self._spawn("housekeeping", self._housekeeping)
+            self._spawn("monitor", self._monitor)
         except BaseException:
             self.stop(grace=0.0)
             raise
@@ -166,7 +198,8 @@ class Daemon:
         log.info("mitosis-edge stopped")
 
     def run(self) -> int:
-        """Start, serve until SIGTERM or SIGINT, stop gracefully; the exit status (0)."""
+        """Start, serve until SIGTERM or SIGINT, stop gracefully; the exit status: 0, or 1 after a fatal
+        error (the store file vanished)."""
         stop_requested = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -176,12 +209,15 @@ class Daemon:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            while not stop_requested.wait(timeout=1.0):
+            while not stop_requested.wait(timeout=1.0) and not self._fatal.is_set():
                 pass
         finally:
             self.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if self.fatal_error:
+            log.critical("mitosis-edge stopped because of a fatal error: %s", self.fatal_error)
+            return 1
         return 0
 
     def __enter__(self) -> Daemon:
@@ -203,12 +239,25 @@ class Daemon:
         """
         folder = self.allowed_bundle(bundle) if bundle else None
         fingerprint = fingerprint_slide(path, full=self.config.watch.fingerprint == "full").key
-        job, _ = self.store.add_job(
-            str(path), fingerprint=fingerprint, source="submit", priority=priority,
-            mpp_override=mpp_override, bundle=str(folder) if folder else None, dedupe=False, submitted_by=submitted_by,
-        )
+        with self._store_write():
+            job, _ = self.store.add_job(
+                str(path), fingerprint=fingerprint, source="submit", priority=priority,
+                mpp_override=mpp_override, bundle=str(folder) if folder else None, dedupe=False,
+                submitted_by=submitted_by,
+            )
         self._notify()
         return job
+
+    @contextmanager
+    def _store_write(self) -> Iterator[None]:
+        """A store write outside the workers (watcher, API): a failure turns health NOT_SERVING with the
+        reason and reaches the caller as a StoreError (gRPC UNAVAILABLE; the watcher tries again)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            reason = f"the store {self.store.path} cannot be written: {exc}"
+            self._set_problem(STORE_PROBLEM, reason)
+            raise StoreError(f"{reason}; free space in {self.data_dir}, then try again") from exc
 
     def bundle_choices(self) -> dict[str, Path]:
         """The bundles SubmitSlide may name: engines.allowed_bundles (names on the search path, or folders the
@@ -276,17 +325,51 @@ class Daemon:
             "watch_folders": list(self.config.watch.all_folders),
             "ready": self.is_ready(),
             "engine_error": self.engine_error or "",
+            "not_ready_reason": self.not_ready_reason(),
+            "waiting_slides": self.watcher.waiting() if self.watcher is not None else [],
         }
 
     def is_ready(self) -> bool:
-        return self._ready.is_set()
+        """Engines loaded, a worker alive, the store writable, no fatal error: the health status."""
+        return self._ready.is_set() and not self.not_ready_reason()
+
+    def not_ready_reason(self) -> str:
+        """Why the daemon does not score slides now ("" when it does, or while the engines load)."""
+        if self.fatal_error:
+            return self.fatal_error
+        with self._problems_lock:
+            return "; ".join(self._problems.values())
+
+    def _set_problem(self, key: str, reason: str | None) -> None:
+        """Record (or clear, with None) something that keeps the daemon from scoring; health follows."""
+        with self._problems_lock:
+            before = self._problems.get(key)
+            if reason is None:
+                self._problems.pop(key, None)
+            else:
+                self._problems[key] = reason
+        if before == reason:
+            return
+        if reason is None:
+            log.info("recovered (%s): scoring again", before)
+        else:
+            log.error("not ready: %s", reason)
+        self._update_health()
+
+    def _update_health(self) -> None:
+        if self.server is not None and self._ready.is_set():
+            self.server.set_serving(self.is_ready())
 
     # --- watcher callbacks -------------------------------------------------------------------------
 
     def on_slide_ready(self, path: Path, fingerprint: Fingerprint) -> None:
-        """A settled slide: a job, unless the same slide was seen before (watch.on_duplicate)."""
+        """A settled slide: a job, unless the same slide was seen before (watch.on_duplicate) and its last job
+        did not fail for a transient reason: a slide dropped again after such a failure is queued again."""
         meta = {"size": fingerprint.size, "mtime_ns": fingerprint.mtime_ns}
-        if self.config.watch.on_duplicate == "skip":  # the store skips a fingerprint it has seen anywhere
+        earlier = self._seen_under_legacy_key(path, fingerprint)
+        if earlier is not None:
+            job, created = earlier, False
+        elif self.config.watch.on_duplicate == "skip":  # the store skips a fingerprint it has seen anywhere
             job, created = self.store.add_job(str(path), fingerprint=fingerprint.key, source="watch", slide_meta=meta)
         else:  # "reprocess": the same bytes under a new path are a new job; the same path again is not
             seen_here = [j for j in self.store.find_jobs_by_fingerprint(fingerprint.key) if j.slide_path == str(path)]
@@ -296,12 +379,33 @@ class Daemon:
                 job, created = self.store.add_job(
                     str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta
                 )
+        if not created and job.state == "failed" and job.retryable:
+            log.info("slide %s dropped again; its job %d failed for a transient reason (%s): queued again",
+                     path, job.job_id, job.error)
+            job, created = self.store.add_job(
+                str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta
+            )
         if created:
             self.metrics.picked_up(self._clock() - fingerprint.mtime_ns / 1e9)
             log.info("new slide %s: job %d queued", path, job.job_id)
             self._notify()
         else:
             log.info("slide %s already seen as job %d (%s): not queued again", path, job.job_id, job.state)
+
+    def failed_for_a_transient_reason(self, path: Path, key: str) -> bool:
+        """Whether the last job of this path and fingerprint failed for a transient reason: the watcher hands
+        such a slide over again when it settles again (dropped again, or touched)."""
+        jobs = [j for j in self.store.find_jobs_by_fingerprint(key) if j.slide_path == str(path)]
+        return bool(jobs) and jobs[-1].state == "failed" and bool(jobs[-1].retryable)
+
+    def _seen_under_legacy_key(self, path: Path, fingerprint: Fingerprint) -> Job | None:
+        """The newest job of this path stored under the key of a version that did not sample the middle of
+        files: after an upgrade, slides still in the watch folders are not analysed again."""
+        if fingerprint.legacy_key == fingerprint.key:
+            return None
+        jobs = self.store.find_jobs_by_fingerprint(fingerprint.legacy_key)
+        same_path = [j for j in jobs if j.slide_path == str(path)]
+        return same_path[-1] if same_path else None
 
     def on_slide_failed(self, path: Path, reason: str) -> None:
         self.store.add_failed_job(str(path), reason, source="watch")
@@ -318,21 +422,57 @@ class Daemon:
                 return
         else:
             _lower_priority(self.config.daemon.analysis_nice)  # reader threads started from here inherit it
+        backoff = WORKER_BACKOFF_S
+        unsettled: list[int] = []  # jobs this worker claimed but could not record the outcome of
         try:
             while not self._stopping.is_set():
-                job = self.store.claim_next_job() if self._ready.is_set() else None
-                if job is None:
-                    with self._wake:
-                        self._wake.wait(timeout=IDLE_WAIT_S)
-                    continue
                 try:
-                    self._process(job, process)
-                except Exception:  # a bug must not kill the worker: record it on the job and go on
-                    log.exception("unexpected error on job %d (%s)", job.job_id, job.slide_path)
-                    self._fail(job, "internal error (see the daemon log)", retry=True)
+                    self._work_once(process, unsettled)
+                    backoff = WORKER_BACKOFF_S
+                except Exception as exc:  # anything at all (a store that cannot be written): log, back off, go on
+                    if backoff == WORKER_BACKOFF_S:  # the traceback once per streak, then one line per try
+                        log.exception("worker step failed; trying again in %.0f s", backoff)
+                    else:
+                        log.error("worker step failed again (%s: %s); trying again in %.0f s",
+                                  type(exc).__name__, exc, backoff)
+                    if isinstance(exc, sqlite3.Error | StoreError):
+                        self._set_problem(STORE_PROBLEM, f"the store {self.store.path} cannot be written: {exc}")
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, WORKER_BACKOFF_MAX_S)
         finally:
             if process is not None:
                 process.close()
+
+    def _work_once(self, process: AnalysisProcess | None, unsettled: list[int]) -> None:
+        """Claim and analyse one job (or wait for one). What the store raises goes to ``_work``."""
+        while unsettled:  # re-queue what an earlier store error left "running"
+            try:
+                self.store.requeue_job(unsettled[0], "the store could not be written; tried again")
+                log.info("job %d re-queued after the store error", unsettled[0])
+            except JobStateError:  # cancelled meanwhile
+                pass
+            unsettled.pop(0)
+        if self._problem(STORE_PROBLEM):
+            self.store.check_writable()
+            self._set_problem(STORE_PROBLEM, None)
+        job = self.store.claim_next_job() if self._ready.is_set() else None
+        if job is None:
+            with self._wake:
+                self._wake.wait(timeout=IDLE_WAIT_S)
+            return
+        unsettled.append(job.job_id)
+        try:
+            self._process(job, process)
+        except Exception as exc:  # a bug must not kill the worker: record it on the job and go on
+            if isinstance(exc, sqlite3.Error | StoreError):
+                raise
+            log.exception("unexpected error on job %d (%s)", job.job_id, job.slide_path)
+            self._fail(job, "internal error (see the daemon log)", retry=True)
+        unsettled.remove(job.job_id)
+
+    def _problem(self, key: str) -> str | None:
+        with self._problems_lock:
+            return self._problems.get(key)
 
     def _start_analysis_process(self) -> AnalysisProcess | None:
         """This worker's child process with its engines open; until one is up, health says NOT_SERVING."""
@@ -352,17 +492,23 @@ class Daemon:
             self._running[job.job_id] = running
         log.info("job %d: analysing %s (attempt %d)", job.job_id, job.slide_path, job.attempts)
         t0 = time.perf_counter()
+        before = _file_states(Path(job.slide_path))
+        limit = TimeLimit.of(self.config.daemon)
         try:
             self._check_disk()
             slide = self._slide_to_open(job)
             config = self.config.with_overrides({"slide.mpp_override": job.mpp_override, "engines.bundle": job.bundle})
             with self.metrics.running(), self._exports_folder(job) as partial:
                 if process is not None:
-                    outcome = process.analyze(slide, config, partial, running.cancel)
+                    outcome = process.analyze(slide, config, partial, running.cancel, limit)
                     analysis = SimpleNamespace(result=outcome.result, tiles=outcome.tiles, times=outcome.times)
                     written = outcome.exports
                 else:
-                    analysis = self._analyze(slide, config, self._engines.get(config), running.cancel, None)
+                    analysis = self._analyze(
+                        slide, config, self._engines.get(config), running.cancel, _limited_progress(slide, limit),
+                    )
+                    if limit.expired():
+                        raise limit.error(slide)
                     try:
                         written = analysis.write_exports(partial)
                     except OSError as exc:
@@ -373,11 +519,10 @@ class Daemon:
                 self.store.requeue_job(job.job_id, "daemon stopping before the slide finished")
                 log.info("job %d re-queued: the daemon is stopping", job.job_id)
             return
-        except (SlideReadError, ConfigError) as exc:  # the slide itself is bad: retrying cannot help
-            self._fail(job, _reason(exc), retry=False)
-            return
         except ANALYSIS_ERRORS as exc:
-            self._fail(job, _reason(exc), retry=True)
+            if isinstance(exc, SlideReadError) and not exc.retryable:
+                exc = _changed_meanwhile(Path(job.slide_path), before, exc)
+            self._fail(job, _reason(exc), retry=is_retryable(exc))
             return
         finally:
             with self._running_lock:
@@ -415,13 +560,22 @@ class Daemon:
         return real
 
     def _fail(self, job: Job, reason: str, *, retry: bool) -> None:
+        """Record the failure; ``retry``: the error is transient, so try again after a backoff while attempts
+        are left. The stored reason ends with which kind it was and what happens next."""
         settings = self.config.daemon
         retry_at = None
         if retry and job.attempts < settings.max_attempts:
             delay = min(settings.retry_backoff_s * 2 ** (job.attempts - 1), settings.retry_backoff_max_s)
             retry_at = self._clock() + delay
+            reason += f" [transient error: retry {job.attempts + 1} of {settings.max_attempts} in {delay:.0f} s]"
+        elif retry:
+            reason += (f" [transient error: gave up after {job.attempts} attempt(s); drop the slide again or "
+                       "submit it to retry]")
+        else:
+            reason += (" [deterministic error: not retried, the same slide fails the same way; fix or replace "
+                       "the slide, then submit it again]")
         try:
-            self.store.fail_job(job.job_id, reason, retry_at=retry_at)
+            self.store.fail_job(job.job_id, reason, retry_at=retry_at, retryable=retry)
         except JobStateError:  # cancelled meanwhile
             return
         self.metrics.failed(reason)
@@ -443,6 +597,7 @@ class Daemon:
         shutil.rmtree(partial, ignore_errors=True)
         try:
             yield partial
+            _set_aside_foreign_exports(final, job)
             shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that stopped before storing
             try:
                 os.replace(partial, final)
@@ -478,8 +633,7 @@ class Daemon:
         if self._ready.is_set():
             return
         self._ready.set()
-        if self.server is not None:
-            self.server.set_serving(True)
+        self._update_health()
         self._notify()
         log.info("engines loaded (%s%s): ready", self.config.engines.backend,
                  ", in a child process per worker" if self._isolated else "")
@@ -506,7 +660,15 @@ class Daemon:
             return
         from edge.watcher import SlideWatcher
 
-        self.watcher = SlideWatcher(self.config.watch, self.on_slide_ready, self.on_slide_failed)
+        def on_ready(path: Path, fingerprint: Fingerprint) -> None:
+            with self._store_write():  # a full store: health says so, the watcher hands the slide over later
+                self.on_slide_ready(path, fingerprint)
+
+        def on_failed(path: Path, reason: str) -> None:
+            with self._store_write():
+                self.on_slide_failed(path, reason)
+
+        self.watcher = SlideWatcher(self.config.watch, on_ready, on_failed, again=self.failed_for_a_transient_reason)
         self.watcher.start()
 
     def _start_metrics(self) -> None:
@@ -540,6 +702,32 @@ class Daemon:
             log.info("retention: removed the exports of %d result(s)", len(pruned))
         return len(pruned)
 
+    def _monitor(self) -> None:
+        """Every MONITOR_INTERVAL_S: the store file is still the one opened, and a worker is alive."""
+        while not self._stopping.wait(timeout=MONITOR_INTERVAL_S):
+            self.check_health()
+
+    def check_health(self) -> None:
+        """One look of the monitor (tests call it directly)."""
+        lost = _store_lost(self.store.path, self._store_identity)
+        if lost and not self.fatal_error:
+            self.fatal_error = (
+                f"{lost}; results can no longer be stored. Stop the daemon, restore {self.store.path.name} "
+                f"(with its -wal file) from a backup into {self.data_dir} and start it again"
+            )
+            log.critical("fatal: %s", self.fatal_error)
+            self._fatal.set()
+            self._stopping.set()  # nothing more is written into a file nobody will read
+            self._notify()
+            if self.server is not None:
+                self.server.set_serving(False)
+            return
+        workers = [t for t in self._threads if t.name.startswith("edge-worker")]
+        if self._ready.is_set() and workers and not any(t.is_alive() for t in workers):
+            self._set_problem(WORKERS_PROBLEM, "no worker thread is alive (see the daemon log); restart the daemon")
+        self.metrics.ready.set(1 if self.is_ready() else 0)
+        self.metrics.slides_waiting.set(len(self.watcher.waiting()) if self.watcher is not None else 0)
+
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=f"edge-{name}", daemon=True)
         self._threads.append(thread)
@@ -563,10 +751,77 @@ class Daemon:
         return int(self.watcher.pending()) if self.watcher is not None else 0
 
 
+def _file_identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+def _store_lost(path: Path, identity: tuple[int, int]) -> str:
+    """Why the open store is no longer the file at ``path`` ("" when it still is)."""
+    try:
+        now = _file_identity(path)
+    except FileNotFoundError:
+        return f"the store file {path} was deleted while the daemon ran"
+    except OSError as exc:
+        return f"the store file {path} cannot be looked at: {exc}"
+    if now != identity:
+        return f"the store file {path} was replaced by another file while the daemon ran"
+    return ""
+
+
+def _refuse_lost_store(path: Path, results_dir: Path, *, store: Store | None = None) -> None:
+    """A data dir with export folders but a missing, empty or job-less store: the store was lost. Starting
+    would re-number jobs from 1 and write over those exports, so refuse and say how to recover."""
+    if store is None:
+        if path.exists() and path.stat().st_size > 0:
+            return
+    elif store.list_jobs(limit=1):
+        return
+    try:
+        exports = sorted(p.name for p in results_dir.iterdir() if p.name.split(".")[0].isdigit())
+    except FileNotFoundError:
+        return
+    if not exports:
+        return
+    what = "is missing" if store is None and not path.exists() else "holds no jobs"
+    raise StoreError(
+        f"the store {path} {what}, but {results_dir} holds {len(exports)} export folder(s) "
+        f"({', '.join(exports[:3])}{', ...' if len(exports) > 3 else ''}) from an earlier store: the store "
+        f"was deleted or replaced. Restore {path.name} (with its -wal file) from a backup; or, to start "
+        f"over, move {results_dir} somewhere else (the new store would re-number jobs from 1)"
+    )
+
+
+def _set_aside_foreign_exports(folder: Path, job: Job) -> None:
+    """An export folder older than the job cannot be an earlier attempt of it: it belongs to a lost store's
+    job of the same number. It is renamed aside, never overwritten."""
+    try:
+        written = folder.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if written < job.created_at:
+        aside = folder.with_name(f"{folder.name}.earlier-store-{int(written)}")
+        os.replace(folder, aside)
+        log.warning("%s predates job %d (an earlier store's exports): kept as %s", folder, job.job_id, aside)
+
+
 def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threading.Event, progress: Any) -> Any:
     from edge.pipeline import analyze_slide
 
     return analyze_slide(path, config, engines=engines, cancel_event=cancel, progress=progress)
+
+
+def _limited_progress(path: Path, limit: TimeLimit) -> Callable[[str, int, int], None]:
+    """In-process analysis: the pipeline's progress callback learns the tile plan and stops the analysis
+    (by raising) once the time limit has passed; the child process has its parent watch the clock instead."""
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if limit.tiles is None and stage == "detect":
+            limit.planned(total)
+        if limit.expired():
+            raise limit.error(path)
+
+    return progress
 
 
 def _lower_priority(nice: int) -> None:
@@ -583,6 +838,33 @@ def _lower_priority(nice: int) -> None:
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+FileStates = tuple[tuple[str, int, int], ...] | None
+
+
+def _file_states(path: Path) -> FileStates:
+    """(name, size, mtime_ns) of every file of the slide, or None when it cannot be listed."""
+    try:
+        return tuple((name, (st := file.stat()).st_size, st.st_mtime_ns) for name, file in slide_files(path))
+    except OSError:
+        return None
+
+
+def _changed_meanwhile(path: Path, before: FileStates, exc: SlideReadError) -> SlideReadError:
+    """A read error on a slide whose files changed during the attempt (overwritten, still being copied,
+    removed) is no fault of the slide: a SlideChangedError, which is retried."""
+    if before is None:
+        return exc
+    try:
+        slide_files(path)
+    except SlideNotFoundError:
+        return SlideChangedError(path, f"it vanished while it was analysed ({exc.reason})")
+    except OSError:
+        return exc
+    if _file_states(path) == before:
+        return exc
+    return SlideChangedError(path, f"its files changed while it was analysed ({exc.reason})")
 
 
 def _gpu_name(backend: str, probe: Any = None) -> str:

@@ -10,8 +10,11 @@ Every error a user can cause says what was wrong, with the value, and what to do
     │   ├── NotASlideError                  the file is no whole-slide image (or a DICOM label)
     │   ├── UnsupportedFormatError          a format no installed reader handles
     │   ├── MissingMppError                 no pixel size recorded and none given
-    │   └── CorruptSlideError               truncated or damaged file
-    │       └── TileDecodeError             one tile failed to decode during a read
+    │   ├── CorruptSlideError               truncated or damaged file
+    │   │   └── TileDecodeError             one tile failed to decode during a read
+    │   ├── ImplausibleSlideError           declares more pixels or tiles than its bytes or the limits allow
+    │   ├── SlideTimeLimitError             the analysis ran past the per-slide time limit
+    │   └── SlideChangedError   [retryable] the file changed or vanished while it was analysed
     ├── EngineError                         anything about model bundles and inference engines
     │   ├── ManifestError (ValueError)      a bundle's manifest disagrees with itself or its ONNX files
     │   ├── EngineInputError (ValueError)   a batch of the wrong shape or dtype was given to an engine
@@ -24,6 +27,14 @@ Every error a user can cause says what was wrong, with the value, and what to do
     │   └── StoreCorruptError               not a mitosis-edge store, or a newer schema than this version
     ├── DiskFullError (OSError)             too little free space where the daemon writes exports
     └── AnalysisCrashed (RuntimeError)      the daemon's analysis process died on a slide
+
+Retryable or deterministic: each class says whether the same work may succeed later (``retryable``,
+see :func:`is_retryable`). The daemon retries only retryable failures (an engine or store hiccup,
+a full disk, a crashed analysis process, a slide that changed under it) and fails a deterministic
+one at once (an unreadable file, a decode error at the same tile, a bomb, a bad setting): its
+reason says which. Retryable by class: EngineError (but not ManifestError, EngineInputError,
+BackendUnavailableError, PlanError), StoreError (but not its not-found, state and corrupt
+subclasses), DiskFullError, AnalysisCrashed, SlideChangedError.
 """
 
 from __future__ import annotations
@@ -32,7 +43,29 @@ from pathlib import Path
 
 
 class EdgeError(Exception):
-    """Base of every error mitosis-edge raises on purpose."""
+    """Base of every error mitosis-edge raises on purpose.
+
+    ``retryable``: True when the same work may succeed if tried again later (the cause is outside
+    the input: a busy GPU, a full disk, a file still being written); False when the same input
+    fails the same way every time.
+    """
+
+    retryable: bool = False
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a failure may go away by itself. Errors of this hierarchy say so; of the others, an OS
+    error (I/O, a network file system) and running out of memory are transient, anything else (a bug,
+    an input the code does not handle) fails the same way each time.
+
+    >>> is_retryable(DiskFullError("disk full")), is_retryable(CorruptSlideError("a.svs", "truncated"))
+    (True, False)
+    >>> is_retryable(MemoryError()), is_retryable(ValueError("need at least one array"))
+    (True, False)
+    """
+    if isinstance(exc, EdgeError):
+        return exc.retryable
+    return isinstance(exc, (OSError, MemoryError))
 
 
 class ConfigError(EdgeError, ValueError):
@@ -82,12 +115,32 @@ class TileDecodeError(CorruptSlideError):
     """A stored tile failed to decode in the middle of a read."""
 
 
+class ImplausibleSlideError(SlideReadError):
+    """The file declares a slide its bytes cannot hold (a "bomb"), or more pixels or tiles than the
+    configured limits (``slide.max_level0_megapixels``, ``slide.max_tiles``)."""
+
+
+class SlideTimeLimitError(SlideReadError):
+    """The analysis took longer than the per-slide limit (``daemon.max_slide_seconds``)."""
+
+
+class SlideChangedError(SlideReadError):
+    """The slide's file changed or vanished while it was analysed (overwritten, still being copied):
+    not the slide's fault, so it is retried, and queued again when it is dropped again."""
+
+    retryable = True
+
+
 class EngineError(EdgeError):
     """A model bundle or an inference engine could not be loaded or run."""
+
+    retryable = True  # e.g. the GPU ran out of memory while another process used it
 
 
 class ManifestError(EngineError, ValueError):
     """A bundle's manifest is invalid or disagrees with its ONNX files. Lists every problem at once."""
+
+    retryable = False
 
     def __init__(self, path: str | Path, problems: list[str]) -> None:
         self.path = str(path)
@@ -106,9 +159,13 @@ class ManifestError(EngineError, ValueError):
 class EngineInputError(EngineError, ValueError):
     """A batch given to an engine has the wrong shape, dtype or size."""
 
+    retryable = False
+
 
 class BackendUnavailableError(EngineError, RuntimeError):
     """The requested backend cannot run here: a package is missing or no GPU is usable."""
+
+    retryable = False
 
 
 class PlanError(EngineError):
@@ -116,6 +173,8 @@ class PlanError(EngineError):
 
     ``command`` is the exact command that (re)builds it.
     """
+
+    retryable = False
 
     def __init__(self, message: str, command: str = "") -> None:
         self.message = message
@@ -132,8 +191,12 @@ class PlanError(EngineError):
 class StoreError(EdgeError):
     """The job store could not do what was asked. Names the store or job and what to do."""
 
+    retryable = True  # e.g. the database was locked or its disk full for a moment
+
 
 class _StoreKeyError(StoreError, KeyError):
+    retryable = False
+
     # KeyError.__str__ quotes its message; a store error reads as a sentence.
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
@@ -150,14 +213,25 @@ class ResultNotFoundError(_StoreKeyError):
 class JobStateError(StoreError):
     """The job's state does not allow the change, e.g. cancelling a job that is already done."""
 
+    retryable = False
+
 
 class StoreCorruptError(StoreError):
     """The file is not a mitosis-edge store, is damaged, or has a newer schema than this version knows."""
+
+    retryable = False
 
 
 class DiskFullError(EdgeError, OSError):
     """Too little free space where the exports are written, or writing them failed."""
 
+    retryable = True
+
 
 class AnalysisCrashed(EdgeError, RuntimeError):
-    """The analysis process died while it worked on a slide (a crash in a reader or an engine library)."""
+    """The analysis process died while it worked on a slide (a crash in a reader or an engine library).
+
+    Retryable: the kernel may have killed it for memory other work held; ``daemon.max_attempts`` bounds a
+    slide that crashes it every time."""
+
+    retryable = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,3 +48,19 @@ def real_path_inside(path: str | Path, roots: Iterable[str | Path]) -> Path | No
         if real.is_relative_to(os.path.realpath(os.path.expanduser(str(root)))):
             return real
     return None
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a non-regular, non-folder file is ("a named pipe (FIFO)", ...); None for a file or folder.
+
+    >>> import stat
+    >>> special_file_kind(stat.S_IFIFO | 0o644), special_file_kind(stat.S_IFREG | 0o644)
+    ('a named pipe (FIFO)', None)
+    """
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"

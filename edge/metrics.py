@@ -50,6 +50,11 @@ class DaemonMetrics:
         self.tiles_per_s = Gauge("mitosis_edge_tiles_per_second", "End-to-end tiles/s of the last slide", registry=r)
         self.slides_per_hour = Gauge("mitosis_edge_slides_per_hour", "Slides finished in the last hour", registry=r)
         self.running_slides = Gauge("mitosis_edge_running_slides", "Slides being analysed now", registry=r)
+        self.slides_waiting = Gauge(
+            "mitosis_edge_slides_waiting", "Slides that stopped changing but do not open (yet)", registry=r
+        )
+        self.ready = Gauge("mitosis_edge_ready", "1 while the daemon scores slides (the health status), else 0",
+                           registry=r)
         self.stage_seconds = Histogram("mitosis_edge_stage_seconds", "Seconds per pipeline stage and slide",
                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.slide_seconds = Histogram("mitosis_edge_slide_seconds", "Seconds per slide, claim to stored",

@@ -34,7 +34,7 @@ from edge.config import Config
 from edge.detect import Boxes, TileOwnership, decode, merge_indices, nms, to_slide
 from edge.engines import Bundle, EngineSet, load_bundle, open_engines
 from edge.engines.base import Pending
-from edge.errors import EdgeError, SlideReadError
+from edge.errors import EdgeError, ImplausibleSlideError, SlideReadError
 from edge.scoring import Figure, SlideResult, hotspot_radius_um, score_slide, tissue_fraction_in_circles
 from edge.slide import ReadScale, Slide, open_slide
 from edge.stream import SlidePlan, TileBatch, open_stream, plan_slide
@@ -134,6 +134,7 @@ def _analyze(
         t0 = time.perf_counter()
         sp = plan_slide(slide, config)
         _check_scale(slide, sp, bundle)
+        _check_tile_count(slide, sp, config)
         times.plan = time.perf_counter() - t0
         total = len(sp.plan)
         report("detect", 0, total)
@@ -186,6 +187,17 @@ def _check_scale(slide: Slide, sp: SlidePlan, bundle: Bundle) -> None:
             f"scanned at {mpp0[0]:.3g} µm/px, too coarse for the detector at {bundle.detector.mpp} µm/px "
             f"(at most {MAX_UPSAMPLING}x upsampling); mitotic figures need a 20x or 40x scan. If the recorded mpp "
             "is wrong, pass the right one with --mpp",
+        )
+
+
+def _check_tile_count(slide: Slide, sp: SlidePlan, config: Config) -> None:
+    limit = config.slide.max_tiles
+    if len(sp.plan) > limit:
+        raise ImplausibleSlideError(
+            slide.path,
+            f"its tile plan holds {len(sp.plan)} tiles ({sp.tissue_area_mm2:.0f} mm² of tissue), more than "
+            f"slide.max_tiles = {limit}: a crafted file or a larger scan than expected; raise the limit only if the "
+            "scan is real",
         )
 
 
@@ -321,12 +333,13 @@ class _Candidates:
         """One candidate per figure across tiles (see ``merge_across_tiles``) with its probabilities."""
         boxes = Boxes.concat(self.boxes)
         keep = merge_indices(boxes, radius_px)
-        p_mitotic = {name: np.concatenate(parts)[keep] for name, parts in self.p_mitotic.items()}
+        # No candidate at all (a mitosis-free slide, a strict threshold, no tissue) is a valid result: empty arrays.
+        p_mitotic = {name: _concat(parts)[keep] for name, parts in self.p_mitotic.items()}
         p_atypical: dict[str, np.ndarray] = {}
         for name, parts in self.p_atypical.items():
             arrays = [p for p in parts if p is not None]
-            if arrays and len(arrays) == len(parts):
-                p_atypical[name] = np.concatenate(arrays)[keep]
+            if len(arrays) == len(parts):
+                p_atypical[name] = _concat(arrays)[keep]
         return boxes.take(keep), p_mitotic, p_atypical
 
     def _crops(self, group: _CropGroup, tile: Tile, pixels: np.ndarray, local: Boxes, boxes: Boxes) -> np.ndarray:
@@ -360,6 +373,10 @@ class _Candidates:
                 self.p_atypical[name].append(p_amf)
         self.waiting -= n
         self.times.classify += time.perf_counter() - t0
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, np.float32)
 
 
 def _figures(

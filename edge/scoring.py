@@ -23,6 +23,8 @@ __all__ = [
     "DEFAULT_HOTSPOT_AREA_MM2",
     "NOTTINGHAM_CUTOFFS",
     "NOTTINGHAM_FIELD_AREA_MM2",
+    "NO_MITOTIC_FIGURE",
+    "NO_TISSUE",
     "SCORE_HINT_NOTE",
     "Figure",
     "Hotspot",
@@ -45,6 +47,9 @@ DEFAULT_HOTSPOT_AREA_MM2 = 2.0  # the seed paper's field, ≈ 10 HPF
 # A point this far outside the circle (relative to its radius) still counts: detections
 # exactly on the boundary must not flicker in and out with float rounding.
 BOUNDARY_TOLERANCE = 1e-6
+# Why a slide has no hotspot (HotspotScore.null_reason): both are valid results, not failures.
+NO_TISSUE = "no tissue found on the slide"
+NO_MITOTIC_FIGURE = "no mitotic figure found on the slide"
 # Directed neighbour pairs swept per batch in find_hotspot; bounds its memory (~100 B each).
 _SWEEP_BATCH_PAIRS = 1 << 21
 
@@ -547,11 +552,16 @@ def _finite_or_none(value: float) -> float | None:
 
 @dataclass(frozen=True)
 class HotspotScore:
-    """The hotspot circle, the figures in it by subtype, and its tissue fraction (None when not measured)."""
+    """The hotspot circle, the figures in it by subtype, and its tissue fraction (None when not measured).
+
+    Without a mitotic figure there is no hotspot: its centre is null and ``null_reason`` says why
+    (NO_TISSUE or NO_MITOTIC_FIGURE); the counts are 0 and the ratio undefined.
+    """
 
     hotspot: Hotspot
     counts: SubtypeCounts
     tissue_fraction: float | None
+    null_reason: str | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         spot = self.hotspot
@@ -562,6 +572,7 @@ class HotspotScore:
             "center_y_um": _finite_or_none(spot.center_y_um),
             **self.counts.to_json_dict(),
             "tissue_fraction": self.tissue_fraction,
+            "null_reason": self.null_reason,
         }
 
     @classmethod
@@ -575,7 +586,9 @@ class HotspotScore:
             mitotic_count=counts.mitotic,
         )
         fraction = data.get("tissue_fraction")
-        return cls(hotspot=hotspot, counts=counts, tissue_fraction=None if fraction is None else float(fraction))
+        reason = data.get("null_reason")
+        return cls(hotspot=hotspot, counts=counts, tissue_fraction=None if fraction is None else float(fraction),
+                   null_reason=None if reason is None else str(reason))
 
 
 @dataclass(frozen=True)
@@ -645,8 +658,11 @@ def score_slide(
     if tissue_fraction is not None and math.isfinite(hotspot.center_x_um):
         fraction = float(np.asarray(tissue_fraction(np.array([[hotspot.center_x_um, hotspot.center_y_um]])))[0])
     totals = SubtypeCounts.of(figures)
+    null_reason = None
+    if not math.isfinite(hotspot.center_x_um):
+        null_reason = NO_TISSUE if area <= 0 else NO_MITOTIC_FIGURE
     return SlideScores(
-        hotspot=HotspotScore(hotspot=hotspot, counts=counts, tissue_fraction=fraction),
+        hotspot=HotspotScore(hotspot=hotspot, counts=counts, tissue_fraction=fraction, null_reason=null_reason),
         totals=totals,
         candidates=len(figures),
         tissue_area_mm2=area,

@@ -258,6 +258,8 @@ def job_to_pb(job: Job) -> Any:
         value = getattr(job, name)
         if value is not None:
             setattr(msg, name, float(value))
+    if job.retryable is not None:
+        msg.retryable = job.retryable
     return msg
 
 
@@ -288,6 +290,7 @@ def scores_to_pb(scores: Mapping[str, Any]) -> Any:
         area_mm2=float(spot.get("area_mm2") or 0.0),
         radius_um=float(spot.get("radius_um") or 0.0),
         counts=_counts_to_pb(spot),
+        null_reason=str(spot.get("null_reason") or ""),
     )
     _set_optional(hotspot, spot, "center_x_um", "center_y_um", "tissue_fraction")
     hint_data = scores.get("mitotic_score_hint") or {}
@@ -841,6 +844,12 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             jobs_by_state=counts,
             last_sequence=self.store.last_sequence(),
             engine_error=str(status.get("engine_error") or ""),
+            not_ready_reason=str(status.get("not_ready_reason") or ""),
+            waiting_slides=[
+                pb.DaemonWaitingSlide(slide_path=str(w["slide_path"]), reason=str(w["reason"]),
+                                      waiting_s=float(w["waiting_s"]), fails_in_s=float(w["fails_in_s"]))
+                for w in status.get("waiting_slides") or ()
+            ],
         )
 
 
@@ -1037,7 +1046,7 @@ class RunningServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             self._health.set(service, status)
-        log.info("gRPC health: %s", "SERVING" if serving else "NOT_SERVING (engines loading or stopping)")
+        log.info("gRPC health: %s", "SERVING" if serving else "NOT_SERVING (not ready, or stopping)")
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls, end streams, wait up to `grace` s for unary calls, join every thread. Idempotent."""

@@ -31,6 +31,7 @@ import numpy as np
 from edge.config import SlideConfig
 from edge.errors import (
     CorruptSlideError,
+    ImplausibleSlideError,
     MissingMppError,
     NotASlideError,
     SlideNotFoundError,
@@ -38,6 +39,7 @@ from edge.errors import (
     TileDecodeError,
     UnsupportedFormatError,
 )
+from edge.fileio import special_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ BACKGROUND = 255  # white glass: what is outside the scanned area
 MIN_PLAUSIBLE_MPP = 0.01  # µm/px; below any optical scanner
 MAX_PLAUSIBLE_MPP = 100.0  # µm/px; above this a "resolution" is a default DPI, not a pixel size
 THUMBNAIL_CHUNK = 2048  # level px per side read at once when building a thumbnail
+# A scan stores far more than this per megapixel of level 0 (JPEG of blank glass: ~20 KB); a file with
+# less declares pixels it does not hold (a "bomb" that would plan tens of thousands of tiles).
+MIN_BYTES_PER_MEGAPIXEL = 1000
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 SLIDE_EXTENSIONS = frozenset(
@@ -180,19 +185,15 @@ def resolve_mpp(
 
 
 def detect_format(path: Path) -> tuple[str, Path]:
-    """Return ('tiff'|'openslide', path to open). Raises SlideReadError subclasses for non-slides."""
+    """Return ('tiff'|'openslide', path to open). Raises SlideReadError subclasses for non-slides.
+
+    Only regular files (and folders of them) are opened: a FIFO would block the reader forever.
+    """
     if not path.exists():
         raise SlideNotFoundError(path, "no such file or folder; check the path")
     if path.is_dir():
-        dcm = sorted(path.glob("*.dcm"), key=lambda p: p.stat().st_size, reverse=True)
-        if not dcm:
-            raise NotASlideError(path, "is a folder without .dcm files; pass a slide file or a DICOM WSI folder")
-        return ("openslide", dcm[0])
-    size = path.stat().st_size
-    if size == 0:
-        raise CorruptSlideError(path, "the file is empty (0 bytes); it may still be being written")
-    with path.open("rb") as fh:
-        head = fh.read(132)
+        return ("openslide", _dicom_folder_target(path))
+    head = _read_head(path, 132)
     if head[:4] in TIFF_MAGICS and path.suffix.lower() not in OPENSLIDE_ONLY_EXTENSIONS:
         return ("tiff", path)
     if head[128:132] == b"DICM":
@@ -208,6 +209,46 @@ def detect_format(path: Path) -> tuple[str, Path]:
         )
     # The message never quotes the file's bytes: it travels to API clients in the job's error.
     raise NotASlideError(path, "is not a whole-slide image (not TIFF, DICOM or a format OpenSlide knows)")
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    """The first bytes of a regular file. O_NONBLOCK: a FIFO put in its place is refused, never waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        kind = special_file_kind(st.st_mode)
+        if kind is not None:
+            raise NotASlideError(path, f"is {kind}, not a regular file; only slide files and folders of them are read")
+        if st.st_size == 0:
+            raise CorruptSlideError(path, "the file is empty (0 bytes); it may still be being written")
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+
+
+def _dicom_folder_target(folder: Path) -> Path:
+    """The file to open for a DICOM WSI folder: its largest volume instance. The folder must hold one series."""
+    from edge.dicom import series_in_folder
+
+    groups = series_in_folder(folder)
+    if not groups:
+        what = "whose .dcm files are no readable DICOM" if any(folder.glob("*.dcm")) else "without .dcm files"
+        raise NotASlideError(folder, f"is a folder {what}; pass a slide file or a DICOM WSI folder")
+    if len(groups) > 1:
+        raise NotASlideError(
+            folder,
+            f"mixes {len(groups)} DICOM series (SeriesInstanceUID {', '.join(sorted(groups))}): one folder must hold "
+            "one slide's instances; pass one file of the series you mean, or give each slide its own folder",
+        )
+    (instances,) = groups.values()
+    volumes = [i.path for i in instances if i.is_wsi_volume]
+    if not volumes:
+        flavors = sorted({i.image_flavor or "no ImageType" for i in instances})
+        raise NotASlideError(
+            folder, f"holds no whole-slide image, only DICOM {', '.join(flavors)} instance(s); a label or overview "
+            "image alone cannot be analysed",
+        )
+    return max(volumes, key=lambda p: p.stat().st_size)
 
 
 def _openslide_detect(path: Path) -> str | None:
@@ -441,6 +482,48 @@ def _classify_open_error(path: Path, what: str, exc: Exception) -> SlideReadErro
     return CorruptSlideError(path, f"{what} failed: {text}; the file is truncated or damaged (or still being written)")
 
 
+def check_plausible(
+    path: Path, width: int, height: int, file_bytes: int, stored_tile_bytes: int | None, cfg: SlideConfig
+) -> None:
+    """Refuse a slide whose declared level-0 size is beyond the limits or beyond what its bytes can hold,
+    before any pixel is read. ``stored_tile_bytes``: level 0's tile byte counts summed (TIFF), else None.
+
+    >>> check_plausible(Path("a.tiff"), 50_000, 40_000, 900 * 2**20, 880 * 2**20, SlideConfig())
+    >>> check_plausible(Path("bomb.tiff"), 200_000, 200_000, 750_000, 9 * 10**9, SlideConfig())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    edge.errors.ImplausibleSlideError: bomb.tiff: declares 200000 x 200000 px (40000 megapixels), more ... scan is real
+    """
+    megapixels = width * height / 1e6
+    if megapixels > cfg.max_level0_megapixels:
+        raise ImplausibleSlideError(
+            path,
+            f"declares {width} x {height} px ({megapixels:.0f} megapixels), more than slide.max_level0_megapixels = "
+            f"{cfg.max_level0_megapixels:g}; a crafted or damaged file, or a larger scan than expected: raise the "
+            "limit only if the scan is real",
+        )
+    if stored_tile_bytes is not None and stored_tile_bytes > file_bytes:
+        raise ImplausibleSlideError(
+            path,
+            f"its level-0 tiles add up to {stored_tile_bytes} bytes but the file has only {file_bytes}: tiles share "
+            "bytes, so the declared image is not really stored (a crafted or damaged file); re-export the scan",
+        )
+    if file_bytes < megapixels * MIN_BYTES_PER_MEGAPIXEL:
+        raise ImplausibleSlideError(
+            path,
+            f"declares {width} x {height} px ({megapixels:.0f} megapixels) in only {file_bytes} bytes, less than "
+            f"{MIN_BYTES_PER_MEGAPIXEL} bytes per megapixel any scan stores: a crafted or damaged file; re-export the "
+            "scan",
+        )
+
+
+def _slide_bytes(path: Path) -> int:
+    """Bytes of every file of the slide (an MRXS companion folder and a DICOM folder included)."""
+    from edge.fingerprint import slide_files
+
+    return sum(file.stat().st_size for _name, file in slide_files(path))
+
+
 def _open_tiffslide(path: Path, cfg: SlideConfig) -> Slide:
     import tiffslide
 
@@ -457,6 +540,10 @@ def _build_tiffslide(path: Path, ts: Any, cfg: SlideConfig) -> Slide:
     props = ts.properties
     fmt = _tiff_format(tf)
     series = tf.series[props.get("tiffslide.series-index", 0)]
+    level0 = series.levels[0].keyframe
+    stored = int(np.asarray(level0.databytecounts, dtype=np.int64).sum()) if level0.is_tiled else None
+    w0, h0 = ts.level_dimensions[0]
+    check_plausible(path, int(w0), int(h0), _slide_bytes(path), stored, cfg)
     levels = tuple(
         Level(
             i,
@@ -576,6 +663,8 @@ def _open_openslide(path: Path, target: Path, cfg: SlideConfig) -> Slide:
 
     osr = openslide.OpenSlide(str(target))
     try:
+        w0, h0 = osr.level_dimensions[0]
+        check_plausible(path, int(w0), int(h0), _slide_bytes(path), None, cfg)
         props = dict(osr.properties)
         vendor = props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
         levels = tuple(

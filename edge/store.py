@@ -123,13 +123,16 @@ _V1 = (
         created_at REAL NOT NULL
     )""",
 )
+# Issue 11: whether a failed job's last error was retryable (transient): a failed slide dropped again
+# is queued again only then. NULL for jobs that never failed and for failures stored before this.
+_V_I11A = ("ALTER TABLE jobs ADD COLUMN retryable INTEGER",)
 # issue 12: who submitted and who cancelled a job (token name or certificate subject; NULL = the watcher)
 _V_I12 = (
     "ALTER TABLE jobs ADD COLUMN submitted_by TEXT",
     "ALTER TABLE jobs ADD COLUMN cancelled_by TEXT",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I12)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I11A, _V_I12)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -153,6 +156,11 @@ class Job:
     not_before: float | None
     submitted_by: str | None = None  # the API caller's token name or certificate subject; None = the watcher
     cancelled_by: str | None = None  # who cancelled it over the API
+    retryable: bool | None = None  # the last failure's kind: transient (True) or deterministic (False)
+
+    def __post_init__(self) -> None:
+        if self.retryable is not None:  # SQLite gives 0/1
+            object.__setattr__(self, "retryable", bool(self.retryable))
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,9 +199,9 @@ class Event:
 
 _JOB_SELECT = """SELECT j.job_id, j.state, s.path, s.fingerprint, j.source, j.priority, j.mpp_override,
     j.bundle, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.not_before, j.submitted_by,
-    j.cancelled_by FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
+    j.cancelled_by, j.retryable FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
 _JOB_UPDATE = """UPDATE jobs SET state = ?, attempts = ?, error = ?, started_at = ?, finished_at = ?,
-    not_before = ? WHERE job_id = ?"""
+    not_before = ?, retryable = ? WHERE job_id = ?"""
 _RESULT_SELECT = """SELECT r.job_id, s.path, s.fingerprint, r.summary, r.exports, r.detections, r.created_at,
     r.pruned_at FROM results r JOIN jobs j ON j.job_id = r.job_id JOIN slides s ON s.slide_id = j.slide_id"""
 _EVENT_SELECT = "SELECT sequence, type, job_id, payload, created_at FROM events"
@@ -391,7 +399,7 @@ class Store:
         hotspot, totals = result.scores.hotspot.counts, result.scores.totals
         with self._write() as conn:
             job = _transition(conn, self.path, job_id, ("running",), "completed")
-            done = _save(conn, replace(job, state="done", finished_at=now, error=None))
+            done = _save(conn, replace(job, state="done", finished_at=now, error=None, retryable=None))
             conn.execute(
                 "INSERT INTO results (job_id, summary, exports, detections, created_at) VALUES (?, ?, ?, ?, ?)",
                 (job_id, summary_json, exports_json, len(result.figures), now),
@@ -409,19 +417,33 @@ class Store:
             _append_event(conn, "job_done", done, now, payload)
         return done
 
-    def fail_job(self, job_id: int, error: str, *, retry_at: float | None = None) -> Job:
-        """Record a failed attempt: back to queued until `retry_at` ("job_retry"), or failed for good."""
+    def fail_job(
+        self, job_id: int, error: str, *, retry_at: float | None = None, retryable: bool | None = None
+    ) -> Job:
+        """Record a failed attempt: back to queued until `retry_at` ("job_retry"), or failed for good.
+
+        `retryable` records whether the error was transient (True) or deterministic (False); a failed
+        job's slide dropped again is queued again only after a transient failure.
+        """
         now = self._clock()
         with self._write() as conn:
             job = _transition(conn, self.path, job_id, ("queued", "running"), "failed")
             if retry_at is None:
-                new = _save(conn, replace(job, state="failed", error=error, finished_at=now))
-                _append_event(conn, "job_failed", new, now, {"error": error, "attempts": new.attempts})
+                new = _save(conn, replace(job, state="failed", error=error, finished_at=now, retryable=retryable))
+                _append_event(conn, "job_failed", new, now,
+                              {"error": error, "attempts": new.attempts, "retryable": retryable})
             else:
-                new = _save(conn, replace(job, state="queued", error=error, started_at=None, not_before=retry_at))
+                new = _save(conn, replace(job, state="queued", error=error, started_at=None, not_before=retry_at,
+                                          retryable=retryable))
                 payload = {"error": error, "attempts": new.attempts, "retry_at": retry_at}
                 _append_event(conn, "job_retry", new, now, payload)
         return new
+
+    def check_writable(self) -> None:
+        """Write one page (a no-op update): raises sqlite3.Error while the store cannot be written,
+        e.g. "database or disk is full"."""
+        with self._write() as conn:
+            conn.execute("UPDATE meta SET value = value WHERE key = 'application'")
 
     def requeue_job(self, job_id: int, reason: str) -> Job:
         """Put a running job back in the queue; the attempt does not count (it did not fail)."""
@@ -729,7 +751,8 @@ def _transition(conn: sqlite3.Connection, path: Path, job_id: int, allowed: tupl
 
 
 def _save(conn: sqlite3.Connection, job: Job) -> Job:
-    values = (job.state, job.attempts, job.error, job.started_at, job.finished_at, job.not_before, job.job_id)
+    values = (job.state, job.attempts, job.error, job.started_at, job.finished_at, job.not_before, job.retryable,
+              job.job_id)
     conn.execute(_JOB_UPDATE, values)
     return job
 

@@ -16,11 +16,13 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Literal
 
 from edge.config import DEFAULT_IGNORE_PATTERNS, DEFAULT_SLIDE_EXTENSIONS, WatchConfig
-from edge.errors import ConfigError, SlideReadError
-from edge.fileio import real_path_inside
+from edge.dicom import DicomInstance, series_in_folder
+from edge.errors import ConfigError, NotASlideError, SlideReadError, UnsupportedFormatError
+from edge.fileio import real_path_inside, special_file_kind
 from edge.fingerprint import Fingerprint, fingerprint_slide, mrxs_companion, slide_files
 
 log = logging.getLogger(__name__)
@@ -72,22 +74,28 @@ def slide_unit(
     *,
     extensions: Collection[str] = DEFAULT_SLIDE_EXTENSIONS,
     ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS,
+    roots: Collection[str] = (),
 ) -> Path | None:
     """The slide a changed file belongs to, or None when it belongs to none.
 
-    A slide file is its own slide; a ``.dcm`` file belongs to its folder (a DICOM slide); a file of an
-    MRXS companion folder ``X/`` belongs to ``X.mrxs``. Temporary names and other extensions: None.
+    A slide file is its own slide; a ``.dcm`` file belongs to its folder (a DICOM slide; whether the
+    folder holds one series is decided by content when it settles), except directly in a watched folder
+    (``roots``), where it is a single-file slide: a watched folder is never a slide. A file of an MRXS
+    companion folder ``X/`` belongs to ``X.mrxs``. Temporary names and other extensions: None.
 
     >>> slide_unit(Path("/scans/a.svs")), slide_unit(Path("/scans/a.svs.part"))
     (PosixPath('/scans/a.svs'), None)
     >>> slide_unit(Path("/scans/d1/0001.dcm")), slide_unit(Path("/scans/X/Data0001.dat"))
     (PosixPath('/scans/d1'), PosixPath('/scans/X.mrxs'))
+    >>> slide_unit(Path("/scans/loose.dcm"), roots=("/scans",))
+    PosixPath('/scans/loose.dcm')
     """
     if is_ignored(path.name, ignore_patterns):
         return None
     suffix = path.suffix.lower()
     if suffix == ".dcm":
-        unit = path.parent if ".dcm" in extensions else None
+        in_root = any(os.path.normpath(r) == os.path.normpath(path.parent) for r in roots)
+        unit = (path if in_root else path.parent) if ".dcm" in extensions else None
     elif suffix in extensions:
         unit = path
     elif suffix in MRXS_COMPANION_SUFFIXES and ".mrxs" in extensions and path.parent.name:
@@ -111,7 +119,7 @@ def unit_snapshot(unit: Path, *, stat: StatFn = os.stat, scandir: Callable[[str]
     if os.path.isdir(unit):  # DICOM folder: its .dcm files
         size, mtime, count = 0, st.st_mtime_ns, 0
         for name, fsize, fmtime in _stat_entries(unit, stat, scandir, recursive=False):
-            if name.lower().endswith(".dcm"):
+            if name.lower().endswith(".dcm") and fsize >= 0:
                 size += fsize
                 mtime = max(mtime, fmtime)
                 count += 1
@@ -124,7 +132,7 @@ def unit_snapshot(unit: Path, *, stat: StatFn = os.stat, scandir: Callable[[str]
         except (FileNotFoundError, NotADirectoryError):
             return (size, mtime)
         for _name, fsize, fmtime in _stat_entries(folder, stat, scandir, recursive=True):
-            size += fsize
+            size += max(fsize, 0)
             mtime = max(mtime, fmtime)
     return (size, mtime)
 
@@ -149,7 +157,8 @@ def _stat_entries(
             st = stat(entry.path)
         except FileNotFoundError:  # removed between listing and stat: the next look sees the change
             continue
-        yield (entry.name, st.st_size, st.st_mtime_ns)
+        # a FIFO or device is no part of a slide: size -1 marks it (it changes nothing and is never read)
+        yield (entry.name, st.st_size if S_ISREG(st.st_mode) else -1, st.st_mtime_ns)
 
 
 def filesystem_type(path: str | Path, mounts: str) -> str:
@@ -200,6 +209,7 @@ class _Candidate:
     snapshot: Snapshot
     retry_at: float = 0.0
     last_error: str = ""
+    unreadable_since: float | None = None  # stable but not opening since then (None: opened, or changed since)
 
 
 class StabilityGate:
@@ -214,9 +224,12 @@ class StabilityGate:
     [PosixPath('a.svs')]
     """
 
-    def __init__(self, quiet_period_s: float, settle_timeout_s: float) -> None:
+    def __init__(
+        self, quiet_period_s: float, settle_timeout_s: float, unreadable_timeout_s: float | None = None
+    ) -> None:
         self.quiet_period_s = quiet_period_s
         self.settle_timeout_s = settle_timeout_s
+        self.unreadable_timeout_s = settle_timeout_s if unreadable_timeout_s is None else unreadable_timeout_s
         self._candidates: dict[Path, _Candidate] = {}
 
     def __len__(self) -> int:
@@ -240,6 +253,7 @@ class StabilityGate:
         elif cand.snapshot != snapshot:
             cand.snapshot = snapshot
             cand.changed_at = now
+            cand.unreadable_since = None  # still being written: the long settle timeout applies again
 
     def due(self, now: float) -> list[Path]:
         """Slides unchanged for the quiet period (and past any retry wait), oldest first."""
@@ -250,12 +264,32 @@ class StabilityGate:
         ]
         return [u for _, u in sorted(ready)]
 
-    def defer(self, unit: Path, reason: str, now: float) -> None:
-        """A due slide did not open (or could not be handed over): try again after another quiet period."""
+    def defer(self, unit: Path, reason: str, now: float) -> bool:
+        """A due (stable) slide did not open or could not be handed over: try again after another quiet
+        period. True the first time it fails since it last changed, or when the reason is new."""
         cand = self._candidates.get(unit)
-        if cand is not None:
-            cand.last_error = reason
-            cand.retry_at = now + self.quiet_period_s
+        if cand is None:
+            return False
+        news = cand.unreadable_since is None or cand.last_error != reason
+        cand.last_error = reason
+        cand.retry_at = now + self.quiet_period_s
+        if cand.unreadable_since is None:
+            cand.unreadable_since = now
+        return news
+
+    def waiting(self, now: float) -> list[tuple[Path, str, float, float]]:
+        """Stable slides that do not open: (slide, reason, seconds since first seen, seconds until they fail)."""
+        return [
+            (u, c.last_error, now - c.first_seen, max(0.0, self._fails_at(c) - now))
+            for u, c in self._candidates.items()
+            if c.unreadable_since is not None
+        ]
+
+    def _fails_at(self, c: _Candidate) -> float:
+        at = c.first_seen + self.settle_timeout_s
+        if c.unreadable_since is not None:
+            at = min(at, c.unreadable_since + self.unreadable_timeout_s)
+        return at
 
     def discard(self, unit: Path) -> None:
         self._candidates.pop(unit, None)
@@ -264,11 +298,16 @@ class StabilityGate:
         """Remove and return the slides that did not settle and open within the settle timeout, with why."""
         out = []
         for unit, c in list(self._candidates.items()):
-            if now - c.first_seen < self.settle_timeout_s:
+            if now < self._fails_at(c):
                 continue
             del self._candidates[unit]
             limit = f"settle_timeout_s={self.settle_timeout_s:g}"
-            if c.last_error and now - c.changed_at >= self.quiet_period_s:
+            if c.unreadable_since is not None and now - c.unreadable_since >= self.unreadable_timeout_s:
+                reason = (
+                    f"did not open within unreadable_timeout_s={self.unreadable_timeout_s:g} after it stopped "
+                    f"changing: {c.last_error}"
+                )
+            elif c.last_error and now - c.changed_at >= self.quiet_period_s:
                 reason = f"did not open within {limit}: {c.last_error}"
             else:
                 reason = (
@@ -320,6 +359,9 @@ class SlideWatcher:
 
     ``on_failed(path, reason)`` is called for a slide that did not settle and open within
     ``settle_timeout_s``. Both are called from the watcher's gate thread; what they raise is logged.
+    A slide that settles again with the same content (a touch, the same bytes dropped again) is handed
+    over again only when ``again(path, key)`` says so (the daemon: its last job failed for a transient
+    reason).
     """
 
     def __init__(
@@ -331,16 +373,20 @@ class SlideWatcher:
         opener: Callable[[Path], None] = default_opener,
         clock: Callable[[], float] = time.monotonic,
         stat: StatFn = os.stat,
+        again: Callable[[Path, str], bool] | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self._on_ready = on_ready
+        self._again = again or (lambda path, key: False)
         self._on_failed = on_failed
         self._opener = opener
         self._clock = clock
         self._stat = stat
         self._tick = min(config.poll_interval_s, DEFAULT_GATE_TICK)
-        self._gate = StabilityGate(config.quiet_period_s, config.settle_timeout_s)
+        self._gate = StabilityGate(config.quiet_period_s, config.settle_timeout_s, config.unreadable_timeout_s)
+        self._waiting: list[dict[str, Any]] = []  # what waiting() shows; replaced whole after each look
+        self._opening: dict[Path, threading.Thread] = {}  # slide -> an open that outlived watch.open_timeout_s
         self._lock = threading.Lock()  # guards _incoming
         self._gate_lock = threading.Lock()  # one look at a time
         self._incoming: dict[str, bool] = {}  # path -> is a folder; filled by observer threads
@@ -406,6 +452,10 @@ class SlideWatcher:
         with self._lock:
             return len(self._gate) + len(self._incoming)
 
+    def waiting(self) -> list[dict[str, Any]]:
+        """Slides that stopped changing but do not open: slide_path, reason, waiting_s, fails_in_s."""
+        return list(self._waiting)
+
     def scan(self) -> None:
         """Look at every file in the watched folders at the gate's next look (done at start if ``scan_on_start``)."""
         for folder in self.config.all_folders:
@@ -469,10 +519,21 @@ class SlideWatcher:
             self._stop.wait(self._tick)
 
     def _check(self, now: float) -> None:
+        self._look(now)
+        self._waiting = [
+            {"slide_path": str(u), "reason": r, "waiting_s": w, "fails_in_s": f}
+            for u, r, w, f in self._gate.waiting(now)
+        ]
+
+    def _look(self, now: float) -> None:
         for unit in self._take_incoming():
             snap = self._snapshot(unit)
             if snap is None:
                 self._forget(unit)
+            elif (kind := _special_kind(unit)) is not None:
+                if self._failed.get(unit) != snap:  # never opened (it could block forever): failed at once
+                    self._fail_now(unit, snap, f"{unit} is {kind}, not a regular file; only slide files and "
+                                               "folders of them are read: remove it")
             elif unit in self._gate:
                 self._gate.observe(unit, snap, now)
             elif self._handed.get(unit, (None,))[0] == snap or self._failed.get(unit) == snap:
@@ -491,14 +552,17 @@ class SlideWatcher:
                 return
             self._try_hand_over(unit, now)
         for unit, reason in self._gate.expired(self._clock()):
-            snap = self._snapshot(unit)
-            if snap is not None:
-                self._failed[unit] = snap
-            log.warning("slide %s failed: %s", unit, reason)
-            try:
-                self._on_failed(unit, reason)
-            except Exception:
-                log.exception("on_failed for %s raised; the failure is logged only", unit)
+            self._fail_now(unit, self._snapshot(unit), reason)
+
+    def _fail_now(self, unit: Path, snap: Snapshot | None, reason: str) -> None:
+        self._gate.discard(unit)
+        if snap is not None:
+            self._failed[unit] = snap
+        log.warning("slide %s failed: %s", unit, reason)
+        try:
+            self._on_failed(unit, reason)
+        except Exception:
+            log.exception("on_failed for %s raised; the failure is logged only", unit)
 
     def _try_hand_over(self, unit: Path, now: float) -> None:
         before = self._gate.snapshot(unit)
@@ -520,12 +584,18 @@ class SlideWatcher:
                 log.exception("on_failed for %s raised; the failure is logged only", unit)
             return
         try:
-            self._opener(unit)
-            fp = fingerprint_slide(unit, full=self.config.fingerprint == "full")
+            fp = self._open_timed(unit)
+        except (NotASlideError, UnsupportedFormatError) as exc:  # its content says: no slide. Waiting cannot help
+            self._fail_now(unit, before, str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - still being written, maybe: wait, then fail with this reason
             reason = str(exc) if isinstance(exc, SlideReadError) else f"{type(exc).__name__}: {exc}"
-            log.debug("slide %s does not open yet: %s", unit, reason)
-            self._gate.defer(unit, reason, now)
+            if self._gate.defer(unit, reason, now):
+                log.info("slide %s has stopped changing but does not open: %s; it fails in %g s unless it opens",
+                         unit, reason, self.config.unreadable_timeout_s)
+            return
+        if isinstance(fp, dict):
+            self._split_dicom_folder(unit, fp, before, now)
             return
         after = self._snapshot(unit)
         if after is None:
@@ -535,7 +605,7 @@ class SlideWatcher:
             self._gate.observe(unit, after, self._clock())
             return
         previous = self._handed.get(unit)
-        if previous is not None and previous[1] == fp.key:
+        if previous is not None and previous[1] == fp.key and not self._again(unit, fp.key):
             log.info("slide %s changed only its mtime; same content, not handed over again", unit)
         else:
             log.info("slide ready: %s (%s, %d bytes)", unit, fp.key, fp.size)
@@ -548,6 +618,57 @@ class SlideWatcher:
         self._gate.discard(unit)
         self._handed[unit] = (after, fp.key)
 
+    def _open_timed(self, unit: Path) -> Fingerprint | dict[str, list[DicomInstance]]:
+        """Open the slide and fingerprint it in a thread of its own, given up after watch.open_timeout_s: a
+        read that blocks (a hung network share) never stalls the gate. A stuck open is not started twice.
+        A DICOM folder holding several series is not opened: its series come back instead."""
+        stuck = self._opening.get(unit)
+        if stuck is not None and stuck.is_alive():
+            raise SlideReadError(unit, "an earlier open is still blocked: the file system does not answer")
+        outcome: dict[str, Any] = {}
+
+        def open_and_fingerprint() -> None:
+            try:
+                if os.path.isdir(unit) and len(series := series_in_folder(unit)) > 1:
+                    outcome["result"] = series
+                    return
+                self._opener(unit)
+                outcome["result"] = fingerprint_slide(unit, full=self.config.fingerprint == "full")
+            except BaseException as exc:  # noqa: BLE001 - handed to the gate thread below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=open_and_fingerprint, name="edge-watch-open", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + self.config.open_timeout_s
+        while thread.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
+            thread.join(0.1)
+        if thread.is_alive():
+            self._opening[unit] = thread
+            raise SlideReadError(
+                unit, f"opening it did not finish within watch.open_timeout_s={self.config.open_timeout_s:g} s "
+                "(a hung network share?)",
+            )
+        self._opening.pop(unit, None)
+        if "error" in outcome:
+            raise outcome["error"]
+        result: Fingerprint | dict[str, list[DicomInstance]] = outcome["result"]
+        return result
+
+    def _split_dicom_folder(
+        self, folder: Path, groups: dict[str, list[DicomInstance]], snap: Snapshot | None, now: float
+    ) -> None:
+        """A settled folder of ``.dcm`` files from several series is not one slide: each series becomes a
+        slide of its own, named by its first file (the reader finds the rest of the series beside it)."""
+        self._gate.discard(folder)
+        if snap is not None:
+            self._handed[folder] = (snap, "split")
+        log.info("%s mixes %d DICOM series: each series is a slide of its own", folder, len(groups))
+        for instances in groups.values():
+            part = instances[0].path
+            part_snap = self._snapshot(part)
+            if part_snap is not None and part not in self._gate and self._handed.get(part, (None,))[0] != part_snap:
+                self._gate.observe(part, part_snap, now)
+
     def _take_incoming(self) -> list[Path]:
         with self._lock:
             raw, self._incoming = self._incoming, {}
@@ -559,15 +680,17 @@ class SlideWatcher:
 
     def _units_for(self, path: Path, is_dir: bool) -> Iterator[Path]:
         cfg = self.config
-        unit = slide_unit(path, extensions=cfg.extensions, ignore_patterns=cfg.ignore_patterns)
-        if unit is not None:
-            yield unit
+        files = [path]
         if is_dir:
             # a folder moved or copied in, or the start-up scan: every slide below it
-            for file in _walk(path, recursive=cfg.recursive):
-                unit = slide_unit(file, extensions=cfg.extensions, ignore_patterns=cfg.ignore_patterns)
-                if unit is not None:
-                    yield unit
+            files += _walk(path, recursive=cfg.recursive)
+        for file in files:
+            unit = slide_unit(file, extensions=cfg.extensions, ignore_patterns=cfg.ignore_patterns,
+                              roots=cfg.all_folders)
+            if unit is not None and unit != file and _special_kind(file) is not None:
+                unit = file  # a FIFO named *.dcm is no part of a DICOM folder: it fails on its own
+            if unit is not None:
+                yield unit
 
     def _snapshot(self, unit: Path) -> Snapshot | None:
         try:
@@ -580,6 +703,14 @@ class SlideWatcher:
         self._gate.discard(unit)
         self._handed.pop(unit, None)
         self._failed.pop(unit, None)
+
+
+def _special_kind(path: Path) -> str | None:
+    """What a path is when it is neither a regular file nor a folder (a FIFO, a device), else None."""
+    try:
+        return special_file_kind(os.stat(path).st_mode)
+    except OSError:
+        return None
 
 
 def _walk(folder: Path, *, recursive: bool) -> Iterator[Path]:

@@ -2,8 +2,9 @@
 
 The child keeps its engines open between slides and writes each slide's exports into a folder the
 parent renames into place. The parent keeps the store, the watcher and the gRPC API, so a slide
-being analysed never holds the interpreter lock the API needs. On cancel or shutdown the parent
-ends the child; the next slide starts a new one. A child whose parent dies is killed with it
+being analysed never holds the interpreter lock the API needs. On cancel or shutdown, or when the
+slide runs past its time limit (:class:`TimeLimit`), the parent ends the child; the next slide starts a
+new one. A child whose parent dies is killed with it
 (Linux ``PR_SET_PDEATHSIG``), so a restarted daemon never races an orphan.
 """
 
@@ -16,13 +17,13 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config
-from edge.errors import AnalysisCrashed, StreamCancelled
+from edge.config import Config, DaemonConfig
+from edge.errors import AnalysisCrashed, SlideTimeLimitError, StreamCancelled
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,60 @@ START_TIMEOUT_S = 600.0  # engines may build TensorRT plans on first start
 POLL_S = 0.2  # how often the parent looks at the cancel event while the child works
 STOP_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1
+SLIDE_BASE_SECONDS = 300.0  # the derived time limit's allowance for opening a slide and planning its tiles
+FINISH_SECONDS = 60.0  # ... and after its tiles, for scoring, the overlay's thumbnail and the exports
+
+
+@dataclass
+class TimeLimit:
+    """One slide's time limit: ``daemon.max_slide_seconds``, or (0) derived from its tile plan: up to
+    SLIDE_BASE_SECONDS to open the slide and plan its tiles, then ``daemon.seconds_per_tile`` per planned tile
+    and FINISH_SECONDS for the rest.
+
+    >>> limit = TimeLimit(fixed_s=0.0, per_tile_s=0.5, started=100.0)
+    >>> limit.seconds, limit.planned(40, now=110.0), limit.seconds
+    (300.0, None, 90.0)
+    """
+
+    fixed_s: float
+    per_tile_s: float
+    tiles: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    planned_after: float = 0.0  # seconds from the start until the tile plan was known
+
+    @classmethod
+    def of(cls, settings: DaemonConfig) -> TimeLimit:
+        return cls(settings.max_slide_seconds, settings.seconds_per_tile)
+
+    @property
+    def seconds(self) -> float:
+        if self.fixed_s > 0:
+            return self.fixed_s
+        if self.tiles is None:
+            return SLIDE_BASE_SECONDS
+        return self.planned_after + self.per_tile_s * self.tiles + FINISH_SECONDS
+
+    def planned(self, tiles: int, now: float | None = None) -> None:
+        self.tiles = tiles
+        self.planned_after = (time.monotonic() if now is None else now) - self.started
+
+    def expired(self) -> bool:
+        return time.monotonic() - self.started > self.seconds
+
+    def error(self, path: Path) -> SlideTimeLimitError:
+        if self.fixed_s > 0:
+            how = "daemon.max_slide_seconds"
+        elif self.tiles is None:
+            how = f"{SLIDE_BASE_SECONDS:g} s to open the slide and plan its tiles (daemon.max_slide_seconds = 0)"
+        else:
+            how = (f"derived from its {self.tiles} planned tiles: {self.planned_after:.3g} s to plan them + "
+                   f"daemon.seconds_per_tile = {self.per_tile_s:g} s per tile + {FINISH_SECONDS:g} s to finish")
+        return SlideTimeLimitError(
+            path,
+            f"still being analysed after {time.monotonic() - self.started:.3g} s, past its time limit of "
+            f"{self.seconds:.3g} s ({how}); it was stopped so the next slide can go on. If the slide is real, raise "
+            "daemon.max_slide_seconds (or daemon.seconds_per_tile)",
+        )
 
 
 @dataclass
@@ -117,15 +172,20 @@ class AnalysisProcess:
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
 
-    def analyze(self, path: Path, config: Config, partial: Path, cancel: threading.Event) -> Outcome:
+    def analyze(
+        self, path: Path, config: Config, partial: Path, cancel: threading.Event, limit: TimeLimit | None = None
+    ) -> Outcome:
         """Analyse ``path`` in the child, exports into ``partial``. Raises StreamCancelled when ``cancel`` is
-        set (the child is ended), AnalysisCrashed when the child dies, or the child's own error."""
+        set (the child is ended), SlideTimeLimitError past ``limit`` (the child is ended), AnalysisCrashed when
+        the child dies, or the child's own error."""
         with self._lock:
             if not self.alive:
                 self.start()
+            if limit is not None:  # a restarted child's engine loading is not the slide's time
+                limit.started = time.monotonic()
             assert self._conn is not None
             self._conn.send(("analyze", str(path), config, str(partial)))
-            reply = self._receive(None, cancel)
+            reply = self._receive(None, cancel, limit, path)
         if reply[0] == "error":
             raise reply[1]
         _, result, exports, tiles, times = reply
@@ -140,16 +200,30 @@ class AnalysisProcess:
                 pass
         self._end(graceful=True)
 
-    def _receive(self, timeout: float | None, cancel: threading.Event | None) -> tuple[Any, ...]:
+    def _receive(
+        self,
+        timeout: float | None,
+        cancel: threading.Event | None,
+        limit: TimeLimit | None = None,
+        path: Path | None = None,
+    ) -> tuple[Any, ...]:
         assert self._conn is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if cancel is not None and cancel.is_set():
                 self._end(graceful=False)
                 raise StreamCancelled("analysis cancelled; its process was ended")
+            if limit is not None and limit.expired():
+                self._end(graceful=False)
+                raise limit.error(path or Path("?"))
             try:
                 if self._conn.poll(POLL_S):
-                    return tuple(self._conn.recv())
+                    message = tuple(self._conn.recv())
+                    if message[0] == "planned":  # the tile count, for a limit derived from it
+                        if limit is not None:
+                            limit.planned(int(message[1]))
+                        continue
+                    return message
             except (EOFError, OSError):
                 pass  # the child is gone: said below
             if not self.alive:
@@ -204,19 +278,27 @@ def _child_main(conn: Connection, config: Config, nice: int, parent_pid: int) ->
                 return
             _, path, cfg, partial = message
             try:
-                _send(conn, _analyze_one(Path(path), cfg, Path(partial), engines, parent_pid))
+                _send(conn, _analyze_one(conn, Path(path), cfg, Path(partial), engines, parent_pid))
             except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
                 _send(conn, ("error", _portable(exc)))
     finally:
         engines.close()
 
 
-def _analyze_one(path: Path, config: Config, partial: Path, engines: EngineCache, parent_pid: int) -> tuple[Any, ...]:
+def _analyze_one(
+    conn: Connection, path: Path, config: Config, partial: Path, engines: EngineCache, parent_pid: int
+) -> tuple[Any, ...]:
     from edge.pipeline import analyze_slide
 
+    planned = False
+
     def progress(stage: str, done: int, total: int) -> None:
+        nonlocal planned
         if os.getppid() != parent_pid:  # orphaned where PR_SET_PDEATHSIG is not available
             raise StreamCancelled("the daemon that asked for this analysis is gone")
+        if not planned and stage == "detect":
+            planned = True
+            _send(conn, ("planned", total))
 
     analysis = analyze_slide(path, config, engines=engines.get(config), progress=progress)
     paths = analysis.write_exports(partial)

@@ -101,3 +101,83 @@ def test_calibrate_writes_a_new_bundle_version(synth_slide: SynthFactory, tmp_pa
     check = run_cli("engines", "check", "--bundle", str(out))
     assert check.returncode == 0, check.stderr
     assert json.loads((out / "calibration.json").read_text())["source_bundle"]["name"] == "demo"
+
+
+# --- slides without mitoses or tissue are valid results (issue 11, bug 1) --------------------------
+
+
+def blank_tiff(path: Path, side: int = 2048) -> Path:
+    """A tiled TIFF of plain glass: a slide with no tissue at all."""
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(path, np.full((side, side, 3), 242, np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(40000, 40000), resolutionunit="CENTIMETER")  # 0.25 µm/px
+    return path
+
+
+def _empty_slide(kind: str, synth_slide: SynthFactory, tmp_path: Path) -> tuple[Path, str]:
+    if kind == "no mitoses":
+        return synth_slide(width=2048, height=2048, seed=5, mitoses=0, imposters=0), "no mitotic figure found"
+    if kind == "blank":
+        return blank_tiff(tmp_path / "blank.tiff"), "no tissue found"
+    return data_file("wsi/highdicom-sm-50px.dcm"), "no tissue found"
+
+
+@pytest.mark.parametrize("kind", ["no mitoses", "blank", "tiny dicom"])
+def test_a_slide_without_mitoses_or_tissue_is_a_result_with_a_null_hotspot_and_every_export(
+    kind: str, synth_slide: SynthFactory, tmp_path: Path
+) -> None:
+    slide, reason = _empty_slide(kind, synth_slide, tmp_path)
+    out = tmp_path / "out"
+    result = run_cli("analyze", str(slide), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert reason in result.stdout
+    scores = json.loads((out / "result.json").read_text())["scores"]
+    assert scores["hotspot"]["mitotic"] == 0 and scores["totals"]["mitotic"] == 0
+    assert scores["hotspot"]["center_x_um"] is None and reason in scores["hotspot"]["null_reason"]
+    assert scores["hotspot"]["atypical_ratio"] is None and scores["totals"]["atypical_ratio"] is None
+    assert json.loads((out / "detections.geojson").read_text())["features"] == []
+    assert json.loads((out / "midog.json").read_text())["points"] == []
+    assert (out / "detections.csv").read_text().strip().count("\n") == 0  # the header only
+    assert (out / "overlay.png").stat().st_size > 0
+
+
+def test_calibrate_takes_a_mitosis_free_slide_among_its_validation_slides(
+    synth_slide: SynthFactory, tmp_path: Path
+) -> None:
+    empty = synth_slide(width=2048, height=2048, seed=5, mitoses=0, imposters=0)
+    busy = synth_slide(width=2048, height=2048, seed=UNSEEN_SEED + 3, mitoses=8, imposters=4)
+    args = []
+    for slide in (empty, busy):
+        args += ["--slide", str(slide), "--truth", str(slide.with_name(slide.stem + ".truth.json"))]
+    result = run_cli("calibrate", *args, "--out", str(tmp_path / "cal"), "--weight-step", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "on 2 slide(s)" in result.stdout
+
+
+# --- plausibility before reading (issue 11, bug 5) --------------------------------------------------
+
+
+@pytest.mark.parametrize(("side", "reason"), [
+    (200_000, "40000 megapixels), more than slide.max_level0_megapixels = 30000"),
+    (8192, "tiles share bytes"),  # small enough for the area limit, but its tiles are not really stored
+])
+def test_a_bomb_tiff_is_refused_before_a_pixel_is_read(side: int, reason: str, tmp_path: Path) -> None:
+    from tests.tiff_bomb import write_bomb
+
+    bomb = write_bomb(tmp_path / "bomb.tiff", side, side)
+    result = run_cli("analyze", str(bomb), "--out", str(tmp_path / "x"))
+    assert result.returncode == 1, result.stdout
+    assert "bomb.tiff" in result.stderr and reason in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x" / "result.json").exists()
+
+
+def test_limits_on_level_0_area_and_tile_count_are_settings(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    slide = synth_slide(width=2048, height=2048, seed=5, mitoses=0, imposters=0)
+    for setting, reason in (("max_level0_megapixels = 1.0", "more than slide.max_level0_megapixels = 1"),
+                            ("max_tiles = 1", "more than slide.max_tiles = 1")):
+        config = tmp_path / "edge.toml"
+        config.write_text(f"[slide]\n{setting}\n")
+        result = run_cli("--config", str(config), "analyze", str(slide), "--out", str(tmp_path / "x"))
+        assert result.returncode == 1 and reason in result.stderr, result.stderr

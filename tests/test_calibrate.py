@@ -112,3 +112,9 @@ def test_a_detector_threshold_that_loses_figures_is_not_chosen() -> None:
     slide = CachedSlide(base.name, base.points_um, base.p_mitotic, base.truth_um, detector_score)
     calibration = grid_search([slide], ["a", "b"], weight_step=0.5, detector_thresholds=[0.1, 0.15, 0.3, 0.5])
     assert calibration.best.detector_threshold in (0.1, 0.15) and calibration.best.fn == 0
+
+
+def test_validation_slides_without_any_true_figure_are_refused_with_what_to_add() -> None:
+    empty = CachedSlide("empty.tiff", np.zeros((0, 2)), {"a": np.zeros(0)}, np.zeros((0, 2)))
+    with pytest.raises(ConfigError, match=r"no true mitotic figure.*add slides with mitoses"):
+        grid_search([empty], ["a"], weight_step=0.5)

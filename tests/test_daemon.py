@@ -21,10 +21,10 @@ import pytest
 from edge.config import Config, load_config
 from edge.daemon import Daemon
 from edge.engines.manifest import find_bundle
-from edge.errors import EngineError, StreamCancelled
+from edge.errors import EngineError, SlideReadError, StoreError, StreamCancelled
 from edge.server_auth import RequestRefused
 from edge.store import Store
-from tests.conftest import SynthFactory
+from tests.conftest import SynthFactory, data_file
 from tests.tiny_bundle import make_tiny_bundle
 
 QUIET_S = 0.3
@@ -394,3 +394,213 @@ def test_a_submitted_bundle_is_a_name_the_configuration_allows_never_a_path(tmp_
             assert info.value.code == code and "demo, tiny" in info.value.message
     finally:
         daemon.stop(grace=0.0)
+
+
+# --- issue 11: a full disk, a lost store, FIFOs, unreadable files ---------------------------------
+
+
+def health_status(daemon: Daemon) -> Any:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(daemon.server.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+@pytest.mark.parametrize("method", ["claim_next_job", "complete_job"])
+def test_a_store_that_cannot_be_written_turns_health_not_serving_and_scoring_resumes_when_it_can(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon], method: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    config = daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"})
+    daemon = start_daemon(config)
+    wait_for(daemon.is_ready, what="engines loaded")
+    disk_full = threading.Event()
+    disk_full.set()
+    original = getattr(daemon.store, method)
+
+    def full_disk(*args: Any, **kwargs: Any) -> Any:
+        if disk_full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.store, method, full_disk)
+    monkeypatch.setattr(daemon.store, "check_writable", lambda: full_disk() if disk_full.is_set() else None)
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: not daemon.is_ready(), what="not ready")
+    assert "database or disk is full" in daemon.server_status()["not_ready_reason"]
+    assert health_status(daemon) == "NOT_SERVING"
+    assert daemon.store.get_job(job.job_id).state in ("queued", "running")
+    with monkeypatch.context() as full_store:  # a submit meanwhile: refused with the reason (gRPC UNAVAILABLE)
+        full_store.setattr(daemon.store, "add_job", full_disk)
+        with pytest.raises(StoreError, match="cannot be written: database or disk is full; free space"):
+            daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    disk_full.clear()  # the disk frees: no restart
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", what="done after the disk freed")
+    wait_for(daemon.is_ready, what="ready again")
+    assert health_status(daemon) == "SERVING" and daemon.server_status()["not_ready_reason"] == ""
+    assert all(t.is_alive() for t in daemon._threads if t.name.startswith("edge-worker"))
+
+
+def test_a_deleted_store_is_a_fatal_error_with_the_reason(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": []}))
+    for file in (tmp_path / "data").glob("edge.db*"):
+        file.unlink()
+    wait_for(lambda: daemon.fatal_error is not None, timeout=10, what="the fatal error")
+    assert "was deleted" in (daemon.fatal_error or "") and "restore edge.db" in (daemon.fatal_error or "")
+    assert not daemon.is_ready() and health_status(daemon) == "NOT_SERVING"
+
+
+def test_a_new_store_beside_earlier_exports_refuses_to_start_and_says_how_to_recover(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, **{"watch.folders": []})
+    export = tmp_path / "data" / "results" / "1"
+    export.mkdir(parents=True)
+    (export / "summary.json").write_text("{}")
+    with pytest.raises(StoreError, match=r"is missing.*1 export folder.*Restore edge.db.*move .*results"):
+        Daemon(config)
+    assert not (tmp_path / "data" / "edge.db").exists()  # nothing created
+    Store.open(tmp_path / "data" / "edge.db").close()  # an emptied store: the same refusal
+    with pytest.raises(StoreError, match="holds no jobs"):
+        Daemon(config)
+    assert (export / "summary.json").read_text() == "{}"
+
+
+def test_a_serving_daemon_whose_store_is_deleted_exits_1_and_does_not_start_again_over_its_exports(
+    tmp_path: Path
+) -> None:
+    process = serve(tmp_path)
+    log_file = tmp_path / "serve.log"
+    try:
+        wait_for(lambda: "gRPC on 127.0.0.1:" in log_file.read_text(), timeout=60, what="serving")
+        (tmp_path / "data" / "results" / "7").mkdir()  # an earlier slide's exports
+        for file in (tmp_path / "data").glob("edge.db*"):
+            file.unlink()
+        assert process.wait(timeout=30) == 1
+    finally:
+        process.kill()
+        process.wait()
+    assert "was deleted while the daemon ran" in log_file.read_text()
+    process = serve(tmp_path)
+    try:
+        assert process.wait(timeout=60) == 1
+    finally:
+        process.kill()
+        process.wait()
+    assert "Restore edge.db" in log_file.read_text() and not (tmp_path / "data" / "edge.db").exists()
+
+
+def test_a_fifo_submitted_over_the_api_is_refused_with_the_reason_and_hangs_nothing(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    fifo = tmp_path / "x.dcm"
+    os.mkfifo(fifo)
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"}))
+    with pytest.raises(SlideReadError, match=r"named pipe \(FIFO\), not a regular file"):
+        daemon.submit_slide(fifo)  # refused at submit: it cannot be fingerprinted, and is never opened
+    good = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: daemon.store.get_job(good.job_id).state == "done", what="the good slide after the FIFO")
+    assert [job.job_id for job in daemon.store.list_jobs()] == [good.job_id]
+
+
+def test_a_stable_unreadable_slide_is_visible_at_once_in_status_list_and_metrics(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.cli import main
+
+    daemon = start_daemon(daemon_config(tmp_path, **{
+        "watch.settle_timeout_s": 3600.0, "watch.unreadable_timeout_s": 300.0, "daemon.metrics_listen": "127.0.0.1:0",
+    }))
+    shutil.copy(data_file("wsi/broken.svs"), tmp_path / "inbox" / "broken.svs")
+    wait_for(lambda: daemon.server_status()["waiting_slides"], timeout=20, what="the waiting slide")
+    [waiting] = daemon.server_status()["waiting_slides"]
+    assert waiting["slide_path"].endswith("broken.svs") and "no readable slide" in waiting["reason"]
+    assert 200 < waiting["fails_in_s"] <= 300
+    assert main(["client", "--server", daemon.server.address, "--insecure", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "waiting" in out and "broken.svs" in out and "fails in" in out
+    daemon.check_health()
+    scraped = urllib.request.urlopen(f"http://{daemon.metrics_address()}/metrics", timeout=5).read().decode()
+    assert "mitosis_edge_slides_waiting 1.0" in scraped
+
+
+def test_health_says_not_serving_when_no_worker_is_alive(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"}))
+    wait_for(daemon.is_ready, what="engines loaded")
+    dead = threading.Thread(target=lambda: None, name="edge-worker-dead")
+    dead.start()
+    dead.join()
+    threads = daemon._threads
+    daemon._threads = [t for t in threads if not t.name.startswith("edge-worker")] + [dead]
+    try:
+        daemon.check_health()
+        assert not daemon.is_ready() and "no worker thread is alive" in daemon.server_status()["not_ready_reason"]
+        assert health_status(daemon) == "NOT_SERVING"
+    finally:
+        daemon._threads = threads
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MB tmpfs to fill for real (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                                           check=False, capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_data_disk_turns_health_not_serving_and_scoring_resumes_once_it_frees(
+    tmp_path: Path, small_filesystem: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread", "daemon.max_attempts": 10,
+                                        "daemon.data_dir": str(small_filesystem / "data")})
+    daemon = start_daemon(config)
+    wait_for(daemon.is_ready, what="engines loaded")
+    health: list[tuple[bool, str]] = []  # every health change, with the reason given at that moment
+    set_serving = daemon.server.set_serving
+
+    def record(serving: bool) -> None:
+        health.append((serving, daemon.not_ready_reason()))
+        set_serving(serving)
+
+    monkeypatch.setattr(daemon.server, "set_serving", record)
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "running", what="running")
+    filler = small_filesystem / "filler"
+    with filler.open("wb") as fh, pytest.raises(OSError):  # fill the disk to the last byte
+        while True:
+            fh.write(b"\0" * 65536)
+    wait_for(lambda: any(not serving for serving, _ in health), timeout=60, what="health NOT_SERVING")
+    assert any("database or disk is full" in reason for serving, reason in health if not serving), health
+    filler.unlink()
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", timeout=60, what="done after the disk freed")
+    wait_for(daemon.is_ready, what="ready again")
+    assert health_status(daemon) == "SERVING"
+
+
+def test_an_export_folder_left_by_an_earlier_store_is_set_aside_never_overwritten(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"}))
+    stale = daemon.results_dir / "1"  # what a lost store's job 1 left behind (the refusal at start aside)
+    stale.mkdir()
+    (stale / "result.json").write_text('{"from": "the earlier store"}')
+    os.utime(stale, (time.time() - 86400, time.time() - 86400))
+    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    assert job.job_id == 1
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", what="done")
+    [aside] = daemon.results_dir.glob("1.earlier-store-*")
+    assert (aside / "result.json").read_text() == '{"from": "the earlier store"}'
+    assert "earlier store" not in (daemon.results_dir / "1" / "result.json").read_text()

@@ -60,16 +60,40 @@ def test_changed_head_tail_or_size_gives_a_new_key(tmp_path: Path) -> None:
     assert len(keys) == 4
 
 
-def test_quick_mode_reads_only_head_and_tail_full_mode_every_byte(tmp_path: Path) -> None:
+def test_quick_mode_samples_the_middle_full_mode_reads_every_byte(tmp_path: Path) -> None:
     data = bytearray(os.urandom(200))
     slide = _write(tmp_path / "a.svs", bytes(data))
-    quick, full = fingerprint_slide(slide, block=BLOCK), fingerprint_slide(slide, full=True, block=BLOCK)
-    data[100] ^= 0xFF  # the middle: outside both blocks
+    quick = fingerprint_slide(slide, block=BLOCK, sample=4, stride=32)
+    full = fingerprint_slide(slide, full=True, block=BLOCK)
+    data[110] ^= 0xFF  # the middle, between two samples (4 bytes at 16, 44, 72, 100, 128, 156)
     slide.write_bytes(bytes(data))
-    quick2, full2 = fingerprint_slide(slide, block=BLOCK), fingerprint_slide(slide, full=True, block=BLOCK)
-    assert quick2.key == quick.key
+    quick2 = fingerprint_slide(slide, block=BLOCK, sample=4, stride=32)
+    full2 = fingerprint_slide(slide, full=True, block=BLOCK)
+    assert quick2.key == quick.key  # a change shorter than the stride between samples can go unseen
     assert full.full_sha256 is not None and full2.full_sha256 != full.full_sha256
     assert full2.key != full.key
+
+
+def test_a_megabyte_changed_in_the_middle_of_a_large_file_gives_a_new_key(tmp_path: Path) -> None:
+    size = 64 * 2**20
+    slide = tmp_path / "a.svs"
+    with slide.open("wb") as fh:  # sparse: zeros cost no disk
+        fh.truncate(size)
+    before = fingerprint_slide(slide)
+    with slide.open("r+b") as fh:
+        fh.seek(size // 2 - 2**19 + 12345)
+        fh.write(b"\x01" * 2**20)
+    after = fingerprint_slide(slide)
+    assert after.size == before.size and after.head_tail_sha256 == before.head_tail_sha256  # the ends did not change
+    assert after.key != before.key
+
+
+def test_the_key_of_a_slide_without_a_middle_did_not_change_with_sampling(tmp_path: Path) -> None:
+    small = fingerprint_slide(_write(tmp_path / "a.svs", os.urandom(30)), block=BLOCK)
+    assert small.samples_sha256 is None and small.key == small.legacy_key
+    large = fingerprint_slide(_write(tmp_path / "b.svs", os.urandom(200)), block=BLOCK)
+    assert large.samples_sha256 is not None and large.key != large.legacy_key
+    assert large.legacy_key == Fingerprint(large.size, 0, large.head_tail_sha256).key  # what older versions stored
 
 
 def test_small_files_are_hashed_whole_in_quick_mode(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@ and the errors a user gets for missing, broken, truncated or mpp-less files."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,41 @@ def test_text_file_is_not_a_slide(tmp_path: Path) -> None:
 
 def test_folder_without_dicom(tmp_path: Path) -> None:
     with pytest.raises(NotASlideError, match=r"folder without \.dcm"):
+        open_slide(tmp_path)
+
+
+def test_a_fifo_named_like_a_slide_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "x.svs"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def try_open() -> None:
+        try:
+            open_slide(fifo)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors.append(exc)
+
+    thread = threading.Thread(target=try_open, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # unblock the reader so the test can end, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("opening a FIFO blocked")
+    [error] = errors
+    assert isinstance(error, NotASlideError) and "named pipe (FIFO)" in str(error)
+
+
+def test_a_folder_mixing_dicom_series_is_refused_with_the_series(tmp_path: Path) -> None:
+    shutil.copy(data_file("wsi/highdicom-sm-50px.dcm"), tmp_path / "a.dcm")
+    shutil.copy(data_file("wsi/camelyon-multiframe.dcm"), tmp_path / "b.dcm")
+    with pytest.raises(NotASlideError, match="mixes 2 DICOM series"):
+        open_slide(tmp_path)
+
+
+def test_a_folder_holding_only_a_dicom_label_is_refused_clearly(tmp_path: Path) -> None:
+    shutil.copy(data_file("wsi/dicom-label-not-wsi.dcm"), tmp_path / "label.dcm")
+    with pytest.raises(NotASlideError, match="no whole-slide image, only DICOM LABEL"):
         open_slide(tmp_path)
 
 

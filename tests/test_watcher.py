@@ -33,6 +33,7 @@ from edge.watcher import (
     slide_unit,
     unit_snapshot,
 )
+from tests.conftest import data_file
 
 MAGIC = b"SLIDE"  # what the fake opener wants at the start of a slide file
 
@@ -299,6 +300,24 @@ def test_duplicate_events_and_a_touch_do_not_hand_a_slide_over_again(tmp_path: P
     os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touch
     look(watcher, clock, 4.0, 5.0, 6.0)
     assert len(rec.ready) == 1 and watcher.pending() == 0
+
+
+def test_the_same_bytes_settling_again_are_handed_over_again_when_the_daemon_asks_for_them(tmp_path: Path) -> None:
+    slide = _slide(tmp_path / "a.svs")
+    rec, clock = Recorder(), FakeClock()
+    asked: list[tuple[Path, str]] = []
+
+    def again(path: Path, key: str) -> bool:  # the daemon: its last job failed for a transient reason
+        asked.append((path, key))
+        return True
+
+    watcher = SlideWatcher(_config(tmp_path), rec.on_ready, rec.on_failed, opener=fake_opener, clock=clock, again=again)
+    look(watcher, clock, 0.0, 1.0)
+    st = slide.stat()
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # dropped again: only the mtime differs
+    look(watcher, clock, 2.0, 3.0)
+    assert [p for p, _ in rec.ready] == [slide, slide] and rec.ready[0][1].key == rec.ready[1][1].key
+    assert asked == [(slide, rec.ready[0][1].key)]
 
 
 def test_changed_content_is_handed_over_again_with_a_new_key(tmp_path: Path) -> None:
@@ -586,6 +605,126 @@ def test_a_real_slide_is_opened_with_the_default_reader(tmp_path: Path, synth_sl
 
 
 # --- measurement (not a test: speed targets belong to benchmarks) --------------------------------
+
+
+# --- issue 11: loose DICOM files, FIFOs, unreadable files ------------------------------------------
+
+def test_a_loose_dicom_file_in_the_watched_folder_is_its_own_slide_never_the_folder(tmp_path: Path) -> None:
+    loose = tmp_path / "highdicom-sm-50px.dcm"
+    shutil.copy(data_file("wsi/highdicom-sm-50px.dcm"), loose)
+    watcher, rec, clock = gated(tmp_path, opener=default_opener)
+    look(watcher, clock, 0.0, 1.0, 2.0)
+    assert rec.ready_paths == [loose] and rec.failed == []
+
+
+def test_a_folder_of_one_dicom_series_is_one_slide(tmp_path: Path) -> None:
+    case = tmp_path / "case1"
+    case.mkdir()
+    shutil.copy(data_file("wsi/highdicom-sm-50px.dcm"), case / "level0.dcm")
+    watcher, rec, clock = gated(tmp_path, opener=default_opener)
+    look(watcher, clock, 0.0, 1.0, 2.0)
+    assert rec.ready_paths == [case]
+
+
+def test_a_folder_mixing_dicom_series_is_not_one_slide_each_series_is(tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(data_file("wsi/highdicom-sm-50px.dcm"), mixed / "a.dcm")
+    shutil.copy(data_file("wsi/camelyon-multiframe.dcm"), mixed / "b.dcm")
+    watcher, rec, clock = gated(tmp_path, opener=default_opener)
+    look(watcher, clock, 0.0, 1.0, 2.0, 3.0, 4.0)
+    assert sorted(rec.ready_paths) == [mixed / "a.dcm", mixed / "b.dcm"] and rec.failed == []
+    look(watcher, clock, 5.0, 6.0, 7.0)  # looked at again: nothing new
+    assert len(rec.ready) == 2
+
+
+def test_a_dicom_label_in_a_subfolder_fails_at_once_with_the_reason(tmp_path: Path) -> None:
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    shutil.copy(data_file("wsi/dicom-label-not-wsi.dcm"), labels / "label.dcm")
+    watcher, rec, clock = gated(tmp_path, opener=default_opener, settle_timeout_s=3600.0)
+    look(watcher, clock, 0.0, 1.0, 2.0)
+    [(path, reason)] = rec.failed
+    assert path == labels and "LABEL" in reason and "no whole-slide image" in reason
+    assert watcher.pending() == 0
+
+
+def _fifo(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def test_a_fifo_named_like_a_slide_fails_at_once_and_the_watcher_goes_on(tmp_path: Path) -> None:
+    in_root = _fifo(tmp_path / "x.svs")
+    in_folder = _fifo(tmp_path / "sub" / "x.dcm")
+    good = _slide(tmp_path / "good.svs")
+    watcher, rec, clock = gated(tmp_path, opener=default_opener)
+    done = threading.Event()
+
+    def drive() -> None:
+        look(watcher, clock, 0.0, 1.0, 2.0)
+        done.set()
+
+    threading.Thread(target=drive, daemon=True).start()
+    assert done.wait(20), "the watcher hung on a FIFO"
+    failed = dict(rec.failed)
+    assert set(failed) == {in_root, in_folder}, rec.failed
+    assert all("named pipe (FIFO)" in reason for reason in failed.values())
+    assert good not in failed  # MAGIC is no real slide: it waits as unreadable, it does not hang either
+    look(watcher, clock, 3.0, 4.0)
+    assert len(rec.failed) == 2  # each FIFO fails once
+
+
+def test_an_open_that_blocks_is_given_up_after_the_open_timeout(tmp_path: Path) -> None:
+    _slide(tmp_path / "hung.svs")
+    release = threading.Event()
+
+    def blocking_opener(path: Path) -> None:
+        release.wait(30)
+
+    watcher, _rec, clock = gated(tmp_path, opener=blocking_opener, open_timeout_s=0.3)
+    started = time.monotonic()
+    look(watcher, clock, 0.0, 1.0)
+    assert time.monotonic() - started < 5
+    [waiting] = watcher.waiting()
+    assert "open_timeout_s=0.3" in waiting["reason"]
+    release.set()
+
+
+def test_a_stable_unreadable_file_shows_up_at_once_and_fails_after_the_unreadable_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"GARBAGE" * 10)
+    watcher, rec, clock = gated(tmp_path, settle_timeout_s=3600.0, unreadable_timeout_s=10.0)
+    with caplog.at_level(logging.INFO, logger="edge.watcher"):
+        look(watcher, clock, 0.0, 1.0)
+    [waiting] = watcher.waiting()
+    assert waiting["slide_path"] == str(broken) and "bad magic" in waiting["reason"]
+    assert waiting["fails_in_s"] == pytest.approx(10.0)
+    assert any("does not open" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+    look(watcher, clock, 5.0, 10.5)
+    assert rec.failed == []
+    look(watcher, clock, 11.0)
+    [(path, reason)] = rec.failed
+    assert path == broken and "unreadable_timeout_s=10" in reason and "bad magic" in reason
+    assert watcher.waiting() == []
+
+
+def test_a_growing_file_keeps_the_long_settle_timeout(tmp_path: Path) -> None:
+    growing = tmp_path / "growing.svs"
+    growing.write_bytes(b"GARBAGE")
+    watcher, rec, clock = gated(tmp_path, settle_timeout_s=60.0, unreadable_timeout_s=3.0)
+    t = 0.0
+    while t <= 20.0:
+        if t % 2 < 0.5:  # grows every 2 s: it never stays unreadable and stable for 3 s
+            with growing.open("ab") as fh:
+                fh.write(b"more")
+        look(watcher, clock, t)
+        t += 0.5
+    assert rec.failed == []
+
 
 
 def measure_pickup_latency(slides: int = 20, quiet_period_s: float = 1.0, observer: str = "native") -> list[float]:

@@ -37,7 +37,7 @@ DETECTION_CLASS_UNCERTAIN: DetectionClass
 DETECTION_CLASS_NON_MITOTIC: DetectionClass
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "slide_path", "fingerprint", "source", "priority", "mpp_override", "bundle", "attempts", "error", "created_at", "started_at", "finished_at", "not_before", "submitted_by", "cancelled_by")
+    __slots__ = ("job_id", "state", "slide_path", "fingerprint", "source", "priority", "mpp_override", "bundle", "attempts", "error", "created_at", "started_at", "finished_at", "not_before", "submitted_by", "cancelled_by", "retryable")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class Job(_message.Message):
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_BY_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     state: JobState
     slide_path: str
@@ -70,7 +71,8 @@ class Job(_message.Message):
     not_before: float
     submitted_by: str
     cancelled_by: str
-    def __init__(self, job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., source: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., not_before: _Optional[float] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ...) -> None: ...
+    retryable: bool
+    def __init__(self, job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., source: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., not_before: _Optional[float] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
 
 class SubmitSlideRequest(_message.Message):
     __slots__ = ("slide_path", "priority", "mpp_override", "bundle", "request_id")
@@ -167,20 +169,22 @@ class SubtypeCounts(_message.Message):
     def __init__(self, mitotic: _Optional[int] = ..., atypical: _Optional[int] = ..., normal: _Optional[int] = ..., uncertain: _Optional[int] = ..., atypical_ratio: _Optional[float] = ...) -> None: ...
 
 class Hotspot(_message.Message):
-    __slots__ = ("area_mm2", "radius_um", "center_x_um", "center_y_um", "counts", "tissue_fraction")
+    __slots__ = ("area_mm2", "radius_um", "center_x_um", "center_y_um", "counts", "tissue_fraction", "null_reason")
     AREA_MM2_FIELD_NUMBER: _ClassVar[int]
     RADIUS_UM_FIELD_NUMBER: _ClassVar[int]
     CENTER_X_UM_FIELD_NUMBER: _ClassVar[int]
     CENTER_Y_UM_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     TISSUE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    NULL_REASON_FIELD_NUMBER: _ClassVar[int]
     area_mm2: float
     radius_um: float
     center_x_um: float
     center_y_um: float
     counts: SubtypeCounts
     tissue_fraction: float
-    def __init__(self, area_mm2: _Optional[float] = ..., radius_um: _Optional[float] = ..., center_x_um: _Optional[float] = ..., center_y_um: _Optional[float] = ..., counts: _Optional[_Union[SubtypeCounts, _Mapping]] = ..., tissue_fraction: _Optional[float] = ...) -> None: ...
+    null_reason: str
+    def __init__(self, area_mm2: _Optional[float] = ..., radius_um: _Optional[float] = ..., center_x_um: _Optional[float] = ..., center_y_um: _Optional[float] = ..., counts: _Optional[_Union[SubtypeCounts, _Mapping]] = ..., tissue_fraction: _Optional[float] = ..., null_reason: _Optional[str] = ...) -> None: ...
 
 class MitoticScoreHint(_message.Message):
     __slots__ = ("score", "count", "field_area_mm2", "cutoffs", "note")
@@ -385,7 +389,7 @@ class Engine(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., cache_key: _Optional[str] = ...) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence", "engine_error")
+    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence", "engine_error", "not_ready_reason", "waiting_slides")
     class JobsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -406,6 +410,8 @@ class GetServerStatusResponse(_message.Message):
     JOBS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SLIDES_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     gpu: str
@@ -419,4 +425,18 @@ class GetServerStatusResponse(_message.Message):
     jobs_by_state: _containers.ScalarMap[str, int]
     last_sequence: int
     engine_error: str
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ..., engine_error: _Optional[str] = ...) -> None: ...
+    not_ready_reason: str
+    waiting_slides: _containers.RepeatedCompositeFieldContainer[DaemonWaitingSlide]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ..., engine_error: _Optional[str] = ..., not_ready_reason: _Optional[str] = ..., waiting_slides: _Optional[_Iterable[_Union[DaemonWaitingSlide, _Mapping]]] = ...) -> None: ...
+
+class DaemonWaitingSlide(_message.Message):
+    __slots__ = ("slide_path", "reason", "waiting_s", "fails_in_s")
+    SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_S_FIELD_NUMBER: _ClassVar[int]
+    FAILS_IN_S_FIELD_NUMBER: _ClassVar[int]
+    slide_path: str
+    reason: str
+    waiting_s: float
+    fails_in_s: float
+    def __init__(self, slide_path: _Optional[str] = ..., reason: _Optional[str] = ..., waiting_s: _Optional[float] = ..., fails_in_s: _Optional[float] = ...) -> None: ...
