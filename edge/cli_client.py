@@ -158,7 +158,8 @@ def result_lines(result: dict[str, Any]) -> list[str]:
     density = scores["mitotic_density_per_mm2"]
     lines = [
         f"hotspot mitotic count  {spot['mitotic']} in {spot['area_mm2']:.2f} mm² "
-        f"(atypical {spot['atypical']}, normal {spot['normal']}, uncertain {spot['uncertain']})",
+        f"(atypical {spot['atypical']}, normal {spot['normal']}, uncertain {spot['uncertain']})"
+        + (f"; no hotspot: {spot['null_reason']}" if spot.get("null_reason") else ""),
         f"atypical ratio         hotspot {_ratio(spot['atypical_ratio'])}, slide {_ratio(totals['atypical_ratio'])}",
         f"whole slide            {totals['mitotic']} mitotic figures of {scores['candidates']} candidates; "
         f"tissue {scores['tissue_area_mm2']:.2f} mm²"

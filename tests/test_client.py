@@ -348,3 +348,14 @@ def test_cli_errors_say_what_and_where(server: RunningServer, capsys: pytest.Cap
         run_cli(capsys, address, "--retries", "0", "status")
     with pytest.raises(ConfigError, match="job id or --fingerprint"):
         run_cli(capsys, server.address, "get")
+
+
+def test_a_result_without_a_hotspot_says_why_over_grpc_and_in_the_cli() -> None:
+    from edge.cli_client import result_lines
+    from edge.client import scores_dict
+    from edge.scoring import score_slide
+    from edge.server import scores_to_pb
+
+    scores = scores_dict(scores_to_pb(score_slide([], tissue_area_mm2=0.0).to_json_dict()))
+    assert scores["hotspot"]["null_reason"] == "no tissue found on the slide"
+    assert "no hotspot: no tissue found on the slide" in result_lines({"scores": scores, "exports": {}})[0]
