@@ -259,6 +259,7 @@ def bench_analyze(
         pconfig = pipeline_config(config, bundle)
         with open_slide(path, pconfig.slide) as slide:
             sp = plan_slide(slide, pconfig)
+            efficiency = sp.efficiency
             _warm_page_cache(Path(slide.path))
             held: list[Any] = []
             read_s = [_read_all(slide, sp, pconfig, held, detector_batches)]
@@ -274,6 +275,8 @@ def bench_analyze(
     return {
         "slide": str(path),
         "tiles": n,
+        "tile_layout": sp.plan.layout,
+        "tile_plan": efficiency.to_json_dict(),
         "candidates": analysis.result.scores.candidates,
         "backend": engines.backend,
         "bundle": bundle.name,

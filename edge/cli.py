@@ -137,11 +137,22 @@ def cmd_info(args: argparse.Namespace) -> int:
             data["tissue_area_mm2"] = sp.tissue_area_mm2
             data["tiles"] = len(sp.plan)
             data["tile_grid"] = [sp.plan.columns, sp.plan.rows]
+            data["tile_layout"] = sp.plan.layout
+            data["tile_plan"] = sp.efficiency.to_json_dict()
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
     print(_format_info(data))
     return EXIT_OK
+
+
+def format_plan_efficiency(e: dict[str, Any]) -> str:
+    """One line on a plan's efficiency (``PlanEfficiency.to_json_dict()``)."""
+    return (
+        f"{e['tiles']} tiles ({e['tiles_vs_grid']:.2f}x the fixed grid's {e['grid_tiles']}), "
+        f"tissue {e['tissue_mm2']:.2f} mm², covered {e['covered_mm2']:.2f} mm², read {e['read_mm2']:.2f} mm²: "
+        f"{100 * e['tissue_fraction_of_read']:.0f}% of the read pixels are tissue"
+    )
 
 
 def _format_info(d: dict[str, Any]) -> str:
@@ -178,6 +189,7 @@ def _format_info(d: dict[str, Any]) -> str:
             f"tissue       {d['tissue_area_mm2']:.2f} mm², {d['tiles']} tiles "
             f"(grid {d['tile_grid'][0]} x {d['tile_grid'][1]})"
         )
+        lines.append(f"tile plan    {d['tile_layout']}: {format_plan_efficiency(d['tile_plan'])}")
     for note in d["notes"]:
         lines.append(f"note         {note}")
     return "\n".join(lines)

@@ -150,6 +150,7 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
 
 def cmd_bench_analyze(args: argparse.Namespace) -> int:
     from edge.bench import bench_analyze
+    from edge.cli import format_plan_efficiency
 
     config = config_from_args(args)
     result = bench_analyze(
@@ -160,6 +161,7 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"slide          {result['slide']}: {result['tiles']} tiles, {result['candidates']} candidates, "
           f"backend {result['backend']}")
+    print(f"tile plan      {result['tile_layout']}: {format_plan_efficiency(result['tile_plan'])}")
     print(f"read only      {result['read_tiles_per_s']:.1f} tiles/s")
     print(f"detector only  {result['detector_tiles_per_s']:.1f} tiles/s")
     print(f"end to end     {result['end_to_end_tiles_per_s']:.1f} tiles/s")

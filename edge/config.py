@@ -101,12 +101,16 @@ class TilingConfig:
     tile_size: int = 1024  # px at target mpp, the detector's input size
     overlap: int = 64  # px shared by neighbouring tiles, so a figure on an edge is whole in one tile
     strip_columns: int = 8  # tiles are read in vertical strips this many columns wide (decode-cache reuse)
+    layout: Literal["fit", "grid"] = "fit"  # fit: tiles placed at the tissue's own edges; grid: fixed grid
+
 
     def validate(self) -> None:
         if self.tile_size < 16:
             raise ConfigError(f"tiling.tile_size={self.tile_size} must be at least 16 px")
         if not 0 <= self.overlap < self.tile_size // 2:
             raise ConfigError(f"tiling.overlap={self.overlap} must be in [0, tile_size/2) = [0, {self.tile_size // 2})")
+        if self.layout not in ("fit", "grid"):
+            raise ConfigError(f"tiling.layout={self.layout!r} must be 'fit' or 'grid'")
 
 
 @dataclass(frozen=True)
