@@ -210,6 +210,8 @@ class WatchConfig:
     extensions: tuple[str, ...] = DEFAULT_SLIDE_EXTENSIONS  # lower case, with the dot; ".dcm" = a DICOM folder
     ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE_PATTERNS  # fnmatch patterns on the file name
     quiet_period_s: float = 10.0  # size and mtime unchanged this long (and the reader opens it) = finished
+    close_settle_s: float = 1.0  # closed after writing (inotify) and unchanged this long = finished; 0 = off
+    quiet_only_folders: tuple[str, ...] = ()  # close events not trusted here (scanners that reopen files)
     settle_timeout_s: float = 3600.0  # a file still changing or unreadable after this long ends as failed
     fingerprint: Literal["quick", "full"] = "quick"  # quick: size, mtime, sha256 of head and tail; full: whole file
     on_duplicate: Literal["skip", "reprocess"] = "skip"  # the same slide (same fingerprint) seen again
@@ -219,6 +221,13 @@ class WatchConfig:
         _positive("watch.poll_interval_s", self.poll_interval_s)
         _non_negative("watch.quiet_period_s", self.quiet_period_s)
         _positive("watch.settle_timeout_s", self.settle_timeout_s)
+        _non_negative("watch.close_settle_s", self.close_settle_s)
+        unknown = [f for f in self.quiet_only_folders if f not in self.all_folders]
+        if unknown:
+            raise ConfigError(
+                f"watch.quiet_only_folders {unknown} are not watched; list each in watch.folders or "
+                "watch.polling_folders too"
+            )
         if self.settle_timeout_s <= self.quiet_period_s:
             raise ConfigError(
                 f"watch.settle_timeout_s={self.settle_timeout_s} must be longer than "
