@@ -314,16 +314,10 @@ def bench_daemon(
     import threading
 
     from edge.daemon import Daemon
-    from edge.synth import SynthParams, generate_slide
 
     with tempfile.TemporaryDirectory(prefix="mitosis-edge-bench-daemon-", dir=workdir) as tmp:
         root = Path(tmp)
-        staging, inbox = root / "staging", root / "inbox"
-        staging.mkdir()
-        inbox.mkdir()
-        bases = [staging / f"base-{i}.tiff" for i in range(min(4, slides))]
-        for i, base in enumerate(bases):
-            generate_slide(base, SynthParams(width=size, height=size, seed=9000 + i))
+        staging, inbox, bases = _inbox_and_slides(root, min(4, slides), size, seed=9000)
         names = []
         for i in range(slides):
             name = f"slide-{i:04d}.tiff"
@@ -411,17 +405,11 @@ def bench_daemon_latency(
     from edge.daemon import Daemon
     from edge.engines import load_bundle, open_engines
     from edge.pipeline import analyze_slide
-    from edge.synth import SynthParams, generate_slide
 
     chunk = 1 << 20
     with tempfile.TemporaryDirectory(prefix="mitosis-edge-bench-latency-", dir=workdir) as tmp:
         root = Path(tmp)
-        staging, inbox = root / "staging", root / "inbox"
-        staging.mkdir()
-        inbox.mkdir()
-        bases = [staging / f"base-{i}.tiff" for i in range(min(2, slides))]
-        for i, base in enumerate(bases):
-            generate_slide(base, SynthParams(width=size, height=size, seed=9100 + i))
+        _staging, inbox, bases = _inbox_and_slides(root, min(2, slides), size, seed=9100)
         overrides: dict[str, Any] = {
             "watch.folders": [str(inbox)], "watch.polling_folders": [], "daemon.data_dir": str(root / "data"),
             "daemon.metrics_listen": "", "daemon.min_free_disk_mb": 0, "server.enabled": False,
@@ -480,6 +468,19 @@ def bench_daemon_latency(
         "max_to_start_s": max((r["to_start_s"] for r in rows if r.get("to_start_s") is not None), default=None),
         "per_slide": rows,
     }
+
+
+def _inbox_and_slides(root: Path, count: int, size: int, seed: int) -> tuple[Path, Path, list[Path]]:
+    """A staging folder with ``count`` generated slides of ``size`` px, and an empty inbox, under ``root``."""
+    from edge.synth import SynthParams, generate_slide
+
+    staging, inbox = root / "staging", root / "inbox"
+    staging.mkdir()
+    inbox.mkdir()
+    bases = [staging / f"base-{i}.tiff" for i in range(count)]
+    for i, base in enumerate(bases):
+        generate_slide(base, SynthParams(width=size, height=size, seed=seed + i))
+    return staging, inbox, bases
 
 
 def daemon_observer_kind(daemon: Any, folder: str) -> str:

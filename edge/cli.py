@@ -146,15 +146,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def format_plan_efficiency(e: dict[str, Any]) -> str:
-    """One line on a plan's efficiency (``PlanEfficiency.to_json_dict()``)."""
-    return (
-        f"{e['tiles']} tiles ({e['tiles_vs_grid']:.2f}x the fixed grid's {e['grid_tiles']}), "
-        f"tissue {e['tissue_mm2']:.2f} mm², covered {e['covered_mm2']:.2f} mm², read {e['read_mm2']:.2f} mm²: "
-        f"{100 * e['tissue_fraction_of_read']:.0f}% of the read pixels are tissue"
-    )
-
-
 def _format_info(d: dict[str, Any]) -> str:
     lines = [
         f"slide        {d['path']}",
@@ -189,7 +180,7 @@ def _format_info(d: dict[str, Any]) -> str:
             f"tissue       {d['tissue_area_mm2']:.2f} mm², {d['tiles']} tiles "
             f"(grid {d['tile_grid'][0]} x {d['tile_grid'][1]})"
         )
-        lines.append(f"tile plan    {d['tile_layout']}: {format_plan_efficiency(d['tile_plan'])}")
+        lines.append(f"tile plan    {d['tile_layout']}: {cli_analysis.format_plan_efficiency(d['tile_plan'])}")
     for note in d["notes"]:
         lines.append(f"note         {note}")
     return "\n".join(lines)

@@ -150,7 +150,6 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
 
 def cmd_bench_analyze(args: argparse.Namespace) -> int:
     from edge.bench import bench_analyze
-    from edge.cli import format_plan_efficiency
 
     config = config_from_args(args)
     result = bench_analyze(
@@ -170,6 +169,15 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
     print(f"stages (s)     {stages}")
     print(f"peak RSS       {result['peak_rss_mb']:.0f} MiB")
     return EXIT_OK
+
+
+def format_plan_efficiency(e: dict[str, Any]) -> str:
+    """One line on a plan's efficiency (``PlanEfficiency.to_json_dict()``)."""
+    return (
+        f"{e['tiles']} tiles ({e['tiles_vs_grid']:.2f}x the fixed grid's {e['grid_tiles']}), "
+        f"tissue {e['tissue_mm2']:.2f} mm², covered {e['covered_mm2']:.2f} mm², read {e['read_mm2']:.2f} mm²: "
+        f"{100 * e['tissue_fraction_of_read']:.0f}% of the read pixels are tissue"
+    )
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
