@@ -222,12 +222,6 @@ class WatchConfig:
         _non_negative("watch.quiet_period_s", self.quiet_period_s)
         _positive("watch.settle_timeout_s", self.settle_timeout_s)
         _non_negative("watch.close_settle_s", self.close_settle_s)
-        unknown = [f for f in self.quiet_only_folders if f not in self.all_folders]
-        if unknown:
-            raise ConfigError(
-                f"watch.quiet_only_folders {unknown} are not watched; list each in watch.folders or "
-                "watch.polling_folders too"
-            )
         if self.settle_timeout_s <= self.quiet_period_s:
             raise ConfigError(
                 f"watch.settle_timeout_s={self.settle_timeout_s} must be longer than "

@@ -394,6 +394,13 @@ class SlideWatcher:
                 raise ConfigError(
                     f"watch folder {folder!r} does not exist or is not a folder; create it or fix watch.folders"
                 )
+        watched = {os.path.normpath(f) for f in cfg.all_folders}
+        unknown = [f for f in cfg.quiet_only_folders if os.path.normpath(f) not in watched]
+        if unknown:
+            raise ConfigError(
+                f"watch.quiet_only_folders {unknown} are not watched; list each in watch.folders or "
+                "watch.polling_folders (or serve --watch) too"
+            )
         for folder in cfg.folders:
             self.observer_kinds[folder] = choose_observer(folder, cfg.observer)
         for folder in cfg.polling_folders:
@@ -500,8 +507,9 @@ class SlideWatcher:
         if self.config.close_settle_s <= 0 or unit.suffix.lower() in (".mrxs", ".dcm") or unit.suffix == "":
             return False
         folder = self._folder_of(unit)
-        native = folder is not None and self.observer_kinds.get(folder) == "native"
-        return native and folder not in self.config.quiet_only_folders
+        if folder is None or self.observer_kinds.get(folder) != "native":
+            return False
+        return os.path.normpath(folder) not in {os.path.normpath(f) for f in self.config.quiet_only_folders}
 
     def _folder_of(self, unit: Path) -> str | None:
         """The watched folder that holds ``unit`` (the deepest, when folders nest)."""

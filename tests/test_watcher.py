@@ -608,8 +608,9 @@ def test_close_events_do_nothing_when_switched_off() -> None:
 
 
 def test_quiet_only_folders_must_be_watched(tmp_path: Path) -> None:
+    watcher, _rec, _clock = gated(tmp_path, quiet_only_folders=(str(tmp_path / "elsewhere"),))
     with pytest.raises(ConfigError, match="quiet_only_folders"):
-        _config(tmp_path, quiet_only_folders=("/elsewhere",)).validate()
+        watcher.start()
 
 
 def _write_and_close(path: Path, chunks: int = 4, pause: float = 0.05) -> float:
@@ -655,7 +656,7 @@ def test_a_writer_that_closes_and_reopens_mid_write_is_never_started_early(tmp_p
 def test_in_a_quiet_only_folder_a_close_does_not_start_a_slide(tmp_path: Path) -> None:
     target = tmp_path / "reopens.svs"
     with running(tmp_path, observer="native", quiet_period_s=3.0, settle_timeout_s=60.0, close_settle_s=0.3,
-                 quiet_only_folders=(str(tmp_path),), scan_on_start=False) as (watcher, rec):  # fmt: skip
+                 quiet_only_folders=(str(tmp_path) + "/",), scan_on_start=False) as (watcher, rec):  # fmt: skip
         assert not watcher.trusts_close_events(target)
         _write_and_close(target)
         time.sleep(1.0)  # a pause longer than the settle time, then the scanner reopens and writes on
