@@ -259,6 +259,7 @@ def bench_analyze(
         pconfig = pipeline_config(config, bundle)
         with open_slide(path, pconfig.slide) as slide:
             sp = plan_slide(slide, pconfig)
+            efficiency = sp.efficiency
             _warm_page_cache(Path(slide.path))
             held: list[Any] = []
             read_s = [_read_all(slide, sp, pconfig, held, detector_batches)]
@@ -274,6 +275,8 @@ def bench_analyze(
     return {
         "slide": str(path),
         "tiles": n,
+        "tile_layout": sp.plan.layout,
+        "tile_plan": efficiency.to_json_dict(),
         "candidates": analysis.result.scores.candidates,
         "backend": engines.backend,
         "bundle": bundle.name,
@@ -311,16 +314,10 @@ def bench_daemon(
     import threading
 
     from edge.daemon import Daemon
-    from edge.synth import SynthParams, generate_slide
 
     with tempfile.TemporaryDirectory(prefix="mitosis-edge-bench-daemon-", dir=workdir) as tmp:
         root = Path(tmp)
-        staging, inbox = root / "staging", root / "inbox"
-        staging.mkdir()
-        inbox.mkdir()
-        bases = [staging / f"base-{i}.tiff" for i in range(min(4, slides))]
-        for i, base in enumerate(bases):
-            generate_slide(base, SynthParams(width=size, height=size, seed=9000 + i))
+        staging, inbox, bases = _inbox_and_slides(root, min(4, slides), size, seed=9000)
         names = []
         for i in range(slides):
             name = f"slide-{i:04d}.tiff"
@@ -382,6 +379,124 @@ def bench_daemon(
         "rss_mb_at_end": rss[-1][1] if rss else None,
         "peak_rss_mb_daemon_process": peak_rss_mb(),
     }
+
+
+def bench_daemon_latency(
+    config: Config,
+    *,
+    slides: int = 20,
+    size: int = 1536,
+    quiet_period_s: float | None = None,
+    observer: str | None = None,
+    timeout_s: float = 600.0,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Time to result as a lab feels it: ``slides`` slides written one after another into a running
+    daemon's inbox the way a scanner writes (in chunks under the final name, then closed), each after
+    the previous one's result is stored. Per slide: seconds from the last byte written to the job
+    being queued, to the job starting and to its result being stored; and, measured in the same run
+    with the same engines, the wall time of ``analyze`` on one of the slides (analysis and exports, as
+    the command does them, engines already loaded), the yardstick for last-byte-to-result. The quiet
+    period and observer are the config's unless given.
+    """
+    import shutil
+    import tempfile
+
+    from edge.daemon import Daemon
+    from edge.engines import load_bundle, open_engines
+    from edge.pipeline import analyze_slide
+
+    chunk = 1 << 20
+    with tempfile.TemporaryDirectory(prefix="mitosis-edge-bench-latency-", dir=workdir) as tmp:
+        root = Path(tmp)
+        _staging, inbox, bases = _inbox_and_slides(root, min(2, slides), size, seed=9100)
+        overrides: dict[str, Any] = {
+            "watch.folders": [str(inbox)], "watch.polling_folders": [], "daemon.data_dir": str(root / "data"),
+            "daemon.metrics_listen": "", "daemon.min_free_disk_mb": 0, "server.enabled": False,
+            "watch.scan_on_start": False,
+        }  # fmt: skip
+        if quiet_period_s is not None:
+            overrides["watch.quiet_period_s"] = quiet_period_s
+        if observer is not None:
+            overrides["watch.observer"] = observer
+        config = config.with_overrides(overrides)
+        bundle = load_bundle(config.engines.bundle)
+        with open_engines(bundle, config.engines, detector_batch=config.stream.batch_size) as engines:
+            analyze_s = []
+            for attempt in range(2):  # the first warms the engines and the page cache up; the faster one counts
+                t0 = time.perf_counter()
+                analysis = analyze_slide(bases[0], config, engines=engines)
+                analysis.write_exports(root / f"analyze-{attempt}")  # as `mitosis-edge analyze` does
+                analyze_s.append(time.perf_counter() - t0)
+        rows: list[dict[str, Any]] = []
+        with Daemon(config) as daemon:
+            while not daemon.is_ready():
+                time.sleep(0.05)
+            observer_kind = daemon_observer_kind(daemon, str(inbox))
+            for i in range(slides):
+                data = bases[i % len(bases)].read_bytes() + i.to_bytes(8, "little")  # byte-distinct copies
+                target = inbox / f"slide-{i:04d}.tiff"
+                with target.open("wb") as fh:  # like a scanner: chunks under the final name, then close
+                    for offset in range(0, len(data), chunk):
+                        fh.write(data[offset : offset + chunk])
+                        fh.flush()
+                    last_byte = time.time()
+                job = _wait_job_terminal(daemon, str(target), timeout_s)
+                row: dict[str, Any] = {"slide": target.name, "state": job.state if job else "timeout"}
+                if job is not None:
+                    row["to_queued_s"] = job.created_at - last_byte
+                    row["to_start_s"] = (job.started_at - last_byte) if job.started_at else None
+                    row["to_result_s"] = (job.finished_at - last_byte) if job.finished_at else None
+                rows.append(row)
+            shutil.rmtree(inbox, ignore_errors=True)
+
+    def median(key: str) -> float | None:
+        values = sorted(r[key] for r in rows if r.get(key) is not None)
+        return values[len(values) // 2] if values else None
+
+    return {
+        "slides": slides,
+        "size_px": size,
+        "observer": observer_kind,
+        "quiet_period_s": config.watch.quiet_period_s,
+        "close_settle_s": config.watch.close_settle_s,
+        "analyze_seconds": min(analyze_s),
+        "done": sum(1 for r in rows if r["state"] == "done"),
+        "median_to_queued_s": median("to_queued_s"),
+        "median_to_start_s": median("to_start_s"),
+        "median_to_result_s": median("to_result_s"),
+        "max_to_start_s": max((r["to_start_s"] for r in rows if r.get("to_start_s") is not None), default=None),
+        "per_slide": rows,
+    }
+
+
+def _inbox_and_slides(root: Path, count: int, size: int, seed: int) -> tuple[Path, Path, list[Path]]:
+    """A staging folder with ``count`` generated slides of ``size`` px, and an empty inbox, under ``root``."""
+    from edge.synth import SynthParams, generate_slide
+
+    staging, inbox = root / "staging", root / "inbox"
+    staging.mkdir()
+    inbox.mkdir()
+    bases = [staging / f"base-{i}.tiff" for i in range(count)]
+    for i, base in enumerate(bases):
+        generate_slide(base, SynthParams(width=size, height=size, seed=seed + i))
+    return staging, inbox, bases
+
+
+def daemon_observer_kind(daemon: Any, folder: str) -> str:
+    """The observer the daemon's watcher chose for ``folder`` ("native", "polling" or "" if none)."""
+    return str(daemon.watcher.observer_kinds.get(folder, "")) if daemon.watcher is not None else ""
+
+
+def _wait_job_terminal(daemon: Any, slide_path: str, timeout_s: float) -> Any:
+    """The job of ``slide_path`` once it is done, failed or cancelled; None after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for job in daemon.store.list_jobs(slide_path_contains=Path(slide_path).name):
+            if job.state in ("done", "failed", "cancelled"):
+                return job
+        time.sleep(0.05)
+    return None
 
 
 def current_rss_mb() -> float:

@@ -138,6 +138,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             data["tissue_area_mm2"] = sp.tissue_area_mm2
             data["tiles"] = len(sp.plan)
             data["tile_grid"] = [sp.plan.columns, sp.plan.rows]
+            data["tile_layout"] = sp.plan.layout
+            data["tile_plan"] = sp.efficiency.to_json_dict()
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -179,6 +181,7 @@ def _format_info(d: dict[str, Any]) -> str:
             f"tissue       {d['tissue_area_mm2']:.2f} mm², {d['tiles']} tiles "
             f"(grid {d['tile_grid'][0]} x {d['tile_grid'][1]})"
         )
+        lines.append(f"tile plan    {d['tile_layout']}: {cli_analysis.format_plan_efficiency(d['tile_plan'])}")
     for note in d["notes"]:
         lines.append(f"note         {note}")
     return "\n".join(lines)

@@ -160,6 +160,7 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"slide          {result['slide']}: {result['tiles']} tiles, {result['candidates']} candidates, "
           f"backend {result['backend']}")
+    print(f"tile plan      {result['tile_layout']}: {format_plan_efficiency(result['tile_plan'])}")
     print(f"read only      {result['read_tiles_per_s']:.1f} tiles/s")
     print(f"detector only  {result['detector_tiles_per_s']:.1f} tiles/s")
     print(f"end to end     {result['end_to_end_tiles_per_s']:.1f} tiles/s")
@@ -168,6 +169,15 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
     print(f"stages (s)     {stages}")
     print(f"peak RSS       {result['peak_rss_mb']:.0f} MiB")
     return EXIT_OK
+
+
+def format_plan_efficiency(e: dict[str, Any]) -> str:
+    """One line on a plan's efficiency (``PlanEfficiency.to_json_dict()``)."""
+    return (
+        f"{e['tiles']} tiles ({e['tiles_vs_grid']:.2f}x the fixed grid's {e['grid_tiles']}), "
+        f"tissue {e['tissue_mm2']:.2f} mm², covered {e['covered_mm2']:.2f} mm², read {e['read_mm2']:.2f} mm²: "
+        f"{100 * e['tissue_fraction_of_read']:.0f}% of the read pixels are tissue"
+    )
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -49,9 +49,13 @@ def register(sub: Any) -> None:
 
 def register_bench(bench_sub: Any) -> None:
     b = bench_sub.add_parser("daemon", help="drop many slides into a daemon at once: exactly once, pickup, memory")
-    b.add_argument("--slides", type=int, default=200, help="slides dropped at once (default 200)")
+    b.add_argument("--slides", type=int, help="slides dropped at once (default 200; with --latency 20)")
     b.add_argument("--size", type=int, default=1536, help="side of each synthetic slide in px (default 1536)")
-    b.add_argument("--quiet-period", type=float, default=1.0, help="watch.quiet_period_s for the run (default 1)")
+    b.add_argument("--quiet-period", type=float, help="watch.quiet_period_s for the run (default 1; with --latency "
+                   "the config's, 10 s)")
+    b.add_argument("--latency", action="store_true", help="time to result instead: slides written one by one like a "
+                   "scanner (chunks, then close); last byte to job start and to result per slide, against analyze")
+    b.add_argument("--observer", choices=("auto", "native", "polling"), help="watch.observer for the run")
     b.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
     b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
     b.add_argument("--json", action="store_true", help="print one JSON object")
@@ -61,8 +65,14 @@ def register_bench(bench_sub: Any) -> None:
 def cmd_bench_daemon(args: argparse.Namespace) -> int:
     from edge.bench import bench_daemon
 
-    result = bench_daemon(config_from_args(args), slides=args.slides, size=args.size,
-                          quiet_period_s=args.quiet_period)
+    if args.latency:
+        return _bench_daemon_latency(args)
+    config = config_from_args(args)
+    if args.observer:
+        config = config.with_overrides({"watch.observer": args.observer})
+    quiet = 1.0 if args.quiet_period is None else args.quiet_period
+    slides = 200 if args.slides is None else args.slides
+    result = bench_daemon(config, slides=slides, size=args.size, quiet_period_s=quiet)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -76,6 +86,29 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
               f"after a quarter, {result['rss_mb_at_end']:.0f} MiB at the end")
     ok = result["finished_in_time"] and result["slides_with_one_job"] == result["slides"]
     return EXIT_OK if ok else EXIT_ERROR
+
+
+def _bench_daemon_latency(args: argparse.Namespace) -> int:
+    from edge.bench import bench_daemon_latency
+
+    slides = 20 if args.slides is None else args.slides
+    result = bench_daemon_latency(config_from_args(args), slides=slides, size=args.size,
+                                  quiet_period_s=args.quiet_period, observer=args.observer)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"slides         {result['slides']} written one by one ({result['size_px']} px), {result['done']} done; "
+              f"{result['observer']} observer, quiet_period_s {result['quiet_period_s']:g}, "
+              f"close_settle_s {result['close_settle_s']:g}")
+        print("slide                 last byte to: queued   start  result (s)")
+        for r in result["per_slide"]:
+            cells = " ".join(f"{r[k]:7.2f}" if r.get(k) is not None else "      -"
+                             for k in ("to_queued_s", "to_start_s", "to_result_s"))
+            print(f"{r['slide']:<28} {cells}  {r['state']}")
+        print(f"median         start {result['median_to_start_s']:.2f} s, result {result['median_to_result_s']:.2f} s "
+              f"after the last byte; analyze {result['analyze_seconds']:.2f} s "
+              "(analysis and exports, same engines, this run)")
+    return EXIT_OK if result["done"] == result["slides"] else EXIT_ERROR
 
 
 def serve_config(args: argparse.Namespace) -> Any:

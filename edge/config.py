@@ -107,12 +107,16 @@ class TilingConfig:
     tile_size: int = 1024  # px at target mpp, the detector's input size
     overlap: int = 64  # px shared by neighbouring tiles, so a figure on an edge is whole in one tile
     strip_columns: int = 8  # tiles are read in vertical strips this many columns wide (decode-cache reuse)
+    layout: Literal["fit", "grid"] = "fit"  # fit: tiles placed at the tissue's own edges; grid: fixed grid
+
 
     def validate(self) -> None:
         if self.tile_size < 16:
             raise ConfigError(f"tiling.tile_size={self.tile_size} must be at least 16 px")
         if not 0 <= self.overlap < self.tile_size // 2:
             raise ConfigError(f"tiling.overlap={self.overlap} must be in [0, tile_size/2) = [0, {self.tile_size // 2})")
+        if self.layout not in ("fit", "grid"):
+            raise ConfigError(f"tiling.layout={self.layout!r} must be 'fit' or 'grid'")
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,8 @@ class WatchConfig:
     extensions: tuple[str, ...] = DEFAULT_SLIDE_EXTENSIONS  # lower case, with the dot; ".dcm" = a DICOM folder
     ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE_PATTERNS  # fnmatch patterns on the file name
     quiet_period_s: float = 10.0  # size and mtime unchanged this long (and the reader opens it) = finished
+    close_settle_s: float = 1.0  # closed after writing (inotify) and unchanged this long = finished; 0 = off
+    quiet_only_folders: tuple[str, ...] = ()  # close events not trusted here (scanners that reopen files)
     settle_timeout_s: float = 3600.0  # a file still changing or unreadable after this long ends as failed
     unreadable_timeout_s: float = 300.0  # a file that stopped changing but does not open fails after this long
     open_timeout_s: float = 60.0  # opening a settled slide (in a thread) is given up after this long
@@ -229,6 +235,7 @@ class WatchConfig:
         _positive("watch.settle_timeout_s", self.settle_timeout_s)
         _positive("watch.unreadable_timeout_s", self.unreadable_timeout_s)
         _positive("watch.open_timeout_s", self.open_timeout_s)
+        _non_negative("watch.close_settle_s", self.close_settle_s)
         if self.settle_timeout_s <= self.quiet_period_s:
             raise ConfigError(
                 f"watch.settle_timeout_s={self.settle_timeout_s} must be longer than "

@@ -103,6 +103,29 @@ def test_bench_read_json(synth_slide: SynthFactory) -> None:
     assert figures["tiles"] > 0 and figures["region_reader"] == "tiles"
 
 
+def test_info_tiles_reports_the_plan_efficiency() -> None:
+    result = run_cli("info", "--tiles", "--json", str(data_file("wsi/CMU-1-Small-Region.svs")))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    plan = data["tile_plan"]
+    assert data["tile_layout"] == "fit" and plan["tiles"] == data["tiles"]
+    assert plan["tiles"] <= 0.85 * plan["grid_tiles"]  # a small section: its edges are most of its tiles
+    assert 0 < plan["tissue_mm2"] < plan["covered_mm2"] < plan["read_mm2"]
+    assert plan["tissue_fraction_of_read"] == pytest.approx(plan["tissue_mm2"] / plan["read_mm2"], abs=1e-3)
+    text = run_cli("info", "--tiles", str(data_file("wsi/CMU-1-Small-Region.svs"))).stdout
+    assert "tile plan    fit:" in text and "of the read pixels are tissue" in text
+
+
+def test_bench_daemon_latency_starts_slides_when_the_scanner_closes_them() -> None:
+    result = run_cli("bench", "daemon", "--latency", "--slides", "2", "--quiet-period", "30", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["done"] == 2 and figures["observer"] == "native" and len(figures["per_slide"]) == 2
+    for row in figures["per_slide"]:  # on close, not after the 30 s quiet period
+        assert 0 < row["to_queued_s"] <= row["to_start_s"] <= row["to_result_s"] < 30
+    assert figures["analyze_seconds"] > 0
+
+
 def test_demo_runs_a_daemon_that_picks_up_a_copied_slide_and_reports_over_grpc(tmp_path: Path) -> None:
     result = run_cli("demo", "--size", "6144", "--keep", str(tmp_path))
     assert result.returncode == 0, result.stderr
