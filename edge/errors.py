@@ -23,7 +23,8 @@ Every error a user can cause says what was wrong, with the value, and what to do
     │   ├── JobStateError                   the job is in a state that does not allow the change
     │   └── StoreCorruptError               not a mitosis-edge store, or a newer schema than this version
     ├── DiskFullError (OSError)             too little free space where the daemon writes exports
-    └── AnalysisCrashed (RuntimeError)      the daemon's analysis process died on a slide
+    ├── AnalysisCrashed (RuntimeError)      the daemon's analysis process died on a slide
+    └── MissingExtraError (ImportError)     an optional extra (cohort: Ray, lifelines) is not installed
 """
 
 from __future__ import annotations
@@ -161,3 +162,7 @@ class DiskFullError(EdgeError, OSError):
 
 class AnalysisCrashed(EdgeError, RuntimeError):
     """The analysis process died while it worked on a slide (a crash in a reader or an engine library)."""
+
+
+class MissingExtraError(EdgeError, ImportError):
+    """A command needs an optional extra that is not installed; the message says what to install."""

@@ -1,0 +1,121 @@
+"""`mitosis-edge cohort run` and `cohort survival`: an archive scored on Ray, then the survival analysis.
+
+Part of the command-line shell (it prints); the work happens in ``edge.cohort`` and ``edge.survival``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge.cli_args import config_from_args
+from edge.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("cohort", help="cohort studies: score an archive of slides on Ray, survival analysis")
+    cohort = p.add_subparsers(title="cohort commands", metavar="WHAT")
+
+    r = cohort.add_parser("run", help="analyse every slide of a folder or CSV on Ray; resumable, one row per slide")
+    r.add_argument("--slides", required=True, metavar="LIST",
+                   help="a folder of slides (recursive) or a CSV with slide_path and optional case_id, mpp, ...")
+    r.add_argument("--out", required=True, metavar="DIR", help="results folder: slides.csv and slides/<id>/ exports")
+    r.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
+    r.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (default: $RAY_ADDRESS, else Ray started on this machine)")
+    r.add_argument("--cpus-per-slide", type=float, default=None,
+                   help="CPUs each worker reserves (default 1 on CPU backends, 2 with a GPU)")
+    r.add_argument("--gpus-per-slide", type=float, default=None,
+                   help="GPUs each worker reserves (default 0 on onnxruntime, 1 on GPU backends)")
+    r.add_argument("--max-workers", type=int, default=0, help="at most this many workers (default: as many as fit)")
+    r.add_argument("--retry-failed", action="store_true", help="run again the slides that failed before")
+    r.add_argument("--mpp", type=float, help="µm/px for slides that record none (a CSV's mpp column wins)")
+    r.set_defaults(handler=cmd_cohort_run)
+
+    s = cohort.add_parser("survival", help="survival by hotspot MC and AMF/NMF ratio: cutoffs, Cox, KM plots, report")
+    s.add_argument("--results", required=True, metavar="DIR", help="a cohort run's folder (its slides.csv)")
+    s.add_argument("--clinical", required=True, metavar="CSV", help="clinical table (TCGA CDR columns work as they are)")
+    s.add_argument("--out", required=True, metavar="REPORT_DIR", help="report folder")
+    s.add_argument("--endpoint", default="OS", help="TCGA CDR endpoint: OS, PFI, DSS or DFI (default OS)")
+    s.add_argument("--id-col", help="case id column (default bcr_patient_barcode, else case_id)")
+    s.add_argument("--time-col", help="time-to-event column in days (default: <endpoint>.time)")
+    s.add_argument("--event-col", help="event column, 1 = event, 0 = censored (default: <endpoint>)")
+    s.add_argument("--per-case", choices=("max", "mean", "first"), default="max",
+                   help="several slides of a case: the worst (max, default), the mean or the first")
+    s.add_argument("--horizon-years", type=float, default=10.0, help="censor at this follow-up (default 10, as the paper)")
+    s.add_argument("--min-group", default="10%", help="smallest group for a searched cutoff: a share (10%%) or a count")
+    s.add_argument("--cutoff", action="append", default=[], metavar="VAR=VALUE",
+                   help="a pre-specified cutoff, e.g. mc=11 (repeatable; variables mc, hotspot_ratio, slide_ratio, "
+                   "density; default: the breast mitotic-score cutoffs rescaled to the hotspot area)")
+    s.set_defaults(handler=cmd_cohort_survival)
+
+    def usage(args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(handler=usage)
+
+
+def _progress_printer() -> Any:
+    tty = sys.stderr.isatty()
+
+    def show(done: int, failed: int, total: int, eta: float | None) -> None:
+        finished = done + failed
+        eta_text = "ETA --" if eta is None else f"ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        if tty:
+            width = 30
+            filled = int(width * finished / total) if total else width
+            sys.stderr.write(f"\rcohort [{'#' * filled}{'.' * (width - filled)}] {finished}/{total} "
+                             f"done {done} failed {failed} {eta_text} ")
+            if finished >= total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(f"cohort {finished}/{total}: done {done}, failed {failed}, {eta_text}\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_cohort_run(args: argparse.Namespace) -> int:
+    from edge.cohort import list_slides, run_cohort
+
+    config = config_from_args(args)
+    gpu = config.engines.backend != "onnxruntime"
+    cpus = args.cpus_per_slide if args.cpus_per_slide is not None else (2.0 if gpu else 1.0)
+    gpus = args.gpus_per_slide if args.gpus_per_slide is not None else (1.0 if gpu else 0.0)
+    if cpus < 0 or gpus < 0:
+        raise ConfigError(f"--cpus-per-slide {cpus:g} and --gpus-per-slide {gpus:g} must not be negative")
+    slides = list_slides(args.slides)
+    print(f"cohort: {len(slides)} slides from {args.slides}; results in {Path(args.out) / 'slides.csv'}",
+          file=sys.stderr)
+    summary = run_cohort(slides, args.out, config, ray_address=args.ray_address, cpus_per_slide=cpus,
+                         gpus_per_slide=gpus, max_workers=args.max_workers, retry_failed=args.retry_failed,
+                         progress=_progress_printer())
+    print(f"slides      {summary.total}: {summary.done} analysed now, {summary.skipped_done} done before (skipped), "
+          f"{summary.failed} failed now, {summary.skipped_failed} failed before (--retry-failed runs them)")
+    if summary.workers:
+        nodes = ", ".join(f"{node} {n}" for node, n in sorted(summary.nodes.items()))
+        print(f"workers     {summary.workers} on {len(summary.nodes)} node(s): slides per node {nodes}; "
+              f"{summary.retried} retried after a worker died")
+    if summary.peak_rss_mb:
+        rss = ", ".join(f"{w} {v[0]:.0f}->{v[-1]:.0f}" for w, v in sorted(summary.peak_rss_mb.items()))
+        print(f"peak RSS    MiB per worker, first slide -> last: {rss}")
+    print(f"time        {summary.seconds:.1f} s")
+    print(f"results     {Path(args.out) / 'slides.csv'}")
+    for path, reason in summary.failures:
+        print(f"failed      {path}: {reason}")
+    if summary.failed_total:
+        print(f"mitosis-edge: {summary.failed_total} slide(s) failed; see the reasons above and in slides.csv",
+              file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_cohort_survival(args: argparse.Namespace) -> int:
+    raise ConfigError("not yet")
