@@ -40,7 +40,8 @@ def register(sub: Any) -> None:
 
     s = cohort.add_parser("survival", help="survival by hotspot MC and AMF/NMF ratio: cutoffs, Cox, KM plots, report")
     s.add_argument("--results", required=True, metavar="DIR", help="a cohort run's folder (its slides.csv)")
-    s.add_argument("--clinical", required=True, metavar="CSV", help="clinical table (TCGA CDR columns work as they are)")
+    s.add_argument("--clinical", required=True, metavar="CSV",
+                   help="clinical table (TCGA CDR columns work as they are)")
     s.add_argument("--out", required=True, metavar="REPORT_DIR", help="report folder")
     s.add_argument("--endpoint", default="OS", help="TCGA CDR endpoint: OS, PFI, DSS or DFI (default OS)")
     s.add_argument("--id-col", help="case id column (default bcr_patient_barcode, else case_id)")
@@ -48,7 +49,8 @@ def register(sub: Any) -> None:
     s.add_argument("--event-col", help="event column, 1 = event, 0 = censored (default: <endpoint>)")
     s.add_argument("--per-case", choices=("max", "mean", "first"), default="max",
                    help="several slides of a case: the worst (max, default), the mean or the first")
-    s.add_argument("--horizon-years", type=float, default=10.0, help="censor at this follow-up (default 10, as the paper)")
+    s.add_argument("--horizon-years", type=float, default=10.0,
+                   help="censor at this follow-up (default 10, as the paper)")
     s.add_argument("--min-group", default="10%", help="smallest group for a searched cutoff: a share (10%%) or a count")
     s.add_argument("--cutoff", action="append", default=[], metavar="VAR=VALUE",
                    help="a pre-specified cutoff, e.g. mc=11 (repeatable; variables mc, hotspot_ratio, slide_ratio, "

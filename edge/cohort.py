@@ -122,11 +122,13 @@ def list_slides(source: str | Path) -> list[CohortSlide]:
                 if unit is not None and unit.exists():
                     units.setdefault(unit)
         if not units:
-            raise ConfigError(f"--slides {str(src)!r}: no slides found (extensions {', '.join(DEFAULT_SLIDE_EXTENSIONS)})")
+            known = ", ".join(DEFAULT_SLIDE_EXTENSIONS)
+            raise ConfigError(f"--slides {str(src)!r}: no slides found (extensions {known})")
         return [CohortSlide(path=u, case_id=case_id_for(u)) for u in sorted(units)]
     if src.is_file():
         return _slides_from_csv(src)
-    raise ConfigError(f"--slides {str(src)!r} does not exist; give a folder of slides or a CSV with a slide_path column")
+    raise ConfigError(f"--slides {str(src)!r} does not exist; give a folder of slides or a CSV with a slide_path "
+                      "column")
 
 
 def _slides_from_csv(path: Path) -> list[CohortSlide]:
@@ -378,7 +380,7 @@ def _node_id() -> str:
         import ray
 
         return str(ray.get_runtime_context().get_node_id())[:12]
-    except Exception:  # outside Ray (tests call the worker directly)
+    except Exception:  # noqa: BLE001 - outside Ray (tests call the worker directly)
         return "local"
 
 
@@ -530,8 +532,9 @@ def _schedule(
                     summary.retried += 1
                     submit(w, p)  # the actor restarts; the call waits for it
                     continue
-                row = failed_row(p, key, f"the worker process died on this slide {MAX_ATTEMPTS} times "
-                                 "(killed, out of memory, or a crash in a reader library)", attempt=attempts[p.slide_id])
+                reason = (f"the worker process died on this slide {MAX_ATTEMPTS} times "
+                          "(killed, out of memory, or a crash in a reader library)")
+                row = failed_row(p, key, reason, attempt=attempts[p.slide_id])
             table.append(row)
             finished += 1
             if row["status"] == "done":
@@ -542,7 +545,8 @@ def _schedule(
             node = row.get("node") or "?"
             summary.nodes[node] = summary.nodes.get(node, 0) + 1
             if row.get("worker_peak_rss_mb"):
-                summary.peak_rss_mb.setdefault(f"{node}:{row['worker_pid']}", []).append(float(row["worker_peak_rss_mb"]))
+                worker = f"{node}:{row['worker_pid']}"
+                summary.peak_rss_mb.setdefault(worker, []).append(float(row["worker_peak_rss_mb"]))
             if queue:
                 submit(w, queue.pop())
             if progress is not None:

@@ -80,7 +80,7 @@ def _bundle_decision(provenance: Mapping[str, Any]) -> tuple[float | None, float
 
             d = load_bundle(path).decision
             return d.mitotic_threshold, d.atypical_above, d.normal_below
-        except Exception as exc:  # the bundle moved or is gone: the threshold must come from --threshold
+        except Exception as exc:  # noqa: BLE001 - the bundle moved or is gone: the threshold must come from --threshold
             log.info("bundle %s of a result is not readable (%s)", path, exc)
     return None, 0.9, 0.1
 
@@ -171,7 +171,7 @@ def read_groups(path: str | Path, images: Sequence[ReportImage], group_by: Seque
     for image in images:
         row = table.get(_key(image.name))
         image.groups = {d: (row[d] if row else "(not in groups table)") for d in dims}
-    return dims
+    return list(dims)
 
 
 # --- the numbers -----------------------------------------------------------------------------------
@@ -203,7 +203,8 @@ def pr_auc(curve: Mapping[str, Sequence[float | None]]) -> float | None:
     >>> pr_auc({"recall": [1.0, 0.5, 0.0], "precision": [0.5, 1.0, None]})
     0.75
     """
-    pairs = [(r, p) for r, p in zip(curve["recall"], curve["precision"], strict=True) if r is not None and p is not None]
+    pairs = [(r, p) for r, p in zip(curve["recall"], curve["precision"], strict=True)
+             if r is not None and p is not None]
     if not pairs:
         return None
     recalls = sorted({r for r, _ in pairs})
@@ -293,9 +294,9 @@ def write_report(images: Sequence[ReportImage], out_dir: str | Path, *, threshol
                 "f1_at_chosen": curve["f1"][at], "precision_at_chosen": curve["precision"][at],
                 "recall_at_chosen": curve["recall"][at]}
     figures = []
-    for dim, members in curves.items():
+    for dim, by_group in curves.items():
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-        for name, c in members.items():
+        for name, c in by_group.items():
             label = f"{name} (n={c['images']})"
             ax1.plot(c["curve"]["threshold"], [np.nan if v is None else v for v in c["curve"]["f1"]], label=label)
             rec = [np.nan if v is None else v for v in c["curve"]["recall"]]

@@ -139,14 +139,16 @@ def read_clinical(
     missing = [c for c in (ids, times, events) if c not in columns]
     if missing:
         raise ConfigError(f"--clinical {str(file)!r} has no column(s) {missing} (columns: {columns[:20]}); "
-                          "pass --id-col, --time-col and --event-col, or --endpoint OS|PFI|DSS|DFI for a TCGA CDR table")
+                          "pass --id-col, --time-col and --event-col, or --endpoint OS|PFI|DSS|DFI for a TCGA CDR "
+                          "table")
     table: dict[str, tuple[float, int]] = {}
     unusable = []
     for line, row in enumerate(reader, start=2):
         case = (row.get(ids) or "").strip()
         t, e = _float(row.get(times)), _float(row.get(events))
         if not case or not (math.isfinite(t) and t >= 0) or e not in (0.0, 1.0):
-            unusable.append(f"line {line} ({case or 'no id'}): {times}={row.get(times)!r}, {events}={row.get(events)!r}")
+            unusable.append(f"line {line} ({case or 'no id'}): {times}={row.get(times)!r}, "
+                            f"{events}={row.get(events)!r}")
             continue
         table[case.upper() if case.upper().startswith("TCGA-") else case] = (t, int(e))
     if not table:
@@ -222,7 +224,7 @@ def parse_min_group(text: str, n: int) -> int:
     except ValueError:
         raise ConfigError(f"--min-group {text!r}: give a share such as 10% or a number of cases") from None
     count = math.ceil(n * value / 100) if text.endswith("%") else int(value)
-    if not 0 < value or count * 2 > n and n > 0:
+    if not value > 0 or (count * 2 > n > 0):
         raise ConfigError(f"--min-group {text!r} is {count} of {n} cases: two groups cannot both be that large")
     return max(1, count)
 
@@ -290,7 +292,7 @@ def cutoff_result(x: NDArray[np.float64], time: NDArray[np.float64], event: NDAr
             s = cph.summary.loc["high"]
             hr, lo, hi = _finite(s["exp(coef)"]), _finite(s["exp(coef) lower 95%"]), _finite(s["exp(coef) upper 95%"])
             cox_p = _finite(s["p"])
-        except Exception as exc:  # lifelines.exceptions.ConvergenceError and numerical failures: no Cox at this cutoff
+        except Exception as exc:  # noqa: BLE001 - ConvergenceError and numerical failures: no Cox at this cutoff
             log.debug("Cox model at cutoff %g did not converge: %s", cutoff, exc)
     lr_p = lr_stat = None
     if n_high and n_low:
@@ -368,7 +370,7 @@ def analyze_variable(
         result.continuous = {"hazard_ratio_per_unit": _finite(s["exp(coef)"]),
                              "ci_low": _finite(s["exp(coef) lower 95%"]), "ci_high": _finite(s["exp(coef) upper 95%"]),
                              "cox_p": _finite(s["p"])}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - as above: reported as undefined
         log.debug("continuous Cox model of %s did not converge: %s", key, exc)
     return result
 
@@ -390,7 +392,8 @@ def parse_cutoffs(items: Sequence[str]) -> dict[str, list[float]]:
     for item in items:
         name, _, value = item.partition("=")
         if name not in VARIABLE_KEYS or not value:
-            raise ConfigError(f"--cutoff {item!r}: write VARIABLE=VALUE with VARIABLE one of {', '.join(VARIABLE_KEYS)}")
+            known = ", ".join(VARIABLE_KEYS)
+            raise ConfigError(f"--cutoff {item!r}: write VARIABLE=VALUE with VARIABLE one of {known}")
         try:
             out.setdefault(name, []).append(float(value))
         except ValueError:
@@ -445,7 +448,8 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
 
 
 def _cutoff_line(c: CutoffResult) -> str:
-    return (f"| {c.cutoff:g} | {c.n_low} ({c.events_low}) | {c.n_high} ({c.events_high}) | {_fmt(c.hazard_ratio, '.2f')} "
+    return (f"| {c.cutoff:g} | {c.n_low} ({c.events_low}) | {c.n_high} ({c.events_high}) "
+            f"| {_fmt(c.hazard_ratio, '.2f')} "
             f"({_fmt(c.ci_low, '.2f')}-{_fmt(c.ci_high, '.2f')}) | {_fmt(c.cox_p)} | {_fmt(c.logrank_p)} |")
 
 
@@ -482,7 +486,7 @@ def report_markdown(summary: Mapping[str, Any], results: Sequence[VariableResult
                       f"({_fmt(c['ci_low'])}-{_fmt(c['ci_high'])}), p {_fmt(c['cox_p'])}", ""]
     lines += ["## Left out", ""]
     for reason, items in summary["unmatched"].items():
-        lines.append(f"- {reason}: {len(items)}" + ("" if not items else ""))
+        lines.append(f"- {reason}: {len(items)}")
         lines += [f"  - {html.escape(i)}" for i in items[:200]]
         if len(items) > 200:
             lines.append(f"  - ... {len(items) - 200} more in survival.json")
@@ -582,5 +586,6 @@ def simulated_cohort(
                      "case_id": case, "status": "done", "hotspot_mc": str(mc[i]), "hotspot_area_mm2": "2",
                      "hotspot_ratio": f"{amf / nmf:.4f}" if nmf else "", "slide_ratio": f"{rng.uniform(0, 0.3):.4f}",
                      "density_per_mm2": f"{mc[i] / 2 * rng.uniform(0.2, 0.6):.4f}"})
-        clinical.append({"bcr_patient_barcode": case, "OS": str(event[i]), "OS.time": f"{years[i] * DAYS_PER_YEAR:.1f}"})
+        clinical.append({"bcr_patient_barcode": case, "OS": str(event[i]),
+                         "OS.time": f"{years[i] * DAYS_PER_YEAR:.1f}"})
     return rows, clinical

@@ -49,7 +49,8 @@ def test_a_folder_lists_slides_by_the_watchers_rules(tmp_path: Path) -> None:
 
 
 def test_a_csv_gives_paths_case_ids_mpp_and_keeps_extra_columns(tmp_path: Path) -> None:
-    (tmp_path / "list.csv").write_text("slide_path,case_id,mpp,site\nscans/a.svs,P1,0.25,Utrecht\n/b/TCGA-AB-1234-x.svs,,,Vienna\n")
+    (tmp_path / "list.csv").write_text(
+        "slide_path,case_id,mpp,site\nscans/a.svs,P1,0.25,Utrecht\n/b/TCGA-AB-1234-x.svs,,,Vienna\n")
     a, b = list_slides(tmp_path / "list.csv")
     assert (a.path, a.case_id, a.mpp, dict(a.extra)) == (tmp_path / "scans" / "a.svs", "P1", 0.25, {"site": "Utrecht"})
     assert (b.case_id, b.mpp) == ("TCGA-AB-1234", None)

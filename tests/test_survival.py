@@ -45,9 +45,8 @@ def _arrays(seed: int, hr: float, n: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def test_several_slides_of_a_case_are_aggregated_worst_first_by_default() -> None:
     rows = [
-        {"slide_path": "/a/TCGA-AA-0001-01Z-00-DX1.svs", "case_id": "TCGA-AA-0001", "status": "done", "hotspot_mc": "4"},
-        {"slide_path": "/a/TCGA-AA-0001-01Z-00-DX2.svs", "case_id": "TCGA-AA-0001", "status": "done", "hotspot_mc": "9"},
-        {"slide_path": "/a/TCGA-AA-0002-01Z-00-DX1.svs", "case_id": "TCGA-AA-0002", "status": "done", "hotspot_mc": "2"},
+        {"slide_path": f"/a/{case}-01Z-00-{dx}.svs", "case_id": case, "status": "done", "hotspot_mc": mc}
+        for case, dx, mc in (("TCGA-AA-0001", "DX1", "4"), ("TCGA-AA-0001", "DX2", "9"), ("TCGA-AA-0002", "DX1", "2"))
     ]
     clinical = {"TCGA-AA-0001": (100.0, 1), "TCGA-AA-0002": (200.0, 0)}
     assert build_table(rows, clinical).values["mc"].tolist() == [9.0, 2.0]
@@ -160,7 +159,8 @@ def test_cohort_survival_writes_the_report_plots_and_every_number(tmp_path: Path
     text = capsys.readouterr().out
     assert "corrected p" in text and "slides without clinical data: 2" in text
     data = json.loads((out / "survival.json").read_text())
-    assert data["cases"] == 118 and data["unmatched"]["failed slides"] == ["/archive/bad.svs: CorruptSlideError: damaged"]
+    assert data["cases"] == 118
+    assert data["unmatched"]["failed slides"] == ["/archive/bad.svs: CorruptSlideError: damaged"]
     mc = next(v for v in data["variables"] if v["key"] == "mc")
     assert [c["cutoff"] for c in mc["prespecified"]] == [7.0, 14.0]  # the mitotic-score cutoffs at 2 mm²
     ratio = next(v for v in data["variables"] if v["key"] == "slide_ratio")

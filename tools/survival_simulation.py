@@ -56,7 +56,8 @@ def main() -> None:
         raw_ok += raw >= 0.05
         corr_ok += corr >= 0.05
     print(f"no effect, {args.seeds} seeds: corrected p >= 0.05 in {corr_ok}/{args.seeds} "
-          f"({corr_ok / args.seeds:.0%}); raw minimum Cox p >= 0.05 in {raw_ok}/{args.seeds} ({raw_ok / args.seeds:.0%})")
+          f"({corr_ok / args.seeds:.0%}); raw minimum Cox p >= 0.05 in {raw_ok}/{args.seeds} "
+          f"({raw_ok / args.seeds:.0%})")
 
 
 if __name__ == "__main__":
