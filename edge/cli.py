@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_results.register(sub)
     cli_cohort.register(sub)
     cli_daemon.register_bench(bench_sub)
+    cli_cohort.register_bench(bench_sub)
 
     cli_daemon.register(sub)
     cli_client.add_client_parser(sub)

@@ -17,6 +17,46 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 
 
+def register_bench(bench_sub: Any) -> None:
+    b = bench_sub.add_parser("cohort", help="cohort run on Ray against the same slides analysed one after another")
+    b.add_argument("--slides", type=int, default=40, help="slides, 3 of them hostile (default 40)")
+    b.add_argument("--sizes", default="2048,3072,4096", help="sides of the synthetic slides in px, cycled")
+    b.add_argument("--cpus-per-slide", type=float, default=1.0, help="CPUs per Ray worker (default 1)")
+    b.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: Ray on this machine)")
+    b.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
+    b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(handler=cmd_bench_cohort)
+
+
+def cmd_bench_cohort(args: argparse.Namespace) -> int:
+    import json
+
+    from edge.bench import bench_cohort
+
+    try:
+        sizes = tuple(int(v) for v in args.sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--sizes {args.sizes!r}: give sides in px separated by commas, e.g. 2048,3072") from None
+    result = bench_cohort(config_from_args(args), slides=args.slides, sizes=sizes,
+                          cpus_per_slide=args.cpus_per_slide, ray_address=args.ray_address)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(f"slides       {result['slides']} ({result['hostile']} hostile), sizes {result['sizes_px']} px")
+    print(f"sequential   {result['sequential_s']:.1f} s in one warm process ({result['sequential_failed']} failed)")
+    print(f"cohort run   {result['cohort_s']:.1f} s on {result['workers']} Ray workers, Ray's start included")
+    print(f"ratio        {result['ratio']} (sequential / cohort; target >= 0.85); "
+          f"{result['ratio_without_ray_start']} without Ray's start ({result['ray_start_s']:.1f} s)")
+    print(f"exactly once {result['good_done_exactly_once']}; hostile failed: {len(result['hostile_failed'])}")
+    for name, reason in result["hostile_failed"].items():
+        print(f"             {name}: {reason}")
+    for worker, (first, _peak, last) in result["worker_peak_rss_mb"].items():
+        print(f"worker RSS   {worker}: peak {first:.0f} MiB after its first slide, {last:.0f} MiB after its last")
+    print(f"re-run       {result['rerun_analysed']} analysed, {result['rerun_skipped']} skipped")
+    return EXIT_OK
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("cohort", help="cohort studies: score an archive of slides on Ray, survival analysis")
     cohort = p.add_subparsers(title="cohort commands", metavar="WHAT")

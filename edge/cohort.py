@@ -396,6 +396,7 @@ class CohortSummary:
     skipped_failed: int = 0
     retried: int = 0  # slides resent after their worker died
     seconds: float = 0.0
+    ray_start_s: float = 0.0  # ray.init (starting Ray on this machine, or joining a cluster)
     workers: int = 0
     nodes: dict[str, int] = field(default_factory=dict)  # slides per node
     failures: list[tuple[str, str]] = field(default_factory=list)  # (slide path, reason), this run and skipped
@@ -479,8 +480,10 @@ def run_cohort(
         return summary
 
     started = not ray.is_initialized()
+    t_ray = time.perf_counter()
     if started:
         ray.init(address=ray_address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    summary.ray_start_s = time.perf_counter() - t_ray
     try:
         _schedule(ray, todo, out, config, key, table, summary, cpus_per_slide, gpus_per_slide, max_workers, progress)
     finally:
@@ -544,7 +547,7 @@ def _schedule(
                 summary.failures.append((str(p.slide.path), row["error"]))
             node = row.get("node") or "?"
             summary.nodes[node] = summary.nodes.get(node, 0) + 1
-            if row.get("worker_peak_rss_mb"):
+            if row.get("worker_peak_rss_mb") and row["status"] == "done":  # engines are open from the first done on
                 worker = f"{node}:{row['worker_pid']}"
                 summary.peak_rss_mb.setdefault(worker, []).append(float(row["worker_peak_rss_mb"]))
             if queue:
