@@ -497,7 +497,8 @@ def bench_cohort(
             and all(per_slide[r["slide_path"]] == 1 for r in good_rows),
             "hostile_failed": {Path(r["slide_path"]).name: r["error"][:160] for r in hostile_rows
                                if r["status"] == "failed"},
-            "worker_peak_rss_mb": {w: [v[0], max(v), v[-1]] for w, v in summary.peak_rss_mb.items()},
+            # per worker: RSS after its first and its last slide, and its peak
+            "worker_rss_mb": {w: [v[0], v[-1], summary.peak_rss_mb[w][-1]] for w, v in summary.rss_mb.items()},
             "rerun_analysed": rerun.done + rerun.failed,
             "rerun_skipped": rerun.skipped_done + rerun.skipped_failed,
             "case_ids_example": case_id_for(listed[0].path),

@@ -51,8 +51,9 @@ def cmd_bench_cohort(args: argparse.Namespace) -> int:
     print(f"exactly once {result['good_done_exactly_once']}; hostile failed: {len(result['hostile_failed'])}")
     for name, reason in result["hostile_failed"].items():
         print(f"             {name}: {reason}")
-    for worker, (first, _peak, last) in result["worker_peak_rss_mb"].items():
-        print(f"worker RSS   {worker}: peak {first:.0f} MiB after its first slide, {last:.0f} MiB after its last")
+    for worker, (first, last, peak) in result["worker_rss_mb"].items():
+        print(f"worker RSS   {worker}: {first:.0f} MiB after its first slide, {last:.0f} MiB after its last "
+              f"(peak {peak:.0f})")
     print(f"re-run       {result['rerun_analysed']} analysed, {result['rerun_skipped']} skipped")
     return EXIT_OK
 
@@ -145,9 +146,10 @@ def cmd_cohort_run(args: argparse.Namespace) -> int:
         nodes = ", ".join(f"{node} {n}" for node, n in sorted(summary.nodes.items()))
         print(f"workers     {summary.workers} on {len(summary.nodes)} node(s): slides per node {nodes}; "
               f"{summary.retried} retried after a worker died")
-    if summary.peak_rss_mb:
-        rss = ", ".join(f"{w} {v[0]:.0f}->{v[-1]:.0f}" for w, v in sorted(summary.peak_rss_mb.items()))
-        print(f"peak RSS    MiB per worker, first slide -> last: {rss}")
+    if summary.rss_mb:
+        rss = ", ".join(f"{w} {v[0]:.0f}->{v[-1]:.0f} (peak {summary.peak_rss_mb[w][-1]:.0f})"
+                        for w, v in sorted(summary.rss_mb.items()))
+        print(f"RSS         MiB per worker after its first slide -> after its last: {rss}")
     print(f"time        {summary.seconds:.1f} s")
     print(f"results     {Path(args.out) / 'slides.csv'}")
     for path, reason in summary.failures:
