@@ -519,9 +519,14 @@ def _schedule(
     n = max(1, min(fits, len(todo), max_workers or len(todo)))
     # few malloc arenas: a long-lived worker with reader threads otherwise grows by an arena per thread
     env = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", str(WORKER_MALLOC_ARENAS))}
-    remote = ray.remote(CohortWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=0,
+    remote = ray.remote(CohortWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
                                               runtime_env={"env_vars": env})
     workers = [remote.remote(config, max(1, int(cpus))) for _ in range(n)]
+
+    def replace(w: int) -> None:  # a dead worker's place goes to a new one, which opens its engines again
+        ray.kill(workers[w], no_restart=True)
+        workers[w] = remote.remote(config, max(1, int(cpus)))
+
     summary.workers = n
     queue = list(reversed(todo))
     attempts: dict[str, int] = {}
@@ -548,11 +553,13 @@ def _schedule(
                     log.warning("the worker analysing %s died (%s); retrying the slide once", p.slide.path,
                                 type(exc).__name__)
                     summary.retried += 1
-                    submit(w, p)  # the actor restarts; the call waits for it
+                    replace(w)
+                    submit(w, p)
                     continue
                 reason = (f"the worker process died on this slide {MAX_ATTEMPTS} times "
                           "(killed, out of memory, or a crash in a reader library)")
                 row = failed_row(p, key, reason, attempt=attempts[p.slide_id])
+                replace(w)
             table.append(row)
             finished += 1
             if row["status"] == "done":
@@ -560,8 +567,9 @@ def _schedule(
             else:
                 summary.failed += 1
                 summary.failures.append((str(p.slide.path), row["error"]))
-            node = row.get("node") or "?"
-            summary.nodes[node] = summary.nodes.get(node, 0) + 1
+            node = row.get("node") or ""
+            if node:
+                summary.nodes[node] = summary.nodes.get(node, 0) + 1
             if row.get("worker_rss_mb") and row["status"] == "done":  # engines are open from the first done on
                 worker = f"{node}:{row['worker_pid']}"
                 summary.rss_mb.setdefault(worker, []).append(float(row["worker_rss_mb"]))
