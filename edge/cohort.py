@@ -580,8 +580,6 @@ def _schedule(
                 elapsed = time.perf_counter() - t_start
                 left = len(todo) - finished
                 progress(summary.done, summary.failed, len(todo), elapsed / finished * left if finished else None)
-    finally:
-        for ref in in_flight:
-            ray.cancel(ref, force=True)
+    finally:  # Ctrl-C or an error: the slides in flight are abandoned with their workers; their rows never come
         for worker in workers:
-            ray.kill(worker)
+            ray.kill(worker, no_restart=True)
