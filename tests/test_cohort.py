@@ -155,3 +155,83 @@ def test_cohort_run_analyses_each_slide_once_and_fails_the_corrupt_one_alone(
     again = run_cohort(list_slides(archive), out, Config(), retry_failed=True)
     assert (again.done, again.skipped_done, again.failed) == (0, 2, 1)
     assert "CorruptSlideError" in again.failures[0][1]
+
+
+# --- a worker that dies, with an in-memory stand-in for Ray's scheduling calls ----------------------
+
+
+class _ActorDied(Exception):
+    pass
+
+
+class _Ref:
+    def __init__(self, outcome: object) -> None:
+        self.outcome = outcome
+
+
+class _FakeRay:
+    """ray.remote(cls).options(...).remote(...), wait, get, kill and cluster_resources, run synchronously here."""
+
+    class exceptions:  # noqa: N801 - mirrors ray.exceptions
+        RayActorError = _ActorDied
+
+    def __init__(self, dies_on: dict[str, int]) -> None:
+        self.dies_on = dies_on  # slide file name -> how many of its attempts kill the worker
+        self.actors_started = 0
+
+    def cluster_resources(self) -> dict[str, float]:
+        return {"CPU": 2.0}
+
+    def remote(self, cls: type) -> _FakeRay:
+        return self
+
+    def options(self, **kw: object) -> _FakeActorClass:
+        return _FakeActorClass(self)
+
+    def wait(self, refs: list[_Ref], num_returns: int) -> tuple[list[_Ref], list[_Ref]]:
+        return refs[:1], refs[1:]
+
+    def get(self, ref: _Ref) -> object:
+        if isinstance(ref.outcome, Exception):
+            raise ref.outcome
+        return ref.outcome
+
+    def kill(self, actor: object, no_restart: bool = True) -> None:
+        pass
+
+
+class _FakeActorClass:
+    def __init__(self, ray: _FakeRay) -> None:
+        self.ray = ray
+
+    def remote(self, config: Config, cpus: int) -> _FakeActor:
+        self.ray.actors_started += 1
+        return _FakeActor(self.ray)
+
+
+class _FakeActor:
+    def __init__(self, ray: _FakeRay) -> None:
+        self.ray = ray
+        self.analyze = self
+
+    def remote(self, p: PlannedSlide, out: str, key: BundleKey, attempt: int) -> _Ref:
+        if self.ray.dies_on.get(p.slide.path.name, 0) >= attempt:
+            return _Ref(_ActorDied("the actor died unexpectedly"))
+        return _Ref({"slide_id": p.slide_id, "slide_path": str(p.slide.path), "status": "done", "error": "",
+                     "node": "n1", "worker_pid": "1", "attempt": str(attempt)})
+
+
+def test_a_worker_killed_mid_slide_costs_that_slide_one_retry_and_nothing_else(tmp_path: Path) -> None:
+    from edge.cohort import CohortSummary, _schedule
+
+    fake = _FakeRay({"b.svs": 1, "c.svs": 5})  # b's worker is killed once; c kills every worker it meets
+    slides = [PlannedSlide(CohortSlide(tmp_path / n, n), n, "sha256:" + n) for n in ("a.svs", "b.svs", "c.svs", "d.svs")]
+    table = ResultsTable(tmp_path / "out")
+    summary = CohortSummary(total=4)
+    _schedule(fake, slides, tmp_path / "out", Config(), KEY, table, summary, 1.0, 0.0, 0, None)
+    rows = ResultsTable(tmp_path / "out").rows
+    assert {k: (r["status"], r["attempt"]) for k, r in rows.items()} == {
+        "a.svs": ("done", "1"), "b.svs": ("done", "2"), "c.svs": ("failed", "2"), "d.svs": ("done", "1")}
+    assert "died on this slide 2 times" in rows["c.svs"]["error"]
+    assert (summary.done, summary.failed, summary.retried) == (3, 1, 2)
+    assert fake.actors_started == 2 + 3  # two workers, and a new one after each of the three deaths
