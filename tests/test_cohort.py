@@ -172,7 +172,7 @@ class _Ref:
 class _FakeRay:
     """ray.remote(cls).options(...).remote(...), wait, get, kill and cluster_resources, run synchronously here."""
 
-    class exceptions:  # noqa: N801 - mirrors ray.exceptions
+    class exceptions:
         RayActorError = _ActorDied
 
     def __init__(self, dies_on: dict[str, int]) -> None:
@@ -225,7 +225,8 @@ def test_a_worker_killed_mid_slide_costs_that_slide_one_retry_and_nothing_else(t
     from edge.cohort import CohortSummary, _schedule
 
     fake = _FakeRay({"b.svs": 1, "c.svs": 5})  # b's worker is killed once; c kills every worker it meets
-    slides = [PlannedSlide(CohortSlide(tmp_path / n, n), n, "sha256:" + n) for n in ("a.svs", "b.svs", "c.svs", "d.svs")]
+    names = ("a.svs", "b.svs", "c.svs", "d.svs")
+    slides = [PlannedSlide(CohortSlide(tmp_path / n, n), n, "sha256:" + n) for n in names]
     table = ResultsTable(tmp_path / "out")
     summary = CohortSummary(total=4)
     _schedule(fake, slides, tmp_path / "out", Config(), KEY, table, summary, 1.0, 0.0, 0, None)
