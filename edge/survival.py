@@ -39,12 +39,18 @@ __all__ = [
     "CutoffResult",
     "SurvivalTable",
     "VariableResult",
+    "aggregate",
     "analyze_variable",
     "build_table",
     "censor_at",
+    "cutoff_result",
     "lausen_schumacher_p",
+    "parse_cutoffs",
     "parse_min_group",
+    "read_clinical",
+    "read_results",
     "run_survival",
+    "simulated_cohort",
 ]
 
 DAYS_PER_YEAR = 365.25

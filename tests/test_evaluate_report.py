@@ -34,7 +34,7 @@ def test_f1_precision_and_recall_follow_the_threshold() -> None:
 
 
 def test_groups_come_from_the_midogpp_table_as_it_is() -> None:
-    images = [_image("001.tiff"), _image("352.tiff"), _image("not-there.tiff")]
+    images = [_image("001.tiff"), _image("201.tiff"), _image("not-there.tiff")]
     dims = read_groups(data_file("annotations/MIDOGpp_datasets_xvalidation.csv"), images)
     assert dims == ["Tumor", "Scanner"]
     assert images[0].groups == {"Tumor": "human breast cancer", "Scanner": "Hamammatsu XR"}
@@ -89,3 +89,34 @@ def test_evaluate_report_on_synthetic_slides_with_groups(synth_slide: SynthFacto
         assert (out / name).read_bytes()[:4] == b"\x89PNG" and (out / name).stat().st_size > 10_000, name
     assert "f1_pr_scanner.png" in (out / "report.html").read_text()
     assert "| scanner: A | 2 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.realdata
+def test_evaluate_report_on_midogpp_truth_groups_by_tumour_and_scanner(tmp_path: Path) -> None:
+    coco = data_file("annotations/MIDOGpp_MIDOG++.json")
+    table = data_file("annotations/MIDOGpp_datasets_xvalidation.csv")
+    doc = json.loads(coco.read_text())
+    results = []
+    for image_id in (2, 201):
+        image = next(i for i in doc["images"] if i["id"] == image_id)
+        boxes = [a["bbox"] for a in doc["annotations"] if a["image_id"] == image_id and a["category_id"] == 1]
+        # found: every true figure with p 0.9 but the last, which has p 0.3; one look-alike with p 0.7
+        figures = [{"x_um": (b[0] + b[2]) / 8, "y_um": (b[1] + b[3]) / 8, "p_mitotic": 0.9, "p_atypical": None}
+                   for b in boxes]
+        figures[-1]["p_mitotic"] = 0.3
+        figures.append({"x_um": -500.0, "y_um": -500.0, "p_mitotic": 0.7, "p_atypical": None})
+        result = {"schema": "mitosis-edge/result/1", "slide_path": f"/midog/{image['file_name']}",
+                  "scores": {"tissue_area_mm2": image["width"] * image["height"] * 0.0625 / 1e6}, "figures": figures,
+                  "provenance": {}}
+        path = tmp_path / f"{image_id}" / "result.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(result))
+        results.append(len(boxes))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--pred", str(tmp_path), "--truth", str(coco), "--groups", str(table),
+                 "--threshold", "0.5", "--report", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["group_columns"] == ["Tumor", "Scanner"] and "human breast cancer" in data["groups"]["Tumor"]
+    tp = sum(results) - 2
+    assert data["groups"]["all"]["all images"]["f1_at_chosen"] == pytest.approx(2 * tp / (2 * tp + 2 + 2))
+    assert data["groups"]["all"]["all images"]["best_threshold"] == 0.3  # the best F1 nearest the calibrated one
