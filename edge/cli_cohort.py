@@ -44,7 +44,9 @@ def cmd_bench_cohort(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return EXIT_OK
     print(f"slides       {result['slides']} ({result['hostile']} hostile), sizes {result['sizes_px']} px")
-    print(f"sequential   {result['sequential_s']:.1f} s in one warm process ({result['sequential_failed']} failed)")
+    before, after = result["sequential_before_after_s"]
+    print(f"sequential   {result['sequential_s']:.1f} s in one warm process, mean of {before:.1f} s before and "
+          f"{after:.1f} s after the cohort run ({result['sequential_failed']} failed)")
     print(f"cohort run   {result['cohort_s']:.1f} s on {result['workers']} Ray workers, Ray's start included")
     print(f"ratio        {result['ratio']} (sequential / cohort; target >= 0.85); "
           f"{result['ratio_without_ray_start']} without Ray's start ({result['ray_start_s']:.1f} s)")
