@@ -170,22 +170,22 @@ def cmd_cohort_survival(args: argparse.Namespace) -> int:
                         time_col=args.time_col, event_col=args.event_col, per_case=args.per_case,
                         horizon_years=args.horizon_years, min_group=args.min_group,
                         cutoffs=parse_cutoffs(args.cutoff))
-    print(f"cases       {data['cases']} ({data['events']} events) from {data['slides']} slides; "
+    print(f"cases         {data['cases']} ({data['events']} events) from {data['slides']} slides; "
           f"{data['endpoint']} censored at {data['horizon_years']:g} years")
     for v in data["variables"]:
         best = v["best"]
         if best is None:
-            print(f"{v['key']:<12}no cutoff could be tested ({v['cases']} cases with a value)")
+            print(f"{v['key']:<14}no cutoff could be tested ({v['cases']} cases with a value)")
             continue
         hr = "n/a" if best["hazard_ratio"] is None else (
             f"{best['hazard_ratio']:.2f} ({best['ci_low']:.2f}-{best['ci_high']:.2f})")
-        print(f"{v['key']:<12}cutoff {best['cutoff']:g}: HR {hr}, Cox p {_p(best['cox_p'])}, "
+        print(f"{v['key']:<14}cutoff {best['cutoff']:g}: HR {hr}, Cox p {_p(best['cox_p'])}, "
               f"log-rank p {_p(best['logrank_p'])}, corrected p {_p(v['corrected_p'])} "
               f"(n {best['n_low']}/{best['n_high']})")
     for reason, items in data["unmatched"].items():
         if items:
-            print(f"left out    {reason}: {len(items)} (listed in the report)")
-    print(f"report      {Path(args.out) / 'report.html'} (and report.md, survival.json, km_*.png/svg)")
+            print(f"left out      {reason}: {len(items)} (listed in the report)")
+    print(f"report        {Path(args.out) / 'report.html'} (and report.md, survival.json, km_*.png/svg)")
     return EXIT_OK
 
 
