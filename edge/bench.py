@@ -523,3 +523,106 @@ def _wait_terminal(daemon: Any, slides: int, timeout_s: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def bench_cohort(
+    config: Config,
+    *,
+    slides: int = 40,
+    sizes: tuple[int, ...] = (2048, 3072, 4096),
+    cpus_per_slide: float = 1.0,
+    ray_address: str | None = None,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """``slides`` synthetic slides of mixed sizes, 3 of them hostile (random bytes, a truncated TIFF, an empty
+    file), analysed one after another in this warm process (engines opened once, exports written) and then
+    by ``cohort run`` on Ray, in one run; the throughput ratio is sequential seconds over cohort seconds
+    (Ray's start included), the sequential time being the mean of a run before and one after the cohort
+    run. Checks that every good slide has exactly one row, done, and the hostile ones
+    failed with a reason, and that a re-run analyses nothing.
+    """
+    import csv
+    import shutil
+    import tempfile
+
+    from edge.cohort import case_id_for, list_slides, run_cohort
+    from edge.engines import load_bundle, open_engines
+    from edge.pipeline import analyze_slide
+    from edge.synth import SynthParams, generate_slide
+
+    hostile = 3
+    with tempfile.TemporaryDirectory(prefix="mitosis-edge-bench-cohort-", dir=workdir) as tmp:
+        root = Path(tmp)
+        archive = root / "archive"
+        archive.mkdir()
+        bases = []
+        for i, size in enumerate(sizes):
+            base = root / f"base-{size}.tiff"
+            generate_slide(base, SynthParams(width=size, height=size, seed=7100 + i))
+            bases.append(base)
+        good = max(0, slides - hostile)
+        for i in range(good):
+            target = archive / f"slide-{i:04d}.tiff"
+            shutil.copyfile(bases[i % len(bases)], target)
+            with target.open("ab") as f:  # byte-distinct: its own fingerprint, same pixels
+                f.write(i.to_bytes(8, "little"))
+        (archive / "hostile-random.svs").write_bytes(os.urandom(64 * 1024))
+        truncated = bases[-1].read_bytes()
+        (archive / "hostile-truncated.tiff").write_bytes(truncated[: len(truncated) // 3])
+        (archive / "hostile-empty.tiff").write_bytes(b"")
+        listed = list_slides(archive)
+
+        def sequential() -> tuple[float, int]:
+            """Every slide one after another in this process, engines opened once, exports written."""
+            t0 = time.perf_counter()
+            failed = 0
+            with open_engines(load_bundle(config.engines.bundle), config.engines,
+                              detector_batch=config.stream.batch_size) as engines:
+                for s in listed:
+                    try:
+                        analyze_slide(s.path, config, engines=engines).write_exports(root / "sequential" / s.path.name)
+                    except SlideReadError:
+                        failed += 1
+            return time.perf_counter() - t0, failed
+
+        # sequential before and after the cohort run: their mean is the reference, so load from other
+        # processes that changes during the benchmark weighs on both sides alike
+        before_s, seq_failed = sequential()
+        out = root / "cohort"
+        summary = run_cohort(listed, out, config, ray_address=ray_address, cpus_per_slide=cpus_per_slide)
+        after_s, _ = sequential()
+        sequential_s = (before_s + after_s) / 2
+        sequential_rss = peak_rss_mb()
+        with (out / "slides.csv").open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        per_slide: dict[str, int] = {}
+        for row in rows:
+            per_slide[row["slide_path"]] = per_slide.get(row["slide_path"], 0) + 1
+        hostile_rows = [r for r in rows if Path(r["slide_path"]).name.startswith("hostile-")]
+        good_rows = [r for r in rows if not Path(r["slide_path"]).name.startswith("hostile-")]
+        rerun = run_cohort(listed, out, config, ray_address=ray_address, cpus_per_slide=cpus_per_slide)
+        return {
+            "slides": len(listed),
+            "sizes_px": list(sizes),
+            "hostile": hostile,
+            "sequential_s": round(sequential_s, 2),
+            "sequential_before_after_s": [round(before_s, 2), round(after_s, 2)],
+            "sequential_failed": seq_failed,
+            "sequential_peak_rss_mb": round(sequential_rss),
+            "cohort_s": round(summary.seconds, 2),
+            "ratio": round(sequential_s / summary.seconds, 3) if summary.seconds else None,
+            "ray_start_s": round(summary.ray_start_s, 2),
+            "ratio_without_ray_start": round(sequential_s / (summary.seconds - summary.ray_start_s), 3),
+            "workers": summary.workers,
+            "cpus_per_slide": cpus_per_slide,
+            "slides_per_node": summary.nodes,
+            "good_done_exactly_once": len(good_rows) == good and all(r["status"] == "done" for r in good_rows)
+            and all(per_slide[r["slide_path"]] == 1 for r in good_rows),
+            "hostile_failed": {Path(r["slide_path"]).name: r["error"][:160] for r in hostile_rows
+                               if r["status"] == "failed"},
+            # per worker: RSS after its first and its last slide, and its peak
+            "worker_rss_mb": {w: [v[0], v[-1], summary.peak_rss_mb[w][-1]] for w, v in summary.rss_mb.items()},
+            "rerun_analysed": rerun.done + rerun.failed,
+            "rerun_skipped": rerun.skipped_done + rerun.skipped_failed,
+            "case_ids_example": case_id_for(listed[0].path),
+        }

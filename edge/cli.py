@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge import __version__, cli_analysis, cli_client, cli_daemon, cli_engines, cli_results
+from edge import __version__, cli_analysis, cli_client, cli_cohort, cli_daemon, cli_engines, cli_results
 from edge.cli_args import config_from_args
 from edge.config import load_config
 from edge.errors import ConfigError, EdgeError
@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_engines.register(sub, bench_sub)
     cli_analysis.register(sub, bench_sub)
     cli_results.register(sub)
+    cli_cohort.register(sub)
     cli_daemon.register_bench(bench_sub)
+    cli_cohort.register_bench(bench_sub)
 
     cli_daemon.register(sub)
     cli_client.add_client_parser(sub)
