@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -210,6 +211,8 @@ class WatchConfig:
     fingerprint: Literal["quick", "full"] = "quick"  # quick: size, mtime, sha256 of head and tail; full: whole file
     on_duplicate: Literal["skip", "reprocess"] = "skip"  # the same slide (same fingerprint) seen again
     scan_on_start: bool = True  # slides already in the folders at start-up become jobs (once each)
+    # regex searched in a watched slide's path; its group "accession" is the case's accession number
+    accession_pattern: str = ""
 
     def validate(self) -> None:
         _positive("watch.poll_interval_s", self.poll_interval_s)
@@ -220,6 +223,8 @@ class WatchConfig:
                 f"watch.settle_timeout_s={self.settle_timeout_s} must be longer than "
                 f"watch.quiet_period_s={self.quiet_period_s}"
             )
+        if self.accession_pattern:
+            accession_regex(self.accession_pattern)
         for ext in self.extensions:
             if not ext.startswith(".") or ext != ext.lower():
                 raise ConfigError(
@@ -247,8 +252,11 @@ class DaemonConfig:
     analysis_nice: int = 10  # niceness of the analysis (engines, readers): the API answers first; 0 = equal
     metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics; "" = off
     log_format: Literal["text", "json"] = "text"
+    export_mode: str = "0640"  # octal permissions of export files (folders get x where r is set)
+    export_group: str = ""  # group given to export folders and files; "" = the daemon user's group
 
     def validate(self) -> None:
+        _ = self.export_file_mode  # parses and checks the octal text
         if self.workers < 1:
             raise ConfigError(f"daemon.workers={self.workers} must be at least 1")
         if self.max_attempts < 1:
@@ -268,6 +276,24 @@ class DaemonConfig:
     def data_path(self) -> Path:
         return Path(self.data_dir or default_data_dir()).expanduser()
 
+    @property
+    def export_file_mode(self) -> int:
+        """`export_mode` as a number.
+
+        >>> oct(DaemonConfig(export_mode="0644").export_file_mode)
+        '0o644'
+        """
+        try:
+            mode = int(self.export_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+            raise ConfigError(
+                f"daemon.export_mode={self.export_mode!r} must be octal permissions that let the daemon read "
+                "and write its files, e.g. \"0640\" (group may read) or \"0644\" (everyone may read)"
+            )
+        return mode
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -285,6 +311,7 @@ class ServerConfig:
     max_message_mb: int = 16
     subscriber_buffer: int = 1000  # events a WatchEvents subscriber may lag before its stream ends
     max_page_size: int = 1000
+    max_export_mb: int = 512  # GetExport refuses files larger than this (RESOURCE_EXHAUSTED)
 
     def validate(self) -> None:
         _host_port("server.listen", self.listen)
@@ -294,7 +321,7 @@ class ServerConfig:
             raise ConfigError("server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key too")
         if self.insecure and self.tls_cert:
             raise ConfigError("server.insecure=true and server.tls_cert are contradictory; choose one")
-        for name in ("max_workers", "max_message_mb", "subscriber_buffer", "max_page_size"):
+        for name in ("max_workers", "max_message_mb", "subscriber_buffer", "max_page_size", "max_export_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name}={getattr(self, name)} must be at least 1")
 
@@ -411,6 +438,23 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{name}={value!r} must be a list of strings")
         return tuple(items)
     return value
+
+
+def accession_regex(pattern: str) -> re.Pattern[str]:
+    """watch.accession_pattern compiled; it must have a named group ``accession``.
+
+    >>> accession_regex(r"(?P<accession>S\\d{2}-\\d+)").search("/scans/S24-0042_HE.svs")["accession"]
+    'S24-0042'
+    """
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"watch.accession_pattern={pattern!r} is not a valid regular expression: {exc}") from None
+    if "accession" not in regex.groupindex:
+        raise ConfigError(
+            f"watch.accession_pattern={pattern!r} needs a named group (?P<accession>...) around the accession number"
+        )
+    return regex
 
 
 def _positive(name: str, value: float) -> None:

@@ -4,7 +4,7 @@ A slide the watcher hands over (or a client submits) becomes a queued job in the
 Each worker analyses its slides in a child process (``daemon.isolation = "process"``, see
 ``edge.worker``) or in this one (``"thread"``, and whenever tests inject an analysis).
 Workers claim jobs oldest first (manual submissions may carry a priority), analyse the slide,
-write its exports into ``<data>/results/<job>/`` and store the result, its detections and the
+write its exports into ``<data>/results/<job>-<slide stem>/`` (mode ``daemon.export_mode``) and store the result, its detections and the
 "done" event in one transaction. A failing slide is retried with exponential backoff, then marked
 failed with the last error; a slide that cannot be read is failed at once. The daemon never dies
 because of one slide. On SIGTERM/SIGINT it stops taking work, lets running slides finish within
@@ -13,8 +13,10 @@ the grace period, re-queues what is left and exits 0.
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -27,7 +29,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from edge import __version__
-from edge.config import Config
+from edge.config import Config, accession_regex
 from edge.engines import EngineSet, load_bundle
 from edge.errors import ConfigError, DiskFullError, EdgeError, SlideReadError, StreamCancelled
 from edge.fingerprint import Fingerprint, fingerprint_slide
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 STORE_NAME = "edge.db"
 RESULTS_DIR = "results"
 IDLE_WAIT_S = 1.0  # a worker with nothing to do looks at the queue again after this long (or when woken)
+EXPORT_STEM_CHARS = 80  # the slide's name in its export folder's name is cut to this length
 HOUSEKEEPING_INTERVAL_S = 3600.0  # export retention runs this often
 ANALYSIS_ERRORS = (EdgeError, OSError, MemoryError, ValueError, RuntimeError)
 
@@ -89,6 +92,9 @@ class Daemon:
         self._running_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.engine_error: str | None = None
+        pattern = config.watch.accession_pattern
+        self._accession_regex = accession_regex(pattern) if pattern else None
+        self._export_gid = _group_id(config.daemon.export_group)
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -181,9 +187,18 @@ class Daemon:
     # --- what the gRPC server calls (edge.server.DaemonControl) ---------------------------------
 
     def submit_slide(
-        self, path: Path, *, priority: int = 0, mpp_override: float | None = None, bundle: str | None = None
+        self,
+        path: Path,
+        *,
+        priority: int = 0,
+        mpp_override: float | None = None,
+        bundle: str | None = None,
+        accession: str | None = None,
+        labels: tuple[str, ...] = (),
     ) -> Job:
-        """Queue a slide a client asked for (always a new job: a client asking again means it)."""
+        """Queue a slide a client asked for (always a new job: a client asking again means it).
+
+        Without an ``accession`` the one ``watch.accession_pattern`` finds in the path is used."""
         store = self.store
         if bundle:
             load_bundle(bundle)  # a wrong bundle is refused now, not after the queue
@@ -191,6 +206,7 @@ class Daemon:
         job, _ = store.add_job(
             str(path), fingerprint=fingerprint, source="submit", priority=priority,
             mpp_override=mpp_override, bundle=bundle or None, dedupe=False,
+            accession=accession or self._accession(path), labels=labels,
         )
         self._notify()
         return job
@@ -229,15 +245,19 @@ class Daemon:
     def on_slide_ready(self, path: Path, fingerprint: Fingerprint) -> None:
         """A settled slide: a job, unless the same slide was seen before (watch.on_duplicate)."""
         meta = {"size": fingerprint.size, "mtime_ns": fingerprint.mtime_ns}
+        accession = self._accession(path)
         if self.config.watch.on_duplicate == "skip":  # the store skips a fingerprint it has seen anywhere
-            job, created = self.store.add_job(str(path), fingerprint=fingerprint.key, source="watch", slide_meta=meta)
+            job, created = self.store.add_job(
+                str(path), fingerprint=fingerprint.key, source="watch", slide_meta=meta, accession=accession
+            )
         else:  # "reprocess": the same bytes under a new path are a new job; the same path again is not
             seen_here = [j for j in self.store.find_jobs_by_fingerprint(fingerprint.key) if j.slide_path == str(path)]
             if seen_here:
                 job, created = seen_here[-1], False
             else:
                 job, created = self.store.add_job(
-                    str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta
+                    str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta,
+                    accession=accession,
                 )
         if created:
             self.metrics.picked_up(self._clock() - fingerprint.mtime_ns / 1e9)
@@ -247,9 +267,12 @@ class Daemon:
             log.info("slide %s already seen as job %d (%s): not queued again", path, job.job_id, job.state)
 
     def on_slide_failed(self, path: Path, reason: str) -> None:
-        self.store.add_failed_job(str(path), reason, source="watch")
+        self.store.add_failed_job(str(path), reason, source="watch", accession=self._accession(path))
         self.metrics.failed(reason)
         log.error("slide %s failed before analysis: %s", path, reason)
+
+    def _accession(self, path: Path) -> str | None:
+        return accession_from_path(path, self._accession_regex)
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -311,7 +334,7 @@ class Daemon:
                         written = analysis.write_exports(partial)
                     except OSError as exc:
                         raise DiskFullError(f"writing the exports to {partial} failed: {exc}") from exc
-            exports = {kind: self._export_dir(job.job_id) / path.name for kind, path in written.items()}
+            exports = {kind: self._export_dir(job) / path.name for kind, path in written.items()}
         except StreamCancelled:
             if not running.cancelled_by_user:
                 self.store.requeue_job(job.job_id, "daemon stopping before the slide finished")
@@ -330,7 +353,7 @@ class Daemon:
             self.store.complete_job(job.job_id, analysis.result, exports)
         except JobStateError:
             log.info("job %d was cancelled while it ran; its exports are removed", job.job_id)
-            shutil.rmtree(self._export_dir(job.job_id), ignore_errors=True)
+            shutil.rmtree(self._export_dir(job), ignore_errors=True)
             return
         seconds = time.perf_counter() - t0
         self.metrics.done(analysis, seconds)
@@ -355,18 +378,20 @@ class Daemon:
             log.warning("job %d attempt %d failed, retry in %.0f s: %s: %s", job.job_id, job.attempts,
                         retry_at - self._clock(), job.slide_path, reason)
 
-    def _export_dir(self, job_id: int) -> Path:
-        return self.results_dir / str(job_id)
+    def _export_dir(self, job: Job) -> Path:
+        return self.results_dir / export_folder_name(job.job_id, job.slide_path)
 
     @contextmanager
     def _exports_folder(self, job: Job) -> Iterator[Path]:
-        """A ``results/<job>.partial`` folder for the job's exports, renamed to ``results/<job>`` when the
-        block succeeds and removed when it fails: an export folder is never half there."""
-        final = self._export_dir(job.job_id)
+        """A ``results/<job>-<stem>.partial`` folder for the job's exports, given ``daemon.export_mode`` and
+        ``export_group`` and renamed to ``results/<job>-<stem>`` when the block succeeds, removed when it
+        fails: an export folder is never half there."""
+        final = self._export_dir(job)
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
             yield partial
+            share_exports(partial, self.config.daemon.export_file_mode, self._export_gid)
             shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that stopped before storing
             try:
                 os.replace(partial, final)
@@ -459,7 +484,10 @@ class Daemon:
         """Delete export folders of results older than ``cutoff`` (results and detections stay)."""
         pruned = self.store.delete_exports_older_than(cutoff)
         for result in pruned:
-            shutil.rmtree(self._export_dir(result.job_id), ignore_errors=True)
+            folders = {Path(p).parent for p in result.exports.values()} or {self.results_dir / str(result.job_id)}
+            for folder in folders:
+                if folder.parent == self.results_dir:  # never outside results/, whatever the store says
+                    shutil.rmtree(folder, ignore_errors=True)
         if pruned:
             log.info("retention: removed the exports of %d result(s)", len(pruned))
         return len(pruned)
@@ -491,6 +519,54 @@ def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threa
     from edge.pipeline import analyze_slide
 
     return analyze_slide(path, config, engines=engines, cancel_event=cancel, progress=progress)
+
+
+def accession_from_path(path: Path, regex: re.Pattern[str] | None) -> str | None:
+    """The accession number ``watch.accession_pattern`` finds in a slide's path, or None.
+
+    >>> accession_from_path(Path("/scans/S24-00042/HE.svs"), re.compile(r"(?P<accession>S\\d{2}-\\d+)"))
+    'S24-00042'
+    """
+    if regex is None:
+        return None
+    match = regex.search(str(path))
+    return match["accession"] if match and match["accession"] else None
+
+
+def export_folder_name(job_id: int, slide_path: str) -> str:
+    """``<job>-<slide stem>``: the job id keeps it unique, the stem tells a person which slide it is.
+
+    >>> export_folder_name(12, "/scans/S24 042 HE.ome.tiff")
+    '12-S24_042_HE.ome'
+    """
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(slide_path).stem).strip("._-")[:EXPORT_STEM_CHARS]
+    return f"{job_id}-{stem}" if stem else str(job_id)
+
+
+def share_exports(folder: Path, mode: int, gid: int | None) -> None:
+    """Give an export folder and its files ``mode`` (folders: plus x where r is set) and the group ``gid``."""
+    folder_mode = mode | ((mode & 0o444) >> 2)
+    for path in (folder, *folder.iterdir()):
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, folder_mode if path.is_dir() else mode)
+
+
+def _group_id(name: str) -> int | None:
+    if not name:
+        return None
+    try:
+        gid = grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"daemon.export_group={name!r} is not a group on this machine; create it (groupadd) or fix the setting"
+        ) from None
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise ConfigError(
+            f"daemon.export_group={name!r}: the daemon's user is not in that group, so it cannot give its exports "
+            f"to it; add the user to the group (usermod -aG {name} USER, or SupplementaryGroups= in the unit)"
+        )
+    return gid
 
 
 def _lower_priority(nice: int) -> None:

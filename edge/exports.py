@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edge.caveats import clip_polygon, diagnostic_notice, plausibility_flags
 from edge.errors import ConfigError
 from edge.fileio import atomic_write
 from edge.scoring import Figure, SlideResult, points_in_hotspot
@@ -96,8 +97,17 @@ def _slide_mpp(result: SlideResult) -> tuple[float, float]:
 
 
 def result_dict(result: SlideResult) -> dict[str, Any]:
-    """The result.json content: the schema tag, then `SlideResult.to_json_dict`."""
-    return {"schema": RESULT_SCHEMA, **result.to_json_dict()}
+    """The result.json content: the schema tag, the notice and flags (edge.caveats), then `SlideResult.to_json_dict`.
+
+    "notice" is there only for a bundle not meant for diagnosis; "flags" is always there (maybe empty).
+    """
+    data = result.to_json_dict()
+    head: dict[str, Any] = {"schema": RESULT_SCHEMA}
+    notice = diagnostic_notice(data)
+    if notice:
+        head["notice"] = notice
+    head["flags"] = [flag.to_json_dict() for flag in plausibility_flags(data)]
+    return {**head, **data}
 
 
 def _measurements(figure: Figure) -> dict[str, float]:
@@ -142,6 +152,9 @@ def geojson_dict(result: SlideResult, *, include_lookalikes: bool = False) -> di
             for a in angles
         ]
         ring.append(ring[0])
+        slide_w, slide_h = _slide_size(result)
+        if slide_w and slide_h:  # QuPath gets the part of the field that is on the slide
+            ring = clip_polygon(ring, slide_w, slide_h) or ring
         measurements: dict[str, float] = {
             "Mitotic count": spot.counts.mitotic,
             "Atypical count": spot.counts.atypical,
@@ -311,6 +324,13 @@ def write_exports(
         written[key] = path
     logger.info("wrote %d exports for %s to %s", len(written), result.slide_path, out)
     return written
+
+
+def _slide_size(result: SlideResult) -> tuple[float, float]:
+    try:
+        return float(result.slide["width"]), float(result.slide["height"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0, 0.0
 
 
 def _thumbnail_mpp(result: SlideResult, thumbnail: NDArray[np.uint8]) -> tuple[float, float]:

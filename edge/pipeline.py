@@ -168,6 +168,8 @@ def _analyze(
             "read_level": sp.scale.level, "read_mpp": sp.scale.mpp_x, "resampled": sp.scale.resampled,
             "tiles": total,
         }
+        if info.barcode:
+            slide_meta["barcode"] = info.barcode
         result = SlideResult(
             slide_path=str(path),
             slide=slide_meta,

@@ -21,6 +21,7 @@ from edge.exports import (
     RESULT_SCHEMA,
     geojson_dict,
     midog_dict,
+    result_dict,
     write_exports,
 )
 from edge.scoring import Figure, SlideResult, score_slide
@@ -48,11 +49,11 @@ def figure(x_px: float, y_px: float, subtype: str | None, *, mitotic: bool = Tru
 @pytest.fixture
 def result() -> SlideResult:
     figures = (
-        figure(4000, 2000, "normal"),
-        figure(4100, 2050, "atypical"),
-        figure(4200, 1900, "uncertain"),
+        figure(12000, 12000, "normal"),
+        figure(12100, 12050, "atypical"),
+        figure(12200, 11900, "uncertain"),
         figure(30000, 30000, "normal"),
-        figure(4050, 2010, None, mitotic=False),
+        figure(12050, 12010, None, mitotic=False),
         figure(20000, 10000, None, mitotic=False),
     )
     scores = score_slide(figures, tissue_area_mm2=12.5)
@@ -73,7 +74,7 @@ def test_geojson_points_classes_colours_and_measurements(result: SlideResult) ->
         "Mitotic figure (uncertain subtype)": list(CLASS_COLOURS["uncertain"]),
     }
     first = detections[0]
-    assert first["geometry"] == {"type": "Point", "coordinates": [4000, 2000]}
+    assert first["geometry"] == {"type": "Point", "coordinates": [12000, 12000]}
     assert first["properties"]["measurements"] == {
         "detector_score": 0.7,
         "p_mitotic": 0.92,
@@ -114,7 +115,7 @@ def test_midog_json_in_millimetres(result: SlideResult) -> None:
     assert len(data["points"]) == 4
     first = data["points"][0]
     assert first["name"] == "mitotic figure"
-    assert first["point"] == pytest.approx([1.0, 0.5, 0])
+    assert first["point"] == pytest.approx([3.0, 3.0, 0])
     assert first["probability"] == 0.92
 
 
@@ -149,7 +150,7 @@ def test_write_exports_writes_every_file_atomically(result: SlideResult, tmp_pat
     assert [r["is_mitotic"] for r in rows] == ["true", "true", "true", "true", "false", "false"]
     assert [r["in_hotspot"] for r in rows] == ["true", "true", "true", "false", "true", "false"]
     assert rows[4]["p_atypical"] == "" and rows[4]["subtype"] == ""
-    assert float(rows[0]["x_um"]) == 1000.0
+    assert float(rows[0]["x_um"]) == 3000.0
 
     with Image.open(paths["overlay"]) as image:
         assert image.size == (1250, 1000)
@@ -203,3 +204,23 @@ def test_no_figures_exports_an_empty_collection_without_hotspot(tmp_path: Path) 
     assert data["scores"]["hotspot"]["center_x_um"] is None
     assert data["scores"]["mitotic_density_per_mm2"] is None
     assert not math.isnan(data["scores"]["hotspot"]["area_mm2"])
+
+
+def test_hotspot_reaching_past_the_slide_edge_is_clipped_and_flagged(result: SlideResult) -> None:
+    near_edge = tuple(figure(f.x_px, f.y_px - 11000, f.subtype, mitotic=f.is_mitotic) for f in result.figures[:3])
+    scores = score_slide(near_edge, tissue_area_mm2=12.5)
+    clipped = SlideResult(result.slide_path, result.slide, scores, near_edge, result.provenance)
+    (spot,) = [f for f in geojson_dict(clipped)["features"] if f["properties"]["objectType"] == "annotation"]
+    ring = np.array(spot["geometry"]["coordinates"][0])
+    assert ring.min() >= 0.0  # no negative coordinates for QuPath
+    assert ring[:, 1].min() == 0.0 and ring[0].tolist() == ring[-1].tolist()
+    flags = {f["code"]: f for f in result_dict(clipped)["flags"]}
+    assert 0.0 < flags["hotspot_outside_slide"]["value"] < 1.0
+
+
+def test_result_json_says_not_for_diagnosis_for_a_demo_bundle(result: SlideResult) -> None:
+    demo = {"bundle": {"name": "demo", "intended_use": "demonstration and tests only; NOT for diagnosis"}}
+    data = result_dict(SlideResult(result.slide_path, result.slide, result.scores, result.figures, demo))
+    assert list(data)[:3] == ["schema", "notice", "flags"]
+    assert "NOT for diagnosis" in data["notice"] and data["flags"] == []
+    assert "notice" not in result_dict(result)

@@ -37,7 +37,7 @@ DETECTION_CLASS_UNCERTAIN: DetectionClass
 DETECTION_CLASS_NON_MITOTIC: DetectionClass
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "slide_path", "fingerprint", "source", "priority", "mpp_override", "bundle", "attempts", "error", "created_at", "started_at", "finished_at", "not_before")
+    __slots__ = ("job_id", "state", "slide_path", "fingerprint", "source", "priority", "mpp_override", "bundle", "attempts", "error", "created_at", "started_at", "finished_at", "not_before", "accession", "labels")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,8 @@ class Job(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     state: JobState
     slide_path: str
@@ -66,21 +68,27 @@ class Job(_message.Message):
     started_at: float
     finished_at: float
     not_before: float
-    def __init__(self, job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., source: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., not_before: _Optional[float] = ...) -> None: ...
+    accession: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., source: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., not_before: _Optional[float] = ..., accession: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitSlideRequest(_message.Message):
-    __slots__ = ("slide_path", "priority", "mpp_override", "bundle", "request_id")
+    __slots__ = ("slide_path", "priority", "mpp_override", "bundle", "request_id", "accession", "labels")
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MPP_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     slide_path: str
     priority: int
     mpp_override: float
     bundle: str
     request_id: str
-    def __init__(self, slide_path: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    accession: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slide_path: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., request_id: _Optional[str] = ..., accession: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitSlideResponse(_message.Message):
     __slots__ = ("job",)
@@ -101,18 +109,20 @@ class GetJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("states", "slide_path_contains", "page_size", "page_token", "newest_first")
+    __slots__ = ("states", "slide_path_contains", "page_size", "page_token", "newest_first", "accession")
     STATES_FIELD_NUMBER: _ClassVar[int]
     SLIDE_PATH_CONTAINS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NEWEST_FIRST_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[JobState]
     slide_path_contains: str
     page_size: int
     page_token: str
     newest_first: bool
-    def __init__(self, states: _Optional[_Iterable[_Union[JobState, str]]] = ..., slide_path_contains: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., newest_first: _Optional[bool] = ...) -> None: ...
+    accession: str
+    def __init__(self, states: _Optional[_Iterable[_Union[JobState, str]]] = ..., slide_path_contains: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., newest_first: _Optional[bool] = ..., accession: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "next_page_token")
@@ -243,7 +253,7 @@ class Provenance(_message.Message):
     def __init__(self, package_version: _Optional[str] = ..., bundle_name: _Optional[str] = ..., bundle_version: _Optional[str] = ..., backend: _Optional[str] = ..., created_at: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("job_id", "slide_path", "fingerprint", "scores", "slide", "provenance", "exports", "detections", "created_at", "summary_json")
+    __slots__ = ("job_id", "slide_path", "fingerprint", "scores", "slide", "provenance", "exports", "detections", "created_at", "summary_json", "notice", "flags", "accession")
     class ExportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +271,9 @@ class Result(_message.Message):
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     slide_path: str
     fingerprint: str
@@ -271,7 +284,20 @@ class Result(_message.Message):
     detections: int
     created_at: float
     summary_json: str
-    def __init__(self, job_id: _Optional[int] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., slide: _Optional[_Union[SlideInfo, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., exports: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., created_at: _Optional[float] = ..., summary_json: _Optional[str] = ...) -> None: ...
+    notice: str
+    flags: _containers.RepeatedCompositeFieldContainer[ResultFlag]
+    accession: str
+    def __init__(self, job_id: _Optional[int] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., slide: _Optional[_Union[SlideInfo, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., exports: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., created_at: _Optional[float] = ..., summary_json: _Optional[str] = ..., notice: _Optional[str] = ..., flags: _Optional[_Iterable[_Union[ResultFlag, _Mapping]]] = ..., accession: _Optional[str] = ...) -> None: ...
+
+class ResultFlag(_message.Message):
+    __slots__ = ("code", "message", "value")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    value: float
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ListDetectionsRequest(_message.Message):
     __slots__ = ("job_id", "classes", "min_p_mitotic", "offset")
@@ -333,7 +359,7 @@ class WatchEventsRequest(_message.Message):
     def __init__(self, after_sequence: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("sequence", "type", "job_id", "state", "slide_path", "created_at", "mitotic_count", "atypical_ratio", "total_mitotic", "error", "attempts", "payload_json")
+    __slots__ = ("sequence", "type", "job_id", "state", "slide_path", "created_at", "mitotic_count", "atypical_ratio", "total_mitotic", "error", "attempts", "payload_json", "accession")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +372,7 @@ class Event(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     type: str
     job_id: int
@@ -358,7 +385,8 @@ class Event(_message.Message):
     error: str
     attempts: int
     payload_json: str
-    def __init__(self, sequence: _Optional[int] = ..., type: _Optional[str] = ..., job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., created_at: _Optional[float] = ..., mitotic_count: _Optional[int] = ..., atypical_ratio: _Optional[float] = ..., total_mitotic: _Optional[int] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., payload_json: _Optional[str] = ...) -> None: ...
+    accession: str
+    def __init__(self, sequence: _Optional[int] = ..., type: _Optional[str] = ..., job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., created_at: _Optional[float] = ..., mitotic_count: _Optional[int] = ..., atypical_ratio: _Optional[float] = ..., total_mitotic: _Optional[int] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., payload_json: _Optional[str] = ..., accession: _Optional[str] = ...) -> None: ...
 
 class WatchEventsResponse(_message.Message):
     __slots__ = ("event",)
@@ -381,7 +409,7 @@ class Engine(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., cache_key: _Optional[str] = ...) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence", "engine_error")
+    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence", "engine_error", "intended_use")
     class JobsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +430,7 @@ class GetServerStatusResponse(_message.Message):
     JOBS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    INTENDED_USE_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     gpu: str
@@ -415,4 +444,23 @@ class GetServerStatusResponse(_message.Message):
     jobs_by_state: _containers.ScalarMap[str, int]
     last_sequence: int
     engine_error: str
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ..., engine_error: _Optional[str] = ...) -> None: ...
+    intended_use: str
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ..., engine_error: _Optional[str] = ..., intended_use: _Optional[str] = ...) -> None: ...
+
+class GetExportRequest(_message.Message):
+    __slots__ = ("job_id", "name")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    job_id: int
+    name: str
+    def __init__(self, job_id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class GetExportResponse(_message.Message):
+    __slots__ = ("file_name", "size", "chunk")
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    file_name: str
+    size: int
+    chunk: bytes
+    def __init__(self, file_name: _Optional[str] = ..., size: _Optional[int] = ..., chunk: _Optional[bytes] = ...) -> None: ...
