@@ -92,6 +92,7 @@ class Daemon:
         self._running_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.engine_error: str | None = None
+        self._bundle = ("", "", "")  # name, version, intended use of the configured bundle
         pattern = config.watch.accession_pattern
         self._accession_regex = accession_regex(pattern) if pattern else None
         self._export_gid = _group_id(config.daemon.export_group)
@@ -123,6 +124,7 @@ class Daemon:
         except BaseException:
             self.stop(grace=0.0)
             raise
+        self._log_bundle()
         log.info("mitosis-edge %s serving: watching %s, data in %s%s", __version__,
                  ", ".join(self.config.watch.all_folders) or "no folder", self.data_dir,
                  f", gRPC on {self.server.address}" if self.server else "")
@@ -223,7 +225,7 @@ class Daemon:
     def server_status(self) -> dict[str, Any]:
         engines = self._child_engine_info + self._engines.info()
         counts = self.store.counts_by_state()
-        return {
+        status: dict[str, Any] = {
             "version": __version__,
             "backend": self.config.engines.backend,
             "gpu": _gpu_name(self.config.engines.backend),
@@ -235,7 +237,21 @@ class Daemon:
             "watch_folders": list(self.config.watch.all_folders),
             "ready": self.is_ready(),
             "engine_error": self.engine_error or "",
+            "intended_use": self._bundle[2],
         }
+        if not status["bundle"] and self._bundle[0]:
+            status["bundle"] = f"{self._bundle[0]} {self._bundle[1]}"
+        return status
+
+    def _log_bundle(self) -> None:
+        """Name, version and intended use of the configured bundle, in the log and in server_status."""
+        try:
+            bundle = load_bundle(self.config.engines.bundle)
+        except EdgeError as exc:  # the engines' loader reports it too, as engine_error
+            log.error("model bundle %r cannot be read: %s", self.config.engines.bundle or "demo", exc)
+            return
+        self._bundle = (bundle.name, bundle.version, bundle.intended_use)
+        log.info("model bundle %s %s; intended use: %s", bundle.name, bundle.version, bundle.intended_use)
 
     def is_ready(self) -> bool:
         return self._ready.is_set()
@@ -447,7 +463,9 @@ class Daemon:
             return
         from edge.server import start_server
 
-        self.server = start_server(self.config.server, self, watch_folders=self.config.watch.all_folders)
+        self.server = start_server(
+            self.config.server, self, watch_folders=self.config.watch.all_folders, export_root=self.results_dir
+        )
         self.server.set_serving(False)
 
     def _start_watcher(self) -> None:

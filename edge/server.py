@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import queue
 import sqlite3
 import threading
@@ -26,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
+from edge.caveats import ResultFlag, diagnostic_notice, plausibility_flags
 from edge.config import ServerConfig
 from edge.errors import (
     ConfigError,
@@ -75,6 +77,10 @@ STALLED_CANCEL_S = 30.0  # an overflowed subscriber that reads nothing for this 
 REQUEST_IDS_KEPT = 10_000  # SubmitSlide idempotency keys remembered
 MAX_REQUEST_ID_CHARS = 128
 RESULTS_CACHED = 512  # GetResult replies kept in memory (a few kB each)
+MAX_ACCESSION_CHARS = 64
+MAX_LABELS = 16
+MAX_LABEL_CHARS = 64
+EXPORT_CHUNK = 1 << 20  # bytes per GetExportResponse
 
 
 class DaemonControl(Protocol):
@@ -83,7 +89,16 @@ class DaemonControl(Protocol):
     @property
     def store(self) -> Store: ...
 
-    def submit_slide(self, path: Path, *, priority: int, mpp_override: float | None, bundle: str | None) -> Job: ...
+    def submit_slide(
+        self,
+        path: Path,
+        *,
+        priority: int,
+        mpp_override: float | None,
+        bundle: str | None,
+        accession: str | None = None,
+        labels: tuple[str, ...] = (),
+    ) -> Job: ...
 
     def cancel_job(self, job_id: int) -> Job: ...
 
@@ -239,6 +254,8 @@ def job_to_pb(job: Job) -> Any:
         attempts=job.attempts,
         error=job.error or "",
         created_at=job.created_at,
+        accession=job.accession or "",
+        labels=list(job.labels),
     )
     for name in ("mpp_override", "started_at", "finished_at", "not_before"):
         value = getattr(job, name)
@@ -297,7 +314,7 @@ def scores_to_pb(scores: Mapping[str, Any]) -> Any:
     return msg
 
 
-def result_to_pb(result: StoredResult) -> Any:
+def result_to_pb(result: StoredResult, accession: str | None = None) -> Any:
     summary = result.summary
     slide = summary.get("slide") or {}
     provenance = summary.get("provenance") or {}
@@ -327,7 +344,17 @@ def result_to_pb(result: StoredResult) -> Any:
         detections=result.detections,
         created_at=result.created_at,
         summary_json=json.dumps(summary, sort_keys=True),
+        notice=diagnostic_notice(summary),
+        flags=[_flag_to_pb(flag) for flag in plausibility_flags(summary)],
+        accession=accession or "",
     )
+
+
+def _flag_to_pb(flag: ResultFlag) -> Any:
+    msg = pb.ResultFlag(code=flag.code, message=flag.message)
+    if flag.value is not None:
+        msg.value = flag.value
+    return msg
 
 
 def detection_to_pb(figure: Figure) -> Any:
@@ -365,6 +392,7 @@ def event_to_pb(event: Event) -> Any:
         error=str(payload.get("error") or ""),
         attempts=int(payload.get("attempts") or 0),
         payload_json=json.dumps(payload, sort_keys=True),
+        accession=str(payload.get("accession") or ""),
     )
     for name in ("mitotic_count", "total_mitotic"):
         if isinstance(payload.get(name), int) and not isinstance(payload.get(name), bool):
@@ -436,6 +464,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         roots: Sequence[str],
         *,
         started_at: float,
+        export_root: Path | None = None,
     ) -> None:
         self.config = config
         self.control = control
@@ -451,6 +480,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         self._submit_lock = threading.Lock()
         self._results: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._results_lock = threading.Lock()
+        self.export_root = export_root
 
     # jobs
 
@@ -462,26 +492,31 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         mpp = request.mpp_override if request.HasField("mpp_override") else None
         if mpp is not None and not (math.isfinite(mpp) and 0 < mpp < 1000):
             raise RequestRefused("INVALID_ARGUMENT", f"mpp_override={mpp} must be a positive µm per pixel, e.g. 0.25")
+        accession, labels = _case(request.accession, request.labels)
         path = resolve_submit_path(request.slide_path, self.roots)
         if self.stopping.is_set():
             raise RequestRefused("UNAVAILABLE", "the server is shutting down; submit again once it is back")
         if not request_id:
-            job = self._submit(path, request, mpp)
+            job = self._submit(path, request, mpp, accession, labels)
         else:
             with self._submit_lock:  # one submit per key at a time, so a retry cannot race its first try
                 known = self._request_ids.get(request_id)
                 if known is not None:
                     return pb.SubmitSlideResponse(job=job_to_pb(self.store.get_job(known)))
-                job = self._submit(path, request, mpp)
+                job = self._submit(path, request, mpp, accession, labels)
                 self._request_ids[request_id] = job.job_id
                 while len(self._request_ids) > REQUEST_IDS_KEPT:
                     self._request_ids.popitem(last=False)
-        log.info("job %d submitted over the API: %s (priority %d)", job.job_id, path, job.priority)
+        log.info("job %d submitted over the API: %s (priority %d%s)", job.job_id, path, job.priority,
+                 f", accession {job.accession!r}" if job.accession else "")
         return pb.SubmitSlideResponse(job=job_to_pb(job))
 
-    def _submit(self, path: Path, request: Any, mpp: float | None) -> Job:
+    def _submit(
+        self, path: Path, request: Any, mpp: float | None, accession: str | None, labels: tuple[str, ...]
+    ) -> Job:
         return self.control.submit_slide(
-            path, priority=request.priority, mpp_override=mpp, bundle=request.bundle or None
+            path, priority=request.priority, mpp_override=mpp, bundle=request.bundle or None,
+            accession=accession, labels=labels,
         )
 
     @_unary
@@ -509,11 +544,16 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             if value not in _PB_TO_STATE:
                 raise RequestRefused("INVALID_ARGUMENT", f"states contains {value}, not a job state (1-5)")
             states.append(_PB_TO_STATE[value])
-        filters = _filter_key(states, request.slide_path_contains, request.newest_first)
+        if len(request.accession) > MAX_ACCESSION_CHARS:
+            raise RequestRefused(
+                "INVALID_ARGUMENT", f"accession has {len(request.accession)} characters; at most {MAX_ACCESSION_CHARS}"
+            )
+        filters = _filter_key(states, request.slide_path_contains, request.newest_first, request.accession)
         after = _decode_page_token(request.page_token, filters) if request.page_token else 0
         jobs = self.store.list_jobs(
             states=states,
             slide_path_contains=request.slide_path_contains,
+            accession=request.accession,
             after_job_id=after,
             limit=page_size + 1,
             newest_first=request.newest_first,
@@ -554,7 +594,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             if cached is not None:
                 self._results.move_to_end(job_id)
                 return cached
-        reply = pb.GetResultResponse(result=result_to_pb(self.store.get_result(job_id)))
+        stored = self.store.get_result(job_id)
+        reply = pb.GetResultResponse(result=result_to_pb(stored, self.store.get_job(job_id).accession))
         with self._results_lock:
             self._results[job_id] = reply
             while len(self._results) > RESULTS_CACHED:
@@ -718,7 +759,34 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             jobs_by_state=counts,
             last_sequence=self.store.last_sequence(),
             engine_error=str(status.get("engine_error") or ""),
+            intended_use=str(status.get("intended_use") or ""),
         )
+
+    # exports
+
+    def GetExport(self, request: Any, context: Any) -> Iterator[Any]:
+        try:
+            job_id = _positive_id(request.job_id)
+            self._job(job_id)
+            path = export_file(self.store.get_result(job_id), request.name, self.export_root)
+            limit = self.config.max_export_mb * 2**20
+            handle = _open_export(path, limit)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a gRPC status with its message
+            self._abort(context, exc)
+        with self._stream_slot(context), handle:
+            size = os.fstat(handle.fileno()).st_size
+            first = True
+            while True:
+                chunk = handle.read(EXPORT_CHUNK)
+                if not chunk and not first:
+                    break
+                if not context.is_active() or self.stopping.is_set():
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; fetch the file again")
+                yield pb.GetExportResponse(file_name=path.name if first else "", size=size if first else 0, chunk=chunk)
+                first = False
+                if not chunk:
+                    break
+        log.info("job %d: sent export %s (%d bytes)", job_id, path.name, size)
 
 
 class _StreamGone(Exception):
@@ -750,8 +818,65 @@ class _StreamSlot:
         return exc_type is _StreamGone  # a vanished client ends the stream without an error
 
 
-def _filter_key(states: Sequence[str], contains: str, newest_first: bool) -> str:
-    text = json.dumps([sorted(states), contains, newest_first])
+def _case(accession: str, labels: Sequence[str]) -> tuple[str | None, tuple[str, ...]]:
+    """A submit's accession and labels, checked: printable, bounded lengths (INVALID_ARGUMENT otherwise)."""
+    accession = accession.strip()
+    if len(accession) > MAX_ACCESSION_CHARS or (accession and not accession.isprintable()):
+        raise RequestRefused(
+            "INVALID_ARGUMENT",
+            f"accession {accession[:MAX_ACCESSION_CHARS]!r}... must be at most {MAX_ACCESSION_CHARS} printable characters",
+        )
+    if len(labels) > MAX_LABELS:
+        raise RequestRefused("INVALID_ARGUMENT", f"{len(labels)} labels; at most {MAX_LABELS}")
+    for label in labels:
+        if not label.strip() or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+            raise RequestRefused(
+                "INVALID_ARGUMENT",
+                f"label {label[:MAX_LABEL_CHARS]!r} must be 1 to {MAX_LABEL_CHARS} printable characters",
+            )
+    return accession or None, tuple(label.strip() for label in labels)
+
+
+def export_file(result: StoredResult, name: str, root: Path | None) -> Path:
+    """The file of a job's export named by kind ("overlay") or file name ("overlay.png"); never a client's path.
+
+    Only paths the store recorded for this job, and (when ``root`` is given) only under it.
+    """
+    if result.pruned_at is not None:
+        raise RequestRefused(
+            "NOT_FOUND", f"the exports of job {result.job_id} were deleted by daemon.export_retention_days"
+        )
+    by_name = {Path(p).name: Path(p) for p in result.exports.values()}
+    path = result.exports.get(name) and Path(result.exports[name]) or by_name.get(name)
+    if path is None:
+        known = ", ".join(sorted(result.exports)) or "none"
+        raise RequestRefused("NOT_FOUND", f"job {result.job_id} has no export {name!r}; its exports: {known}")
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise RequestRefused("PERMISSION_DENIED", f"export {name!r} of job {result.job_id} is outside the results folder")
+    return path
+
+
+def _open_export(path: Path, limit: int) -> Any:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise RequestRefused("NOT_FOUND", f"export file {path.name} is gone from the daemon's disk") from None
+    except OSError as exc:
+        raise RequestRefused("NOT_FOUND", f"export file {path.name} cannot be read: {exc.strerror or exc}") from None
+    handle = os.fdopen(fd, "rb")
+    size = os.fstat(fd).st_size
+    if size > limit:
+        handle.close()
+        raise RequestRefused(
+            "RESOURCE_EXHAUSTED",
+            f"export {path.name} has {size / 2**20:.1f} MB, more than server.max_export_mb={limit // 2**20}; "
+            "raise it on the server or copy the file from the daemon's disk",
+        )
+    return handle
+
+
+def _filter_key(states: Sequence[str], contains: str, newest_first: bool, accession: str = "") -> str:
+    text = json.dumps([sorted(states), contains, newest_first, *([accession] if accession else [])])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -890,7 +1015,11 @@ class RunningServer:
 
 
 def start_server(
-    config: ServerConfig, control: DaemonControl, *, watch_folders: Sequence[str] = ()
+    config: ServerConfig,
+    control: DaemonControl,
+    *,
+    watch_folders: Sequence[str] = (),
+    export_root: Path | None = None,
 ) -> RunningServer:
     """Start the gRPC API on ``config.listen``. Raises ConfigError naming the setting when it cannot.
 
@@ -932,7 +1061,7 @@ def start_server(
     broadcaster = EventBroadcaster(
         control.store, on_tick=lambda: broadcaster_holder[0]._follow_readiness() if broadcaster_holder else None
     )
-    servicer = EdgeServicer(config, control, broadcaster, roots, started_at=time.monotonic())
+    servicer = EdgeServicer(config, control, broadcaster, roots, started_at=time.monotonic(), export_root=export_root)
     pb_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -730,8 +730,7 @@ def _one(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
 
 
 def _job_from_row(row: Sequence[Any]) -> Job:
-    *columns, labels = row
-    return Job(*columns, labels=tuple(json.loads(labels or "[]")))
+    return replace(Job(*row), labels=tuple(json.loads(row[-1] or "[]")))
 
 
 def _job_in(conn: sqlite3.Connection, path: Path, job_id: int) -> Job:

@@ -28,10 +28,20 @@ class FakeControl:
         self.started = time.monotonic()
         self.submitted: list[Path] = []
 
-    def submit_slide(self, path: Path, *, priority: int, mpp_override: float | None, bundle: str | None) -> Job:
+    def submit_slide(
+        self,
+        path: Path,
+        *,
+        priority: int,
+        mpp_override: float | None,
+        bundle: str | None,
+        accession: str | None = None,
+        labels: tuple[str, ...] = (),
+    ) -> Job:
         self.submitted.append(path)
         job, _ = self.store.add_job(
-            str(path), source="submit", priority=priority, mpp_override=mpp_override, bundle=bundle, dedupe=False
+            str(path), source="submit", priority=priority, mpp_override=mpp_override, bundle=bundle, dedupe=False,
+            accession=accession, labels=labels,
         )
         return job
 

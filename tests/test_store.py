@@ -109,7 +109,7 @@ def raw(path: Path, sql: str) -> list[Any]:
 def test_a_store_is_created_from_nothing_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "new" / "folder" / "edge.db"
     with Store.open(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 1
+        assert store.schema_version == SCHEMA_VERSION
         assert store.counts_by_state() == {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
         assert store.last_sequence() == 0 and store.events_after(0) == []
         assert raw(path, "PRAGMA journal_mode") == [("wal",)]
@@ -135,9 +135,27 @@ def test_an_older_schema_is_migrated_in_place(tmp_path: Path, monkeypatch: pytes
     version_2 = ("ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE jobs SET note = 'migrated'")
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, version_2))
     with Store.open(path) as store:
-        assert store.schema_version == 2
+        assert store.schema_version == SCHEMA_VERSION + 1
         assert store.get_job(1).slide_path == "/scans/a.svs"
     assert raw(path, "SELECT note FROM jobs") == [("migrated",)]
+
+
+def test_a_store_of_the_first_schema_gains_accession_and_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "edge.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+        Store.open(path).close()
+        raw(path, "INSERT INTO slides (path, created_at) VALUES ('/scans/old.svs', 0)")
+        raw(path, "INSERT INTO jobs (slide_id, state, source, created_at) VALUES (1, 'queued', 'watch', 0)")
+    with Store.open(path) as store:
+        old = store.get_job(1)
+        assert (old.accession, old.labels) == (None, ())
+        new, _ = store.add_job("/scans/new.svs", accession="S24-0042", labels=["study-7", "HE"])
+        assert (new.accession, new.labels) == ("S24-0042", ("study-7", "HE"))
+        assert [j.job_id for j in store.list_jobs(accession="S24-0042")] == [new.job_id]
+        assert store.events_after(0)[-1].payload["accession"] == "S24-0042"
 
 
 def test_a_failing_migration_leaves_the_store_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,18 +163,20 @@ def test_a_failing_migration_leaves_the_store_unchanged(tmp_path: Path, monkeypa
     Store.open(path).close()
     broken = ("ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE no_such_table SET x = 1")
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, broken))
-    with pytest.raises(StoreError, match=r"from schema version 1 to 2 failed .*no_such_table"):
+    known = SCHEMA_VERSION
+    with pytest.raises(StoreError, match=rf"from schema version {known} to {known + 1} failed .*no_such_table"):
         Store.open(path)
-    assert raw(path, "PRAGMA user_version") == [(1,)]
+    assert raw(path, "PRAGMA user_version") == [(known,)]
     assert "note" not in {row[1] for row in raw(path, "PRAGMA table_info(jobs)")}
 
 
 def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     path = tmp_path / "edge.db"
     Store.open(path).close()
-    raw(path, "PRAGMA user_version = 7")
+    newer = SCHEMA_VERSION + 5
+    raw(path, f"PRAGMA user_version = {newer}")
     before = path.read_bytes()
-    with pytest.raises(StoreCorruptError, match=r"schema version 7, newer than version 1.*upgrade mitosis-edge"):
+    with pytest.raises(StoreCorruptError, match=rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade"):
         Store.open(path)
     assert path.read_bytes() == before
 
