@@ -121,7 +121,8 @@ def clip_polygon(ring: Sequence[Sequence[float]], width: float, height: float) -
     points = [(float(x), float(y)) for x, y in ring]
     if len(points) > 1 and points[0] == points[-1]:
         points.pop()
-    for axis, limit, keep_below in ((0, 0.0, False), (0, float(width), True), (1, 0.0, False), (1, float(height), True)):
+    edges = ((0, 0.0, False), (0, float(width), True), (1, 0.0, False), (1, float(height), True))
+    for axis, limit, keep_below in edges:
         if not points:
             break
         clipped: list[tuple[float, float]] = []

@@ -4,8 +4,8 @@ A slide the watcher hands over (or a client submits) becomes a queued job in the
 Each worker analyses its slides in a child process (``daemon.isolation = "process"``, see
 ``edge.worker``) or in this one (``"thread"``, and whenever tests inject an analysis).
 Workers claim jobs oldest first (manual submissions may carry a priority), analyse the slide,
-write its exports into ``<data>/results/<job>-<slide stem>/`` (mode ``daemon.export_mode``) and store the result, its detections and the
-"done" event in one transaction. A failing slide is retried with exponential backoff, then marked
+write its exports into ``<data>/results/<job>-<slide stem>/`` (mode ``daemon.export_mode``) and
+store the result, its detections and the "done" event in one transaction. A failing slide is retried with exponential backoff, then marked
 failed with the last error; a slide that cannot be read is failed at once. The daemon never dies
 because of one slide. On SIGTERM/SIGINT it stops taking work, lets running slides finish within
 the grace period, re-queues what is left and exits 0.
@@ -32,6 +32,7 @@ from edge import __version__
 from edge.config import Config, accession_regex
 from edge.engines import EngineSet, load_bundle
 from edge.errors import ConfigError, DiskFullError, EdgeError, SlideReadError, StreamCancelled
+from edge.exports import export_folder_name
 from edge.fingerprint import Fingerprint, fingerprint_slide
 from edge.metrics import DaemonMetrics
 from edge.store import Job, JobStateError, Store
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 STORE_NAME = "edge.db"
 RESULTS_DIR = "results"
 IDLE_WAIT_S = 1.0  # a worker with nothing to do looks at the queue again after this long (or when woken)
-EXPORT_STEM_CHARS = 80  # the slide's name in its export folder's name is cut to this length
 HOUSEKEEPING_INTERVAL_S = 3600.0  # export retention runs this often
 ANALYSIS_ERRORS = (EdgeError, OSError, MemoryError, ValueError, RuntimeError)
 
@@ -549,16 +549,6 @@ def accession_from_path(path: Path, regex: re.Pattern[str] | None) -> str | None
         return None
     match = regex.search(str(path))
     return match["accession"] if match and match["accession"] else None
-
-
-def export_folder_name(job_id: int, slide_path: str) -> str:
-    """``<job>-<slide stem>``: the job id keeps it unique, the stem tells a person which slide it is.
-
-    >>> export_folder_name(12, "/scans/S24 042 HE.ome.tiff")
-    '12-S24_042_HE.ome'
-    """
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(slide_path).stem).strip("._-")[:EXPORT_STEM_CHARS]
-    return f"{job_id}-{stem}" if stem else str(job_id)
 
 
 def share_exports(folder: Path, mode: int, gid: int | None) -> None:

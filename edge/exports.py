@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "OVERLAY_MAX_SIDE",
     "RESULT_SCHEMA",
     "csv_text",
+    "export_folder_name",
     "geojson_dict",
     "midog_dict",
     "overlay_image",
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 RESULT_SCHEMA = "mitosis-edge/result/1"
 HOTSPOT_POLYGON_VERTICES = 128
 OVERLAY_MAX_SIDE = 2048  # px: the overlay is a preview, not a second slide
+EXPORT_STEM_CHARS = 80  # the slide's name in its export folder's name is cut to this length
 CSV_COLUMNS = (
     "x_px",
     "y_px",
@@ -75,6 +78,16 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
 _TISSUE_OUTLINE = (40, 40, 160)
 # Fixed namespace: feature ids are the same every time the same slide is exported.
 _ID_NAMESPACE = uuid.UUID("6f1e5d0c-8f53-4b61-9a53-3c7f3b0c2e11")
+
+
+def export_folder_name(job_id: int, slide_path: str) -> str:
+    """``<job>-<slide stem>``: the job id keeps it unique, the stem tells a person which slide it is.
+
+    >>> export_folder_name(12, "/scans/S24 042 HE.ome.tiff")
+    '12-S24_042_HE.ome'
+    """
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(slide_path).stem).strip("._-")[:EXPORT_STEM_CHARS]
+    return f"{job_id}-{stem}" if stem else str(job_id)
 
 
 def _figure_class(figure: Figure) -> str:

@@ -824,7 +824,8 @@ def _case(accession: str, labels: Sequence[str]) -> tuple[str | None, tuple[str,
     if len(accession) > MAX_ACCESSION_CHARS or (accession and not accession.isprintable()):
         raise RequestRefused(
             "INVALID_ARGUMENT",
-            f"accession {accession[:MAX_ACCESSION_CHARS]!r}... must be at most {MAX_ACCESSION_CHARS} printable characters",
+            f"accession {accession[:MAX_ACCESSION_CHARS]!r}... must be at most {MAX_ACCESSION_CHARS} "
+            "printable characters",
         )
     if len(labels) > MAX_LABELS:
         raise RequestRefused("INVALID_ARGUMENT", f"{len(labels)} labels; at most {MAX_LABELS}")
@@ -847,12 +848,14 @@ def export_file(result: StoredResult, name: str, root: Path | None) -> Path:
             "NOT_FOUND", f"the exports of job {result.job_id} were deleted by daemon.export_retention_days"
         )
     by_name = {Path(p).name: Path(p) for p in result.exports.values()}
-    path = result.exports.get(name) and Path(result.exports[name]) or by_name.get(name)
+    path = (result.exports.get(name) and Path(result.exports[name])) or by_name.get(name)
     if path is None:
         known = ", ".join(sorted(result.exports)) or "none"
         raise RequestRefused("NOT_FOUND", f"job {result.job_id} has no export {name!r}; its exports: {known}")
     if root is not None and not path.resolve().is_relative_to(root.resolve()):
-        raise RequestRefused("PERMISSION_DENIED", f"export {name!r} of job {result.job_id} is outside the results folder")
+        raise RequestRefused(
+            "PERMISSION_DENIED", f"export {name!r} of job {result.job_id} is outside the results folder"
+        )
     return path
 
 

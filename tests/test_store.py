@@ -176,7 +176,8 @@ def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     newer = SCHEMA_VERSION + 5
     raw(path, f"PRAGMA user_version = {newer}")
     before = path.read_bytes()
-    with pytest.raises(StoreCorruptError, match=rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade"):
+    expected = rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade"
+    with pytest.raises(StoreCorruptError, match=expected):
         Store.open(path)
     assert path.read_bytes() == before
 
