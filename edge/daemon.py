@@ -5,10 +5,10 @@ Each worker analyses its slides in a child process (``daemon.isolation = "proces
 ``edge.worker``) or in this one (``"thread"``, and whenever tests inject an analysis).
 Workers claim jobs oldest first (manual submissions may carry a priority), analyse the slide,
 write its exports into ``<data>/results/<job>-<slide stem>/`` (mode ``daemon.export_mode``) and
-store the result, its detections and the "done" event in one transaction. A failing slide is retried with exponential backoff, then marked
-failed with the last error; a slide that cannot be read is failed at once. The daemon never dies
-because of one slide. On SIGTERM/SIGINT it stops taking work, lets running slides finish within
-the grace period, re-queues what is left and exits 0.
+store the result, its detections and the "done" event in one transaction. A failing slide is
+retried with exponential backoff, then marked failed with the last error; a slide that cannot be
+read is failed at once. The daemon never dies because of one slide. On SIGTERM/SIGINT it stops
+taking work, lets running slides finish within the grace period, re-queues what is left and exits 0.
 """
 
 from __future__ import annotations
