@@ -88,7 +88,7 @@ def test_a_slide_dropped_into_the_inbox_becomes_one_result_with_exports(
     result = daemon.store.get_result(job.job_id)
     assert result.summary["scores"]["hotspot"] is not None
     for path in result.exports.values():
-        assert Path(path).exists() and Path(path).parent == daemon.results_dir / str(job.job_id)
+        assert Path(path).exists() and Path(path).parent == daemon.results_dir / f"{job.job_id}-a"
     scraped = urllib.request.urlopen(f"http://{daemon.metrics_address()}/metrics", timeout=5).read().decode()
     assert 'mitosis_edge_jobs{state="done"} 1.0' in scraped and "mitosis_edge_slides_done_total 1.0" in scraped
     assert "mitosis_edge_stage_seconds_bucket" in scraped and "mitosis_edge_queue_depth 0.0" in scraped
@@ -201,8 +201,10 @@ def test_retention_removes_old_exports_but_keeps_the_results(
     daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": []}))
     job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
     wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", what="done")
+    folder = Path(daemon.store.get_result(job.job_id).exports["result"]).parent
+    assert folder.is_dir()
     assert daemon.prune_exports(cutoff=time.time() + 1) == 1
-    assert not (daemon.results_dir / str(job.job_id)).exists()
+    assert not folder.exists()
     assert daemon.store.get_result(job.job_id).summary["scores"]
 
 

@@ -1,0 +1,120 @@
+"""Results reach the lab: export files fetched over the API with the right permissions, case accession
+numbers from the submit or the path, and the not-for-diagnosis notice and plausibility flags in GetResult."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edge.cli import main
+from edge.client import EdgeClient, EdgeClientError
+from edge.daemon import Daemon
+from tests.conftest import SynthFactory
+from tests.test_daemon import daemon_config, start_daemon, states, wait_for  # noqa: F401 - fixture
+
+PATTERN = r"(?P<accession>S\d{2}-\d{4})"
+
+
+def client_of(daemon: Daemon) -> EdgeClient:
+    assert daemon.server is not None
+    return EdgeClient(daemon.server.address, insecure=True, retries=0)
+
+
+def test_exports_are_group_readable_named_for_the_slide_and_fetched_through_the_client(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = daemon_config(
+        tmp_path, **{"watch.accession_pattern": PATTERN, "daemon.isolation": "thread", "daemon.export_mode": "0640"}
+    )
+    daemon = start_daemon(config)
+    shutil.copy(synth_slide(width=2048, height=1536, seed=3), tmp_path / "inbox" / "S24-0042_HE.tiff")
+    wait_for(lambda: states(daemon.store).get("S24-0042_HE.tiff") == "done", what="the slide done")
+    (job,) = daemon.store.list_jobs()
+    folder = daemon.results_dir / f"{job.job_id}-S24-0042_HE"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o640}
+
+    with client_of(daemon) as client:
+        assert [j["job_id"] for j in client.list_jobs(accession="S24-0042")] == [job.job_id]
+        assert client.list_jobs(accession="S24-9999") == []
+        result = client.get_result(job.job_id)
+        assert result["accession"] == "S24-0042"
+        assert "not for diagnosis" in result["notice"].lower()  # the demo bundle
+        written = client.export(job.job_id, tmp_path / "ws")
+    assert sorted(written) == sorted(result["exports"])
+    for kind, path in written.items():
+        assert path.read_bytes() == Path(result["exports"][kind]).read_bytes()
+
+    assert main(["client", "--server", daemon.server.address, "--insecure", "export", str(job.job_id),
+                 "--out", str(tmp_path / "cli"), "--name", "overlay"]) == 0
+    assert (tmp_path / "cli" / "overlay.png").read_bytes() == Path(result["exports"]["overlay"]).read_bytes()
+    assert "overlay" in capsys.readouterr().out
+
+
+def test_export_names_are_only_the_jobs_own_files_and_size_is_limited(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(
+        daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread", "server.max_export_mb": 1,
+                                   "server.allowed_roots": [str(tmp_path)]})
+    )
+    slide = tmp_path / "slide.tiff"
+    shutil.copy(synth_slide(width=2048, height=1536, seed=3), slide)
+    first = daemon.submit_slide(slide)
+    second = daemon.submit_slide(slide)
+    wait_for(lambda: all(daemon.store.get_job(j.job_id).state == "done" for j in (first, second)), what="done")
+    other = Path(daemon.store.get_result(second.job_id).exports["csv"])
+    with client_of(daemon) as client:
+        for name in (str(other), f"../{other.parent.name}/detections.csv", "/etc/passwd", "edge.db", ""):
+            with pytest.raises(EdgeClientError) as refused:
+                client.fetch_export(first.job_id, name, tmp_path / "out")
+            assert refused.value.code == "NOT_FOUND" and "its exports: csv, geojson" in refused.value.message
+        with pytest.raises(EdgeClientError, match="no job 99"):
+            client.fetch_export(99, "result", tmp_path / "out")
+        big = Path(daemon.store.get_result(first.job_id).exports["csv"])
+        big.write_bytes(b"x" * (2 * 2**20))
+        with pytest.raises(EdgeClientError, match=r"more than server.max_export_mb=1") as too_big:
+            client.fetch_export(first.job_id, "detections.csv", tmp_path / "out")
+        assert too_big.value.code == "RESOURCE_EXHAUSTED"
+        assert client.fetch_export(first.job_id, "result.json", tmp_path / "out").name == "result.json"
+    assert not (tmp_path / "out" / "detections.csv").exists()
+
+
+def test_a_submitted_accession_and_labels_are_stored_listed_and_on_every_event(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
+) -> None:
+    def analyze(*args: object) -> None:
+        raise ValueError("not analysed in this test")
+
+    daemon = start_daemon(
+        daemon_config(tmp_path, **{"watch.folders": [], "server.allowed_roots": [str(tmp_path)],
+                                   "watch.accession_pattern": PATTERN}),
+        analyze=analyze,
+    )
+    slide = tmp_path / "S24-0001.tiff"
+    shutil.copy(synth_slide(width=2048, height=1536, seed=3), slide)
+    with client_of(daemon) as client:
+        given = client.submit(slide, accession="H26-777", labels=["study-7", "PHH3"])
+        from_path = client.submit(slide)
+        assert (given["accession"], given["labels"]) == ("H26-777", ["study-7", "PHH3"])
+        assert from_path["accession"] == "S24-0001"
+        assert [j["job_id"] for j in client.list_jobs(accession="H26-777")] == [given["job_id"]]
+        events = client.watch_events(0, reconnect=False, timeout=5.0)
+        by_job: dict[int, set[str | None]] = {}
+        try:
+            for event in events:
+                by_job.setdefault(event["job_id"], set()).add(event["accession"])
+                if event["job_id"] == from_path["job_id"] and event["type"] == "job_failed":
+                    break
+        finally:
+            events.cancel()
+        assert by_job == {given["job_id"]: {"H26-777"}, from_path["job_id"]: {"S24-0001"}}
+        with pytest.raises(EdgeClientError, match="at most 64") as refused:
+            client.submit(slide, accession="A" * 65)
+        assert refused.value.code == "INVALID_ARGUMENT"
+        with pytest.raises(EdgeClientError, match="printable"):
+            client.submit(slide, labels=["bad\nlabel"])
