@@ -14,7 +14,10 @@ from edge.cli import main
 from edge.client import EdgeClient, EdgeClientError
 from edge.daemon import Daemon
 from tests.conftest import SynthFactory
-from tests.test_daemon import daemon_config, start_daemon, states, wait_for  # noqa: F401 - fixture
+from tests import test_daemon
+from tests.test_daemon import daemon_config, states, wait_for
+
+start_daemon = test_daemon.start_daemon  # the fixture, shared with the daemon's tests
 
 PATTERN = r"(?P<accession>S\d{2}-\d{4})"
 
