@@ -13,8 +13,8 @@ import pytest
 from edge.cli import main
 from edge.client import EdgeClient, EdgeClientError
 from edge.daemon import Daemon
-from tests.conftest import SynthFactory
 from tests import test_daemon
+from tests.conftest import SynthFactory
 from tests.test_daemon import daemon_config, states, wait_for
 
 start_daemon = test_daemon.start_daemon  # the fixture, shared with the daemon's tests
