@@ -16,6 +16,7 @@ import numpy as np
 
 __all__ = [
     "ResultFlag",
+    "caveat_lines",
     "clip_polygon",
     "diagnostic_notice",
     "plausibility_flags",
@@ -108,6 +109,14 @@ def plausibility_flags(summary: Mapping[str, Any]) -> list[ResultFlag]:
             round(outside, 3),
         ))
     return flags
+
+
+def caveat_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The notice and each flag as lines of a one-screen summary ("NOTICE ...", "flag ...")."""
+    notice = diagnostic_notice(summary)
+    lines = [f"NOTICE     {notice}"] if notice else []
+    lines += [f"flag       {flag.code}: {flag.message}" for flag in plausibility_flags(summary)]
+    return lines
 
 
 def clip_polygon(ring: Sequence[Sequence[float]], width: float, height: float) -> list[list[float]]:

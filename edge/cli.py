@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print a slide's metadata: vendor, levels, mpp, objective, associated images")
     p.add_argument("slide", help="slide file (or DICOM WSI folder)")
-    _slide_options(p)
+    _slide_options(p, stream=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tiles", action="store_true", help="also find the tissue and plan the tiles")
     p.set_defaults(handler=cmd_info)
@@ -67,19 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output TIFF path")
     p.add_argument("--width", type=int, required=True, help="level-0 width in px")
     p.add_argument("--height", type=int, required=True, help="level-0 height in px")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same slide (default 0)")
     p.add_argument("--mpp", type=float, default=0.25, help="µm/px recorded in the file (default 0.25)")
     p.add_argument("--mitoses", type=int, help="mitotic figures to plant (default: from the tissue area)")
     p.add_argument("--imposters", type=int, help="mitosis look-alikes to plant (default: as many as mitoses)")
-    p.add_argument("--atypical-fraction", type=float, default=0.3)
+    p.add_argument("--atypical-fraction", type=float, default=0.3,
+                   help="share of planted mitoses that are atypical (default 0.3)")
     p.add_argument("--cluster-fraction", type=float, default=0.6, help="share of mitoses in dense clusters")
-    p.add_argument("--tissue-fraction", type=float, default=0.55)
-    p.add_argument("--stain-jitter", type=float, default=0.08)
+    p.add_argument("--tissue-fraction", type=float, default=0.55,
+                   help="share of the slide covered by tissue (default 0.55)")
+    p.add_argument("--stain-jitter", type=float, default=0.08,
+                   help="random variation of the H&E stain colours, 0 = none (default 0.08)")
     p.add_argument("--blur", type=float, default=0.0, help="gaussian blur sigma in px")
     p.add_argument("--noise", type=float, default=3.0, help="noise sigma in grey levels")
-    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--tile-size", type=int, default=256, help="stored TIFF tile side in px (default 256)")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality")
-    p.add_argument("--format", choices=("tiff", "ome"), default="tiff")
+    p.add_argument("--format", choices=("tiff", "ome"), default="tiff",
+                   help="tiff: pyramidal TIFF with resolution tags; ome: OME-TIFF with OME-XML (default tiff)")
     p.add_argument("--hotspot-area", type=float, default=2.0, help="hotspot field area in mm² for the truth")
     p.add_argument("--truth", help="truth JSON path (default: OUT with .truth.json)")
     p.set_defaults(handler=cmd_synth)
@@ -102,19 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _slide_options(p: argparse.ArgumentParser) -> None:
+def _slide_options(p: argparse.ArgumentParser, *, stream: bool = True) -> None:
     p.add_argument("--mpp", type=float, help="µm/px to use when the slide records none (overrides the file)")
     p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), help="library that opens the slide")
     p.add_argument("--region-reader", choices=("auto", "tiles", "pyvips", "library"), help="how pixels are read")
     p.add_argument("--target-mpp", type=float, help="µm/px tiles are read at (default 0.25)")
-    p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
-    p.add_argument("--batch-size", type=int, help="tiles per batch")
+    if stream:  # only commands that stream tiles use them
+        p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
+        p.add_argument("--batch-size", type=int, help="tiles per batch")
 
 
 # --- commands ------------------------------------------------------------------------------------
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from edge.pipeline import scale_problem
     from edge.slide import open_slide
     from edge.stream import plan_slide
 
@@ -125,12 +131,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         if info.mpp_x is not None:
             data["level_mpp"] = [list(info.level_mpp(i)) for i in range(len(info.levels))]
             scale = slide.read_scale()
+            refusal = scale_problem(info.level_mpp(0), scale.target_mpp)
             data["read"] = {
                 "target_mpp": scale.target_mpp,
                 "level": scale.level,
                 "output_mpp": [scale.mpp_x, scale.mpp_y],
                 "resampled": scale.resampled,
                 "upsampled": scale.upsampled,
+                "upsampling": round(min(info.level_mpp(0)) / scale.target_mpp, 3) if scale.upsampled else None,
+                "analyzable": refusal is None,
+                "refusal": refusal,
             }
         if args.tiles:
             sp = plan_slide(slide, config)
@@ -168,11 +178,14 @@ def _format_info(d: dict[str, Any]) -> str:
     if "read" in d:
         r = d["read"]
         how = (
-            "upsampled (the slide is coarser than the target)"
+            f"upsampled {r['upsampling']:.2f}x (the slide is coarser than the target; results are flagged)"
             if r["upsampled"]
             else ("resampled" if r["resampled"] else "read as stored")
         )
-        lines.append(f"reading at   {r['target_mpp']} µm/px from level {r['level']}: {how}")
+        if r["refusal"]:
+            lines.append(f"analysis     REFUSED: {r['refusal']}")
+        else:
+            lines.append(f"reading at   {r['target_mpp']} µm/px from level {r['level']}: {how}")
     if "tiles" in d:
         lines.append(
             f"tissue       {d['tissue_area_mm2']:.2f} mm², {d['tiles']} tiles "

@@ -171,6 +171,7 @@ def result_lines(result: dict[str, Any]) -> list[str]:
     hint = scores["mitotic_score_hint"]
     density = scores["mitotic_density_per_mm2"]
     lines = [f"NOTICE                 {result['notice']}"] if result.get("notice") else []
+    lines += [f"flag {flag['code']:<18}{flag['message']}" for flag in result.get("flags") or ()]
     lines += [
         f"hotspot mitotic count  {spot['mitotic']} in {spot['area_mm2']:.2f} mm² "
         f"(atypical {spot['atypical']}, normal {spot['normal']}, uncertain {spot['uncertain']})",
@@ -180,8 +181,6 @@ def result_lines(result: dict[str, Any]) -> list[str]:
         + (f"; {density:.2f} per mm²" if density is not None else ""),
         f"score hint             {hint['score'] if hint['score'] is not None else '-'} ({hint['note']})",
     ]
-    for flag in result.get("flags") or ():
-        lines.append(f"flag {flag['code']:<18}{flag['message']}")
     for kind, path in sorted(result["exports"].items()):
         lines.append(f"export {kind:<16}{path}")
     return lines

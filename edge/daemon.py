@@ -31,7 +31,14 @@ from typing import Any
 from edge import __version__
 from edge.config import Config, accession_regex
 from edge.engines import EngineSet, load_bundle
-from edge.errors import ConfigError, DiskFullError, EdgeError, SlideReadError, StreamCancelled
+from edge.errors import (
+    ConfigError,
+    DiskFullError,
+    EdgeError,
+    MissingMppError,
+    SlideReadError,
+    StreamCancelled,
+)
 from edge.exports import export_folder_name
 from edge.fingerprint import Fingerprint, fingerprint_slide
 from edge.metrics import DaemonMetrics
@@ -590,6 +597,12 @@ def _lower_priority(nice: int) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, MissingMppError):  # the slide's own hint names analyze's flag; say what works here
+        return (
+            f"MissingMppError: {exc.path}: the slide records no pixel size (mpp); submit it again with the scan's "
+            f"µm/px: mitosis-edge client submit {exc.path} --mpp 0.25 (for example), or set [slide] mpp_override "
+            "in the daemon's config when every slide of this scanner lacks it"
+        )
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -180,15 +180,27 @@ def _analyze(
         return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw)
 
 
+def scale_problem(mpp0: tuple[float, float], model_mpp: float) -> str | None:
+    """Why a slide of level-0 pixel size ``mpp0`` cannot be analysed by models at ``model_mpp``; None when it can.
+
+    ``info`` and ``analyze`` (and the daemon) ask this one function, so they agree.
+
+    >>> scale_problem((0.499, 0.499), 0.25) is None, scale_problem((28.97, 28.97), 0.25)[:22]
+    (True, 'scanned at 29 µm/px, to')
+    """
+    if min(mpp0) <= model_mpp * MAX_UPSAMPLING:
+        return None
+    return (
+        f"scanned at {mpp0[0]:.3g} µm/px, too coarse for the detector at {model_mpp} µm/px "
+        f"(at most {MAX_UPSAMPLING}x upsampling); mitotic figures need a 20x or 40x scan. If the recorded mpp "
+        "is wrong, give the right one (analyze --mpp X; client submit SLIDE --mpp X; [slide] mpp_override)"
+    )
+
+
 def _check_scale(slide: Slide, sp: SlidePlan, bundle: Bundle) -> None:
-    mpp0 = slide.info.level_mpp(0)
-    if min(mpp0) > bundle.detector.mpp * MAX_UPSAMPLING:
-        raise SlideReadError(
-            slide.path,
-            f"scanned at {mpp0[0]:.3g} µm/px, too coarse for the detector at {bundle.detector.mpp} µm/px "
-            f"(at most {MAX_UPSAMPLING}x upsampling); mitotic figures need a 20x or 40x scan. If the recorded mpp "
-            "is wrong, pass the right one with --mpp",
-        )
+    problem = scale_problem(slide.info.level_mpp(0), bundle.detector.mpp)
+    if problem is not None:
+        raise SlideReadError(slide.path, problem)
 
 
 def _detect(

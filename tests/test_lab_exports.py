@@ -3,6 +3,7 @@ numbers from the submit or the path, and the not-for-diagnosis notice and plausi
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from edge.cli import main
 from edge.client import EdgeClient, EdgeClientError
 from edge.daemon import Daemon
 from tests import test_daemon
-from tests.conftest import SynthFactory
+from tests.conftest import SynthFactory, data_file
 from tests.test_daemon import daemon_config, states, wait_for
 
 start_daemon = test_daemon.start_daemon  # the fixture, shared with the daemon's tests
@@ -121,3 +122,33 @@ def test_a_submitted_accession_and_labels_are_stored_listed_and_on_every_event(
         assert refused.value.code == "INVALID_ARGUMENT"
         with pytest.raises(EdgeClientError, match="printable"):
             client.submit(slide, labels=["bad\nlabel"])
+
+
+def test_a_daemon_job_without_mpp_says_how_to_submit_it_with_one(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"}))
+    slide = tmp_path / "no-mpp.svs"
+    shutil.copy(data_file("wsi/tcga-cr-7395-01a-01-ts1.svs"), slide)
+    job = daemon.submit_slide(slide)
+    wait_for(lambda: daemon.store.get_job(job.job_id).state == "failed", what="the job failed")
+    error = daemon.store.get_job(job.job_id).error or ""
+    assert f"mitosis-edge client submit {slide} --mpp" in error and "[slide] mpp_override" in error
+    assert "pass --mpp" not in error  # analyze's flag means nothing to a daemon user
+
+
+def test_the_demo_bundle_on_the_real_cmu_slide_is_flagged_not_just_scored(tmp_path: Path) -> None:
+    slide = data_file("wsi/CMU-1-Small-Region.svs")
+    assert main(["analyze", str(slide), "--out", str(tmp_path), "--threads", "2"]) == 0
+    data = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))
+    assert list(data)[:3] == ["schema", "notice", "flags"] and "NOT for diagnosis" in data["notice"]
+    flags = {f["code"]: f for f in data["flags"]}
+    assert flags["upsampled"]["value"] == pytest.approx(0.499 / 0.25, rel=0.01)
+    assert flags["field_larger_than_tissue"]["value"] < 2.0
+    assert 0.0 < flags["hotspot_outside_slide"]["value"] < 1.0
+    geojson = json.loads((tmp_path / "detections.geojson").read_text(encoding="utf-8"))
+    for feature in geojson["features"]:
+        if feature["geometry"]["type"] == "Polygon":
+            ring = feature["geometry"]["coordinates"][0]
+            assert min(min(x, y) for x, y in ring) >= 0.0
+            assert max(x for x, _ in ring) <= 2220 and max(y for _, y in ring) <= 2967
