@@ -15,6 +15,7 @@ from edge import __version__, cli_analysis, cli_client, cli_daemon, cli_engines,
 from edge.cli_args import config_from_args
 from edge.config import load_config
 from edge.errors import ConfigError, EdgeError
+from edge.logs import configure as configure_logs
 
 log = logging.getLogger("edge.cli")
 
@@ -253,19 +254,6 @@ def cmd_bench_read(args: argparse.Namespace) -> int:
 # --- logging -------------------------------------------------------------------------------------
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
 def _configure_logging(args: argparse.Namespace, config_file: str | None) -> None:
     """WARNING by default (-v INFO, -vv DEBUG); a daemon logs INFO by default, in daemon.log_format."""
     verbose = args.verbose
@@ -278,13 +266,7 @@ def _configure_logging(args: argparse.Namespace, config_file: str | None) -> Non
             except ConfigError:
                 fmt = "text"  # the command itself reports the bad config
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    configure_logs(level, "json" if fmt == "json" else "text")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,6 +35,7 @@ from edge.detect import Boxes, TileOwnership, decode, merge_indices, nms, to_sli
 from edge.engines import Bundle, EngineSet, load_bundle, open_engines
 from edge.engines.base import Pending
 from edge.errors import EdgeError, SlideReadError
+from edge.logs import slide_context
 from edge.scoring import Figure, SlideResult, hotspot_radius_um, score_slide, tissue_fraction_in_circles
 from edge.slide import ReadScale, Slide, open_slide
 from edge.stream import SlidePlan, TileBatch, open_stream, plan_slide
@@ -113,7 +114,10 @@ def analyze_slide(
         bundle = load_bundle(config.engines.bundle)
         engines = open_engines(bundle, config.engines, detector_batch=config.stream.batch_size)
     try:
-        return _analyze(Path(path), pipeline_config(config, engines.bundle), engines, cancel_event, progress, t_start)
+        with slide_context(path):  # library warnings (tifffile, openslide) name this slide
+            return _analyze(
+                Path(path), pipeline_config(config, engines.bundle), engines, cancel_event, progress, t_start
+            )
     finally:
         if own_engines:
             engines.close()
