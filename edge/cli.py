@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ log = logging.getLogger("edge.cli")
 EXIT_OK = 0
 EXIT_ERROR = 1  # the slide or the work failed; the message says why
 EXIT_USAGE = 2  # bad arguments or configuration
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a Unix tool reports when its reader closed the pipe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mitosis-edge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: the reader has gone; stop quietly like a Unix tool
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,10 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for whole-slide images.",
     )
     parser.add_argument("--version", action="version", version=f"mitosis-edge {__version__}")
-    parser.add_argument("--config", metavar="TOML", help="settings file (every setting has a default)")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("--log-format", choices=("text", "json"),
-                        help="log line format (default: text; serve: daemon.log_format)")
+    _global_options(parser, default=None)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     p = sub.add_parser("info", help="print a slide's metadata: vendor, levels, mpp, objective, associated images")
@@ -104,7 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_daemon.register(sub)
     cli_client.add_client_parser(sub)
+    for command in _subcommands(parser):
+        _global_options(command, default=argparse.SUPPRESS)  # `serve --config x.toml` works too
     return parser
+
+
+def _global_options(p: argparse.ArgumentParser, default: Any) -> None:
+    """--config, -v and --log-format; after a subcommand too (``default`` SUPPRESS keeps the value given before it)."""
+    p.add_argument("--config", metavar="TOML", default=default, help="settings file (every setting has a default)")
+    p.add_argument("-v", "--verbose", action="count", default=0 if default is None else default,
+                   help="more log output (-vv for debug)")
+    p.add_argument("--log-format", choices=("text", "json"), default=default,
+                   help="log line format (default: text; serve: daemon.log_format)")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for command in dict.fromkeys(action.choices.values()):
+                found += [command, *_subcommands(command)]
+    return found
 
 
 def _slide_options(p: argparse.ArgumentParser, *, stream: bool = True) -> None:
@@ -198,9 +227,27 @@ def _format_info(d: dict[str, Any]) -> str:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from edge.synth import SynthParams, default_truth_path, generate_slide
+    from edge.synth import default_truth_path, generate_slide
 
-    params = SynthParams(
+    try:
+        params = _synth_params(args)
+        params.validate()
+    except ConfigError as exc:  # a bad flag of this command, not a problem of the configuration file
+        print(f"mitosis-edge synth: bad option: {exc} (see mitosis-edge synth --help)", file=sys.stderr)
+        return EXIT_USAGE
+    truth_path = Path(args.truth) if args.truth else default_truth_path(args.out)
+    t0 = time.perf_counter()
+    truth = generate_slide(args.out, params, truth_path, progress=cli_analysis.progress_printer("synth"))
+    elapsed = time.perf_counter() - t0
+    print(f"wrote {args.out} ({args.width} x {args.height} px at {args.mpp} µm/px) in {elapsed:.1f} s")
+    print(f"truth {truth_path}: {json.dumps(truth.counts())}, hotspot {truth.hotspot.mitotic_count} mitotic figures")
+    return EXIT_OK
+
+
+def _synth_params(args: argparse.Namespace) -> Any:
+    from edge.synth import SynthParams
+
+    return SynthParams(
         width=args.width,
         height=args.height,
         seed=args.seed,
@@ -218,13 +265,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
         fmt=args.format,
         hotspot_area_mm2=args.hotspot_area,
     )
-    truth_path = Path(args.truth) if args.truth else default_truth_path(args.out)
-    t0 = time.perf_counter()
-    truth = generate_slide(args.out, params, truth_path, progress=cli_analysis.progress_printer("synth"))
-    elapsed = time.perf_counter() - t0
-    print(f"wrote {args.out} ({args.width} x {args.height} px at {args.mpp} µm/px) in {elapsed:.1f} s")
-    print(f"truth {truth_path}: {json.dumps(truth.counts())}, hotspot {truth.hotspot.mitotic_count} mitotic figures")
-    return EXIT_OK
 
 
 def cmd_bench_read(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from edge.errors import EdgeError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # a configuration problem (serve --check found one)
 DEMO_QUIET_PERIOD_S = 2.0  # the demo's stability gate: short, so the demo is quick; a lab's default is 10 s
 DEMO_COPY_SECONDS = 3.0  # the demo copies its slide into the inbox in chunks over this long
 DEMO_TIMEOUT_S = 600.0
@@ -35,6 +36,9 @@ def register(sub: Any) -> None:
                    help="serve gRPC in plain text, without TLS (keep it on localhost)")
     p.add_argument("--workers", type=int, help="slides analysed at once (daemon.workers, default 1)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus /metrics address; '' turns it off")
+    p.add_argument("--check", action="store_true",
+                   help="check everything serve needs (TLS, tokens, folders, bundle, ports, disk), list every "
+                        "problem and exit: 0 when all is well, 2 otherwise")
     p.set_defaults(handler=cmd_serve, daemon_logging=True)
 
     p = sub.add_parser("demo", help="the quick-start demo: a daemon picks up a generated slide and reports its result")
@@ -95,10 +99,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edge.daemon import Daemon
 
     config = serve_config(args)
+    if args.check:
+        return _check(config)
     if not config.watch.all_folders:
         print("mitosis-edge serve: no watch folder: slides come only from SubmitSlide over gRPC "
               "(add --watch DIR or watch.folders)", file=sys.stderr)
     return Daemon(config).run()
+
+
+def _check(config: Any) -> int:
+    from edge.preflight import preflight
+
+    checks = preflight(config)
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<24} {check.detail}")
+    problems = sum(not c.ok for c in checks)
+    if problems:
+        print(f"{problems} problem(s): fix them, then run serve --check again", file=sys.stderr)
+        return EXIT_USAGE
+    print("serve would start with this configuration")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -102,7 +102,7 @@ class Daemon:
         self._bundle = ("", "", "")  # name, version, intended use of the configured bundle
         pattern = config.watch.accession_pattern
         self._accession_regex = accession_regex(pattern) if pattern else None
-        self._export_gid = _group_id(config.daemon.export_group)
+        self._export_gid = export_group_id(config.daemon.export_group)
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -489,7 +489,13 @@ class Daemon:
             return
         self.metrics.attach_store(self.store)
         host, _, port = listen.rpartition(":")
-        self._metrics_server = self.metrics.serve(host.strip("[]"), int(port))
+        try:
+            self._metrics_server = self.metrics.serve(host.strip("[]"), int(port))
+        except OSError as exc:  # a configuration problem: exit 2, which systemd does not restart in a loop
+            raise ConfigError(
+                f"cannot serve metrics on daemon.metrics_listen={listen!r} (--metrics): {exc.strerror or exc}; "
+                "is another daemon or program using the port? choose another one, or \"\" to turn metrics off"
+            ) from None
 
     def metrics_address(self) -> str:
         if self._metrics_server is None:
@@ -567,7 +573,7 @@ def share_exports(folder: Path, mode: int, gid: int | None) -> None:
         os.chmod(path, folder_mode if path.is_dir() else mode)
 
 
-def _group_id(name: str) -> int | None:
+def export_group_id(name: str) -> int | None:
     if not name:
         return None
     try:

@@ -3,7 +3,7 @@
 `configure` sets up the root logger once per process (the CLI, and each analysis child process
 with the parent's settings). Every JSON line is one object with an ISO 8601 time in milliseconds
 and zone. Python warnings are logged, not printed; gRPC's C core is silenced unless -vv (it
-writes to stderr itself, outside logging); watchdog's per-event debug lines stay out of -vv.
+writes to stderr itself, outside logging); the per-event debug lines of watchdog and pyvips stay out of -vv.
 While a slide is read (`slide_context`), warnings from libraries (tifffile: "invalid page
 offset") get " [slide PATH]" appended, so an operator knows which file they are about.
 """
@@ -25,8 +25,9 @@ __all__ = ["LogSettings", "configure", "current_settings", "slide_context"]
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# Loggers that narrate every file event at DEBUG; -vv is about mitosis-edge, not about inotify.
-CHATTY_LOGGERS = ("watchdog", "watchdog.observers", "watchdog.observers.inotify_buffer")
+# Libraries that narrate every file event or object at DEBUG (watchdog: each inotify event; pyvips:
+# each image object): -vv is about mitosis-edge, so they stay at INFO.
+CHATTY_LOGGERS = ("watchdog", "pyvips", "numcodecs", "PIL", "asyncio")
 OWN_LOGGER = "edge"
 
 _slides: list[str] = []
