@@ -43,8 +43,10 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("demo", help="the quick-start demo: a daemon picks up a generated slide and reports its result")
     p.add_argument("--size", type=int, default=12288, help="synthetic slide side in px (default 12288)")
-    p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--keep", metavar="DIR", help="keep the slide, its truth, the store and the exports in DIR")
+    p.add_argument("--seed", type=int, default=2026, help="seed of the synthetic slide (default 2026)")
+    p.add_argument("--keep", metavar="DIR",
+                   help="work in DIR and keep the slide, its truth, the store and the exports there "
+                        "(default: a temporary folder, removed at the end)")
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
     p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
     p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
@@ -159,11 +161,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             result = client.get_result(job["job_id"])
             _print_result(job, result, truth_path, folder)
     finally:
-        if not args.keep:  # the slide is big and generated again in seconds; the results stay
-            for part in ("inbox", "scanner"):
-                shutil.rmtree(folder / part, ignore_errors=True)
+        if not args.keep:  # everything is generated again in seconds
+            shutil.rmtree(folder, ignore_errors=True)
     if not args.keep:
-        print(f"(the slide was removed; pass --keep DIR to keep it and its truth; remove {folder} when done)")
+        print("(the demo's temporary folder was removed; pass --keep DIR to keep the slide, store and exports)")
     return EXIT_OK
 
 
@@ -216,5 +217,6 @@ def _print_result(job: dict[str, Any], result: dict[str, Any], truth_path: Path,
     f1 = "n/a" if report.f1 is None else f"{report.f1:.3f}"
     print(f"    F1 {f1} (TP {report.tp}, FP {report.fp}, FN {report.fn}); hotspot mitotic count "
           f"{report.hotspot_count_pred} found vs {report.hotspot_count_true} planted")
-    print(f"exports    {Path(exports['result']).parent}: {', '.join(Path(p).name for p in exports.values())}")
+    names = ", ".join(sorted(Path(p).name for p in exports.values()))
+    print(f"exports    {Path(exports['result']).parent}: {names}")
     print(f"store      {folder / 'data' / 'edge.db'}")

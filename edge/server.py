@@ -1044,8 +1044,12 @@ def start_server(
             "gRPC API on %s without TLS: tokens and results cross the network in plain text; "
             "set server.tls_cert/tls_key or listen on 127.0.0.1", config.listen
         )
-    if tokens is None:
-        log.warning("gRPC API without tokens (server.tokens_file unset): every caller may submit and cancel")
+    if tokens is None:  # on loopback only this machine's users can call: worth a note, not a warning
+        log.log(
+            logging.INFO if _is_loopback(bare_host) else logging.WARNING,
+            "gRPC API without tokens (server.tokens_file unset): every caller%s may submit and cancel",
+            " on this machine" if _is_loopback(bare_host) else "",
+        )
     roots = tuple(config.allowed_roots) or tuple(str(f) for f in watch_folders)
     size = config.max_message_mb * 1024 * 1024
     options = [

@@ -121,6 +121,29 @@ def test_demo_runs_a_daemon_that_picks_up_a_copied_slide_and_reports_over_grpc(t
         assert (exports[0] / name).exists()
 
 
+def test_the_demo_leaves_nothing_behind_and_no_warning_in_the_middle(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = run_cli("demo", "--size", "2048", env={"TMPDIR": str(temp)})
+    assert result.returncode == 0, result.stderr
+    assert list(temp.glob("mitosis-edge-demo-*")) == []  # (other libraries may leave their own files)
+    assert "WARNING" not in result.stderr and "tokens" not in result.stderr
+    assert "NOTICE     demo models" in result.stdout and "NOT for diagnosis" in result.stdout
+    exports = next(line for line in result.stdout.splitlines() if line.startswith("exports"))
+    assert exports.endswith("detections.csv, detections.geojson, midog.json, overlay.png, result.json")
+
+
+def test_info_and_analyze_agree_that_a_29_um_slide_is_refused(tmp_path: Path) -> None:
+    slide = str(data_file("wsi/camelyon-multiframe.dcm"))
+    info = run_cli("info", slide, "--json")
+    assert info.returncode == 0, info.stderr
+    refusal = json.loads(info.stdout)["read"]["refusal"]
+    assert refusal.startswith("scanned at 29 µm/px, too coarse")
+    assert "REFUSED" in run_cli("info", slide).stdout
+    analyze = run_cli("analyze", slide, "--out", str(tmp_path))
+    assert analyze.returncode == 1 and refusal in analyze.stderr
+
+
 # --- errors and logs an operator reads ---------------------------------------------------------------
 
 
