@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(title="benchmarks", metavar="WHAT")
     b = bench_sub.add_parser("read", help="tile stream throughput against the decode floor")
-    b.add_argument("slide")
+    b.add_argument("slide", help="slide file (or DICOM WSI folder)")
     _slide_options(b)
     b.add_argument("--repeats", type=int, default=2, help="best of N (default 2)")
     b.add_argument("--json", action="store_true", help="print one JSON object")

@@ -27,7 +27,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.set_defaults(handler=cmd_analyze)
 
     b = bench_sub.add_parser("analyze", help="end-to-end throughput against read-only and detector-only")
-    b.add_argument("slide")
+    b.add_argument("slide", help="slide file (or DICOM WSI folder)")
     _common(b)
     b.add_argument("--detector-batches", type=int, default=8, help="batches held for detector-only (default 8)")
     b.add_argument("--detector-seconds", type=float, default=2.0,

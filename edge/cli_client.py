@@ -85,7 +85,7 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.set_defaults(handler=cmd_list)
 
     c = sub.add_parser("cancel", help="cancel a queued or running job")
-    c.add_argument("job", type=int)
+    c.add_argument("job", type=int, help="job id")
     _json_flag(c)
     c.set_defaults(handler=cmd_cancel)
 
@@ -99,7 +99,7 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.set_defaults(handler=cmd_watch)
 
     c = sub.add_parser("detections", help="a done job's detections (classified candidates)")
-    c.add_argument("job", type=int)
+    c.add_argument("job", type=int, help="job id")
     c.add_argument("--class", dest="classes", action="append", choices=CLASSES,
                    help="only this class (repeatable; default all)")
     c.add_argument("--min-p", type=float, default=0.0, metavar="P", help="only p_mitotic >= P")
@@ -107,7 +107,7 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.set_defaults(handler=cmd_detections)
 
     c = sub.add_parser("export", help="download a done job's export files (result.json, GeoJSON, CSV, overlay PNG)")
-    c.add_argument("job", type=int)
+    c.add_argument("job", type=int, help="job id")
     c.add_argument("--out", metavar="DIR", help="folder to write into (default: ./<job>-<slide name>/)")
     c.add_argument("--name", dest="names", action="append", metavar="KIND",
                    help="only this export: result, geojson, midog, csv, overlay (repeatable; default all)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -232,3 +233,17 @@ def test_a_metrics_port_in_use_is_a_configuration_error_with_exit_2(tmp_path: Pa
     assert process.returncode == 2, err
     assert "configuration error" in err and "daemon.metrics_listen" in err and "(--metrics)" in err
     assert "Traceback" not in err
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    from edge.cli import _subcommands, build_parser
+
+    parser = build_parser()
+    missing = [
+        f"{command.prog} {'/'.join(action.option_strings) or action.dest}"
+        for command in [parser, *_subcommands(parser)]
+        for action in command._actions
+        if not isinstance(action, argparse._SubParsersAction | argparse._HelpAction)
+        and not (action.help or "").strip()
+    ]
+    assert missing == []
