@@ -153,7 +153,7 @@ def test_write_exports_writes_every_file_atomically(result: SlideResult, tmp_pat
     assert float(rows[0]["x_um"]) == 3000.0
 
     with Image.open(paths["overlay"]) as image:
-        assert image.size == (1250, 1000)
+        assert max(image.size) <= OVERLAY_MAX_SIDE and image.size[0] > 1250  # the thumbnail whole, plus the panel
         assert image.mode == "RGB"
         pixels = np.asarray(image)
     assert (pixels == np.array(CLASS_COLOURS["hotspot"])).all(axis=-1).any()
@@ -164,7 +164,7 @@ def test_overlay_is_capped_and_mpp_derived_from_the_slide(result: SlideResult, t
     thumbnail = np.full((3200, 4000, 3), 240, dtype=np.uint8)
     paths = write_exports(result, tmp_path, thumbnail=thumbnail)
     with Image.open(paths["overlay"]) as image:
-        assert image.size == (OVERLAY_MAX_SIDE, round(3200 * OVERLAY_MAX_SIDE / 4000))
+        assert image.size[0] == OVERLAY_MAX_SIDE and image.size[1] <= OVERLAY_MAX_SIDE
     paths = write_exports(result, tmp_path)  # again, without a thumbnail: files replaced, no overlay key
     assert "overlay" not in paths
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
@@ -224,3 +224,27 @@ def test_result_json_says_not_for_diagnosis_for_a_demo_bundle(result: SlideResul
     assert list(data)[:3] == ["schema", "notice", "flags"]
     assert "NOT for diagnosis" in data["notice"] and data["flags"] == []
     assert "notice" not in result_dict(result)
+
+
+def test_overlay_has_a_title_legend_scale_bar_and_a_finer_inset_of_the_hotspot(result: SlideResult) -> None:
+    from types import SimpleNamespace
+
+    from edge.exports import overlay_image
+
+    thumbnail = np.full((1000, 1250, 3), 235, dtype=np.uint8)
+    spot = result.scores.hotspot.hotspot
+    side_um = 2.2 * spot.radius_um
+    origin = (spot.center_x_um - side_um / 2, spot.center_y_um - side_um / 2)
+    view = SimpleNamespace(pixels=np.full((700, 700, 3), 250, np.uint8), origin_um=origin,
+                           mpp=(side_um / 700, side_um / 700))
+    plain = np.asarray(overlay_image(result, thumbnail, (8.0, 8.0)))
+    with_inset = np.asarray(overlay_image(result, thumbnail, (8.0, 8.0), hotspot_view=view))
+    height, width = with_inset.shape[:2]
+    assert max(width, height) <= OVERLAY_MAX_SIDE
+    header = with_inset[: height // 12]
+    assert (header.sum(axis=-1) < 100).sum() > 500  # the slide's name and the counts, in black
+    right = with_inset[:, width - 620 :]
+    normal = (right == np.array(CLASS_COLOURS["normal"])).all(axis=-1)
+    assert normal.sum() > (plain[:, width - 620 :] == np.array(CLASS_COLOURS["normal"])).all(axis=-1).sum()
+    bar = (with_inset[:, :width - 620].sum(axis=-1) == 0).sum(axis=1)  # the scale bar: a solid black row
+    assert bar.max() > 50
