@@ -49,7 +49,8 @@ def dependency_closure(project: str = PROJECT) -> dict[str, str]:
         try:
             found[name] = metadata.version(requirement.name)
         except metadata.PackageNotFoundError:
-            raise SystemExit(f"{requirement.name} (needed by {project}) is not installed: pip install -e . first")
+            missing = f"{requirement.name} (needed by {project}) is not installed: pip install -e . first"
+            raise SystemExit(missing) from None
         todo += _requirements(requirement.name, tuple(requirement.extras))
     return dict(sorted(found.items()))
 
