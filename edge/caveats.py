@@ -125,7 +125,7 @@ def clip_polygon(ring: Sequence[Sequence[float]], width: float, height: float) -
     Returns the closed clipped ring ([] when nothing is left).
 
     >>> clip_polygon([[-1, -1], [2, -1], [2, 2], [-1, 2], [-1, -1]], 1, 1)
-    [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]
+    [[0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
     """
     points = [(float(x), float(y)) for x, y in ring]
     if len(points) > 1 and points[0] == points[-1]:

@@ -201,8 +201,8 @@ def scale_problem(mpp0: tuple[float, float], model_mpp: float) -> str | None:
 
     ``info`` and ``analyze`` (and the daemon) ask this one function, so they agree.
 
-    >>> scale_problem((0.499, 0.499), 0.25) is None, scale_problem((28.97, 28.97), 0.25)[:22]
-    (True, 'scanned at 29 µm/px, to')
+    >>> scale_problem((0.499, 0.499), 0.25) is None, scale_problem((28.97, 28.97), 0.25).split(",")[0]
+    (True, 'scanned at 29 µm/px')
     """
     if min(mpp0) <= model_mpp * MAX_UPSAMPLING:
         return None
