@@ -60,7 +60,7 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("slide", help="slide path on the daemon's machine")
     c.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     c.add_argument("--mpp", type=float, help="µm/px for a slide that records none")
-    c.add_argument("--bundle", help="model bundle (default: the daemon's)")
+    c.add_argument("--bundle", help="name of a model bundle the daemon allows (default: the daemon's)")
     c.add_argument("--accession", help="the case's accession number (default: from the path or the slide's barcode)")
     c.add_argument("--label", dest="labels", action="append", default=[], metavar="TEXT",
                    help="a free label for the job (repeatable)")
@@ -155,10 +155,12 @@ def _when(t: float | None) -> str:
 
 def _job_line(job: dict[str, Any]) -> str:
     error = f"  {job['error']}" if job.get("error") and job["state"] in ("failed", "queued") else ""
+    who = job.get("submitted_by") or ("watcher" if job.get("source") == "watch" else "-")
+    cancelled = f"  (cancelled by {job['cancelled_by']})" if job.get("cancelled_by") else ""
     case = f"  [{job['accession']}]" if job.get("accession") else ""
     labels = f"  ({', '.join(job['labels'])})" if job.get("labels") else ""
-    when = _when(job["created_at"])
-    return f"{job['job_id']:>6}  {job['state']:<9}  {when}  {job['slide_path']}{case}{labels}{error}"
+    return (f"{job['job_id']:>6}  {job['state']:<9}  {_when(job['created_at'])}  {who:<12}  "
+            f"{job['slide_path']}{case}{labels}{error}{cancelled}")
 
 
 def _ratio(value: float | None) -> str:

@@ -153,6 +153,8 @@ def job_dict(job: Any) -> dict[str, Any]:
         "started_at": _opt(job, "started_at"),
         "finished_at": _opt(job, "finished_at"),
         "not_before": _opt(job, "not_before"),
+        "submitted_by": job.submitted_by or None,
+        "cancelled_by": job.cancelled_by or None,
         "accession": job.accession or None,
         "labels": list(job.labels),
     }

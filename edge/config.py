@@ -158,6 +158,8 @@ class EnginesConfig:
     timing_cache: str = ""  # TensorRT timing cache file reused across builds; "" = inside plan_cache
     on_missing_plan: Literal["build", "fail"] = "build"  # at start: build a missing plan, or stop and say how
     cuda_graphs: bool = False  # capture one CUDA graph per batch shape (TensorRT)
+    # Bundle names SubmitSlide may choose (never a path); () = every bundle on the search path and engines.bundle
+    allowed_bundles: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.intra_op_threads < 0:
@@ -211,6 +213,8 @@ class WatchConfig:
     fingerprint: Literal["quick", "full"] = "quick"  # quick: size, mtime, sha256 of head and tail; full: whole file
     on_duplicate: Literal["skip", "reprocess"] = "skip"  # the same slide (same fingerprint) seen again
     scan_on_start: bool = True  # slides already in the folders at start-up become jobs (once each)
+    # A symlink in a watch folder is followed only into the watch folders and these folders; others fail
+    symlink_roots: tuple[str, ...] = ()
     # regex searched in a watched slide's path; its group "accession" is the case's accession number
     accession_pattern: str = ""
 
@@ -307,7 +311,9 @@ class ServerConfig:
     tls_client_ca: str = ""  # set = mutual TLS: clients must present a certificate signed by this CA
     tokens_file: str = ""  # bearer tokens, one "TOKEN ROLE [NAME]" per line, ROLE = read | submit; "" = no auth
     allowed_roots: tuple[str, ...] = ()  # SubmitSlide accepts paths under these; () = the watched folders
-    max_workers: int = 16  # RPC threads; streams each hold one
+    max_workers: int = 16  # RPC threads for unary calls
+    max_streams: int = 128  # WatchEvents/ListDetections streams at once, each on a thread of its own
+    max_streams_per_caller: int = 100  # streams one token (or client) may hold; the rest stay for the others
     max_message_mb: int = 16
     subscriber_buffer: int = 1000  # events a WatchEvents subscriber may lag before its stream ends
     max_page_size: int = 1000
@@ -321,7 +327,8 @@ class ServerConfig:
             raise ConfigError("server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key too")
         if self.insecure and self.tls_cert:
             raise ConfigError("server.insecure=true and server.tls_cert are contradictory; choose one")
-        for name in ("max_workers", "max_message_mb", "subscriber_buffer", "max_page_size", "max_export_mb"):
+        for name in ("max_workers", "max_streams", "max_streams_per_caller", "max_message_mb", "subscriber_buffer",
+                     "max_page_size", "max_export_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name}={getattr(self, name)} must be at least 1")
 

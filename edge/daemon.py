@@ -31,17 +31,22 @@ from typing import Any
 from edge import __version__
 from edge.config import Config, accession_regex
 from edge.engines import EngineSet, load_bundle
+from edge.engines.manifest import find_bundle, list_bundles
 from edge.errors import (
     ConfigError,
     DiskFullError,
     EdgeError,
+    ManifestError,
     MissingMppError,
     SlideReadError,
     StreamCancelled,
 )
 from edge.exports import export_folder_name
-from edge.fingerprint import Fingerprint, fingerprint_slide
+from edge.fileio import real_path_inside
+from edge.fingerprint import Fingerprint, fingerprint_slide, slide_files
+from edge.logsafe import untrusted
 from edge.metrics import DaemonMetrics
+from edge.server_auth import RequestRefused
 from edge.store import Job, JobStateError, Store
 from edge.worker import AnalysisProcess, EngineCache
 
@@ -52,6 +57,7 @@ RESULTS_DIR = "results"
 IDLE_WAIT_S = 1.0  # a worker with nothing to do looks at the queue again after this long (or when woken)
 HOUSEKEEPING_INTERVAL_S = 3600.0  # export retention runs this often
 ANALYSIS_ERRORS = (EdgeError, OSError, MemoryError, ValueError, RuntimeError)
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what SubmitSlide's bundle may be: a name, no path
 
 
 @dataclass
@@ -98,11 +104,17 @@ class Daemon:
         self._running: dict[int, _Running] = {}
         self._running_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._bundles_checked: set[str] = set()
         self.engine_error: str | None = None
         self._bundle = ("", "", "")  # name, version, intended use of the configured bundle
         pattern = config.watch.accession_pattern
         self._accession_regex = accession_regex(pattern) if pattern else None
         self._export_gid = export_group_id(config.daemon.export_group)
+        # Where a queued slide may be read from when it is opened: the API's roots, the watch folders and
+        # the folders their symlinks may point into.
+        watch = config.watch
+        self.slide_roots = (*(config.server.allowed_roots or watch.all_folders), *watch.all_folders,
+                            *watch.symlink_roots)
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -202,26 +214,70 @@ class Daemon:
         priority: int = 0,
         mpp_override: float | None = None,
         bundle: str | None = None,
+        submitted_by: str | None = None,
         accession: str | None = None,
         labels: tuple[str, ...] = (),
     ) -> Job:
         """Queue a slide a client asked for (always a new job: a client asking again means it).
 
-        Without an ``accession`` the one ``watch.accession_pattern`` finds in the path is used."""
-        store = self.store
-        if bundle:
-            load_bundle(bundle)  # a wrong bundle is refused now, not after the queue
-        fingerprint = _quiet_fingerprint(path, self.config.watch.fingerprint == "full")
-        job, _ = store.add_job(
+        ``bundle`` is the name of a bundle the configuration allows (RequestRefused otherwise). The slide is
+        fingerprinted now (SlideReadError if it cannot be read), so the bytes analysed later are these.
+        Without an ``accession`` the one ``watch.accession_pattern`` finds in the path is used.
+        """
+        folder = self.allowed_bundle(bundle) if bundle else None
+        fingerprint = fingerprint_slide(path, full=self.config.watch.fingerprint == "full").key
+        job, _ = self.store.add_job(
             str(path), fingerprint=fingerprint, source="submit", priority=priority,
-            mpp_override=mpp_override, bundle=bundle or None, dedupe=False,
+            mpp_override=mpp_override, bundle=str(folder) if folder else None, dedupe=False, submitted_by=submitted_by,
             accession=accession or self._accession(path), labels=labels,
         )
         self._notify()
         return job
 
-    def cancel_job(self, job_id: int) -> Job:
-        job = self.store.cancel_job(job_id)
+    def bundle_choices(self) -> dict[str, Path]:
+        """The bundles SubmitSlide may name: engines.allowed_bundles (names on the search path, or folders the
+        configuration gives), else every bundle on the search path; always the configured one."""
+        engines = self.config.engines
+        choices: dict[str, Path] = {}
+        wanted = engines.allowed_bundles or tuple(str(folder) for folder in list_bundles())
+        for entry in (engines.bundle, *wanted):
+            try:
+                folder = find_bundle(entry)
+            except ManifestError:
+                log.warning("engines.allowed_bundles names %s, which is no bundle; it cannot be chosen", entry)
+                continue
+            choices.setdefault(Path(entry).name if entry else folder.name, folder)
+        return choices
+
+    def allowed_bundle(self, name: str) -> Path:
+        """The folder of the allowed bundle ``name``, checked once; RequestRefused naming the choices otherwise."""
+        choices = self.bundle_choices()
+        shown = ", ".join(sorted(choices)) or "none"
+        if not BUNDLE_NAME.fullmatch(name):
+            raise RequestRefused(
+                "INVALID_ARGUMENT",
+                f"bundle {untrusted(name, 64)} is not a bundle name (letters, digits, '.', '_', '-'; never a path); "
+                f"this server offers: {shown}",
+            )
+        folder = choices.get(name)
+        if folder is None:
+            raise RequestRefused(
+                "PERMISSION_DENIED",
+                f"bundle {name!r} is not one this server allows; choose one of: {shown} (engines.allowed_bundles)",
+            )
+        if name not in self._bundles_checked:
+            try:
+                load_bundle(folder)  # a broken bundle is refused now, not after the queue
+            except ManifestError as exc:
+                log.error("bundle %s (%s) was asked for but does not load: %s", name, folder, exc)
+                raise RequestRefused(
+                    "FAILED_PRECONDITION", f"bundle {name!r} is allowed but does not load on this server; see its log"
+                ) from None
+            self._bundles_checked.add(name)
+        return folder
+
+    def cancel_job(self, job_id: int, *, cancelled_by: str | None = None) -> Job:
+        job = self.store.cancel_job(job_id, cancelled_by=cancelled_by)
         with self._running_lock:
             running = self._running.get(job_id)
             if running is not None:
@@ -343,16 +399,15 @@ class Daemon:
         t0 = time.perf_counter()
         try:
             self._check_disk()
+            slide = self._slide_to_open(job)
             config = self.config.with_overrides({"slide.mpp_override": job.mpp_override, "engines.bundle": job.bundle})
             with self.metrics.running(), self._exports_folder(job) as partial:
                 if process is not None:
-                    outcome = process.analyze(Path(job.slide_path), config, partial, running.cancel)
+                    outcome = process.analyze(slide, config, partial, running.cancel)
                     analysis = SimpleNamespace(result=outcome.result, tiles=outcome.tiles, times=outcome.times)
                     written = outcome.exports
                 else:
-                    analysis = self._analyze(
-                        Path(job.slide_path), config, self._engines.get(config), running.cancel, None
-                    )
+                    analysis = self._analyze(slide, config, self._engines.get(config), running.cancel, None)
                     try:
                         written = analysis.write_exports(partial)
                     except OSError as exc:
@@ -383,6 +438,26 @@ class Daemon:
         hotspot = analysis.result.scores.hotspot.counts
         log.info("job %d done in %.1f s: hotspot mitotic count %d, %d tiles (%s)", job.job_id, seconds,
                  hotspot.mitotic, analysis.tiles, job.slide_path)
+
+    def _slide_to_open(self, job: Job) -> Path:
+        """The slide's real path, checked again as it is opened: every file inside the allowed roots (a symlink
+        swapped in after the job was queued is refused) and the same fingerprint as when it was queued.
+        A daemon with no roots at all (no watch folder, no server.allowed_roots) takes slides only from
+        Python callers in its own process, and checks only the fingerprint."""
+        real = Path(os.path.realpath(job.slide_path))
+        if self.slide_roots:
+            outside = [file for _, file in slide_files(real) if real_path_inside(file, self.slide_roots) is None]
+            if outside:
+                log.warning("job %d: %s leads outside the allowed roots now (to %s); not opened", job.job_id,
+                            untrusted(job.slide_path), untrusted(os.path.realpath(outside[0])))
+                raise SlideReadError(job.slide_path, "leads outside the allowed roots now (a symlink or folder "
+                                     "was swapped after the job was queued); it was not opened")
+        if job.fingerprint is not None:
+            found = fingerprint_slide(real, full=self.config.watch.fingerprint == "full").key
+            if found != job.fingerprint:
+                raise SlideReadError(job.slide_path, "its content changed after the job was queued (another "
+                                     "fingerprint); it was not analysed: submit it again if the new content is right")
+        return real
 
     def _fail(self, job: Job, reason: str, *, retry: bool) -> None:
         settings = self.config.daemon
@@ -610,14 +685,6 @@ def _reason(exc: BaseException) -> str:
             "in the daemon's config when every slide of this scanner lacks it"
         )
     return f"{type(exc).__name__}: {exc}"
-
-
-def _quiet_fingerprint(path: Path, full: bool) -> str | None:
-    try:
-        return fingerprint_slide(path, full=full).key
-    except OSError as exc:
-        log.warning("no fingerprint for %s: %s", path, exc)
-        return None
 
 
 def _gpu_name(backend: str, probe: Any = None) -> str:

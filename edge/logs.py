@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+from edge.logsafe import escape_control
+
 __all__ = ["LogSettings", "configure", "current_settings", "slide_context"]
 
 LogFormat = Literal["text", "json"]
@@ -60,6 +62,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """One record, one line: control characters in the message (a file name with a newline) are escaped,
+    so nobody can forge log lines; a traceback still follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+
 class _SlideTag(logging.Filter):
     """Appends the slide being read to warnings of other libraries that do not name it."""
 
@@ -91,7 +102,7 @@ def slide_context(path: object) -> Iterator[None]:
 def configure(level: int = logging.WARNING, fmt: LogFormat = "text") -> LogSettings:
     """Route every log line (ours, libraries', Python warnings) to stderr in ``fmt``; returns the settings."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     handler.addFilter(_SlideTag())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import datetime
 import hashlib
 import ipaddress
 import json
@@ -31,7 +32,6 @@ from edge.caveats import ResultFlag, diagnostic_notice, plausibility_flags
 from edge.config import ServerConfig
 from edge.errors import (
     ConfigError,
-    EdgeError,
     JobNotFoundError,
     JobStateError,
     ResultNotFoundError,
@@ -39,8 +39,17 @@ from edge.errors import (
     SlideReadError,
     StoreError,
 )
+from edge.logsafe import untrusted
 from edge.scoring import Figure
-from edge.server_auth import RequestRefused, TokenTable, load_tokens, resolve_submit_path
+from edge.server_auth import (
+    RequestRefused,
+    Role,
+    TokenTable,
+    check_lengths,
+    load_tokens,
+    resolve_submit_path,
+)
+from edge.slide import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 from edge.store import Event, Job, Store, StoredResult
 
 try:
@@ -75,12 +84,11 @@ DETECTION_BATCH = 256  # detections per ListDetectionsResponse message
 POLL_S = 0.25  # how often blocked stream loops look at cancellation, overflow and shutdown
 STALLED_CANCEL_S = 30.0  # an overflowed subscriber that reads nothing for this long is cancelled
 REQUEST_IDS_KEPT = 10_000  # SubmitSlide idempotency keys remembered
-MAX_REQUEST_ID_CHARS = 128
 RESULTS_CACHED = 512  # GetResult replies kept in memory (a few kB each)
-MAX_ACCESSION_CHARS = 64
 MAX_LABELS = 16
-MAX_LABEL_CHARS = 64
 EXPORT_CHUNK = 1 << 20  # bytes per GetExportResponse
+CERT_WARN_DAYS = 30  # a server certificate expiring sooner is warned about at start
+REFUSAL_LOG_INTERVAL_S = 60.0  # refused calls are summed up in one WARNING at most this often
 
 
 class DaemonControl(Protocol):
@@ -96,11 +104,12 @@ class DaemonControl(Protocol):
         priority: int,
         mpp_override: float | None,
         bundle: str | None,
+        submitted_by: str | None,
         accession: str | None = None,
         labels: tuple[str, ...] = (),
     ) -> Job: ...
 
-    def cancel_job(self, job_id: int) -> Job: ...
+    def cancel_job(self, job_id: int, *, cancelled_by: str | None = None) -> Job: ...
 
     def server_status(self) -> dict[str, Any]: ...
 
@@ -254,6 +263,8 @@ def job_to_pb(job: Job) -> Any:
         attempts=job.attempts,
         error=job.error or "",
         created_at=job.created_at,
+        submitted_by=job.submitted_by or "",
+        cancelled_by=job.cancelled_by or "",
         accession=job.accession or "",
         labels=list(job.labels),
     )
@@ -418,15 +429,14 @@ def _code_for(exc: BaseException) -> tuple[str, str]:
         return "NOT_FOUND", str(exc)
     if isinstance(exc, JobStateError):
         return "FAILED_PRECONDITION", str(exc)
-    if isinstance(exc, ConfigError | SlideReadError | ValueError):
+    if isinstance(exc, ConfigError | ValueError):
         return "INVALID_ARGUMENT", str(exc)
     if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
         return "UNAVAILABLE", f"the job store is busy ({exc}); retry"
     if isinstance(exc, StoreError):
         return "UNAVAILABLE", f"the job store cannot answer: {exc}"
-    if isinstance(exc, EdgeError):
-        return "INTERNAL", str(exc)
-    return "INTERNAL", f"internal error ({type(exc).__name__}: {exc}); see the daemon's log"
+    # Anything else may carry server paths or file contents: the caller gets the kind, the log the details.
+    return "INTERNAL", f"internal error ({type(exc).__name__}); the daemon's log has the details"
 
 
 def _unary(method: _F) -> _F:
@@ -453,6 +463,31 @@ def _positive_id(value: int, field: str = "job_id") -> int:
     return value
 
 
+class _Caller:
+    """Who made a call: `name` is logged and stored with submits and cancels; `key` scopes request ids and
+    stream slots (the token name; without tokens the certificate subject, else the client's address)."""
+
+    __slots__ = ("key", "name", "role")
+
+    def __init__(self, name: str, role: Role, key: str) -> None:
+        self.name = name
+        self.role = role
+        self.key = key
+
+
+def _cert_subject(context: Any) -> str:
+    try:
+        names = context.auth_context().get("x509_common_name") or ()
+    except Exception:  # noqa: BLE001 - no TLS, or a fake context
+        return ""
+    return "CN=" + names[0].decode("utf-8", "replace") if names else ""
+
+
+def _peer_host(context: Any) -> str:
+    peer = str(context.peer() or "")
+    return peer.rpartition(":")[0] or peer
+
+
 class EdgeServicer(pb_grpc.EdgeServiceServicer):
     """The EdgeService methods. Streams end with UNAVAILABLE when the server stops (clients resume)."""
 
@@ -464,6 +499,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         roots: Sequence[str],
         *,
         started_at: float,
+        tokens: TokenTable | None = None,
         export_root: Path | None = None,
     ) -> None:
         self.config = config
@@ -472,11 +508,15 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         self.broadcaster = broadcaster
         self.roots = tuple(roots)
         self.started_at = started_at
+        self.tokens = tokens
         self.stopping = threading.Event()
-        max_streams = max(1, config.max_workers - max(2, config.max_workers // 4))
-        self.max_streams = max_streams
-        self._streams = threading.BoundedSemaphore(max_streams)
-        self._request_ids: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.max_streams = config.max_streams
+        self._streams_lock = threading.Lock()
+        self._streams_by_caller: collections.Counter[str] = collections.Counter()
+        # (caller key, request_id) -> (job id, what was asked); per caller, so one cannot hijack another's key
+        self._request_ids: collections.OrderedDict[tuple[str, str], tuple[int, tuple[Any, ...]]] = (
+            collections.OrderedDict()
+        )
         self._submit_lock = threading.Lock()
         self._results: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._results_lock = threading.Lock()
@@ -484,40 +524,75 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
 
     # jobs
 
+    def _caller(self, context: Any, method: str) -> _Caller:
+        subject = _cert_subject(context)
+        if self.tokens is None:
+            if subject:
+                return _Caller(subject, "admin", subject)
+            return _Caller("anonymous", "admin", f"anonymous@{_peer_host(context)}")
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        decision = self.tokens.check(authorization, f"/{SERVICE_NAME}/{method}")  # the interceptor let it in
+        return _Caller(decision.caller, decision.role or "read", decision.caller)
+
     @_unary
     def SubmitSlide(self, request: Any, context: Any) -> Any:
+        caller = self._caller(context, "SubmitSlide")
         request_id = request.request_id
-        if len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise RequestRefused("INVALID_ARGUMENT", f"request_id has {len(request_id)} characters; at most 128")
+        check_lengths(slide_path=request.slide_path, bundle=request.bundle, request_id=request_id)
         mpp = request.mpp_override if request.HasField("mpp_override") else None
-        if mpp is not None and not (math.isfinite(mpp) and 0 < mpp < 1000):
-            raise RequestRefused("INVALID_ARGUMENT", f"mpp_override={mpp} must be a positive µm per pixel, e.g. 0.25")
+        if mpp is not None and not (math.isfinite(mpp) and MIN_PLAUSIBLE_MPP <= mpp <= MAX_PLAUSIBLE_MPP):
+            raise RequestRefused(
+                "INVALID_ARGUMENT",
+                f"mpp_override={mpp:.6g} is not a plausible pixel size: give µm per level-0 pixel between "
+                f"{MIN_PLAUSIBLE_MPP} and {MAX_PLAUSIBLE_MPP}, e.g. 0.25 for a 40x scan",
+            )
         accession, labels = _case(request.accession, request.labels)
         path = resolve_submit_path(request.slide_path, self.roots)
         if self.stopping.is_set():
             raise RequestRefused("UNAVAILABLE", "the server is shutting down; submit again once it is back")
+        asked = (str(path), request.priority, mpp, request.bundle, accession, labels)
         if not request_id:
-            job = self._submit(path, request, mpp, accession, labels)
+            job = self._submit(path, request, mpp, caller, (accession, labels))
         else:
+            key = (caller.key, request_id)
             with self._submit_lock:  # one submit per key at a time, so a retry cannot race its first try
-                known = self._request_ids.get(request_id)
+                known = self._request_ids.get(key)
                 if known is not None:
-                    return pb.SubmitSlideResponse(job=job_to_pb(self.store.get_job(known)))
-                job = self._submit(path, request, mpp, accession, labels)
-                self._request_ids[request_id] = job.job_id
+                    job_id, first = known
+                    if first != asked:
+                        raise RequestRefused(
+                            "ALREADY_EXISTS",
+                            f"request_id {untrusted(request_id, 40)} already created job {job_id} with other "
+                            f"parameters ({_differences(first, asked)}); a new submit needs a new request_id",
+                        )
+                    return pb.SubmitSlideResponse(job=job_to_pb(self.store.get_job(job_id)))
+                job = self._submit(path, request, mpp, caller, (accession, labels))
+                self._request_ids[key] = (job.job_id, asked)
                 while len(self._request_ids) > REQUEST_IDS_KEPT:
                     self._request_ids.popitem(last=False)
-        log.info("job %d submitted over the API: %s (priority %d%s)", job.job_id, path, job.priority,
-                 f", accession {job.accession!r}" if job.accession else "")
+        log.info("job %d submitted over the API by %s: %s (priority %d%s%s)", job.job_id, untrusted(caller.name),
+                 untrusted(path), job.priority, f", bundle {untrusted(request.bundle)}" if request.bundle else "",
+                 f", accession {untrusted(job.accession)}" if job.accession else "")
         return pb.SubmitSlideResponse(job=job_to_pb(job))
 
     def _submit(
-        self, path: Path, request: Any, mpp: float | None, accession: str | None, labels: tuple[str, ...]
+        self, path: Path, request: Any, mpp: float | None, caller: _Caller, case: tuple[str | None, tuple[str, ...]]
     ) -> Job:
-        return self.control.submit_slide(
-            path, priority=request.priority, mpp_override=mpp, bundle=request.bundle or None,
-            accession=accession, labels=labels,
-        )
+        try:
+            return self.control.submit_slide(
+                path, priority=request.priority, mpp_override=mpp, bundle=request.bundle or None,
+                submitted_by=caller.name, accession=case[0], labels=case[1],
+            )
+        except SlideReadError as exc:
+            log.warning("refused slide_path %s from %s: %s", untrusted(request.slide_path), untrusted(caller.name), exc)
+            raise RequestRefused(
+                "FAILED_PRECONDITION",
+                f"slide_path {untrusted(request.slide_path)} cannot be read by the server (permissions, or no "
+                "slide file or DICOM folder there); the server log has the details",
+            ) from None
 
     @_unary
     def GetJob(self, request: Any, context: Any) -> Any:
@@ -544,10 +619,9 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             if value not in _PB_TO_STATE:
                 raise RequestRefused("INVALID_ARGUMENT", f"states contains {value}, not a job state (1-5)")
             states.append(_PB_TO_STATE[value])
-        if len(request.accession) > MAX_ACCESSION_CHARS:
-            raise RequestRefused(
-                "INVALID_ARGUMENT", f"accession has {len(request.accession)} characters; at most {MAX_ACCESSION_CHARS}"
-            )
+        check_lengths(
+            slide_path_contains=request.slide_path_contains, page_token=request.page_token, accession=request.accession
+        )
         filters = _filter_key(states, request.slide_path_contains, request.newest_first, request.accession)
         after = _decode_page_token(request.page_token, filters) if request.page_token else 0
         jobs = self.store.list_jobs(
@@ -564,12 +638,23 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
 
     @_unary
     def CancelJob(self, request: Any, context: Any) -> Any:
+        caller = self._caller(context, "CancelJob")
         job_id = _positive_id(request.job_id)
+        owner = self._job(job_id).submitted_by
+        if caller.role != "admin" and owner != caller.name:
+            log.warning("refused: %s tried to cancel job %d, submitted by %s", untrusted(caller.name), job_id,
+                        untrusted(owner) if owner else "the watcher")
+            whose = f"by {untrusted(owner)}" if owner else "by the watcher"
+            raise RequestRefused(
+                "PERMISSION_DENIED",
+                f"job {job_id} was submitted {whose}; a submit token cancels only its own jobs, cancelling "
+                "another caller's needs a token with role admin",
+            )
         try:
-            job = self.control.cancel_job(job_id)
+            job = self.control.cancel_job(job_id, cancelled_by=caller.name)
         except JobNotFoundError:
             raise RequestRefused("NOT_FOUND", f"no job {job_id}; list jobs to see the ids") from None
-        log.info("job %d cancelled over the API", job_id)
+        log.info("job %d cancelled over the API by %s", job_id, untrusted(caller.name))
         return pb.CancelJobResponse(job=job_to_pb(job))
 
     # results
@@ -582,6 +667,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         elif key == "fingerprint":
             if not request.fingerprint.strip():
                 raise RequestRefused("INVALID_ARGUMENT", "fingerprint is empty; give a job_id or a 'sha256:...' key")
+            check_lengths(fingerprint=request.fingerprint)
             job_id = self.store.get_result_by_fingerprint(request.fingerprint).job_id
         else:
             raise RequestRefused("INVALID_ARGUMENT", "give job_id or fingerprint to find a result")
@@ -730,7 +816,27 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         raise AssertionError("context.abort returns only by raising")
 
     def _stream_slot(self, context: Any) -> _StreamSlot:
-        return _StreamSlot(self, context)
+        return _StreamSlot(self, context, self._caller(context, "WatchEvents"))  # both streams need role read
+
+    def _take_stream(self, caller: _Caller) -> str:
+        """Count one more stream for `caller`; '' when taken, else the refusal naming the limit hit."""
+        with self._streams_lock:
+            total = sum(self._streams_by_caller.values())
+            if total >= self.max_streams:
+                return (f"this server already serves {total} streams, its limit (server.max_streams); "
+                        "retry later, or raise server.max_streams on the server")
+            held = self._streams_by_caller[caller.key]
+            if held >= self.config.max_streams_per_caller:
+                return (f"caller {untrusted(caller.name, 60)} already holds {held} streams, the most one caller may "
+                        "(server.max_streams_per_caller); close one of them or retry later")
+            self._streams_by_caller[caller.key] += 1
+            return ""
+
+    def _give_stream(self, caller: _Caller) -> None:
+        with self._streams_lock:
+            self._streams_by_caller[caller.key] -= 1
+            if self._streams_by_caller[caller.key] <= 0:
+                del self._streams_by_caller[caller.key]
 
     # status
 
@@ -794,47 +900,43 @@ class _StreamGone(Exception):
 
 
 class _StreamSlot:
-    """Streams hold a thread each; at most `max_streams` at once, so unary calls always find a thread."""
+    """Streams hold a thread each: at most `server.max_streams` at once (their threads come on top of the
+    unary ones), and at most `server.max_streams_per_caller` per caller, so no caller locks out the others."""
 
-    def __init__(self, servicer: EdgeServicer, context: Any) -> None:
+    def __init__(self, servicer: EdgeServicer, context: Any, caller: _Caller) -> None:
         self._servicer = servicer
         self._context = context
+        self._caller = caller
         self._held = False
 
     def __enter__(self) -> _StreamSlot:
-        if not self._servicer._streams.acquire(blocking=False):
-            self._context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this server already serves {self._servicer.max_streams} streams; retry later, or raise "
-                "server.max_workers on the server",
-            )
+        refusal = self._servicer._take_stream(self._caller)
+        if refusal:
+            log.warning("stream refused to %s: %s", untrusted(self._caller.name), refusal)
+            self._context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         self._held = True
+        self._context.send_initial_metadata(())  # the client's call.initial_metadata() returns: it holds a slot
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         if self._held:
-            self._servicer._streams.release()
+            self._servicer._give_stream(self._caller)
             self._held = False
         return exc_type is _StreamGone  # a vanished client ends the stream without an error
 
 
 def _case(accession: str, labels: Sequence[str]) -> tuple[str | None, tuple[str, ...]]:
-    """A submit's accession and labels, checked: printable, bounded lengths (INVALID_ARGUMENT otherwise)."""
+    """A submit's accession and labels, checked: printable, at most FIELD_LIMITS long (INVALID_ARGUMENT otherwise)."""
     accession = accession.strip()
-    if len(accession) > MAX_ACCESSION_CHARS or (accession and not accession.isprintable()):
-        raise RequestRefused(
-            "INVALID_ARGUMENT",
-            f"accession {accession[:MAX_ACCESSION_CHARS]!r}... must be at most {MAX_ACCESSION_CHARS} "
-            "printable characters",
-        )
+    check_lengths(accession=accession)
+    if accession and not accession.isprintable():
+        raise RequestRefused("INVALID_ARGUMENT", f"accession {untrusted(accession, 40)} must be printable characters")
     if len(labels) > MAX_LABELS:
         raise RequestRefused("INVALID_ARGUMENT", f"{len(labels)} labels; at most {MAX_LABELS}")
     for label in labels:
-        if not label.strip() or len(label) > MAX_LABEL_CHARS or not label.isprintable():
-            raise RequestRefused(
-                "INVALID_ARGUMENT",
-                f"label {label[:MAX_LABEL_CHARS]!r} must be 1 to {MAX_LABEL_CHARS} printable characters",
-            )
+        check_lengths(label=label)
+        if not label.strip() or not label.isprintable():
+            raise RequestRefused("INVALID_ARGUMENT", f"label {untrusted(label, 40)} must be printable, not empty")
     return accession or None, tuple(label.strip() for label in labels)
 
 
@@ -878,6 +980,13 @@ def _open_export(path: Path, limit: int) -> Any:
     return handle
 
 
+def _differences(first: tuple[Any, ...], second: tuple[Any, ...]) -> str:
+    """Which SubmitSlide parameters differ between two submits with one request_id (values untrusted, shortened)."""
+    names = ("slide_path", "priority", "mpp_override", "bundle", "accession", "labels")
+    pairs = zip(names, first, second, strict=True)
+    return ", ".join(f"{name} {untrusted(a, 60)} then {untrusted(b, 60)}" for name, a, b in pairs if a != b)
+
+
 def _filter_key(states: Sequence[str], contains: str, newest_first: bool, accession: str = "") -> str:
     text = json.dumps([sorted(states), contains, newest_first, *([accession] if accession else [])])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -904,11 +1013,38 @@ def _decode_page_token(token: str, filters: str) -> int:
 # --- interceptor, server -------------------------------------------------------------------------
 
 
+class _RefusalLog:
+    """Refused calls, summed up in one WARNING line at most every REFUSAL_LOG_INTERVAL_S: a client sending
+    junk (or guessing tokens) in a loop cannot flood the log, and still shows up in it."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._count = 0
+        self._last_logged = -math.inf
+
+    def add(self, method: str, peer: str, reason: str) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._last_logged < self._interval_s:
+                return
+            count, self._count, self._last_logged = self._count, 0, now
+        log.warning("refused %d call(s) without a valid token in the last %.0f s; the latest: %s from %s: %s",
+                    count, self._interval_s, untrusted(method, 80), untrusted(peer, 80), reason)
+
+
+def _ignore_body(data: bytes) -> bytes:
+    """The body of a refused call is never parsed: junk from an unauthenticated client costs nothing."""
+    return data
+
+
 class _AuthInterceptor(grpc.ServerInterceptor):
     """Bearer-token check before every call: UNAUTHENTICATED or PERMISSION_DENIED with the reason."""
 
     def __init__(self, tokens: TokenTable) -> None:
         self._tokens = tokens
+        self._refusals = _RefusalLog()
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -923,17 +1059,21 @@ class _AuthInterceptor(grpc.ServerInterceptor):
             return handler
         code = _GRPC_CODES[decision.code]
         message = decision.message
-        log.info("refused %s: %s", details.method, message)
+        refusals, method = self._refusals, details.method
 
         def deny(request: Any, context: Any) -> Any:
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                refusals.add(method, str(context.peer()), message)
+            else:
+                log.warning("refused %s to %s: %s", untrusted(method, 80), untrusted(decision.caller), message)
             context.abort(code, message)
 
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                deny, request_deserializer=_ignore_body, response_serializer=handler.response_serializer
             )
         return grpc.unary_unary_rpc_method_handler(
-            deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            deny, request_deserializer=_ignore_body, response_serializer=handler.response_serializer
         )
 
 
@@ -1057,18 +1197,21 @@ def start_server(
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail, not share it
     ]
-    executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="edge-grpc")
+    # Streams have threads of their own on top of max_workers, so unary calls always find one.
+    executor = ThreadPoolExecutor(max_workers=config.max_workers + config.max_streams, thread_name_prefix="edge-grpc")
     server = grpc.server(
         executor,
         interceptors=[_AuthInterceptor(tokens)] if tokens is not None else [],
         options=options,
-        maximum_concurrent_rpcs=config.max_workers * 4,
+        maximum_concurrent_rpcs=config.max_workers * 4 + config.max_streams,
     )
     broadcaster_holder: list[RunningServer] = []
     broadcaster = EventBroadcaster(
         control.store, on_tick=lambda: broadcaster_holder[0]._follow_readiness() if broadcaster_holder else None
     )
-    servicer = EdgeServicer(config, control, broadcaster, roots, started_at=time.monotonic(), export_root=export_root)
+    servicer = EdgeServicer(
+        config, control, broadcaster, roots, started_at=time.monotonic(), tokens=tokens, export_root=export_root
+    )
     pb_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -1105,10 +1248,52 @@ def start_server(
 def _server_credentials(config: ServerConfig) -> Any:
     cert = _read_pem("server.tls_cert", config.tls_cert)
     key = _read_pem("server.tls_key", config.tls_key)
+    check_certificate(config, cert, key)
     client_ca = _read_pem("server.tls_client_ca", config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def check_certificate(
+    config: ServerConfig, cert_pem: bytes, key_pem: bytes, *, now: datetime.datetime | None = None
+) -> None:
+    """Refuse (ConfigError) a server certificate that has expired, is not valid yet, or does not match its key;
+    warn when it expires within CERT_WARN_DAYS. Clients refuse such a certificate anyway: say so at start, by name."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError as exc:
+        raise ConfigError(f"server.tls_cert={config.tls_cert!r} holds no readable certificate ({exc})") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"server.tls_key={config.tls_key!r} is not a readable private key without a passphrase ({exc})"
+        ) from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise ConfigError(
+            f"server.tls_key={config.tls_key!r} does not belong to the certificate server.tls_cert={config.tls_cert!r} "
+            "(their public keys differ); give the key the certificate was issued for"
+        )
+    moment = now or datetime.datetime.now(datetime.UTC)
+    expires = cert.not_valid_after_utc
+    if expires <= moment:
+        raise ConfigError(
+            f"server.tls_cert={config.tls_cert!r} expired on {expires:%Y-%m-%d %H:%M} UTC; clients refuse an expired "
+            "certificate: renew it (same key or a new one), then start the daemon again"
+        )
+    if cert.not_valid_before_utc > moment:
+        raise ConfigError(
+            f"server.tls_cert={config.tls_cert!r} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; "
+            "check this machine's clock (timedatectl) or the certificate"
+        )
+    if expires - moment < datetime.timedelta(days=CERT_WARN_DAYS):
+        log.warning("the server certificate %s expires on %s UTC, in %d day(s): renew it before then, or clients "
+                    "will refuse to connect", config.tls_cert, f"{expires:%Y-%m-%d %H:%M}", (expires - moment).days)
 
 
 def _read_pem(setting: str, path: str) -> bytes:

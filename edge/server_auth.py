@@ -7,7 +7,9 @@ SubmitSlide asks `resolve_submit_path`. Tokens file, one per line::
     4f9c1e0b7d2a48c6a1f3e5d7b9c0a2e4f6b8d0c2     submit  lis
     8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b     read    viewer
 
-ROLE is ``read`` (every read call) or ``submit`` (read calls too, plus SubmitSlide and CancelJob).
+ROLE is ``read`` (every read call), ``submit`` (read calls too, plus SubmitSlide, and CancelJob of
+the jobs this token submitted) or ``admin`` (submit, and CancelJob of any job, the watcher's too).
+NAME identifies the caller in the log and in the jobs it submits or cancels.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from pathlib import Path
 from typing import Literal
 
 from edge.errors import ConfigError, EdgeError
+from edge.fileio import real_path_inside
+from edge.logsafe import untrusted
 
 __all__ = [
+    "FIELD_LIMITS",
     "MIN_TOKEN_CHARS",
     "PUBLIC_SERVICES",
     "SUBMIT_METHODS",
@@ -32,6 +37,7 @@ __all__ = [
     "RequestRefused",
     "Role",
     "TokenTable",
+    "check_lengths",
     "load_tokens",
     "parse_tokens",
     "required_role",
@@ -40,10 +46,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Role = Literal["read", "submit"]
-ROLES: tuple[Role, ...] = ("read", "submit")
+Role = Literal["read", "submit", "admin"]
+ROLES: tuple[Role, ...] = ("read", "submit", "admin")
 MIN_TOKEN_CHARS = 16  # shorter tokens are guessable; `python -c "import secrets; print(secrets.token_hex(20))"`
-MAX_PATH_CHARS = 4096
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_NAME_BYTES = 255  # NAME_MAX: the longest file or folder name in a path
+# The longest value each string field of a request may have (docs/api.md); longer is INVALID_ARGUMENT.
+FIELD_LIMITS = {
+    "slide_path": MAX_PATH_CHARS,
+    "slide_path_contains": MAX_PATH_CHARS,
+    "bundle": 64,
+    "request_id": 128,
+    "fingerprint": 128,
+    "page_token": 256,
+    "accession": 64,
+    "label": 64,
+}
 SERVICE = "mitosis.edge.v1.EdgeService"
 # Methods that change state; every other method of the service needs a read token.
 SUBMIT_METHODS = frozenset({f"/{SERVICE}/SubmitSlide", f"/{SERVICE}/CancelJob"})
@@ -88,7 +106,8 @@ class AuthDecision:
 
     code: str
     message: str
-    caller: str = ""
+    caller: str = ""  # the token's NAME
+    role: Role | None = None  # the token's role when allowed; None for public methods
 
     @property
     def allowed(self) -> bool:
@@ -113,6 +132,8 @@ class TokenTable:
         need = required_role(method)
         if need is None:
             return AuthDecision("", "", "public")
+        if authorization is not None and len(authorization) > 1024:
+            return AuthDecision("UNAUTHENTICATED", "the authorization metadata is too long to hold a bearer token")
         if not authorization:
             return AuthDecision(
                 "UNAUTHENTICATED", "missing bearer token: send metadata 'authorization: Bearer <token>'"
@@ -129,14 +150,14 @@ class TokenTable:
                 found = entry
         if found is None:
             return AuthDecision("UNAUTHENTICATED", "unknown bearer token; check the token file the client uses")
-        if need == "submit" and found.role != "submit":
+        if need == "submit" and found.role == "read":
             name = method.rsplit("/", 1)[-1]
             return AuthDecision(
                 "PERMISSION_DENIED",
                 f"token {found.name!r} has role read; {name} needs a token with role submit",
                 found.name,
             )
-        return AuthDecision("", "", found.name)
+        return AuthDecision("", "", found.name, found.role)
 
 
 def _digest(token: str) -> bytes:
@@ -163,7 +184,7 @@ def parse_tokens(text: str, source: str = "tokens file") -> TokenTable:
         token, role = parts[0], parts[1]
         name = parts[2] if len(parts) == 3 else f"line {number}"
         if role not in ROLES:
-            problems.append(f"line {number}: role {role!r} must be 'read' or 'submit'")
+            problems.append(f"line {number}: role {role!r} must be 'read', 'submit' or 'admin'")
             continue
         if len(token) < MIN_TOKEN_CHARS:
             problems.append(
@@ -199,38 +220,66 @@ def load_tokens(path: str | Path) -> TokenTable:
     return parse_tokens(text, f"server.tokens_file {p}")
 
 
+def check_lengths(**fields: str) -> None:
+    """Refuse (INVALID_ARGUMENT) a request field longer than its documented maximum (`FIELD_LIMITS`).
+
+    >>> check_lengths(request_id="r-1", bundle="demo")
+    >>> try:
+    ...     check_lengths(bundle="x" * 65)
+    ... except RequestRefused as exc:
+    ...     print(exc.code, exc)
+    INVALID_ARGUMENT bundle has 65 characters; at most 64 are accepted
+    """
+    for name, value in fields.items():
+        limit = FIELD_LIMITS[name]
+        if len(value) > limit:
+            raise RequestRefused(
+                "INVALID_ARGUMENT", f"{name} has {len(value)} characters; at most {limit} are accepted"
+            )
+
+
 def resolve_submit_path(slide_path: str, roots: Sequence[str | Path]) -> Path:
     """The real path of a slide submitted over the API, if it lies under one of the allowed roots.
 
     Symlinks and ``..`` are resolved first (in the path and in the roots), so neither can lead
     outside. Raises RequestRefused: INVALID_ARGUMENT (empty, relative, absurd), PERMISSION_DENIED
     (outside every root; said before whether the file exists, so nothing leaks), FAILED_PRECONDITION
-    (no roots configured) or NOT_FOUND (inside but missing).
+    (no roots configured) or NOT_FOUND (inside but missing). Messages quote the path as sent and the
+    roots as configured, never what the path resolved to (that goes to the server log).
     """
     if not slide_path:
         raise RequestRefused("INVALID_ARGUMENT", "slide_path is empty; give the absolute path of the slide")
-    if "\x00" in slide_path or len(slide_path) > MAX_PATH_CHARS:
+    check_lengths(slide_path=slide_path)
+    shown = untrusted(slide_path)
+    if "\x00" in slide_path or any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+                                   for part in slide_path.split("/")):
         raise RequestRefused(
             "INVALID_ARGUMENT",
-            f"slide_path is not a usable path (a NUL byte, or longer than {MAX_PATH_CHARS} characters)",
+            f"slide_path {shown} is not a usable path (a NUL byte, or a name longer than {MAX_NAME_BYTES} bytes)",
         )
     if not os.path.isabs(slide_path):
         raise RequestRefused(
-            "INVALID_ARGUMENT", f"slide_path {slide_path!r} is relative; give an absolute path as the daemon sees it"
+            "INVALID_ARGUMENT", f"slide_path {shown} is relative; give an absolute path as the daemon sees it"
         )
     if not roots:
         raise RequestRefused(
             "FAILED_PRECONDITION",
             "this server accepts no submitted slides: no allowed roots; set server.allowed_roots (or watch folders)",
         )
-    real = Path(os.path.realpath(slide_path))
-    real_roots = [Path(os.path.realpath(os.path.expanduser(str(root)))) for root in roots]
-    if not any(real.is_relative_to(root) for root in real_roots):
-        shown = ", ".join(str(r) for r in real_roots)
+    real = real_path_inside(slide_path, roots)
+    if real is None:
+        log.warning("refused slide_path %s: it resolves to %s, outside the allowed roots",
+                    shown, untrusted(os.path.realpath(slide_path)))
         raise RequestRefused(
             "PERMISSION_DENIED",
-            f"slide_path {slide_path!r} resolves to {str(real)!r}, outside the allowed roots ({shown})",
+            f"slide_path {shown} is outside the allowed roots ({', '.join(str(r) for r in roots)}), "
+            "or a symlink or '..' in it leads outside them",
         )
-    if not real.exists():
-        raise RequestRefused("NOT_FOUND", f"slide_path {slide_path!r} does not exist on the server")
+    try:
+        found = real.exists()
+    except OSError as exc:
+        log.warning("slide_path %s cannot be looked up: %s", shown, exc)
+        found = False
+    if not found:
+        raise RequestRefused("NOT_FOUND", f"slide_path {shown} does not exist on the server")
     return real

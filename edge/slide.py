@@ -206,10 +206,11 @@ def detect_format(path: Path) -> tuple[str, Path]:
     if path.suffix.lower() in SLIDE_EXTENSIONS:
         raise CorruptSlideError(
             path,
-            f"has a {path.suffix} name but its content is no readable slide (starts with {head[:4]!r}); "
-            "the file is damaged or not a slide",
+            f"has a {path.suffix} name but its content is no readable slide (not TIFF, DICOM or a format "
+            "OpenSlide knows); the file is damaged or not a slide",
         )
-    raise NotASlideError(path, f"is not a whole-slide image (unrecognised content starting with {head[:4]!r})")
+    # The message never quotes the file's bytes: it travels to API clients in the job's error.
+    raise NotASlideError(path, "is not a whole-slide image (not TIFF, DICOM or a format OpenSlide knows)")
 
 
 def _openslide_detect(path: Path) -> str | None:

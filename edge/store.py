@@ -123,13 +123,18 @@ _V1 = (
         created_at REAL NOT NULL
     )""",
 )
+# issue 12: who submitted and who cancelled a job (token name or certificate subject; NULL = the watcher)
+_V_I12 = (
+    "ALTER TABLE jobs ADD COLUMN submitted_by TEXT",
+    "ALTER TABLE jobs ADD COLUMN cancelled_by TEXT",
+)
 # The case a slide belongs to: its accession number and free labels (a JSON array of strings).
 _V_I15 = (
     "ALTER TABLE jobs ADD COLUMN accession TEXT",
     "ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '[]'",
     "CREATE INDEX jobs_by_accession ON jobs (accession)",
 )
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I15)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I12, _V_I15)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -151,6 +156,8 @@ class Job:
     started_at: float | None
     finished_at: float | None
     not_before: float | None
+    submitted_by: str | None = None  # the API caller's token name or certificate subject; None = the watcher
+    cancelled_by: str | None = None  # who cancelled it over the API
     accession: str | None = None  # the case's accession number, from the submit, the path or the slide
     labels: tuple[str, ...] = ()  # free labels given at submit
 
@@ -192,8 +199,8 @@ class Event:
 
 
 _JOB_SELECT = """SELECT j.job_id, j.state, s.path, s.fingerprint, j.source, j.priority, j.mpp_override,
-    j.bundle, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.not_before, j.accession, j.labels
-    FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
+    j.bundle, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.not_before, j.submitted_by,
+    j.cancelled_by, j.accession, j.labels FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
 _JOB_UPDATE = """UPDATE jobs SET state = ?, attempts = ?, error = ?, started_at = ?, finished_at = ?,
     not_before = ? WHERE job_id = ?"""
 _RESULT_SELECT = """SELECT r.job_id, s.path, s.fingerprint, r.summary, r.exports, r.detections, r.created_at,
@@ -321,6 +328,7 @@ class Store:
         bundle: str | None = None,
         dedupe: bool = True,
         slide_meta: Mapping[str, Any] | None = None,
+        submitted_by: str | None = None,
         accession: str | None = None,
         labels: Sequence[str] = (),
     ) -> tuple[Job, bool]:
@@ -344,6 +352,9 @@ class Store:
                 conn, self.path, slide_id, source, int(priority), mpp_override, bundle, now,
                 case=(accession or None, tuple(labels)),
             )
+            if submitted_by is not None:
+                conn.execute("UPDATE jobs SET submitted_by = ? WHERE job_id = ?", (submitted_by, job.job_id))
+                job = replace(job, submitted_by=submitted_by)
         return job, True
 
     def add_failed_job(
@@ -442,13 +453,15 @@ class Store:
         with self._write() as conn:
             return _requeue(conn, _transition(conn, self.path, job_id, ("running",), "re-queued"), reason, now)
 
-    def cancel_job(self, job_id: int) -> Job:
+    def cancel_job(self, job_id: int, *, cancelled_by: str | None = None) -> Job:
         """Cancel a queued or running job (stopping a running one is the caller's part)."""
         now = self._clock()
         with self._write() as conn:
             job = _transition(conn, self.path, job_id, ("queued", "running"), "cancelled")
-            cancelled = _save(conn, replace(job, state="cancelled", finished_at=now))
-            _append_event(conn, "job_cancelled", cancelled, now)
+            cancelled = _save(conn, replace(job, state="cancelled", finished_at=now, cancelled_by=cancelled_by))
+            conn.execute("UPDATE jobs SET cancelled_by = ? WHERE job_id = ?", (cancelled_by, job_id))
+            extra = {"cancelled_by": cancelled_by} if cancelled_by else None
+            _append_event(conn, "job_cancelled", cancelled, now, extra)
         return cancelled
 
     def recover_running(self) -> list[Job]:

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from edge.config import DEFAULT_IGNORE_PATTERNS, DEFAULT_SLIDE_EXTENSIONS, WatchConfig
 from edge.errors import ConfigError, SlideReadError
-from edge.fingerprint import Fingerprint, fingerprint_slide, mrxs_companion
+from edge.fileio import real_path_inside
+from edge.fingerprint import Fingerprint, fingerprint_slide, mrxs_companion, slide_files
 
 log = logging.getLogger(__name__)
 
@@ -503,6 +504,23 @@ class SlideWatcher:
 
     def _try_hand_over(self, unit: Path, now: float) -> None:
         before = self._gate.snapshot(unit)
+        roots = (*self.config.all_folders, *self.config.symlink_roots)
+        try:  # a symlink is followed only into the watch folders and watch.symlink_roots
+            outside = [f for _, f in slide_files(unit) if real_path_inside(f, roots) is None]
+        except SlideReadError:
+            outside = []  # not complete yet: the opener below says so
+        if outside:
+            reason = ("is a symlink (or holds one) leading outside the watch folders; it was not opened: add the "
+                      "target's folder to watch.symlink_roots if it is meant to be analysed")
+            log.warning("slide %s leads to %s, outside the watch folders and watch.symlink_roots; not opened",
+                        unit, os.path.realpath(outside[0]))
+            self._gate.discard(unit)
+            self._failed[unit] = before if before is not None else (-1, -1)
+            try:
+                self._on_failed(unit, reason)
+            except Exception:
+                log.exception("on_failed for %s raised; the failure is logged only", unit)
+            return
         try:
             self._opener(unit)
             fp = fingerprint_slide(unit, full=self.config.fingerprint == "full")

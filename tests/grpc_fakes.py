@@ -35,18 +35,19 @@ class FakeControl:
         priority: int,
         mpp_override: float | None,
         bundle: str | None,
+        submitted_by: str | None = None,
         accession: str | None = None,
         labels: tuple[str, ...] = (),
     ) -> Job:
         self.submitted.append(path)
         job, _ = self.store.add_job(
             str(path), source="submit", priority=priority, mpp_override=mpp_override, bundle=bundle, dedupe=False,
-            accession=accession, labels=labels,
+            submitted_by=submitted_by, accession=accession, labels=labels,
         )
         return job
 
-    def cancel_job(self, job_id: int) -> Job:
-        return self.store.cancel_job(job_id)
+    def cancel_job(self, job_id: int, *, cancelled_by: str | None = None) -> Job:
+        return self.store.cancel_job(job_id, cancelled_by=cancelled_by)
 
     def server_status(self) -> dict[str, Any]:
         return {

@@ -20,9 +20,12 @@ import pytest
 
 from edge.config import Config, load_config
 from edge.daemon import Daemon
+from edge.engines.manifest import find_bundle
 from edge.errors import EngineError, StreamCancelled
+from edge.server_auth import RequestRefused
 from edge.store import Store
 from tests.conftest import SynthFactory
+from tests.tiny_bundle import make_tiny_bundle
 
 QUIET_S = 0.3
 
@@ -376,5 +379,20 @@ def test_the_duplicate_policy_decides_whether_the_same_bytes_under_a_new_path_ar
         for path in ("/scans/a.svs", "/scans/a.svs", "/scans/renamed.svs"):  # a restart's scan, then a copy
             daemon.on_slide_ready(Path(path), fingerprint)
         assert len(daemon.store.list_jobs()) == jobs
+    finally:
+        daemon.stop(grace=0.0)
+
+
+def test_a_submitted_bundle_is_a_name_the_configuration_allows_never_a_path(tmp_path: Path) -> None:
+    tiny = make_tiny_bundle(tmp_path / "bundles" / "tiny")
+    daemon = Daemon(daemon_config(tmp_path, **{"engines.allowed_bundles": ["demo", str(tiny)]}))
+    try:
+        assert daemon.allowed_bundle("demo") == find_bundle("demo")
+        assert daemon.allowed_bundle("tiny") == tiny
+        refusals = [(str(tiny), "INVALID_ARGUMENT"), ("../tiny", "INVALID_ARGUMENT"), ("other", "PERMISSION_DENIED")]
+        for name, code in refusals:
+            with pytest.raises(RequestRefused) as info:
+                daemon.allowed_bundle(name)
+            assert info.value.code == code and "demo, tiny" in info.value.message
     finally:
         daemon.stop(grace=0.0)

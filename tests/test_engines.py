@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -65,7 +66,8 @@ def test_every_problem_is_reported_at_once_naming_file_tensor_expected_and_found
     assert "detector.onnx (detector): output 'boxes_out' not in the graph; outputs are raw: float32[B,512,6]" in text
     assert "clf_a.onnx (a): input name expected 'crop', found 'crops'" in text
     assert "clf_a.onnx (a): input crops height (axis 1) expected 24, found 16" in text
-    assert re.search(r"clf_b.onnx \(b\): sha256 expected [0-9a-f]{64}, found [0-9a-f]{64}", text)
+    assert re.search(r"clf_b.onnx \(b\): sha256 differs from the manifest's [0-9a-f]{64} .*sha256sum clf_b.onnx", text)
+    assert len(re.findall(r"[0-9a-f]{64}", text)) == 1  # the hash found is not echoed (issue 12)
     assert "clf_b.onnx (b): not a readable ONNX model" in text
     assert len(problems) >= 5
 
@@ -336,3 +338,20 @@ def test_verify_passes_identical_backends_and_fails_above_tolerance(tiny: Path) 
         assert not far.passed
         assert far.outputs[0].max_abs_error == pytest.approx(0.05, rel=1e-3)
         assert far.to_json_dict()["passed"] is False
+
+
+def test_model_files_outside_the_bundle_folder_are_refused_without_being_read(tiny: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "tokens"
+    secret.write_text("0123456789abcdef0123 admin root\n")
+    _edit(tiny, 'file = "clf_a.onnx"', f'file = "{secret}"')
+    _edit(tiny, 'file = "clf_b.onnx"', 'file = "../tokens"')
+    text = "\n".join(_problems(tiny))
+    assert "points outside the bundle folder" in text and text.count("points outside") == 2
+    assert hashlib.sha256(secret.read_bytes()).hexdigest() not in text
+
+
+def test_a_model_file_larger_than_onnx_allows_is_refused_before_it_is_read(tiny: Path) -> None:
+    with (tiny / "clf_a.onnx").open("r+b") as fh:
+        fh.truncate(3 << 30)  # sparse: 3 GiB on paper, nothing on disk
+    text = "\n".join(_problems(tiny))
+    assert "clf_a.onnx (a): 3.0 GiB, more than an ONNX file can hold (2 GiB); not read" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -137,8 +138,8 @@ def test_missing_tls_files_and_bad_tokens_files_name_the_setting(tmp_path: Path,
     with pytest.raises(ConfigError, match=r"server\.tokens_file="):
         start_server(insecure_config(tokens_file=str(tmp_path / "missing")), control)
     bad = tmp_path / "tokens"
-    bad.write_text("short read\nabcdefghijklmnopqrstuvwxyz admin\n")
-    with pytest.raises(ConfigError, match=r"line 1: token of 5 characters.*line 2: role 'admin'"):
+    bad.write_text("short read\nabcdefghijklmnopqrstuvwxyz owner\n")
+    with pytest.raises(ConfigError, match=r"line 1: token of 5 characters.*line 2: role 'owner'"):
         start_server(insecure_config(tokens_file=str(bad)), control)
 
 
@@ -678,7 +679,7 @@ def test_stop_ends_streams_with_unavailable_and_the_last_sequence(
 def test_deadlines_end_streams_and_free_their_slot(
     make_server: Maker, channels: Callable[..., grpc.Channel], scans: Path
 ) -> None:
-    running = make_server(insecure_config([scans], max_workers=4))  # room for 2 streams
+    running = make_server(insecure_config([scans], max_workers=4, max_streams=2))
     stub = pb_grpc.EdgeServiceStub(channels(running.address))
     err = rpc_error(lambda: list(stub.WatchEvents(pb.WatchEventsRequest(), timeout=0.3)))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -688,7 +689,7 @@ def test_deadlines_end_streams_and_free_their_slot(
         time.sleep(0.02)
     assert running.subscribers == 2
     err = rpc_error(lambda: list(stub.WatchEvents(pb.WatchEventsRequest(), timeout=5)))
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "server.max_workers" in err.details()
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "server.max_streams" in err.details()
     assert stub.GetServerStatus(pb.GetServerStatusRequest(), timeout=5).ready  # unary calls still served
     for call in calls:
         call.cancel()
@@ -707,10 +708,21 @@ def test_unexpected_errors_are_internal_with_a_message(
 
     running = make_server(insecure_config([scans]), Broken(store))
     err = rpc_error(pb_grpc.EdgeServiceStub(channels(running.address)).GetServerStatus, pb.GetServerStatusRequest())
-    assert err.code() == grpc.StatusCode.INTERNAL and "engine table unreadable" in err.details()
+    assert err.code() == grpc.StatusCode.INTERNAL and "RuntimeError" in err.details()
+    assert "engine table unreadable" not in err.details()  # the details stay in the daemon's log
 
 
 def test_config_roundtrip_through_replace_keeps_validation() -> None:
     with pytest.raises(ConfigError):
         replace(ServerConfig(), max_page_size=0).validate()
     assert os.path.isabs(str(Path(__file__).resolve()))
+
+
+def test_a_certificate_close_to_expiry_is_warned_about_at_start(
+    tmp_path: Path, control: FakeControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = TestCA(tmp_path).issue("localhost", server=True, valid_days=10)
+    config = ServerConfig(listen="127.0.0.1:0", tls_cert=str(files.cert), tls_key=str(files.key))
+    with caplog.at_level(logging.WARNING, logger="edge.server"):
+        start_server(config, control).stop()
+    assert re.search(r"the server certificate .* expires on .* UTC, in [89] day\(s\): renew it", caplog.text)

@@ -109,7 +109,7 @@ def raw(path: Path, sql: str) -> list[Any]:
 def test_a_store_is_created_from_nothing_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "new" / "folder" / "edge.db"
     with Store.open(path) as store:
-        assert store.schema_version == SCHEMA_VERSION
+        assert store.schema_version == SCHEMA_VERSION == len(store_module.MIGRATIONS)
         assert store.counts_by_state() == {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
         assert store.last_sequence() == 0 and store.events_after(0) == []
         assert raw(path, "PRAGMA journal_mode") == [("wal",)]
@@ -163,10 +163,10 @@ def test_a_failing_migration_leaves_the_store_unchanged(tmp_path: Path, monkeypa
     Store.open(path).close()
     broken = ("ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE no_such_table SET x = 1")
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, broken))
-    known = SCHEMA_VERSION
-    with pytest.raises(StoreError, match=rf"from schema version {known} to {known + 1} failed .*no_such_table"):
+    expected = rf"from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed .*no_such_table"
+    with pytest.raises(StoreError, match=expected):
         Store.open(path)
-    assert raw(path, "PRAGMA user_version") == [(known,)]
+    assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert "note" not in {row[1] for row in raw(path, "PRAGMA table_info(jobs)")}
 
 
@@ -559,3 +559,13 @@ def test_kill_9_loses_no_job_and_never_half_writes_a_result(tmp_path: Path, mode
         if mode == "self":
             assert [j.job_id for j in recovered] == [6] and len(done) == 5
         assert raw(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_submitter_and_canceller_are_stored_with_the_job(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "edge.db") as store:
+        job, _ = store.add_job("/scans/a.svs", fingerprint="sha256:a", source="submit", submitted_by="lis")
+        watched, _ = store.add_job("/scans/b.svs", fingerprint="sha256:b")
+        assert store.get_job(job.job_id).submitted_by == "lis" and watched.submitted_by is None
+        cancelled = store.cancel_job(job.job_id, cancelled_by="admin-desk")
+        assert cancelled.cancelled_by == "admin-desk" == store.get_job(job.job_id).cancelled_by
+        assert store.events_after(0)[-1].payload["cancelled_by"] == "admin-desk"

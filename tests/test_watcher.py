@@ -610,3 +610,33 @@ if __name__ == "__main__":
     for kind in ("native", "polling"):
         lat = measure_pickup_latency(observer=kind)
         print(f"{kind}: pick-up after the quiet period: median {statistics.median(lat):.2f} s, max {max(lat):.2f} s")
+
+
+def test_a_symlink_out_of_the_watch_folders_fails_without_being_opened(tmp_path: Path) -> None:
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    target = _slide(outside / "slide.svs")
+    inbox.mkdir()
+    (inbox / "link.svs").symlink_to(target)
+    opened: list[Path] = []
+
+    def opener(path: Path) -> None:
+        opened.append(path)
+        fake_opener(path)
+
+    watcher, rec, clock = gated(inbox, opener=opener)
+    look(watcher, clock, 0.0, 1.0, 2.0, 3.0)
+    assert rec.ready == [] and opened == []
+    [(path, reason)] = rec.failed
+    assert path == inbox / "link.svs" and "outside the watch folders" in reason and "watch.symlink_roots" in reason
+    assert str(outside) not in reason  # where it leads is for the daemon's log only
+
+
+def test_a_symlink_into_a_watch_folder_or_symlink_root_is_followed(tmp_path: Path) -> None:
+    inbox, share = tmp_path / "inbox", tmp_path / "share"
+    inside = _slide(inbox / "archive" / "a.svs", fill=b"a")
+    shared = _slide(share / "b.svs", fill=b"b")
+    (inbox / "a-link.svs").symlink_to(inside)
+    (inbox / "b-link.svs").symlink_to(shared)
+    watcher, rec, clock = gated(inbox, symlink_roots=(str(share),))
+    look(watcher, clock, 0.0, 1.0)
+    assert {p.name for p in rec.ready_paths} == {"a.svs", "a-link.svs", "b-link.svs"} and rec.failed == []

@@ -67,10 +67,10 @@ class TestCA:
         self.ca_path = folder / f"{name.replace(' ', '-')}.pem"
         self.ca_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool) -> CertFiles:
-        """A certificate for a server (SAN localhost, 127.0.0.1, ::1) or a client."""
+    def issue(self, common_name: str, *, server: bool, valid_days: float = 1.0) -> CertFiles:
+        """A certificate for a server (SAN localhost, 127.0.0.1, ::1) or a client; ``valid_days`` < 0 = expired."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
+        now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=min(0.0, valid_days - 1))
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))
@@ -78,7 +78,7 @@ class TestCA:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=max(1.0, valid_days) if valid_days > 0 else 1.0))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),

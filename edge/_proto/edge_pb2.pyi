@@ -37,7 +37,7 @@ DETECTION_CLASS_UNCERTAIN: DetectionClass
 DETECTION_CLASS_NON_MITOTIC: DetectionClass
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "slide_path", "fingerprint", "source", "priority", "mpp_override", "bundle", "attempts", "error", "created_at", "started_at", "finished_at", "not_before", "accession", "labels")
+    __slots__ = ("job_id", "state", "slide_path", "fingerprint", "source", "priority", "mpp_override", "bundle", "attempts", "error", "created_at", "started_at", "finished_at", "not_before", "submitted_by", "cancelled_by", "accession", "labels")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,8 @@ class Job(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_BY_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
     ACCESSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     job_id: int
@@ -68,9 +70,11 @@ class Job(_message.Message):
     started_at: float
     finished_at: float
     not_before: float
+    submitted_by: str
+    cancelled_by: str
     accession: str
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., source: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., not_before: _Optional[float] = ..., accession: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., source: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., not_before: _Optional[float] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., accession: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitSlideRequest(_message.Message):
     __slots__ = ("slide_path", "priority", "mpp_override", "bundle", "request_id", "accession", "labels")

@@ -8,6 +8,7 @@ in one ManifestError, naming file, tensor, expected and found. docs/engines.md d
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import sys
@@ -19,6 +20,8 @@ from typing import Any, Literal, cast
 from edge.engines.base import TensorSpec
 from edge.errors import ManifestError
 
+log = logging.getLogger(__name__)
+
 Layout = Literal["NCHW", "NHWC"]
 ChannelOrder = Literal["RGB", "BGR"]
 DetectorFormat = Literal["yolo_raw", "yolov8", "boxes"]
@@ -28,6 +31,7 @@ MANIFEST_NAME = "manifest.toml"
 DEMO_BUNDLE = "demo"
 BUNDLES_ENV = "MITOSIS_EDGE_BUNDLES"  # a folder holding bundles, searched before the installed ones
 MIN_OPSET = 13
+MAX_MODEL_BYTES = 2 << 30  # protobuf caps one ONNX file at 2 GiB; a bigger "model" is refused before it is read
 
 _LAYOUTS = ("NCHW", "NHWC")
 _ORDERS = ("RGB", "BGR")
@@ -405,6 +409,9 @@ def _model_common(folder: Path, f: _Fields) -> dict[str, Any]:
         f.problems.append(f"[{f.where}.normalisation] std={list(normalisation.std)} must not contain 0")
     n.finish()
     file = f.text("file", required=True)
+    if file and not (folder / file).resolve().is_relative_to(folder.resolve()):
+        f.problems.append(f"[{f.where}] file={file!r} points outside the bundle folder; model files must live in it")
+        file = ""
     sha = f.text("sha256", required=True).lower()
     if sha and (len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha)):
         f.problems.append(f"[{f.where}] sha256={sha!r} must be 64 hex digits")
@@ -532,11 +539,18 @@ def check_model_file(model: ModelSpec) -> list[str]:
     where = f"{model.path.name} ({model.name})"
     if not model.path.is_file():
         return [f"{where}: file {model.path} does not exist"]
+    size = model.path.stat().st_size
+    if size > MAX_MODEL_BYTES:
+        return [f"{where}: {size / 2**30:.1f} GiB, more than an ONNX file can hold ({MAX_MODEL_BYTES >> 30} GiB); "
+                "not read"]
     problems: list[str] = []
     found_sha = sha256_file(model.path)
     if found_sha != model.sha256:
+        # The hash found is not echoed: the message may reach someone who cannot read the file.
+        log.info("%s: sha256 found %s, the manifest says %s", model.path, found_sha, model.sha256)
         problems.append(
-            f"{where}: sha256 expected {model.sha256}, found {found_sha} (file changed, or update the manifest)"
+            f"{where}: sha256 differs from the manifest's {model.sha256} (the file changed, or update the manifest "
+            f"with `sha256sum {model.path.name}`)"
         )
     try:
         inputs, outputs, opset = graph_specs(model.path)
