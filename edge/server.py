@@ -953,10 +953,12 @@ def export_file(result: StoredResult, name: str, root: Path | None) -> Path:
     path = (result.exports.get(name) and Path(result.exports[name])) or by_name.get(name)
     if path is None:
         known = ", ".join(sorted(result.exports)) or "none"
-        raise RequestRefused("NOT_FOUND", f"job {result.job_id} has no export {name!r}; its exports: {known}")
+        raise RequestRefused(
+            "NOT_FOUND", f"job {result.job_id} has no export {untrusted(name, 60)}; its exports: {known}"
+        )
     if root is not None and not path.resolve().is_relative_to(root.resolve()):
         raise RequestRefused(
-            "PERMISSION_DENIED", f"export {name!r} of job {result.job_id} is outside the results folder"
+            "PERMISSION_DENIED", f"export {untrusted(name, 60)} of job {result.job_id} is outside the results folder"
         )
     return path
 
