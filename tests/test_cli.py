@@ -200,7 +200,7 @@ def test_serve_check_lists_every_problem_at_once(tmp_path: Path) -> None:
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     tokens = tmp_path / "tokens"
-    tokens.write_text("0123456789abcdef0123 admin lis\n")
+    tokens.write_text("0123456789abcdef0123 boss lis\n")
     tokens.chmod(0o644)
     config = tmp_path / "edge.toml"
     config.write_text(
@@ -216,7 +216,7 @@ def test_serve_check_lists_every_problem_at_once(tmp_path: Path) -> None:
     assert process.returncode == 2 and "4 problem(s)" in err
     failed = {line.split("  ")[1].strip() for line in out.splitlines() if line.startswith("FAIL")}
     assert failed == {"TLS certificate and key", "tokens file", "watch folders", "metrics port"}
-    assert "no.pem cannot be read" in out and "role 'admin'" in out and "missing does not exist" in out
+    assert "no.pem cannot be read" in out and "role 'boss'" in out and "missing does not exist" in out
     assert "daemon.metrics_listen (--metrics)" in out
     assert re.search(r"ok\s+model bundle\s+demo", out)
 
