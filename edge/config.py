@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -217,6 +218,8 @@ class WatchConfig:
     symlink_roots: tuple[str, ...] = ()
     # regex searched in a watched slide's path; its group "accession" is the case's accession number
     accession_pattern: str = ""
+    # "FOLDER=MPP": slides found under FOLDER are read at MPP µm/px (a scanner that records none)
+    folder_mpp: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _positive("watch.poll_interval_s", self.poll_interval_s)
@@ -229,11 +232,38 @@ class WatchConfig:
             )
         if self.accession_pattern:
             accession_regex(self.accession_pattern)
+        _ = self.folder_mpps
         for ext in self.extensions:
             if not ext.startswith(".") or ext != ext.lower():
                 raise ConfigError(
                     f"watch.extensions entry {ext!r} must be lower case and start with a dot, e.g. '.svs'"
                 )
+
+    @property
+    def folder_mpps(self) -> tuple[tuple[Path, float], ...]:
+        """`folder_mpp` parsed: (folder, µm/px), the longest folder first (the most specific rule wins).
+
+        >>> WatchConfig(folder_mpp=("/scans/old-20x=0.5",)).folder_mpps
+        ((PosixPath('/scans/old-20x'), 0.5),)
+        """
+        rules = []
+        for entry in self.folder_mpp:
+            folder, sep, value = entry.rpartition("=")
+            try:
+                mpp = float(value)
+            except ValueError:
+                mpp = math.nan
+            if not sep or not folder.startswith("/") or not 0.01 <= mpp <= 100:
+                raise ConfigError(
+                    f"watch.folder_mpp entry {entry!r} must be \"FOLDER=MPP\" with an absolute folder and µm/px "
+                    "between 0.01 and 100, e.g. \"/srv/scanner/out/old-20x=0.5\""
+                )
+            rules.append((Path(folder), mpp))
+        return tuple(sorted(rules, key=lambda rule: -len(rule[0].parts)))
+
+    def mpp_for(self, path: Path) -> float | None:
+        """The µm/px `folder_mpp` gives a slide at ``path``; None when no rule covers it."""
+        return next((mpp for folder, mpp in self.folder_mpps if Path(path).is_relative_to(folder)), None)
 
     @property
     def all_folders(self) -> tuple[str, ...]:

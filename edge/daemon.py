@@ -325,9 +325,11 @@ class Daemon:
         """A settled slide: a job, unless the same slide was seen before (watch.on_duplicate)."""
         meta = {"size": fingerprint.size, "mtime_ns": fingerprint.mtime_ns}
         accession = self._accession(path)
+        mpp = self.config.watch.mpp_for(path)  # watch.folder_mpp: a scanner that records no pixel size
         if self.config.watch.on_duplicate == "skip":  # the store skips a fingerprint it has seen anywhere
             job, created = self.store.add_job(
-                str(path), fingerprint=fingerprint.key, source="watch", slide_meta=meta, accession=accession
+                str(path), fingerprint=fingerprint.key, source="watch", slide_meta=meta, accession=accession,
+                mpp_override=mpp,
             )
         else:  # "reprocess": the same bytes under a new path are a new job; the same path again is not
             seen_here = [j for j in self.store.find_jobs_by_fingerprint(fingerprint.key) if j.slide_path == str(path)]
@@ -336,7 +338,7 @@ class Daemon:
             else:
                 job, created = self.store.add_job(
                     str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta,
-                    accession=accession,
+                    accession=accession, mpp_override=mpp,
                 )
         if created:
             self.metrics.picked_up(self._clock() - fingerprint.mtime_ns / 1e9)
@@ -681,8 +683,8 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, MissingMppError):  # the slide's own hint names analyze's flag; say what works here
         return (
             f"MissingMppError: {exc.path}: the slide records no pixel size (mpp); submit it again with the scan's "
-            f"µm/px: mitosis-edge client submit {exc.path} --mpp 0.25 (for example), or set [slide] mpp_override "
-            "in the daemon's config when every slide of this scanner lacks it"
+            f"µm/px: mitosis-edge client submit {exc.path} --mpp 0.25 (for example); for every slide of a scanner "
+            "that records none, add \"FOLDER=MPP\" for its folder to watch.folder_mpp in the daemon's config"
         )
     return f"{type(exc).__name__}: {exc}"
 

@@ -13,6 +13,7 @@ import pytest
 
 from edge.cli import main
 from edge.client import EdgeClient, EdgeClientError
+from edge.config import Config
 from edge.daemon import Daemon
 from tests import test_daemon
 from tests.conftest import SynthFactory, data_file
@@ -133,7 +134,7 @@ def test_a_daemon_job_without_mpp_says_how_to_submit_it_with_one(
     job = daemon.submit_slide(slide)
     wait_for(lambda: daemon.store.get_job(job.job_id).state == "failed", what="the job failed")
     error = daemon.store.get_job(job.job_id).error or ""
-    assert f"mitosis-edge client submit {slide} --mpp" in error and "[slide] mpp_override" in error
+    assert f"mitosis-edge client submit {slide} --mpp" in error and "watch.folder_mpp" in error
     assert "pass --mpp" not in error  # analyze's flag means nothing to a daemon user
 
 
@@ -152,3 +153,34 @@ def test_the_demo_bundle_on_the_real_cmu_slide_is_flagged_not_just_scored(tmp_pa
             ring = feature["geometry"]["coordinates"][0]
             assert min(min(x, y) for x, y in ring) >= 0.0
             assert max(x for x, _ in ring) <= 2220 and max(y for _, y in ring) <= 2967
+
+
+def test_a_folder_mpp_rule_gives_watched_slides_of_an_mpp_less_scanner_their_pixel_size(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    seen: list[float | None] = []
+
+    def analyze(path: Path, config: Config, *rest: object) -> None:
+        seen.append(config.slide.mpp_override)
+        raise ValueError("not analysed in this test")
+
+    old_scanner = tmp_path / "inbox" / "old-20x"
+    old_scanner.mkdir(parents=True)
+    config = daemon_config(tmp_path, **{"watch.folder_mpp": [f"{old_scanner}=0.5"], "daemon.max_attempts": 1})
+    daemon = start_daemon(config, analyze=analyze)
+    shutil.copy(data_file("wsi/tcga-cr-7395-01a-01-ts1.svs"), old_scanner / "no-mpp.svs")
+    wait_for(lambda: states(daemon.store).get("no-mpp.svs") == "failed", what="the slide tried")
+    (job,) = daemon.store.list_jobs()
+    assert job.mpp_override == 0.5 and seen == [0.5]
+
+
+def test_folder_mpp_rules_are_checked_and_the_most_specific_wins() -> None:
+    from edge.config import WatchConfig
+    from edge.errors import ConfigError
+
+    watch = WatchConfig(folder_mpp=("/scans=0.25", "/scans/old=0.5"))
+    assert watch.mpp_for(Path("/scans/old/a.svs")) == 0.5 and watch.mpp_for(Path("/scans/b.svs")) == 0.25
+    assert watch.mpp_for(Path("/elsewhere/c.svs")) is None
+    for bad in ("scans=0.5", "/scans=fast", "/scans=0", "/scans"):
+        with pytest.raises(ConfigError, match="FOLDER=MPP"):
+            WatchConfig(folder_mpp=(bad,)).validate()
