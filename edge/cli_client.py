@@ -183,6 +183,10 @@ def result_lines(result: dict[str, Any]) -> list[str]:
         + (f"; {density:.2f} per mm²" if density is not None else ""),
         f"score hint             {hint['score'] if hint['score'] is not None else '-'} ({hint['note']})",
     ]
+    bundle = (result.get("provenance") or {}).get("bundle") or {}
+    if isinstance(bundle, dict) and bundle.get("name"):
+        use = f"; intended use: {bundle['intended_use']}" if bundle.get("intended_use") else ""
+        lines.append(f"bundle                 {bundle['name']} {bundle.get('version', '')}{use}")
     for kind, path in sorted(result["exports"].items()):
         lines.append(f"export {kind:<16}{path}")
     return lines

@@ -58,6 +58,12 @@ def test_exports_are_group_readable_named_for_the_slide_and_fetched_through_the_
                  "--out", str(tmp_path / "cli"), "--name", "overlay"]) == 0
     assert (tmp_path / "cli" / "overlay.png").read_bytes() == Path(result["exports"]["overlay"]).read_bytes()
     assert "overlay" in capsys.readouterr().out
+    assert main(["client", "--server", daemon.server.address, "--insecure", "get", str(job.job_id)]) == 0
+    shown = capsys.readouterr().out
+    assert "[S24-0042]" in shown and "NOTICE" in shown and "NOT for diagnosis" in shown
+    assert "bundle                 demo" in shown and "flag " in shown
+    assert main(["client", "--server", daemon.server.address, "--insecure", "status"]) == 0
+    assert "intended use  demonstration and tests only" in capsys.readouterr().out
 
 
 def test_export_names_are_only_the_jobs_own_files_and_size_is_limited(
