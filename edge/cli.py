@@ -1,4 +1,4 @@
-"""The `mitosis-edge` command. The only module that prints or configures logging."""
+"""The `mitosis-edge` command. The only module that prints; it sets up logging through `edge.logs`."""
 
 from __future__ import annotations
 
