@@ -14,6 +14,7 @@ as plain pip commands; tests/test_wheelhouse.py runs `install` from a wheelhouse
 from __future__ import annotations
 
 import argparse
+import configparser
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def dependency_closure(project: str = PROJECT) -> dict[str, str]:
     """Every installed distribution the project needs (with the extras its requirements name, e.g.
     pyvips[binary]; not the project's own extras), name -> version, the project left out."""
     found: dict[str, str] = {}
-    todo = _requirements(project, ())
+    todo = _checkout_requirements() if project == PROJECT else _requirements(project, ())
     seen: set[tuple[str, frozenset[str]]] = set()
     while todo:
         requirement = todo.pop()
@@ -53,6 +54,14 @@ def dependency_closure(project: str = PROJECT) -> dict[str, str]:
             raise SystemExit(missing) from None
         todo += _requirements(requirement.name, tuple(requirement.extras))
     return dict(sorted(found.items()))
+
+
+def _checkout_requirements() -> list[Requirement]:
+    """install_requires of this checkout's setup.cfg (the installed metadata may be of another checkout)."""
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg", encoding="utf-8")
+    lines = parser.get("options", "install_requires", fallback="").splitlines()
+    return [Requirement(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def _requirements(distribution: str, extras: tuple[str, ...]) -> list[Requirement]:
