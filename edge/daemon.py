@@ -269,9 +269,9 @@ class Daemon:
             try:
                 load_bundle(folder)  # a broken bundle is refused now, not after the queue
             except ManifestError as exc:
-                log.error("bundle %s (%s) was asked for but does not load: %s", name, folder, exc)
                 raise RequestRefused(
-                    "FAILED_PRECONDITION", f"bundle {name!r} is allowed but does not load on this server; see its log"
+                    "FAILED_PRECONDITION", f"bundle {name!r} is allowed but does not load on this server; see its log",
+                    f"bundle {name} ({folder}) does not load: {exc}",
                 ) from None
             self._bundles_checked.add(name)
         return folder

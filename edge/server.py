@@ -440,7 +440,7 @@ def _code_for(exc: BaseException) -> tuple[str, str]:
 
 
 def _unary(method: _F) -> _F:
-    """Map exceptions from a unary handler to gRPC statuses with a message."""
+    """Map exceptions from a unary handler to gRPC statuses with a message; refusals go to the log too."""
 
     def wrapper(self: EdgeServicer, request: Any, context: Any) -> Any:
         try:
@@ -449,6 +449,8 @@ def _unary(method: _F) -> _F:
             code, message = _code_for(exc)
             if code == "INTERNAL":
                 log.exception("%s failed", method.__name__)
+            elif isinstance(exc, RequestRefused):
+                self.log_refusal(context, method.__name__, exc)
             failure = (code, message)
         context.abort(_GRPC_CODES[failure[0]], failure[1])
 
@@ -500,6 +502,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         *,
         started_at: float,
         tokens: TokenTable | None = None,
+        refusals: _RefusalLog | None = None,
         export_root: Path | None = None,
     ) -> None:
         self.config = config
@@ -509,6 +512,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         self.roots = tuple(roots)
         self.started_at = started_at
         self.tokens = tokens
+        self.refusals = refusals or _RefusalLog()
         self.stopping = threading.Event()
         self.max_streams = config.max_streams
         self._streams_lock = threading.Lock()
@@ -536,6 +540,15 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                 authorization = value if isinstance(value, str) else value.decode("utf-8", "replace")
         decision = self.tokens.check(authorization, f"/{SERVICE_NAME}/{method}")  # the interceptor let it in
         return _Caller(decision.caller, decision.role or "read", decision.caller)
+
+    def log_refusal(self, context: Any, method: str, exc: RequestRefused) -> None:
+        caller = self._caller(context, method)
+
+        def line() -> str:
+            detail = f" ({exc.detail})" if exc.detail else ""
+            return f"refused {method} to {untrusted(caller.name)}: {exc.code}: {exc.message}{detail}"
+
+        self.refusals.add((method, exc.code, caller.key), line)
 
     @_unary
     def SubmitSlide(self, request: Any, context: Any) -> Any:
@@ -587,11 +600,11 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                 submitted_by=caller.name, accession=case[0], labels=case[1],
             )
         except SlideReadError as exc:
-            log.warning("refused slide_path %s from %s: %s", untrusted(request.slide_path), untrusted(caller.name), exc)
             raise RequestRefused(
                 "FAILED_PRECONDITION",
                 f"slide_path {untrusted(request.slide_path)} cannot be read by the server (permissions, or no "
                 "slide file or DICOM folder there); the server log has the details",
+                str(exc),
             ) from None
 
     @_unary
@@ -642,8 +655,6 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         job_id = _positive_id(request.job_id)
         owner = self._job(job_id).submitted_by
         if caller.role != "admin" and owner != caller.name:
-            log.warning("refused: %s tried to cancel job %d, submitted by %s", untrusted(caller.name), job_id,
-                        untrusted(owner) if owner else "the watcher")
             whose = f"by {untrusted(owner)}" if owner else "by the watcher"
             raise RequestRefused(
                 "PERMISSION_DENIED",
@@ -912,7 +923,8 @@ class _StreamSlot:
     def __enter__(self) -> _StreamSlot:
         refusal = self._servicer._take_stream(self._caller)
         if refusal:
-            log.warning("stream refused to %s: %s", untrusted(self._caller.name), refusal)
+            self._servicer.refusals.add(("streams", self._caller.key), lambda: (
+                f"refused a stream to {untrusted(self._caller.name)}: {refusal}"))
             self._context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         self._held = True
         self._context.send_initial_metadata(())  # the client's call.initial_metadata() returns: it holds a slot
@@ -1016,24 +1028,28 @@ def _decode_page_token(token: str, filters: str) -> int:
 
 
 class _RefusalLog:
-    """Refused calls, summed up in one WARNING line at most every REFUSAL_LOG_INTERVAL_S: a client sending
-    junk (or guessing tokens) in a loop cannot flood the log, and still shows up in it."""
+    """Refusals in the server log: per kind of refusal (who, which method, which code) at most one line every
+    REFUSAL_LOG_INTERVAL_S, which also counts the ones left out. A client refused in a loop (junk without a
+    token, a guessed path, a stream flood) cannot flood the log, and still shows up in it."""
 
     def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
         self._interval_s = interval_s
         self._lock = threading.Lock()
-        self._count = 0
-        self._last_logged = -math.inf
+        self._kinds: collections.OrderedDict[Any, tuple[float, int]] = collections.OrderedDict()
 
-    def add(self, method: str, peer: str, reason: str) -> None:
+    def add(self, kind: Any, line: Callable[[], str]) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._count += 1
-            now = time.monotonic()
-            if now - self._last_logged < self._interval_s:
+            last, left_out = self._kinds.get(kind, (-math.inf, 0))
+            if now - last < self._interval_s:
+                self._kinds[kind] = (last, left_out + 1)
                 return
-            count, self._count, self._last_logged = self._count, 0, now
-        log.warning("refused %d call(s) without a valid token in the last %.0f s; the latest: %s from %s: %s",
-                    count, self._interval_s, untrusted(method, 80), untrusted(peer, 80), reason)
+            self._kinds[kind] = (now, 0)
+            self._kinds.move_to_end(kind)
+            while len(self._kinds) > REQUEST_IDS_KEPT:  # bounded, whoever calls
+                self._kinds.popitem(last=False)
+        more = f" (and {left_out} more like it in the last {self._interval_s:.0f} s)" if left_out else ""
+        log.warning("%s%s", line(), more)
 
 
 def _ignore_body(data: bytes) -> bytes:
@@ -1044,9 +1060,9 @@ def _ignore_body(data: bytes) -> bytes:
 class _AuthInterceptor(grpc.ServerInterceptor):
     """Bearer-token check before every call: UNAUTHENTICATED or PERMISSION_DENIED with the reason."""
 
-    def __init__(self, tokens: TokenTable) -> None:
+    def __init__(self, tokens: TokenTable, refusals: _RefusalLog) -> None:
         self._tokens = tokens
-        self._refusals = _RefusalLog()
+        self._refusals = refusals
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -1065,9 +1081,12 @@ class _AuthInterceptor(grpc.ServerInterceptor):
 
         def deny(request: Any, context: Any) -> Any:
             if code == grpc.StatusCode.UNAUTHENTICATED:
-                refusals.add(method, str(context.peer()), message)
+                refusals.add("unauthenticated", lambda: (
+                    f"refused a call without a valid token: {untrusted(method, 80)} from "
+                    f"{untrusted(context.peer(), 80)}: {message}"))
             else:
-                log.warning("refused %s to %s: %s", untrusted(method, 80), untrusted(decision.caller), message)
+                refusals.add((method, decision.code, decision.caller), lambda: (
+                    f"refused {untrusted(method, 80)} to {untrusted(decision.caller)}: {message}"))
             context.abort(code, message)
 
         if handler.response_streaming:
@@ -1200,10 +1219,11 @@ def start_server(
         ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail, not share it
     ]
     # Streams have threads of their own on top of max_workers, so unary calls always find one.
+    refusals = _RefusalLog()
     executor = ThreadPoolExecutor(max_workers=config.max_workers + config.max_streams, thread_name_prefix="edge-grpc")
     server = grpc.server(
         executor,
-        interceptors=[_AuthInterceptor(tokens)] if tokens is not None else [],
+        interceptors=[_AuthInterceptor(tokens, refusals)] if tokens is not None else [],
         options=options,
         maximum_concurrent_rpcs=config.max_workers * 4 + config.max_streams,
     )
@@ -1212,7 +1232,8 @@ def start_server(
         control.store, on_tick=lambda: broadcaster_holder[0]._follow_readiness() if broadcaster_holder else None
     )
     servicer = EdgeServicer(
-        config, control, broadcaster, roots, started_at=time.monotonic(), tokens=tokens, export_root=export_root
+        config, control, broadcaster, roots, started_at=time.monotonic(), tokens=tokens, refusals=refusals,
+        export_root=export_root,
     )
     pb_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

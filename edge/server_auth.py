@@ -71,12 +71,17 @@ PUBLIC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRe
 
 
 class RequestRefused(EdgeError):
-    """A request the server refuses; `code` is the gRPC status code's name, e.g. "PERMISSION_DENIED"."""
+    """A request the server refuses; `code` is the gRPC status code's name, e.g. "PERMISSION_DENIED".
 
-    def __init__(self, code: str, message: str) -> None:
+    `message` goes to the caller; `detail` (what a path resolved to, why a bundle does not load) only to
+    the server's log.
+    """
+
+    def __init__(self, code: str, message: str, detail: str = "") -> None:
         self.code = code
         self.message = message
-        super().__init__(code, message)
+        self.detail = detail
+        super().__init__(code, message, detail)
 
     def __str__(self) -> str:
         return self.message
@@ -268,18 +273,17 @@ def resolve_submit_path(slide_path: str, roots: Sequence[str | Path]) -> Path:
         )
     real = real_path_inside(slide_path, roots)
     if real is None:
-        log.warning("refused slide_path %s: it resolves to %s, outside the allowed roots",
-                    shown, untrusted(os.path.realpath(slide_path)))
         raise RequestRefused(
             "PERMISSION_DENIED",
             f"slide_path {shown} is outside the allowed roots ({', '.join(str(r) for r in roots)}), "
             "or a symlink or '..' in it leads outside them",
+            f"it resolves to {untrusted(os.path.realpath(slide_path))}",
         )
     try:
         found = real.exists()
+        detail = ""
     except OSError as exc:
-        log.warning("slide_path %s cannot be looked up: %s", shown, exc)
-        found = False
+        found, detail = False, f"looking it up failed: {exc}"
     if not found:
-        raise RequestRefused("NOT_FOUND", f"slide_path {shown} does not exist on the server")
+        raise RequestRefused("NOT_FOUND", f"slide_path {shown} does not exist on the server", detail)
     return real

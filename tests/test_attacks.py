@@ -123,6 +123,8 @@ def test_refusals_name_the_problem_in_the_callers_terms(box: Box) -> None:
     huge = box.call("SubmitSlide", pb.SubmitSlideRequest(slide_path="/x", bundle="b" * 15_000_000), "lis")
     assert huge.code == "INVALID_ARGUMENT" and huge.details == "bundle has 15000000 characters; at most 64 are accepted"
     assert max(len(line) for line in box.log_text().splitlines()) < 2000  # nothing echoed whole into the log
+    assert re.search(r"refused SubmitSlide to 'lis': PERMISSION_DENIED: slide_path '/.*' is outside "
+                     r"the allowed roots .* \(it resolves to '/.*'\)", box.log_text())  # the details: log only
 
 
 @pytest.mark.parametrize("mpp", [1e-300, 5e-324, -0.25, float("nan"), 1e6])
@@ -196,7 +198,7 @@ def test_only_the_submitter_or_an_admin_cancels_and_both_are_recorded(box: Box, 
     log = box.log_text()
     assert f"job {jobs[0].job_id} submitted over the API by 'lis'" in log
     assert f"job {jobs[1].job_id} cancelled over the API by 'desk'" in log
-    assert f"refused: 'ris' tried to cancel job {jobs[0].job_id}, submitted by 'lis'" in log
+    assert f"refused CancelJob to 'ris': PERMISSION_DENIED: job {jobs[0].job_id} was submitted by 'lis'" in log
     token, ca = box.root / "lis.token", box.root / "tls" / "ca.pem"
     token.write_text("lis-submit-token-0123456789abcdef\n")
     ca.write_bytes(box.ca)
