@@ -27,7 +27,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.set_defaults(handler=cmd_analyze)
 
     b = bench_sub.add_parser("analyze", help="end-to-end throughput against read-only and detector-only")
-    b.add_argument("slide")
+    b.add_argument("slide", help="slide file (or DICOM WSI folder)")
     _common(b)
     b.add_argument("--detector-batches", type=int, default=8, help="batches held for detector-only (default 8)")
     b.add_argument("--detector-seconds", type=float, default=2.0,
@@ -55,6 +55,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
     p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
     p.add_argument("--mpp", type=float, help="µm/px to use when the slide records none (overrides the file)")
+    p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"),
+                   help="library that opens the slide (default auto: by format)")
     p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
     p.add_argument("--batch-size", type=int, help="tiles per detector batch (default 4)")
     p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per model (default: one per core)")
@@ -111,7 +113,9 @@ def _ratio(value: float | None) -> str:
 
 
 def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
-    """The one-screen summary of a slide result."""
+    """The one-screen summary of a slide result, led by its notice and plausibility flags (edge.caveats)."""
+    from edge.caveats import caveat_lines
+
     s = result.scores
     info = result.slide
     hs = s.hotspot
@@ -143,9 +147,8 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
         f"time       {seconds:.1f} s ({tiles / max(seconds, 1e-9):.1f} tiles/s) on {backend}, "
         f"bundle {bundle.get('name')} {bundle.get('version')}"
     )
-    if "synthetic" in str(bundle.get("intended_use", "")).lower() or bundle.get("name") == "demo":
-        lines.append("note       demo models trained on synthetic slides: not for diagnosis")
-    return lines
+    summary = {"slide": info, "scores": s.to_json_dict(), "provenance": result.provenance}
+    return caveat_lines(summary) + lines
 
 
 def cmd_bench_analyze(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from edge.errors import EdgeError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # a configuration problem (serve --check found one)
 DEMO_QUIET_PERIOD_S = 2.0  # the demo's stability gate: short, so the demo is quick; a lab's default is 10 s
 DEMO_COPY_SECONDS = 3.0  # the demo copies its slide into the inbox in chunks over this long
 DEMO_TIMEOUT_S = 600.0
@@ -35,12 +36,17 @@ def register(sub: Any) -> None:
                    help="serve gRPC in plain text, without TLS (keep it on localhost)")
     p.add_argument("--workers", type=int, help="slides analysed at once (daemon.workers, default 1)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus /metrics address; '' turns it off")
+    p.add_argument("--check", action="store_true",
+                   help="check everything serve needs (TLS, tokens, folders, bundle, ports, disk), list every "
+                        "problem and exit: 0 when all is well, 2 otherwise")
     p.set_defaults(handler=cmd_serve, daemon_logging=True)
 
     p = sub.add_parser("demo", help="the quick-start demo: a daemon picks up a generated slide and reports its result")
     p.add_argument("--size", type=int, default=12288, help="synthetic slide side in px (default 12288)")
-    p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--keep", metavar="DIR", help="keep the slide, its truth, the store and the exports in DIR")
+    p.add_argument("--seed", type=int, default=2026, help="seed of the synthetic slide (default 2026)")
+    p.add_argument("--keep", metavar="DIR",
+                   help="work in DIR and keep the slide, its truth, the store and the exports there "
+                        "(default: a temporary folder, removed at the end)")
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
     p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
     p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
@@ -128,10 +134,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edge.daemon import Daemon
 
     config = serve_config(args)
+    if args.check:
+        return _check(config)
     if not config.watch.all_folders:
         print("mitosis-edge serve: no watch folder: slides come only from SubmitSlide over gRPC "
               "(add --watch DIR or watch.folders)", file=sys.stderr)
     return Daemon(config).run()
+
+
+def _check(config: Any) -> int:
+    from edge.preflight import preflight
+
+    checks = preflight(config)
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<24} {check.detail}")
+    problems = sum(not c.ok for c in checks)
+    if problems:
+        print(f"{problems} problem(s): fix them, then run serve --check again", file=sys.stderr)
+        return EXIT_USAGE
+    print("serve would start with this configuration")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -172,11 +194,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             result = client.get_result(job["job_id"])
             _print_result(job, result, truth_path, folder)
     finally:
-        if not args.keep:  # the slide is big and generated again in seconds; the results stay
-            for part in ("inbox", "scanner"):
-                shutil.rmtree(folder / part, ignore_errors=True)
+        if not args.keep:  # everything is generated again in seconds
+            shutil.rmtree(folder, ignore_errors=True)
     if not args.keep:
-        print(f"(the slide was removed; pass --keep DIR to keep it and its truth; remove {folder} when done)")
+        print("(the demo's temporary folder was removed; pass --keep DIR to keep the slide, store and exports)")
     return EXIT_OK
 
 
@@ -229,5 +250,6 @@ def _print_result(job: dict[str, Any], result: dict[str, Any], truth_path: Path,
     f1 = "n/a" if report.f1 is None else f"{report.f1:.3f}"
     print(f"    F1 {f1} (TP {report.tp}, FP {report.fp}, FN {report.fn}); hotspot mitotic count "
           f"{report.hotspot_count_pred} found vs {report.hotspot_count_true} planted")
-    print(f"exports    {Path(exports['result']).parent}: {', '.join(Path(p).name for p in exports.values())}")
+    names = ", ".join(sorted(Path(p).name for p in exports.values()))
+    print(f"exports    {Path(exports['result']).parent}: {names}")
     print(f"store      {folder / 'data' / 'edge.db'}")

@@ -31,7 +31,7 @@ def register(sub: Any, bench_sub: Any) -> None:
 
     e = eng.add_parser("check", help="check a bundle's manifest against its ONNX files; list every problem")
     _bundle_option(e)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(handler=cmd_check)
 
     e = eng.add_parser("verify", help="run the same inputs through ONNX Runtime (CPU) and a backend; compare")
@@ -52,7 +52,7 @@ def register(sub: Any, bench_sub: Any) -> None:
         metavar="N",
         help="tiles from a synthetic slide (default 4; 0 = random inputs only)",
     )
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
     _trt_options(e, build=False)
     e.set_defaults(handler=cmd_verify)
 
@@ -66,17 +66,17 @@ def register(sub: Any, bench_sub: Any) -> None:
     e = eng.add_parser("build", help="build TensorRT plans for every model of a bundle (on the GPU box)")
     _bundle_option(e)
     _trt_options(e, build=True)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(handler=cmd_build)
 
     b = bench_sub.add_parser("engine", help="engine throughput and overhead against a bare ONNX Runtime loop")
     _bundle_option(b)
-    b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"))
+    b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
     b.add_argument("--batches", type=int, default=8, help="batches per loop (default 8)")
     b.add_argument("--repeats", type=int, default=3, help="best of N, loops interleaved (default 3)")
     b.add_argument("--batch-size", type=int, help="tiles per detector batch (default stream.batch_size)")
     b.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per model (default: one per core)")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(handler=cmd_bench_engine)
 
 

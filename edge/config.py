@@ -17,7 +17,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -228,6 +230,10 @@ class WatchConfig:
     scan_on_start: bool = True  # slides already in the folders at start-up become jobs (once each)
     # A symlink in a watch folder is followed only into the watch folders and these folders; others fail
     symlink_roots: tuple[str, ...] = ()
+    # regex searched in a watched slide's path; its group "accession" is the case's accession number
+    accession_pattern: str = ""
+    # "FOLDER=MPP": slides found under FOLDER are read at MPP µm/px (a scanner that records none)
+    folder_mpp: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _positive("watch.poll_interval_s", self.poll_interval_s)
@@ -241,11 +247,40 @@ class WatchConfig:
                 f"watch.settle_timeout_s={self.settle_timeout_s} must be longer than "
                 f"watch.quiet_period_s={self.quiet_period_s}"
             )
+        if self.accession_pattern:
+            accession_regex(self.accession_pattern)
+        _ = self.folder_mpps
         for ext in self.extensions:
             if not ext.startswith(".") or ext != ext.lower():
                 raise ConfigError(
                     f"watch.extensions entry {ext!r} must be lower case and start with a dot, e.g. '.svs'"
                 )
+
+    @property
+    def folder_mpps(self) -> tuple[tuple[Path, float], ...]:
+        """`folder_mpp` parsed: (folder, µm/px), the longest folder first (the most specific rule wins).
+
+        >>> WatchConfig(folder_mpp=("/scans/old-20x=0.5",)).folder_mpps
+        ((PosixPath('/scans/old-20x'), 0.5),)
+        """
+        rules = []
+        for entry in self.folder_mpp:
+            folder, sep, value = entry.rpartition("=")
+            try:
+                mpp = float(value)
+            except ValueError:
+                mpp = math.nan
+            if not sep or not folder.startswith("/") or not 0.01 <= mpp <= 100:
+                raise ConfigError(
+                    f"watch.folder_mpp entry {entry!r} must be \"FOLDER=MPP\" with an absolute folder and µm/px "
+                    "between 0.01 and 100, e.g. \"/srv/scanner/out/old-20x=0.5\""
+                )
+            rules.append((Path(folder), mpp))
+        return tuple(sorted(rules, key=lambda rule: -len(rule[0].parts)))
+
+    def mpp_for(self, path: Path) -> float | None:
+        """The µm/px `folder_mpp` gives a slide at ``path``; None when no rule covers it."""
+        return next((mpp for folder, mpp in self.folder_mpps if Path(path).is_relative_to(folder)), None)
 
     @property
     def all_folders(self) -> tuple[str, ...]:
@@ -272,8 +307,11 @@ class DaemonConfig:
     analysis_nice: int = 10  # niceness of the analysis (engines, readers): the API answers first; 0 = equal
     metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics; "" = off
     log_format: Literal["text", "json"] = "text"
+    export_mode: str = "0640"  # octal permissions of export files (folders get x where r is set)
+    export_group: str = ""  # group given to export folders and files; "" = the daemon user's group
 
     def validate(self) -> None:
+        _ = self.export_file_mode  # parses and checks the octal text
         if self.workers < 1:
             raise ConfigError(f"daemon.workers={self.workers} must be at least 1")
         if self.max_attempts < 1:
@@ -295,6 +333,24 @@ class DaemonConfig:
     def data_path(self) -> Path:
         return Path(self.data_dir or default_data_dir()).expanduser()
 
+    @property
+    def export_file_mode(self) -> int:
+        """`export_mode` as a number.
+
+        >>> oct(DaemonConfig(export_mode="0644").export_file_mode)
+        '0o644'
+        """
+        try:
+            mode = int(self.export_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+            raise ConfigError(
+                f"daemon.export_mode={self.export_mode!r} must be octal permissions that let the daemon read "
+                "and write its files, e.g. \"0640\" (group may read) or \"0644\" (everyone may read)"
+            )
+        return mode
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -314,6 +370,7 @@ class ServerConfig:
     max_message_mb: int = 16
     subscriber_buffer: int = 1000  # events a WatchEvents subscriber may lag before its stream ends
     max_page_size: int = 1000
+    max_export_mb: int = 512  # GetExport refuses files larger than this (RESOURCE_EXHAUSTED)
 
     def validate(self) -> None:
         _host_port("server.listen", self.listen)
@@ -324,7 +381,7 @@ class ServerConfig:
         if self.insecure and self.tls_cert:
             raise ConfigError("server.insecure=true and server.tls_cert are contradictory; choose one")
         for name in ("max_workers", "max_streams", "max_streams_per_caller", "max_message_mb", "subscriber_buffer",
-                     "max_page_size"):
+                     "max_page_size", "max_export_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name}={getattr(self, name)} must be at least 1")
 
@@ -441,6 +498,23 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{name}={value!r} must be a list of strings")
         return tuple(items)
     return value
+
+
+def accession_regex(pattern: str) -> re.Pattern[str]:
+    """watch.accession_pattern compiled; it must have a named group ``accession``.
+
+    >>> accession_regex(r"(?P<accession>S\\d{2}-\\d+)").search("/scans/S24-0042_HE.svs")["accession"]
+    'S24-0042'
+    """
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"watch.accession_pattern={pattern!r} is not a valid regular expression: {exc}") from None
+    if "accession" not in regex.groupindex:
+        raise ConfigError(
+            f"watch.accession_pattern={pattern!r} needs a named group (?P<accession>...) around the accession number"
+        )
+    return regex
 
 
 def _positive(name: str, value: float) -> None:

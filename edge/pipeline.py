@@ -35,6 +35,7 @@ from edge.detect import Boxes, TileOwnership, decode, merge_indices, nms, to_sli
 from edge.engines import Bundle, EngineSet, load_bundle, open_engines
 from edge.engines.base import Pending
 from edge.errors import EdgeError, ImplausibleSlideError, SlideReadError
+from edge.logs import slide_context
 from edge.scoring import Figure, SlideResult, hotspot_radius_um, score_slide, tissue_fraction_in_circles
 from edge.slide import ReadScale, Slide, open_slide
 from edge.stream import SlidePlan, TileBatch, open_stream, plan_slide
@@ -45,6 +46,16 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_UPSAMPLING = 2.5  # a slide coarser than 2.5x the model's mpp has too little detail to find mitoses
 OVERVIEW_SIDE_PX = 2048  # the overlay's thumbnail: enough to see each figure's mark on a 15 mm slide
+HOTSPOT_VIEW_PX = 768  # the overlay's inset of the hotspot field: about 2 µm/px for a 2 mm² field
+
+
+@dataclass(frozen=True)
+class HotspotView:
+    """The hotspot field read finer than the thumbnail: RGB pixels, their top-left in slide µm, their µm/px."""
+
+    pixels: np.ndarray
+    origin_um: tuple[float, float]
+    mpp: tuple[float, float]
 
 
 @dataclass
@@ -76,13 +87,14 @@ class Analysis:
     times: StageTimes
     tiles: int
     candidates_before_merge: int
+    hotspot_view: HotspotView | None = None  # the hotspot field at a finer scale, for the overlay's inset
 
     def write_exports(self, out_dir: Path) -> dict[str, Path]:
         """result.json, QuPath GeoJSON, MIDOG JSON, CSV and the overlay (thumbnail, tissue outline) in ``out_dir``."""
         from edge.exports import write_exports
 
         return write_exports(self.result, out_dir, thumbnail=self.overview, thumbnail_mpp=self.overview_mpp,
-                             tissue_mask=self.slide_plan.mask)
+                             tissue_mask=self.slide_plan.mask, hotspot_view=self.hotspot_view)
 
 
 def pipeline_config(config: Config, bundle: Bundle) -> Config:
@@ -113,7 +125,10 @@ def analyze_slide(
         bundle = load_bundle(config.engines.bundle)
         engines = open_engines(bundle, config.engines, detector_batch=config.stream.batch_size)
     try:
-        return _analyze(Path(path), pipeline_config(config, engines.bundle), engines, cancel_event, progress, t_start)
+        with slide_context(path):  # library warnings (tifffile, openslide) name this slide
+            return _analyze(
+                Path(path), pipeline_config(config, engines.bundle), engines, cancel_event, progress, t_start
+            )
     finally:
         if own_engines:
             engines.close()
@@ -162,6 +177,7 @@ def _analyze(
         overview, overview_mpp = slide.thumbnail(
             max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
         )
+        hotspot_view = _hotspot_view(slide, _hotspot_center(scores), radius_um)
         times.total = time.perf_counter() - t_start
         slide_meta = {
             "width": info.width, "height": info.height, "mpp_x": mpp0[0], "mpp_y": mpp0[1],
@@ -169,6 +185,8 @@ def _analyze(
             "read_level": sp.scale.level, "read_mpp": sp.scale.mpp_x, "resampled": sp.scale.resampled,
             "tiles": total,
         }
+        if info.barcode:
+            slide_meta["barcode"] = info.barcode
         result = SlideResult(
             slide_path=str(path),
             slide=slide_meta,
@@ -176,18 +194,50 @@ def _analyze(
             figures=tuple(figures),
             provenance=_provenance(config, engines, times),
         )
-        return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw)
+        return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw, hotspot_view)
+
+
+def scale_problem(mpp0: tuple[float, float], model_mpp: float) -> str | None:
+    """Why a slide of level-0 pixel size ``mpp0`` cannot be analysed by models at ``model_mpp``; None when it can.
+
+    ``info`` and ``analyze`` (and the daemon) ask this one function, so they agree.
+
+    >>> scale_problem((0.499, 0.499), 0.25) is None, scale_problem((28.97, 28.97), 0.25).split(",")[0]
+    (True, 'scanned at 29 µm/px')
+    """
+    if min(mpp0) <= model_mpp * MAX_UPSAMPLING:
+        return None
+    return (
+        f"scanned at {mpp0[0]:.3g} µm/px, too coarse for the detector at {model_mpp} µm/px "
+        f"(at most {MAX_UPSAMPLING}x upsampling); mitotic figures need a 20x or 40x scan. If the recorded mpp "
+        "is wrong, give the right one (analyze --mpp X; client submit SLIDE --mpp X; [slide] mpp_override)"
+    )
+
+
+def _hotspot_center(scores: Any) -> tuple[float, float] | None:
+    spot = scores.hotspot.hotspot
+    if not (np.isfinite(spot.center_x_um) and np.isfinite(spot.center_y_um)):
+        return None
+    return float(spot.center_x_um), float(spot.center_y_um)
+
+
+def _hotspot_view(slide: Slide, center_um: tuple[float, float] | None, radius_um: float) -> HotspotView | None:
+    """The square around the hotspot circle (plus a margin) at about HOTSPOT_VIEW_PX px a side; None without one."""
+    if center_um is None:
+        return None
+    mpp0 = slide.info.level_mpp(0)
+    side_um = 2.2 * radius_um
+    scale = slide.read_scale(max(side_um / HOTSPOT_VIEW_PX, min(mpp0)))
+    side_x, side_y = round(side_um / scale.mpp_x), round(side_um / scale.mpp_y)
+    left_um, top_um = center_um[0] - side_um / 2, center_um[1] - side_um / 2
+    pixels = slide.read_region(left_um / mpp0[0], top_um / mpp0[1], side_x, side_y, scale)
+    return HotspotView(pixels, (left_um, top_um), (scale.mpp_x, scale.mpp_y))
 
 
 def _check_scale(slide: Slide, sp: SlidePlan, bundle: Bundle) -> None:
-    mpp0 = slide.info.level_mpp(0)
-    if min(mpp0) > bundle.detector.mpp * MAX_UPSAMPLING:
-        raise SlideReadError(
-            slide.path,
-            f"scanned at {mpp0[0]:.3g} µm/px, too coarse for the detector at {bundle.detector.mpp} µm/px "
-            f"(at most {MAX_UPSAMPLING}x upsampling); mitotic figures need a 20x or 40x scan. If the recorded mpp "
-            "is wrong, pass the right one with --mpp",
-        )
+    problem = scale_problem(slide.info.level_mpp(0), bundle.detector.mpp)
+    if problem is not None:
+        raise SlideReadError(slide.path, problem)
 
 
 def _check_tile_count(slide: Slide, sp: SlidePlan, config: Config) -> None:

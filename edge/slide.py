@@ -12,6 +12,8 @@ public functions and methods.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import logging
 import math
@@ -19,7 +21,7 @@ import os
 import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -92,6 +94,7 @@ class SlideInfo:
     objective_power: float | None
     associated_images: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    barcode: str | None = None  # the slide label's barcode as the scanner recorded it (see slide_barcode)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -583,6 +586,7 @@ def _build_tiffslide(path: Path, ts: Any, cfg: SlideConfig) -> Slide:
         objective_power=float(objective) if objective else None,
         associated_images=tuple(sorted(ts.associated_images.keys())),
         notes=notes,
+        barcode=slide_barcode(props),
     )
     return Slide(info, reader, cfg)
 
@@ -699,11 +703,47 @@ def _open_openslide(path: Path, target: Path, cfg: SlideConfig) -> Slide:
             objective_power=float(objective) if objective else None,
             associated_images=tuple(sorted(osr.associated_images.keys())),
             notes=notes,
+            barcode=slide_barcode(props),
         )
         return Slide(info, _OpenSlideReader(osr), cfg)
     except BaseException:
         osr.close()
         raise
+
+
+# Where scanners record the label's barcode (OpenSlide / tiffslide property names), first match wins.
+BARCODE_PROPERTIES = (
+    "aperio.Barcode",  # Aperio ImageDescription "Barcode = ..."
+    "hamamatsu.Reference",  # NDPI tag 65427
+    "philips.PIM_DP_UFS_BARCODE",  # base64 in Philips TIFF
+    "dicom.ContainerIdentifier",  # DICOM WSI: the slide's container (barcode) id
+    "leica.barcode",
+    "ventana.Barcode",
+)
+MAX_BARCODE_CHARS = 64
+
+
+def slide_barcode(properties: Mapping[str, Any]) -> str | None:
+    """The slide label's barcode from a reader's properties, or None when the format records none.
+
+    >>> slide_barcode({"aperio.Barcode": " S24-0042 "}), slide_barcode({"philips.PIM_DP_UFS_BARCODE": "UzI0LTAwNDI="})
+    ('S24-0042', 'S24-0042')
+    >>> slide_barcode({"aperio.AppMag": 20}) is None
+    True
+    """
+    for key in BARCODE_PROPERTIES:
+        value = properties.get(key)
+        if value is None:
+            continue
+        text = str(value).strip()
+        if key.startswith("philips."):
+            try:
+                text = base64.b64decode(text, validate=True).decode("utf-8").strip()
+            except (binascii.Error, UnicodeDecodeError):
+                pass  # some Philips files store it as plain text
+        if text and text.isprintable() and len(text) <= MAX_BARCODE_CHARS:
+            return text
+    return None
 
 
 def _int_or_none(v: str | None) -> int | None:

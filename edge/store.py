@@ -131,8 +131,13 @@ _V_I12 = (
     "ALTER TABLE jobs ADD COLUMN submitted_by TEXT",
     "ALTER TABLE jobs ADD COLUMN cancelled_by TEXT",
 )
-
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I11A, _V_I12)
+# The case a slide belongs to: its accession number and free labels (a JSON array of strings).
+_V_I15 = (
+    "ALTER TABLE jobs ADD COLUMN accession TEXT",
+    "ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '[]'",
+    "CREATE INDEX jobs_by_accession ON jobs (accession)",
+)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I11A, _V_I12, _V_I15)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -157,13 +162,17 @@ class Job:
     submitted_by: str | None = None  # the API caller's token name or certificate subject; None = the watcher
     cancelled_by: str | None = None  # who cancelled it over the API
     retryable: bool | None = None  # the last failure's kind: transient (True) or deterministic (False)
+    accession: str | None = None  # the case's accession number, from the submit, the path or the slide
+    labels: tuple[str, ...] = ()  # free labels given at submit
 
     def __post_init__(self) -> None:
         if self.retryable is not None:  # SQLite gives 0/1
             object.__setattr__(self, "retryable", bool(self.retryable))
 
     def to_json_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["labels"] = list(self.labels)
+        return data
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,7 @@ class Event:
 
 _JOB_SELECT = """SELECT j.job_id, j.state, s.path, s.fingerprint, j.source, j.priority, j.mpp_override,
     j.bundle, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.not_before, j.submitted_by,
-    j.cancelled_by, j.retryable FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
+    j.cancelled_by, j.retryable, j.accession, j.labels FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
 _JOB_UPDATE = """UPDATE jobs SET state = ?, attempts = ?, error = ?, started_at = ?, finished_at = ?,
     not_before = ?, retryable = ? WHERE job_id = ?"""
 _RESULT_SELECT = """SELECT r.job_id, s.path, s.fingerprint, r.summary, r.exports, r.detections, r.created_at,
@@ -328,6 +337,8 @@ class Store:
         dedupe: bool = True,
         slide_meta: Mapping[str, Any] | None = None,
         submitted_by: str | None = None,
+        accession: str | None = None,
+        labels: Sequence[str] = (),
     ) -> tuple[Job, bool]:
         """Queue a slide; returns (job, created).
 
@@ -343,16 +354,25 @@ class Store:
                     conn, f"{_JOB_SELECT} WHERE s.fingerprint = ? ORDER BY j.job_id DESC LIMIT 1", (fingerprint,)
                 )
                 if row is not None:
-                    return Job(*row), False
+                    return _job_from_row(row), False
             slide_id = _slide_id(conn, str(slide_path), fingerprint, meta, now)
-            job = _insert_job(conn, self.path, slide_id, source, int(priority), mpp_override, bundle, now)
+            job = _insert_job(
+                conn, self.path, slide_id, source, int(priority), mpp_override, bundle, now,
+                case=(accession or None, tuple(labels)),
+            )
             if submitted_by is not None:
                 conn.execute("UPDATE jobs SET submitted_by = ? WHERE job_id = ?", (submitted_by, job.job_id))
                 job = replace(job, submitted_by=submitted_by)
         return job, True
 
     def add_failed_job(
-        self, slide_path: str, error: str, *, fingerprint: str | None = None, source: str = "watch"
+        self,
+        slide_path: str,
+        error: str,
+        *,
+        fingerprint: str | None = None,
+        source: str = "watch",
+        accession: str | None = None,
     ) -> Job:
         """Record a slide that failed before it could be queued (e.g. never settled), in one transaction.
 
@@ -362,7 +382,7 @@ class Store:
         now = self._clock()
         with self._write() as conn:
             slide_id = _slide_id(conn, str(slide_path), fingerprint, "{}", now)
-            job = _insert_job(conn, self.path, slide_id, source, 0, None, None, now)
+            job = _insert_job(conn, self.path, slide_id, source, 0, None, None, now, case=(accession or None, ()))
             failed = _save(conn, replace(job, state="failed", error=error, finished_at=now))
             _append_event(conn, "job_failed", failed, now, {"error": error, "attempts": 0})
         return failed
@@ -379,7 +399,7 @@ class Store:
             )
             if row is None:
                 return None
-            job = Job(*row)
+            job = _job_from_row(row)
             running = _save(conn, replace(job, state="running", attempts=job.attempts + 1, started_at=moment))
             _append_event(conn, "job_running", running, moment, {"attempts": running.attempts})
         return running
@@ -399,6 +419,10 @@ class Store:
         hotspot, totals = result.scores.hotspot.counts, result.scores.totals
         with self._write() as conn:
             job = _transition(conn, self.path, job_id, ("running",), "completed")
+            barcode = result.slide.get("barcode")
+            if job.accession is None and barcode:  # no accession from the submit or the path: the slide's own
+                conn.execute("UPDATE jobs SET accession = ? WHERE job_id = ?", (str(barcode), job_id))
+                job = replace(job, accession=str(barcode))
             done = _save(conn, replace(job, state="done", finished_at=now, error=None, retryable=None))
             conn.execute(
                 "INSERT INTO results (job_id, summary, exports, detections, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -472,7 +496,7 @@ class Store:
         now = self._clock()
         with self._write() as conn:
             rows = conn.execute(f"{_JOB_SELECT} WHERE j.state = 'running' ORDER BY j.job_id").fetchall()
-            recovered = [_requeue(conn, Job(*row), RESTART_REASON, now, count_attempt=True) for row in rows]
+            recovered = [_requeue(conn, _job_from_row(row), RESTART_REASON, now, count_attempt=True) for row in rows]
         if recovered:
             log.info("re-queued %d job(s) left running: %s", len(recovered), [j.job_id for j in recovered])
         return recovered
@@ -485,13 +509,14 @@ class Store:
         """Every job of slides with this fingerprint, oldest first."""
         with self._read() as conn:
             rows = conn.execute(f"{_JOB_SELECT} WHERE s.fingerprint = ? ORDER BY j.job_id", (fingerprint,)).fetchall()
-        return [Job(*row) for row in rows]
+        return [_job_from_row(row) for row in rows]
 
     def list_jobs(
         self,
         *,
         states: Sequence[str] = (),
         slide_path_contains: str = "",
+        accession: str = "",
         after_job_id: int = 0,
         limit: int = 100,
         newest_first: bool = False,
@@ -502,6 +527,9 @@ class Store:
         if slide_path_contains:
             clauses.append("instr(s.path, ?) > 0")
             params.append(slide_path_contains)
+        if accession:
+            clauses.append("j.accession = ?")
+            params.append(accession)
         if after_job_id > 0:
             clauses.append("j.job_id < ?" if newest_first else "j.job_id > ?")
             params.append(after_job_id)
@@ -509,7 +537,7 @@ class Store:
         order = "DESC" if newest_first else "ASC"
         with self._read() as conn:
             rows = conn.execute(f"{_JOB_SELECT}{where} ORDER BY j.job_id {order} LIMIT ?", (*params, limit)).fetchall()
-        return [Job(*row) for row in rows]
+        return [_job_from_row(row) for row in rows]
 
     def queue_depth(self) -> int:
         with self._read() as conn:
@@ -736,11 +764,15 @@ def _one(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
     return rows[0] if rows else None
 
 
+def _job_from_row(row: Sequence[Any]) -> Job:
+    return replace(Job(*row), labels=tuple(json.loads(row[-1] or "[]")))
+
+
 def _job_in(conn: sqlite3.Connection, path: Path, job_id: int) -> Job:
     row = _one(conn, f"{_JOB_SELECT} WHERE j.job_id = ?", (job_id,))
     if row is None:
         raise JobNotFoundError(f"no job {job_id} in {path}; check the id (list_jobs shows the jobs)")
-    return Job(*row)
+    return _job_from_row(row)
 
 
 def _transition(conn: sqlite3.Connection, path: Path, job_id: int, allowed: tuple[str, ...], action: str) -> Job:
@@ -766,11 +798,14 @@ def _insert_job(
     mpp_override: float | None,
     bundle: str | None,
     now: float,
+    *,
+    case: tuple[str | None, tuple[str, ...]] = (None, ()),
 ) -> Job:
+    accession, labels = case
     cursor = conn.execute(
-        "INSERT INTO jobs (slide_id, state, source, priority, mpp_override, bundle, created_at)"
-        " VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-        (slide_id, source, priority, mpp_override, bundle, now),
+        "INSERT INTO jobs (slide_id, state, source, priority, mpp_override, bundle, created_at, accession, labels)"
+        " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+        (slide_id, source, priority, mpp_override, bundle, now, accession, json.dumps(list(labels))),
     )
     job = _job_in(conn, path, int(cursor.lastrowid or 0))
     _append_event(conn, "job_queued", job, now, {"source": source})
@@ -788,6 +823,8 @@ def _append_event(
     conn: sqlite3.Connection, kind: str, job: Job, now: float, extra: Mapping[str, Any] | None = None
 ) -> None:
     payload = {"job_id": job.job_id, "state": job.state, "slide_path": job.slide_path, **(extra or {})}
+    if job.accession:
+        payload["accession"] = job.accession
     conn.execute(
         "INSERT INTO events (type, job_id, payload, created_at) VALUES (?, ?, ?, ?)",
         (kind, job.job_id, json.dumps(payload), now),

@@ -354,9 +354,11 @@ class StabilityGate:
 
 def default_opener(path: Path) -> None:
     """Open the slide with the project's reader and close it again. Raises SlideReadError."""
+    from edge.logs import slide_context
     from edge.slide import open_slide
 
-    open_slide(path).close()
+    with slide_context(path):
+        open_slide(path).close()
 
 
 class _EventHandler:

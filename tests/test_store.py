@@ -140,6 +140,24 @@ def test_an_older_schema_is_migrated_in_place(tmp_path: Path, monkeypatch: pytes
     assert raw(path, "SELECT note FROM jobs") == [("migrated",)]
 
 
+def test_a_store_of_the_first_schema_gains_accession_and_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "edge.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+        Store.open(path).close()
+        raw(path, "INSERT INTO slides (path, created_at) VALUES ('/scans/old.svs', 0)")
+        raw(path, "INSERT INTO jobs (slide_id, state, source, created_at) VALUES (1, 'queued', 'watch', 0)")
+    with Store.open(path) as store:
+        old = store.get_job(1)
+        assert (old.accession, old.labels) == (None, ())
+        new, _ = store.add_job("/scans/new.svs", accession="S24-0042", labels=["study-7", "HE"])
+        assert (new.accession, new.labels) == ("S24-0042", ("study-7", "HE"))
+        assert [j.job_id for j in store.list_jobs(accession="S24-0042")] == [new.job_id]
+        assert store.events_after(0)[-1].payload["accession"] == "S24-0042"
+
+
 def test_a_failing_migration_leaves_the_store_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "edge.db"
     Store.open(path).close()
@@ -158,8 +176,8 @@ def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     newer = SCHEMA_VERSION + 5
     raw(path, f"PRAGMA user_version = {newer}")
     before = path.read_bytes()
-    with pytest.raises(StoreCorruptError,
-                       match=rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade mitosis-edge"):
+    expected = rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade"
+    with pytest.raises(StoreCorruptError, match=expected):
         Store.open(path)
     assert path.read_bytes() == before
 
