@@ -125,16 +125,24 @@ class HeadSpec:
 
 @dataclass(frozen=True)
 class ClassifierSpec(ModelSpec):
-    """One member of the classifier ensemble, with a mitotic-figure head and an optional atypical head."""
+    """One member of the classifier ensemble: a mitotic-figure (MF) head, an atypical head, or both.
 
-    weight: float = 1.0
-    mitotic: HeadSpec = field(default_factory=lambda: HeadSpec("mitotic"))
+    An atypical-only member (the paper's subtyping network) never votes on MF and has weight 0.
+    """
+
+    weight: float = 1.0  # MF ensemble weight; 0 for a member without an MF head
+    mitotic: HeadSpec | None = field(default_factory=lambda: HeadSpec("mitotic"))
     atypical: HeadSpec | None = None
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        heads = [self.mitotic.output] + ([self.atypical.output] if self.atypical else [])
+        heads = [h.output for h in (self.mitotic, self.atypical) if h is not None]
         return tuple(dict.fromkeys(heads))
+
+    @property
+    def votes_on_mitotic(self) -> bool:
+        """True when this member's MF head counts in the ensemble (it has one, with a positive weight)."""
+        return self.mitotic is not None and self.weight > 0
 
 
 @dataclass(frozen=True)
@@ -180,8 +188,34 @@ class Bundle:
 
     @property
     def atypical_classifiers(self) -> tuple[ClassifierSpec, ...]:
+        """The subtypers: members whose atypical head is in use (``decision.atypical_heads``, or all)."""
         chosen = self.decision.atypical_heads
         return tuple(c for c in self.classifiers if c.atypical and (not chosen or c.name in chosen))
+
+    @property
+    def mitotic_voters(self) -> tuple[ClassifierSpec, ...]:
+        """Members whose MF head votes in the ensemble (MF head and weight > 0); they run on every candidate."""
+        return tuple(c for c in self.classifiers if c.votes_on_mitotic)
+
+    @property
+    def subtype_only(self) -> tuple[ClassifierSpec, ...]:
+        """Subtypers that do not vote on MF: they run only on candidates that passed the MF threshold."""
+        return tuple(c for c in self.atypical_classifiers if not c.votes_on_mitotic)
+
+    @property
+    def unused_classifiers(self) -> tuple[ClassifierSpec, ...]:
+        """Members that are never run: MF weight 0 (or no MF head) and no atypical head in use."""
+        subtypers = {c.name for c in self.atypical_classifiers}
+        return tuple(c for c in self.classifiers if not c.votes_on_mitotic and c.name not in subtypers)
+
+    def ensemble_roles(self) -> dict[str, Any]:
+        """Which members voted on MF (with their weights), which subtyped, and which were not run (provenance)."""
+        return {
+            "mitotic_voters": {c.name: c.weight for c in self.mitotic_voters},
+            "subtypers": [c.name for c in self.atypical_classifiers],
+            "subtype_only": [c.name for c in self.subtype_only],
+            "not_run": [c.name for c in self.unused_classifiers],
+        }
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -462,13 +496,21 @@ def _parse_classifier(folder: Path, i: int, table: Any, problems: list[str]) -> 
     name = f.text("name", f"classifier{i}", required=True)
     common = _model_common(folder, f)
     scores = cast(ScoreKind, f.text("scores", "logits", choices=_SCORES))
+    mitotic = _head(f, "mitotic", scores, False)
+    atypical = _head(f, "atypical", scores, False)
+    if mitotic is None and atypical is None:
+        problems.append(
+            f"[classifier {label}] has no head: set mitotic_output (the MF head), atypical_output"
+            " (the atypical-vs-normal head) or both"
+        )
+    weight = float(f.num("weight", 1.0 if mitotic else 0.0, lo=0.0))
+    if mitotic is None and weight > 0:
+        problems.append(
+            f"[classifier {label}] weight={weight:g} but it has no mitotic_output: an atypical-only member never"
+            " votes on MF; remove weight (or set it to 0)"
+        )
     spec = ClassifierSpec(
-        name=name,
-        role="classifier",
-        **common,
-        weight=float(f.num("weight", 1.0, lo=0.0)),
-        mitotic=_head(f, "mitotic", scores, True) or HeadSpec("mitotic"),
-        atypical=_head(f, "atypical", scores, False),
+        name=name, role="classifier", **common, weight=weight, mitotic=mitotic, atypical=atypical
     )
     f.finish()
     return spec
@@ -495,8 +537,10 @@ def _parse_decision(table: Any, classifiers: tuple[ClassifierSpec, ...], problem
                 f"[decision] atypical_heads names {name!r}, which is not a classifier with an atypical_output"
                 f" (those are: {', '.join(sorted(with_heads)) or 'none'})"
             )
-    if classifiers and sum(c.weight for c in classifiers) <= 0:
-        problems.append("[[classifier]] weights sum to 0; give at least one classifier a positive weight")
+    if classifiers and not any(c.votes_on_mitotic for c in classifiers):
+        problems.append(
+            "[[classifier]] no member votes on MF: give at least one classifier with a mitotic_output a positive weight"
+        )
     return spec
 
 
