@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from edge.cli_args import config_from_args
@@ -29,8 +30,14 @@ def register(sub: Any, bench_sub: Any) -> None:
     e.add_argument("--plan-cache", metavar="DIR", help="TensorRT plan folder (default: engines.plan_cache)")
     e.set_defaults(handler=cmd_list)
 
-    e = eng.add_parser("check", help="check a bundle's manifest against its ONNX files; list every problem")
+    e = eng.add_parser(
+        "check",
+        help="check a bundle's manifest against its ONNX files and a probe run of each model; list every problem",
+    )
     _bundle_option(e)
+    e.add_argument(
+        "--no-probe", action="store_true", help="skip the probe run (each model once on a zero and a synthetic image)"
+    )
     e.add_argument("--json", action="store_true")
     e.set_defaults(handler=cmd_check)
 
@@ -111,13 +118,25 @@ def _trt_options(p: argparse.ArgumentParser, build: bool) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from edge.engines import load_bundle
+    from edge.engines.check import probe_bundle_on_cpu
+    from edge.errors import ManifestError
 
     config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)  # raises ManifestError listing every problem
+    probe = None if args.no_probe else probe_bundle_on_cpu(bundle, config.engines.intra_op_threads)
     if args.json:
-        print(json.dumps(_bundle_summary(bundle), indent=2))
+        summary = _bundle_summary(bundle)
+        summary["ensemble"] = bundle.ensemble_roles()
+        summary["probe"] = probe.to_json_dict() if probe else None
+        print(json.dumps(summary, indent=2))
     else:
-        print(f"{bundle.manifest_path}: bundle {bundle.name} {bundle.version} is consistent")
+        for line in (probe.warnings + [f"note: {n}" for n in probe.notes]) if probe else []:
+            print(line if line.startswith("note: ") else f"warning: {line}")
+    if probe and probe.problems:
+        raise ManifestError(bundle.manifest_path, probe.problems)
+    if not args.json:
+        checked = "manifest, graphs and a probe run" if probe else "manifest and graphs (no probe run)"
+        print(f"{bundle.manifest_path}: bundle {bundle.name} {bundle.version} is consistent ({checked})")
         for line in _model_lines(bundle):
             print(line)
     return EXIT_OK
@@ -146,22 +165,35 @@ def _bundle_summary(bundle: Any) -> dict[str, Any]:
 
 
 def _model_lines(bundle: Any) -> list[str]:
+    voters = {c.name: c.weight for c in bundle.mitotic_voters}
+    subtypers = {c.name for c in bundle.atypical_classifiers}
+
+    def use(name: str) -> str:
+        roles = ([f"MF voter (weight {voters[name]:g})"] if name in voters else []) + (
+            ["subtyper"] if name in subtypers else []
+        )
+        return ", ".join(roles) or "not run"
+
     return [
         f"  {m.role:10} {m.name:14} {m.path.name:24} {m.input_spec.describe():32} at {m.mpp} µm/px"
+        + ("" if m.role == "detector" else f"  {use(m.name)}")
         for m in bundle.models
     ]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from edge.engines.build import list_plans, machine_info, plan_matches_machine
-    from edge.engines.manifest import list_bundles, load_bundle
+    from edge.engines.manifest import duplicate_bundles, list_bundles, load_bundle
     from edge.errors import EngineError
 
     config = config_from_args(args)
     bundles: list[dict[str, Any]] = []
-    for folder in list_bundles():
+    loaded = []
+    for folder in list_bundles(every_copy=True):
         try:
-            bundles.append({**_bundle_summary(load_bundle(folder)), "problems": []})
+            bundle = load_bundle(folder)
+            loaded.append(bundle)
+            bundles.append({**_bundle_summary(bundle), "problems": []})
         except EngineError as exc:
             bundles.append(
                 {
@@ -171,6 +203,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "problems": getattr(exc, "problems", [str(exc)]),
                 }
             )
+    duplicates = duplicate_bundles(loaded)
+    for entry in bundles:
+        if (problem := duplicates.get(Path(entry["path"]))) is not None:
+            entry["problems"] = [problem]
     machine, why_not = machine_info()
     plans = []
     for sidecar in list_plans(config.engines.plan_cache_dir):
@@ -185,7 +221,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(result, indent=2, default=str))
-        return EXIT_OK
+        return EXIT_FAILED if duplicates else EXIT_OK
     if not bundles:
         print("no bundles found")
     for b in bundles:
@@ -206,7 +242,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
     if machine is None:
         print(f"this machine: {why_not}")
-    return EXIT_OK
+    return EXIT_FAILED if duplicates else EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -245,6 +281,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_wrap(args: argparse.Namespace) -> int:
     from edge.engines import load_bundle
+    from edge.engines.manifest import set_model_sha256
     from edge.engines.wrap import wrap_file
 
     bundle = load_bundle(args.bundle, check_graphs=False)
@@ -257,10 +294,12 @@ def cmd_wrap(args: argparse.Namespace) -> int:
         f"wrote {path}: input {model.input_spec.describe()} (uint8 NHWC RGB; {model.layout} "
         f"{model.channel_order} normalisation inside the graph)"
     )
-    print(
-        f'sha256 = "{sha}"   # put this in [{"detector" if model.role == "detector" else "classifier"}] '
-        f"{model.name} of {bundle.manifest_path}"
-    )
+    table = f"[{'detector' if model.role == 'detector' else 'classifier'}] {model.name}"
+    if path.resolve() == model.path.resolve():
+        set_model_sha256(bundle.manifest_path, model.name, sha)
+        print(f'sha256 = "{sha}"   # written to {table} of {bundle.manifest_path}')
+    else:
+        print(f'sha256 = "{sha}"   # put this in {table} of {bundle.manifest_path} when {path} becomes its file')
     return EXIT_OK
 
 

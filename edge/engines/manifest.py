@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -261,20 +262,85 @@ def find_bundle(name_or_path: str | Path | None) -> Path:
             if (folder / str(name_or_path) / MANIFEST_NAME).is_file():
                 return folder / str(name_or_path)
     searched = ", ".join(str(p) for p in bundle_search_path())
+    env = os.environ.get(BUNDLES_ENV)
     raise ManifestError(
         str(name_or_path),
-        [f"no {MANIFEST_NAME} there; give a bundle folder or the name of an installed bundle (searched {searched})"],
+        [
+            f"bundle not found: no {MANIFEST_NAME} there; give a bundle folder or the name of an installed bundle."
+            f" Folders searched: {searched} (${BUNDLES_ENV} is {repr(env) if env else 'not set'}; set it to the"
+            " folder that holds your bundles)"
+        ],
     )
 
 
-def list_bundles() -> list[Path]:
-    """Every bundle folder found on the search path (first one wins for a name)."""
+def list_bundles(*, every_copy: bool = False) -> list[Path]:
+    """Every bundle folder found on the search path (first one wins for a folder name, unless ``every_copy``)."""
     seen: dict[str, Path] = {}
     for folder in bundle_search_path():
         if folder.is_dir():
             for manifest in sorted(folder.glob(f"*/{MANIFEST_NAME}")):
-                seen.setdefault(manifest.parent.name, manifest.parent)
+                key = str(manifest.parent.resolve()) if every_copy else manifest.parent.name
+                seen.setdefault(key, manifest.parent)
     return list(seen.values())
+
+
+def duplicate_bundles(bundles: list[Bundle]) -> dict[Path, str]:
+    """A problem per bundle folder whose name and version another (different) bundle also has.
+
+    Results, provenance and the plan cache tell bundles apart by name and version, so two different
+    bundles that share both are an error; the same bundle installed twice (same manifest) is not.
+    """
+    by_key: dict[tuple[str, str], list[Bundle]] = {}
+    for b in bundles:
+        by_key.setdefault((b.name, b.version), []).append(b)
+    problems: dict[Path, str] = {}
+    for (name, version), group in by_key.items():
+        if len({b.manifest_sha256 for b in group}) > 1:
+            paths = ", ".join(str(b.path) for b in group)
+            for b in group:
+                problems[b.path] = (
+                    f"bundle {name} {version} is defined twice, differently: {paths}; give one of them a new"
+                    " [bundle] name or version"
+                )
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# editing a manifest's text (comments and order kept)
+
+
+def set_toml_key(block: str, key: str, value: str) -> str:
+    r"""One TOML table's text with ``key = value`` set (replaced in place, else added under the header).
+
+    >>> set_toml_key('[bundle]\nversion = "1"  # kept\n', "version", '"2"')
+    '[bundle]\nversion = "2"  # kept\n'
+    """
+    pattern = re.compile(rf"(?m)^(\s*){re.escape(key)}\s*=\s*[^\n#]*?(\s*(#.*)?)$")
+    if pattern.search(block):
+        return pattern.sub(lambda m: f"{m.group(1)}{key} = {value}{m.group(2) or ''}", block, count=1)
+    head, _, rest = block.partition("\n")
+    return f"{head}\n{key} = {value}\n{rest}"
+
+
+def manifest_tables(text: str) -> list[tuple[str, str | None, str]]:
+    """The manifest text cut into tables: (header, the table's ``name`` or None, text); joined they give it back."""
+    tables = []
+    for block in re.split(r"(?m)^(?=\s*\[)", text):
+        header = block.lstrip().split("\n", 1)[0].strip()
+        name = re.search(r'(?m)^\s*name\s*=\s*"([^"]*)"', block)
+        tables.append((header, name.group(1) if name else None, block))
+    return tables
+
+
+def set_model_sha256(manifest_path: Path, model: str, sha: str) -> None:
+    """Write ``sha256`` of one model (``detector`` or a classifier name) into the manifest file."""
+    out = []
+    for header, name, block in manifest_tables(manifest_path.read_text(encoding="utf-8")):
+        mine = (header == "[detector]" and model == "detector") or (header == "[[classifier]]" and name == model)
+        out.append(set_toml_key(block, "sha256", f'"{sha}"') if mine else block)
+    tmp = manifest_path.with_name(manifest_path.name + ".partial")
+    tmp.write_text("".join(out), encoding="utf-8")
+    tmp.replace(manifest_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +644,12 @@ def check_model_file(model: ModelSpec) -> list[str]:
         return [f"{where}: file {model.path} does not exist"]
     problems: list[str] = []
     found_sha = sha256_file(model.path)
-    if found_sha != model.sha256:
+    if not model.sha256:
+        problems.append(
+            f"{where}: sha256 is empty; run sha256sum {model.path} and put the hash in the manifest"
+            f' (sha256 = "{found_sha}" for the file there now)'
+        )
+    elif found_sha != model.sha256:
         problems.append(
             f"{where}: sha256 expected {model.sha256}, found {found_sha} (file changed, or update the manifest)"
         )
