@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,32 @@ def register(sub: Any, bench_sub: Any) -> None:
         metavar="N",
         help="tiles from a synthetic slide (default 4; 0 = random inputs only)",
     )
+    e.add_argument(
+        "--reference",
+        metavar="BUNDLE",
+        help="compare with another bundle's models on ONNX Runtime (CPU), e.g. an INT8 bundle with its FP32 source;"
+        " output errors are then reported, detection agreement (and F1 with --slide) decide",
+    )
+    e.add_argument("--slide", action="append", default=[], metavar="SLIDE",
+                   help="with --reference: a slide with truth to compare F1 on (repeat for more)")
+    e.add_argument("--truth", action="append", default=[], metavar="JSON",
+                   help="truth of each --slide, in order (default: SLIDE's .truth.json from `mitosis-edge synth`)")
+    e.add_argument("--max-f1-drop", type=float, default=0.01, help="largest F1 loss that passes (default 0.01)")
     e.add_argument("--json", action="store_true")
     _trt_options(e, build=False)
     e.set_defaults(handler=cmd_verify)
+
+    e = eng.add_parser(
+        "quantize", help="static INT8 (QDQ) copy of a bundle, calibrated on tiles and crops of your slides"
+    )
+    _bundle_option(e)
+    e.add_argument("--calibration-slide", action="append", required=True, metavar="SLIDE",
+                   help="a slide like those the lab scans (repeat; 2-5 slides of different cases are typical)")
+    e.add_argument("--out", required=True, metavar="NEWDIR", help="folder for the new bundle (must be new or empty)")
+    e.add_argument("--tiles", type=int, default=32, help="calibration tiles over all slides (default 32)")
+    e.add_argument("--crops", type=int, default=256, help="calibration crops per classifier (default 256)")
+    e.add_argument("--version", help="the new bundle's version (default: <version>+int8.<UTC time>)")
+    e.set_defaults(handler=cmd_quantize)
 
     e = eng.add_parser("wrap", help="prepend uint8 NHWC RGB preprocessing to a float-input ONNX model")
     e.add_argument("source", help="the float-input ONNX file")
@@ -248,35 +272,103 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from edge.config import EnginesConfig
     from edge.engines import load_bundle, open_engines
-    from edge.engines.verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_TOLERANCE, verify_bundle
+    from edge.engines.verify import (
+        AGREE_RADIUS_PX,
+        DEFAULT_ATOL,
+        DEFAULT_RTOL,
+        FP16_TOLERANCE,
+        INT8_MIN_DETECTION_AGREEMENT,
+        f1_on_slides,
+        verify_bundle,
+    )
 
     config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)
-    low = config.engines.backend == "tensorrt" and config.engines.precision != "fp32"
+    reference_bundle = load_bundle(args.reference) if args.reference else bundle
+    if args.slide and not args.reference:
+        raise ConfigError("--slide needs --reference: F1 is compared between two bundles")
+    slides = _slides_with_truth(args.slide, args.truth)
+    _same_models(bundle, reference_bundle)
+    low = bool(args.reference) or (config.engines.backend == "tensorrt" and config.engines.precision != "fp32")
     atol = args.atol if args.atol is not None else (FP16_TOLERANCE if low else DEFAULT_ATOL)
     rtol = args.rtol if args.rtol is not None else (FP16_TOLERANCE if low else DEFAULT_RTOL)
     reference_config = EnginesConfig(intra_op_threads=config.engines.intra_op_threads)
-    with open_engines(bundle, reference_config) as reference, open_engines(bundle, config.engines) as candidate:
+    with (
+        open_engines(reference_bundle, reference_config) as reference,
+        open_engines(bundle, config.engines) as candidate,
+    ):
+        # INT8 against FP32: the same figure, not the same float, so detections agree within the merge radius
+        detector = reference_bundle.detector
+        radius = detector.merge_radius_um / detector.mpp if args.reference else AGREE_RADIUS_PX
         report = verify_bundle(
-            bundle, reference, candidate, atol=atol, rtol=rtol, random_count=args.random, slide_tiles=args.tiles
+            reference_bundle, reference, candidate, atol=atol, rtol=rtol, random_count=args.random,
+            slide_tiles=args.tiles, agree_radius_px=radius,
         )
+        if args.reference:
+            report.bundle = f"{bundle.name} {bundle.version}"
+            report.reference = f"{reference_bundle.name} {reference_bundle.version} on onnxruntime (CPU)"
+            report.judge_outputs = args.atol is not None or args.rtol is not None
+            report.min_agreement = INT8_MIN_DETECTION_AGREEMENT
+            report.max_f1_drop = args.max_f1_drop
+            if slides:
+                print(f"analyzing {len(slides)} slide(s) with both bundles ...", file=sys.stderr)
+                report.f1 = f1_on_slides(reference, candidate, slides, config)
     if args.json:
         print(json.dumps(report.to_json_dict(), indent=2))
     else:
-        print(f"bundle {report.bundle}: {report.backend} against onnxruntime (CPU), atol {atol:g}, rtol {rtol:g}")
+        judged = "" if report.judge_outputs else " (reported, not judged)"
+        print(f"bundle {report.bundle}: {report.backend} against {report.reference}, atol {atol:g}, rtol {rtol:g}"
+              f"{judged}")
         print(f"  {'model':14} {'output':12} {'inputs':7} {'max abs err':>12} {'max rel err':>12}  result")
         for o in report.outputs:
-            print(
-                f"  {o.model:14} {o.output:12} {o.inputs:7} {o.max_abs_error:12.3g} {o.max_rel_error:12.3g}  "
-                f"{'ok' if o.passed else 'ABOVE TOLERANCE'}"
-            )
+            mark = ("ok" if o.passed else "ABOVE TOLERANCE") if report.judge_outputs else "-"
+            print(f"  {o.model:14} {o.output:12} {o.inputs:7} {o.max_abs_error:12.3g} {o.max_rel_error:12.3g}  {mark}")
         for d in report.detections:
             print(
-                f"  detections ({d.inputs}): reference {d.reference}, {report.backend} {d.candidate}, "
-                f"agree {d.agreed} ({d.agreement:.1%})"
+                f"  detections ({d.inputs}): reference {d.reference}, candidate {d.candidate}, "
+                f"agree {d.agreed} within {radius:g} px ({d.agreement:.1%}; at least {report.min_agreement:.0%} passes)"
             )
-        print("PASSED" if report.passed else "FAILED: outputs differ beyond tolerance")
+        if report.f1 is not None:
+            f = report.f1
+            print(f"  F1 on {len(f.slides)} slide(s) with truth: reference {f.reference_f1:.4f} (TP/FP/FN "
+                  f"{'/'.join(map(str, f.reference))}), candidate {f.candidate_f1:.4f} "
+                  f"({'/'.join(map(str, f.candidate))}), change {f.change:+.4f} (a loss of at most "
+                  f"{report.max_f1_drop:g} passes)")
+        print("PASSED" if report.passed else "FAILED: see the lines above")
     return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _slides_with_truth(slides: list[str], truths: list[str]) -> list[tuple[str, str]]:
+    from edge.synth import default_truth_path
+
+    if truths and len(truths) != len(slides):
+        raise ConfigError(f"give one --truth per --slide: {len(slides)} slides, {len(truths)} truths")
+    return [(s, truths[i] if truths else str(default_truth_path(s))) for i, s in enumerate(slides)]
+
+
+def _same_models(bundle: Any, reference: Any) -> None:
+    names, ref_names = [m.name for m in bundle.models], [m.name for m in reference.models]
+    if names != ref_names:
+        raise ConfigError(
+            f"bundle {bundle.name} has models {names}, the reference {reference.name} has {ref_names}:"
+            " only versions of the same bundle (e.g. INT8 and its FP32 source) can be compared"
+        )
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from edge.engines import load_bundle
+    from edge.engines.quantize import REPORT_NAME, calibration_set, quantize_bundle
+
+    config = config_from_args(args)
+    bundle = load_bundle(config.engines.bundle)
+    print(f"reading calibration tiles and crops from {len(args.calibration_slide)} slide(s) ...", file=sys.stderr)
+    calibration = calibration_set(bundle, args.calibration_slide, config, tiles=args.tiles, crops=args.crops)
+    counts = ", ".join(f"{name} {n}" for name, n in calibration.counts().items())
+    print(f"calibration inputs: {counts}", file=sys.stderr)
+    new = quantize_bundle(bundle, calibration, args.out, version=args.version)
+    print(f"wrote bundle {new.name} {new.version} to {new.path} (INT8 QDQ; report: {new.path / REPORT_NAME})")
+    print(f"next: mitosis-edge engines verify --bundle {new.path} --reference {bundle.path} --slide SLIDE ...")
+    return EXIT_OK
 
 
 def cmd_wrap(args: argparse.Namespace) -> int:
