@@ -85,6 +85,13 @@ def register(sub: Any, bench_sub: Any) -> None:
     e.add_argument("--tiles", type=int, default=32, help="calibration tiles over all slides (default 32)")
     e.add_argument("--crops", type=int, default=256, help="calibration crops per classifier (default 256)")
     e.add_argument("--version", help="the new bundle's version (default: <version>+int8.<UTC time>)")
+    e.add_argument(
+        "--target",
+        choices=("onnxruntime", "tensorrt"),
+        default="onnxruntime",
+        help="onnxruntime (default): uint8 activations, fastest on a CPU; tensorrt: symmetric int8 activations"
+        " for `engines build --precision int8`",
+    )
     e.set_defaults(handler=cmd_quantize)
 
     e = eng.add_parser("wrap", help="prepend uint8 NHWC RGB preprocessing to a float-input ONNX model")
@@ -365,7 +372,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibration = calibration_set(bundle, args.calibration_slide, config, tiles=args.tiles, crops=args.crops)
     counts = ", ".join(f"{name} {n}" for name, n in calibration.counts().items())
     print(f"calibration inputs: {counts}", file=sys.stderr)
-    new = quantize_bundle(bundle, calibration, args.out, version=args.version)
+    new = quantize_bundle(bundle, calibration, args.out, version=args.version, target=args.target)
     print(f"wrote bundle {new.name} {new.version} to {new.path} (INT8 QDQ; report: {new.path / REPORT_NAME})")
     print(f"next: mitosis-edge engines verify --bundle {new.path} --reference {bundle.path} --slide SLIDE ...")
     return EXIT_OK

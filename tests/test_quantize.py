@@ -135,3 +135,20 @@ def test_quantize_the_demo_bundle_then_verify_it_against_fp32(synth_slide: Synth
     again = run_cli("engines", "quantize", "--bundle", "demo", "--calibration-slide", str(calibration),
                     "--out", str(out))
     assert again.returncode != 0 and "not empty" in again.stderr
+
+
+def test_the_tensorrt_target_quantizes_symmetric_int8_and_keeps_float_preprocessing(tmp_path: Path) -> None:
+    import dataclasses
+
+    spec = dataclasses.replace(spec_for(make_tiny_bundle(tmp_path / "t", crop_size=16)),  # type: ignore[type-var]
+                               normalisation=IMAGENET)
+    wrapped = wrap_model(conv_model(), input_name="crops", size=16, layout="NCHW", channel_order="RGB",
+                         normalisation=IMAGENET)
+    x = np.random.default_rng(4).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    quantized = quantize_model(wrapped, spec, x, tmp_path, "tensorrt")  # type: ignore[arg-type]
+    inits = {t.name: t for t in quantized.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in quantized.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.data_type == TensorProto.INT8 and not numpy_helper.to_array(z).any()
+                               for z in zero_points)
+    assert {"Cast", "Mul", "Add"} <= {n.op_type for n in quantized.graph.node}
+    assert np.abs(run(quantized, x) - run(wrapped, x)).max() < 0.05 * np.abs(run(wrapped, x)).max()

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from edge.errors import ConfigError, ManifestError
 
 log = logging.getLogger(__name__)
 
+Target = Literal["onnxruntime", "tensorrt"]
 REPORT_NAME = "quantization.json"
 # the compute, and what fuses into it; element-wise heads (box decoding, SiLU) stay float
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm", "Relu", "Clip", "MaxPool")
@@ -214,8 +215,15 @@ def uint8_input(model: Any, spec: ModelSpec) -> Any:
     return out
 
 
-def quantize_model(model: Any, spec: ModelSpec, calibration: np.ndarray, folder: Path) -> Any:
-    """The QDQ INT8 version of one wrapped model (an ``onnx.ModelProto``), calibrated on ``calibration``."""
+def quantize_model(
+    model: Any, spec: ModelSpec, calibration: np.ndarray, folder: Path, target: Target = "onnxruntime"
+) -> Any:
+    """The QDQ INT8 version of one wrapped model (an ``onnx.ModelProto``), calibrated on ``calibration``.
+
+    ``onnxruntime``: uint8 activations and the pixels straight into the first convolutions (fastest on
+    a CPU). ``tensorrt``: symmetric int8 activations and weights (TensorRT's explicit quantization),
+    the pixel preprocessing left in float.
+    """
     onnx = import_onnx()
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -225,8 +233,8 @@ def quantize_model(model: Any, spec: ModelSpec, calibration: np.ndarray, folder:
         raise ManifestError(spec.path, ["a float16 model cannot be quantized; quantize the float32 export"])
     if len(calibration) == 0:
         raise ConfigError(f"no calibration inputs for {spec.name}: give slides with tissue (and candidates)")
-    source, prepared, target = folder / f"{spec.name}.src.onnx", folder / f"{spec.name}.pre.onnx", folder / "q.onnx"
-    folded = fold_preprocessing(model, spec)
+    source, prepared, result = folder / f"{spec.name}.src.onnx", folder / f"{spec.name}.pre.onnx", folder / "q.onnx"
+    folded = fold_preprocessing(model, spec) if target == "onnxruntime" else None
     onnx.save(folded if folded is not None else model, str(source))
     try:  # shape inference and graph optimisation help the quantizer; a graph they choke on is quantized as is
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
@@ -243,13 +251,18 @@ def quantize_model(model: Any, spec: ModelSpec, calibration: np.ndarray, folder:
             item = next(self.items, None)
             return None if item is None else {spec.input_name: item[None]}
 
+    tensorrt = target == "tensorrt"
     quantize_static(
-        str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
-        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+        str(prepared), str(result), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+        per_channel=True, activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
+        weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if tensorrt else None,
     )
+    quantized = onnx.load(str(result))
+    if tensorrt:
+        return quantized
     # after quantizing: given to the quantizer, the DequantizeLinear's per-channel scale would be taken as the
     # first convolution's input scale
-    quantized = onnx.load(str(target))
     return uint8_input(quantized, spec) if folded is not None else dequantize_preprocessing(quantized, spec)
 
 
@@ -273,17 +286,26 @@ def calibration_set(
             with open_slide(path, config.slide) as slide:
                 sp = plan_slide(slide, config)
                 stride, seen = max(1, len(sp.plan) // per_slide), 0
+                centres: list[tuple[float, float, float, float]] = []  # sampled tiles: level-0 centre and size
                 with open_stream(slide, sp, config) as stream:
                     for batch in stream:
-                        for tile in batch.pixels:
+                        for tile, pixels in zip(batch.tiles, batch.pixels, strict=False):
                             if seen % stride == 0:
-                                tile_list.append(tile.copy())
+                                tile_list.append(pixels.copy())
+                                centres.append((tile.x0 + tile.width0 / 2, tile.y0 + tile.height0 / 2,
+                                                tile.width0, tile.height0))
                             seen += 1
                 figures = analyze_slide(path, config, engines=engines).result.figures
+                wanted = max(1, crops // len(slides))
+                points = [(f.x_px, f.y_px) for f in figures[:wanted]]
+                # too few candidates (a detector that finds little on these slides): top up with tissue points
+                rng = np.random.default_rng(len(tile_list))
+                while len(points) < wanted and centres:
+                    cx, cy, w0, h0 = centres[int(rng.integers(len(centres)))]
+                    points.append((cx + rng.uniform(-0.4, 0.4) * w0, cy + rng.uniform(-0.4, 0.4) * h0))
                 for clf in bundle.classifiers:
                     scale = slide.read_scale(clf.mpp)
-                    chosen = figures[: max(1, crops // len(slides))]
-                    x0, y0 = crop_origins(np.array([f.x_px for f in chosen]), np.array([f.y_px for f in chosen]),
+                    x0, y0 = crop_origins(np.array([p[0] for p in points]), np.array([p[1] for p in points]),
                                           clf.size, (scale.px0_per_out_x, scale.px0_per_out_y))
                     for x, y in zip(x0, y0, strict=True):
                         crop_lists[clf.name].append(slide.read_region(float(x), float(y), clf.size, clf.size, scale))
@@ -294,20 +316,22 @@ def calibration_set(
 
 
 def quantize_bundle(
-    bundle: Bundle, calibration: CalibrationSet, out: str | Path, *, version: str | None = None
+    bundle: Bundle, calibration: CalibrationSet, out: str | Path, *, version: str | None = None,
+    target: Target = "onnxruntime",
 ) -> Bundle:
     """Write ``out``: a copy of the bundle whose models are QDQ INT8, a new version, and a report."""
     onnx = import_onnx()
     import onnxruntime
 
-    target = Path(out).resolve()
-    if target == bundle.path.resolve():
+    folder = Path(out).resolve()
+    if folder == bundle.path.resolve():
         raise ConfigError(f"--out {out} is the bundle itself; quantize writes a new bundle, never in place")
-    if target.exists() and any(target.iterdir()):
+    if folder.exists() and any(folder.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
     stamp = _dt.datetime.now(_dt.UTC)
-    version = version or f"{bundle.version}+int8.{stamp:%Y%m%d.%H%M%S}"
-    partial = target.with_name(target.name + ".partial")
+    suffix = "int8" if target == "onnxruntime" else "int8-tensorrt"
+    version = version or f"{bundle.version}+{suffix}.{stamp:%Y%m%d.%H%M%S}"
+    partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(bundle.path, partial, ignore=shutil.ignore_patterns("*.partial", REPORT_NAME))
     unused = {c.name for c in bundle.unused_classifiers}
@@ -318,7 +342,9 @@ def quantize_bundle(
             if model.name in unused:
                 continue
             log.info("quantizing %s on %d calibration inputs", model.name, len(calibration.inputs[model.name]))
-            quantized = quantize_model(onnx.load(str(model.path)), model, calibration.inputs[model.name], Path(tmp))
+            quantized = quantize_model(
+                onnx.load(str(model.path)), model, calibration.inputs[model.name], Path(tmp), target
+            )
             name = f"{model.path.stem}.int8.onnx"
             onnx.save(quantized, str(partial / name))
             (partial / model.path.name).unlink(missing_ok=True)
@@ -335,7 +361,9 @@ def quantize_bundle(
                           "manifest_sha256": bundle.manifest_sha256},
         "version": version,
         "created_at": stamp.isoformat(timespec="seconds"),
-        "method": {"format": "QDQ", "activations": "uint8, per tensor (MinMax)", "weights": "int8, per channel",
+        "method": {"format": "QDQ", "target": target,
+                   "activations": f"{'int8 symmetric' if target == 'tensorrt' else 'uint8'}, per tensor (MinMax)",
+                   "weights": "int8, per channel",
                    "ops": list(QUANTIZED_OPS), "tool": f"onnxruntime.quantization {onnxruntime.__version__}"},
         "calibration_slides": list(calibration.slides),
         "models": report_models,
@@ -343,11 +371,11 @@ def quantize_bundle(
     }
     (partial / REPORT_NAME).write_text(json.dumps(report, indent=1), encoding="utf-8")
     load_bundle(partial)  # the new manifest must be as valid as the old one
-    if target.exists():
-        target.rmdir()
-    partial.rename(target)
-    log.info("INT8 bundle %s %s written to %s", bundle.name, version, target)
-    return load_bundle(target)
+    if folder.exists():
+        folder.rmdir()
+    partial.rename(folder)
+    log.info("INT8 bundle %s %s written to %s", bundle.name, version, folder)
+    return load_bundle(folder)
 
 
 def _quantized_manifest(text: str, files: dict[str, tuple[str, str]], version: str) -> str:
