@@ -24,6 +24,7 @@ Layout = Literal["NCHW", "NHWC"]
 ChannelOrder = Literal["RGB", "BGR"]
 DetectorFormat = Literal["yolo_raw", "yolov8", "boxes"]
 ScoreKind = Literal["probabilities", "logits"]
+ClassRule = Literal["candidate_score", "argmax"]
 
 MANIFEST_NAME = "manifest.toml"
 DEMO_BUNDLE = "demo"
@@ -34,6 +35,7 @@ _LAYOUTS = ("NCHW", "NHWC")
 _ORDERS = ("RGB", "BGR")
 _FORMATS = ("yolo_raw", "yolov8", "boxes")
 _SCORES = ("probabilities", "logits")
+_CLASS_RULES = ("candidate_score", "argmax")
 _FLOAT_TYPES = ("float32", "float16")
 
 
@@ -97,6 +99,8 @@ class DetectorSpec(ModelSpec):
     output_format: DetectorFormat = "yolo_raw"
     classes: tuple[str, ...] = ("mitotic_figure",)
     candidate_classes: tuple[str, ...] = ("mitotic_figure",)  # classes that propose MF candidates
+    # candidate_score: a row's score is its best candidate-class score; argmax: its best class must be a candidate
+    class_rule: ClassRule = "candidate_score"
     scores: ScoreKind = "probabilities"
     score_threshold: float = 0.25
     nms_iou: float = 0.45
@@ -536,6 +540,7 @@ def _parse_detector(folder: Path, table: Any, problems: list[str]) -> DetectorSp
         output_format=cast(DetectorFormat, f.text("output_format", "yolo_raw", required=True, choices=_FORMATS)),
         classes=classes,
         candidate_classes=tuple(c for c in candidates if c in classes),
+        class_rule=cast(ClassRule, f.text("class_rule", "candidate_score", choices=_CLASS_RULES)),
         scores=cast(ScoreKind, f.text("scores", "probabilities", choices=_SCORES)),
         score_threshold=float(f.num("score_threshold", 0.25, lo=0.0, hi=1.0)),
         nms_iou=float(f.num("nms_iou", 0.45, lo=0.0, hi=1.0)),
