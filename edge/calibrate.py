@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.engines.manifest import MANIFEST_NAME, Bundle, load_bundle, manifest_tables, set_toml_key
+from edge.engines.manifest import MANIFEST_NAME, Bundle, load_bundle, manifest_tables, new_bundle_folder, set_toml_key
 from edge.errors import ConfigError
 from edge.evaluate import DEFAULT_MATCH_RADIUS_UM, DetectionMetrics, match_points
 
@@ -243,11 +243,7 @@ def write_calibrated_bundle(
     bundle: Bundle, calibration: Calibration, out: str | Path, *, version: str | None = None
 ) -> Bundle:
     """Copy the bundle to ``out`` with the calibrated values and a calibration report; returns it loaded."""
-    target = Path(out).resolve()
-    if target == bundle.path.resolve():
-        raise ConfigError(f"--out {out} is the bundle itself; calibration writes a new bundle, never in place")
-    if target.exists() and any(target.iterdir()):
-        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
+    target = new_bundle_folder(bundle, out, "calibration")
     stamp = _dt.datetime.now(_dt.UTC)
     version = version or f"{bundle.version}+cal.{stamp:%Y%m%d.%H%M%S}"  # unique: two calibrations never clash
     weights = dict(zip(calibration.models, calibration.best.weights, strict=True))

@@ -3,8 +3,10 @@ and finds the same figures as its FP32 source."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -53,14 +55,18 @@ def spec_for(folder: Path, name: str = "a") -> object:
     return load_bundle(folder).model(name)
 
 
-@pytest.mark.parametrize("order", ["RGB", "BGR"])
-def test_folding_the_normalisation_into_the_first_conv_keeps_its_interior_exact(order: str, tmp_path: Path) -> None:
-    import dataclasses
-
+def wrapped_conv(tmp_path: Path, order: str = "RGB") -> tuple[Any, onnx.ModelProto]:
+    """A classifier spec with ImageNet normalisation and ``conv_model`` wrapped to match it."""
     spec = dataclasses.replace(spec_for(make_tiny_bundle(tmp_path / "t", crop_size=16)),  # type: ignore[type-var]
                                normalisation=IMAGENET, channel_order=order)
     wrapped = wrap_model(conv_model(), input_name="crops", size=16, layout="NCHW", channel_order=order,  # type: ignore[arg-type]
                          normalisation=IMAGENET)
+    return spec, wrapped
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_folding_the_normalisation_into_the_first_conv_keeps_its_interior_exact(order: str, tmp_path: Path) -> None:
+    spec, wrapped = wrapped_conv(tmp_path, order)
     wrapped.graph.output.append(helper.make_tensor_value_info("conv", TensorProto.FLOAT, ["batch", 4, 16, 16]))
     folded = fold_preprocessing(wrapped, spec)  # type: ignore[arg-type]
     assert folded is not None
@@ -83,12 +89,7 @@ def test_a_model_whose_pixels_feed_no_conv_keeps_its_preprocessing_as_one_dequan
 
 
 def test_a_quantized_conv_reads_uint8_pixels_and_stays_close(tmp_path: Path) -> None:
-    import dataclasses
-
-    spec = dataclasses.replace(spec_for(make_tiny_bundle(tmp_path / "t", crop_size=16)),  # type: ignore[type-var]
-                               normalisation=IMAGENET)
-    wrapped = wrap_model(conv_model(), input_name="crops", size=16, layout="NCHW", channel_order="RGB",
-                         normalisation=IMAGENET)
+    spec, wrapped = wrapped_conv(tmp_path)
     x = np.random.default_rng(3).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
     quantized = quantize_model(wrapped, spec, x, tmp_path)  # type: ignore[arg-type]
     ops = [n.op_type for n in quantized.graph.node]
@@ -138,12 +139,7 @@ def test_quantize_the_demo_bundle_then_verify_it_against_fp32(synth_slide: Synth
 
 
 def test_the_tensorrt_target_quantizes_symmetric_int8_and_keeps_float_preprocessing(tmp_path: Path) -> None:
-    import dataclasses
-
-    spec = dataclasses.replace(spec_for(make_tiny_bundle(tmp_path / "t", crop_size=16)),  # type: ignore[type-var]
-                               normalisation=IMAGENET)
-    wrapped = wrap_model(conv_model(), input_name="crops", size=16, layout="NCHW", channel_order="RGB",
-                         normalisation=IMAGENET)
+    spec, wrapped = wrapped_conv(tmp_path)
     x = np.random.default_rng(4).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     quantized = quantize_model(wrapped, spec, x, tmp_path, "tensorrt")  # type: ignore[arg-type]
     inits = {t.name: t for t in quantized.graph.initializer}

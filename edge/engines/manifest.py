@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from edge.engines.base import TensorSpec
-from edge.errors import ManifestError
+from edge.errors import ConfigError, ManifestError
 
 Layout = Literal["NCHW", "NHWC"]
 ChannelOrder = Literal["RGB", "BGR"]
@@ -334,6 +334,16 @@ def manifest_tables(text: str) -> list[tuple[str, str | None, str]]:
         name = re.search(r'(?m)^\s*name\s*=\s*"([^"]*)"', block)
         tables.append((header, name.group(1) if name else None, block))
     return tables
+
+
+def new_bundle_folder(bundle: Bundle, out: str | Path, what: str) -> Path:
+    """The resolved folder for a new bundle version made from ``bundle``: never the bundle, never a full folder."""
+    target = Path(out).resolve()
+    if target == bundle.path.resolve():
+        raise ConfigError(f"--out {out} is the bundle itself; {what} writes a new bundle, never in place")
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
+    return target
 
 
 def set_model_sha256(manifest_path: Path, model: str, sha: str) -> None:

@@ -33,6 +33,7 @@ from edge.engines.manifest import (
     import_onnx,
     load_bundle,
     manifest_tables,
+    new_bundle_folder,
     set_toml_key,
     sha256_file,
 )
@@ -162,15 +163,7 @@ def fold_preprocessing(model: Any, spec: ModelSpec) -> Any | None:
     reverse = next((x for x in graph.node if x.name == f"{_WRAP}ReverseChannels"), None)
     last = reverse or next(x for x in graph.node if x.name == f"{_WRAP}Cast")
     last.output[0] = pixels
-    keep = [x for x in graph.node if x.name not in (f"{_WRAP}Mul", f"{_WRAP}Add")]
-    del graph.node[:]
-    graph.node.extend(keep)
-    used = {name for x in graph.node for name in x.input}
-    kept_inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
-    onnx.checker.check_model(out)
-    return out
+    return _with_nodes(out, [x for x in graph.node if x.name not in (f"{_WRAP}Mul", f"{_WRAP}Add")])
 
 
 def uint8_input(model: Any, spec: ModelSpec) -> Any:
@@ -204,15 +197,21 @@ def uint8_input(model: Any, spec: ModelSpec) -> Any:
     for dq in [x for x in graph.node if x.op_type == "DequantizeLinear" and x.input[0] == q.output[0]]:
         dq.input[:] = [uint8_pixels if reverse is not None else cast.input[0], f"{_WRAP}pixel_scale",
                        f"{_WRAP}pixel_zero"]
-    keep = [x for x in graph.node if x is not q and x is not cast]
+    return _with_nodes(out, [x for x in graph.node if x is not q and x is not cast])
+
+
+def _with_nodes(model: Any, nodes: list[Any]) -> Any:
+    """``model`` (changed in place) with only ``nodes``, in that order, and the initializers they use; checked."""
+    graph = model.graph
+    kept = list(nodes)
     del graph.node[:]
-    graph.node.extend(keep)
+    graph.node.extend(kept)
     used = {name for x in graph.node for name in x.input}
     kept_inits = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept_inits)
-    onnx.checker.check_model(out)
-    return out
+    import_onnx().checker.check_model(model)
+    return model
 
 
 def quantize_model(
@@ -323,11 +322,7 @@ def quantize_bundle(
     onnx = import_onnx()
     import onnxruntime
 
-    folder = Path(out).resolve()
-    if folder == bundle.path.resolve():
-        raise ConfigError(f"--out {out} is the bundle itself; quantize writes a new bundle, never in place")
-    if folder.exists() and any(folder.iterdir()):
-        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
+    folder = new_bundle_folder(bundle, out, "quantize")
     stamp = _dt.datetime.now(_dt.UTC)
     suffix = "int8" if target == "onnxruntime" else "int8-tensorrt"
     version = version or f"{bundle.version}+{suffix}.{stamp:%Y%m%d.%H%M%S}"
