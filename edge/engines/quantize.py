@@ -268,16 +268,19 @@ def quantize_model(
 def calibration_set(
     bundle: Bundle, slides: Sequence[str | Path], config: Any, *, tiles: int = DEFAULT_TILES, crops: int = DEFAULT_CROPS
 ) -> CalibrationSet:
-    """Tiles spread over each slide's tissue, read by the pipeline's reader, and crops at the FP32 candidates."""
+    """Tiles spread over each slide's tissue, read by the pipeline's reader, and crops at the FP32 detector's
+    candidates on those tiles (topped up with points in tissue when it finds few)."""
     from edge.classify import crop_origins
+    from edge.detect import decode, nms, to_slide
     from edge.engines import open_engines
-    from edge.pipeline import analyze_slide
     from edge.slide import open_slide
     from edge.stream import open_stream, plan_slide
 
     if not slides:
         raise ConfigError("give at least one --calibration-slide: quantization needs tiles of your own slides")
     per_slide = max(1, -(-tiles // len(slides)))
+    wanted = max(1, -(-crops // len(slides)))
+    spec = bundle.detector
     tile_list: list[np.ndarray] = []
     crop_lists: dict[str, list[np.ndarray]] = {c.name: [] for c in bundle.classifiers}
     with open_engines(bundle, config.engines, detector_batch=config.stream.batch_size) as engines:
@@ -285,30 +288,35 @@ def calibration_set(
             with open_slide(path, config.slide) as slide:
                 sp = plan_slide(slide, config)
                 stride, seen = max(1, len(sp.plan) // per_slide), 0
-                centres: list[tuple[float, float, float, float]] = []  # sampled tiles: level-0 centre and size
+                sampled: list[tuple[Any, np.ndarray]] = []
                 with open_stream(slide, sp, config) as stream:
                     for batch in stream:
                         for tile, pixels in zip(batch.tiles, batch.pixels, strict=False):
                             if seen % stride == 0:
-                                tile_list.append(pixels.copy())
-                                centres.append((tile.x0 + tile.width0 / 2, tile.y0 + tile.height0 / 2,
-                                                tile.width0, tile.height0))
+                                sampled.append((tile, pixels.copy()))
                             seen += 1
-                figures = analyze_slide(path, config, engines=engines).result.figures
-                wanted = max(1, crops // len(slides))
-                points = [(f.x_px, f.y_px) for f in figures[:wanted]]
-                # too few candidates (a detector that finds little on these slides): top up with tissue points
+                tile_list.extend(pixels for _, pixels in sampled)
+                points: list[tuple[float, float]] = []
+                px0_per_out = (sp.plan.px0_per_out_x, sp.plan.px0_per_out_y)
+                for i in range(0, len(sampled), engines.detector.max_batch):
+                    chunk = sampled[i : i + engines.detector.max_batch]
+                    raw = engines.detector.infer(np.stack([pixels for _, pixels in chunk]))[spec.output]
+                    for (tile, _), out in zip(chunk, raw, strict=True):
+                        found = to_slide(nms(decode(out, spec), spec.nms_iou, spec.max_detections), tile, px0_per_out)
+                        points.extend(zip(found.cx.tolist(), found.cy.tolist(), strict=True))
                 rng = np.random.default_rng(len(tile_list))
-                while len(points) < wanted and centres:
-                    cx, cy, w0, h0 = centres[int(rng.integers(len(centres)))]
-                    points.append((cx + rng.uniform(-0.4, 0.4) * w0, cy + rng.uniform(-0.4, 0.4) * h0))
+                points = [points[j] for j in rng.permutation(len(points))[:wanted]]
+                while len(points) < wanted and sampled:  # a detector that finds little: crops in tissue too
+                    tile = sampled[int(rng.integers(len(sampled)))][0]
+                    points.append((tile.x0 + rng.uniform(0.1, 0.9) * tile.width0,
+                                   tile.y0 + rng.uniform(0.1, 0.9) * tile.height0))
                 for clf in bundle.classifiers:
                     scale = slide.read_scale(clf.mpp)
                     x0, y0 = crop_origins(np.array([p[0] for p in points]), np.array([p[1] for p in points]),
                                           clf.size, (scale.px0_per_out_x, scale.px0_per_out_y))
                     for x, y in zip(x0, y0, strict=True):
                         crop_lists[clf.name].append(slide.read_region(float(x), float(y), clf.size, clf.size, scale))
-    inputs = {bundle.detector.name: np.stack(tile_list[:tiles]) if tile_list else np.empty((0,), np.uint8)}
+    inputs = {spec.name: np.stack(tile_list[:tiles]) if tile_list else np.empty((0,), np.uint8)}
     for name, items in crop_lists.items():
         inputs[name] = np.stack(items) if items else np.empty((0,), np.uint8)
     return CalibrationSet(inputs, tuple(str(s) for s in slides))
