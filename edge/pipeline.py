@@ -291,6 +291,7 @@ class _Candidates:
         self.p_mitotic: dict[str, list[np.ndarray]] = {name: [] for name in self.weights}
         self.p_atypical: dict[str, list[np.ndarray]] = {name: [] for name in self.subtypers}
         self.waiting = 0  # candidates added but not yet classified
+        self.batches = 0  # classifier batches run so far (the index of each one's probabilities)
         in_use = [c for c in bundle.classifiers if c.name in self.weights or c.name in self.subtype_only]
         self.batch_size = max(
             1, min(config.engines.classifier_batch, *(engines.classifiers[c.name].max_batch for c in in_use))
@@ -380,8 +381,9 @@ class _Candidates:
                 for i, batch in enumerate(batches):
                     if self.subtype_only.intersection(self.groups[i].names):
                         self.passed_crops[i].append(batch[passed])
-                self.passed_slots.append((len(next(iter(self.p_atypical.values()))) - 1, passed))
+                self.passed_slots.append((self.batches, passed))
                 self.passed_waiting += passed.size
+        self.batches += 1
         self.waiting -= n
         self.times.classify += time.perf_counter() - t0
         if self.passed_waiting >= self.batch_size:

@@ -44,8 +44,10 @@ log = logging.getLogger(__name__)
 
 Target = Literal["onnxruntime", "tensorrt"]
 REPORT_NAME = "quantization.json"
-# the compute, and what fuses into it; element-wise heads (box decoding, SiLU) stay float
-QUANTIZED_OPS = ("Conv", "MatMul", "Gemm", "Relu", "Clip", "MaxPool")
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+# quantized too where their output reaches a convolution (SiLU, residual adds, concatenations: the graph stays
+# int8 between layers); where it does not (a detector's box decoding, a classifier's last softmax) they stay float
+BETWEEN_OPS = ("Relu", "Clip", "MaxPool", "Sigmoid", "Mul", "Add", "Concat", "Split", "Resize", "GlobalAveragePool")
 DEFAULT_TILES = 32  # calibration tiles over all slides
 DEFAULT_CROPS = 256  # calibration crops per classifier crop size
 _WRAP = "mitosis_edge_wrap_"
@@ -215,6 +217,27 @@ def _with_nodes(model: Any, nodes: list[Any]) -> Any:
     return model
 
 
+def nodes_to_quantize(graph: Any) -> list[str]:
+    """Names of the compute nodes, and of the ``BETWEEN_OPS`` nodes whose output reaches a compute node.
+
+    The pixel preprocessing (``mitosis_edge_wrap_*``) is never chosen: the first convolutions read
+    the pixels themselves (``uint8_input``).
+    """
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    feeds: dict[int, bool] = {}  # id(node) -> some path from its outputs reaches a compute node
+    for node in reversed(graph.node):  # ONNX nodes are topologically sorted: consumers come later
+        feeds[id(node)] = any(
+            c.op_type in COMPUTE_OPS or feeds.get(id(c), False) for out in node.output for c in consumers.get(out, [])
+        )
+    return [
+        n.name for n in graph.node
+        if not n.name.startswith(_WRAP) and (n.op_type in COMPUTE_OPS or (n.op_type in BETWEEN_OPS and feeds[id(n)]))
+    ]
+
+
 def quantize_model(
     model: Any, spec: ModelSpec, calibration: np.ndarray, folder: Path, target: Target = "onnxruntime"
 ) -> Any:
@@ -241,7 +264,11 @@ def quantize_model(
     except Exception as exc:  # noqa: BLE001 - the pre-processing raises many types; it is an optional step
         log.warning("quantization pre-processing of %s skipped: %s", spec.name, exc)
         shutil.copyfile(source, prepared)
-    exclude = [node.name for node in onnx.load(str(prepared)).graph.node if node.name.startswith(_WRAP)]  # pixels
+    prepared_model = onnx.load(str(prepared))
+    for i, node in enumerate(prepared_model.graph.node):  # the quantizer selects nodes by name
+        node.name = node.name or f"{_WRAP}node{i}"
+    onnx.save(prepared_model, str(prepared))
+    chosen = nodes_to_quantize(prepared_model.graph)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -253,9 +280,10 @@ def quantize_model(
 
     tensorrt = target == "tensorrt"
     quantize_static(
-        str(prepared), str(result), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+        str(prepared), str(result), Reader(), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(COMPUTE_OPS + BETWEEN_OPS), nodes_to_quantize=chosen,
         per_channel=True, activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
-        weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+        weight_type=QuantType.QInt8,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if tensorrt else None,
     )
     quantized = onnx.load(str(result))
@@ -377,7 +405,8 @@ def quantize_bundle(
         "method": {"format": "QDQ", "target": target,
                    "activations": f"{'int8 symmetric' if target == 'tensorrt' else 'uint8'}, per tensor (MinMax)",
                    "weights": "int8, per channel",
-                   "ops": list(QUANTIZED_OPS), "tool": f"onnxruntime.quantization {onnxruntime.__version__}"},
+                   "ops": list(COMPUTE_OPS + BETWEEN_OPS),
+                   "tool": f"onnxruntime.quantization {onnxruntime.__version__}"},
         "calibration_slides": list(calibration.slides),
         "models": report_models,
         "not_quantized": sorted(unused),
