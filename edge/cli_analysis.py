@@ -7,6 +7,7 @@ Part of the command-line shell (it prints); the work happens in ``edge.pipeline`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -196,9 +197,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"give one --truth per --slide: {len(args.slide)} slides, {len(args.truth)} truths")
     config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)
-    models = [c.name for c in bundle.classifiers]
+    # only members with an MF head are weighed (an atypical-only member never gets MF weight); each is run,
+    # weight 0 or not, so that the search can give it weight
+    voters = [c for c in bundle.classifiers if c.mitotic is not None]
+    models = [c.name for c in voters]
+    every_head = dataclasses.replace(
+        bundle, classifiers=tuple(dataclasses.replace(c, weight=1.0) if c in voters else c for c in bundle.classifiers)
+    )
     cached = []
-    with open_engines(bundle, config.engines, detector_batch=config.stream.batch_size) as engines:
+    with open_engines(every_head, config.engines, detector_batch=config.stream.batch_size) as engines:
         for slide, truth_path in zip(args.slide, args.truth, strict=True):
             truth = read_truth(truth_path)  # read first: a bad truth file fails before minutes of inference
             print(f"inference on {slide} ...", file=sys.stderr)

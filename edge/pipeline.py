@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -344,20 +344,32 @@ class _Candidates:
         self.times = times
         self.raw = 0  # detections before ownership and merging
         self.boxes: list[Boxes] = []
-        self.p_mitotic: dict[str, list[np.ndarray]] = {c.name: [] for c in engines.bundle.classifiers}
-        self.p_atypical: dict[str, list[np.ndarray | None]] = {c.name: [] for c in engines.bundle.classifiers}
+        bundle = engines.bundle
+        # MF voters run on every candidate; subtype-only members (the paper's atypical network) only on
+        # candidates whose ensemble p(MF) passed the threshold; members used for neither are never run.
+        self.weights = {c.name: c.weight for c in bundle.mitotic_voters}
+        self.subtypers = {c.name for c in bundle.atypical_classifiers}
+        self.subtype_only = {c.name for c in bundle.subtype_only}
+        self.p_mitotic: dict[str, list[np.ndarray]] = {name: [] for name in self.weights}
+        self.p_atypical: dict[str, list[np.ndarray]] = {name: [] for name in self.subtypers}
         self.waiting = 0  # candidates added but not yet classified
+        self.batches = 0  # classifier batches run so far (the index of each one's probabilities)
+        in_use = [c for c in bundle.classifiers if c.name in self.weights or c.name in self.subtype_only]
         self.batch_size = max(
-            1, min(config.engines.classifier_batch, *(e.max_batch for e in engines.classifiers.values()))
+            1, min(config.engines.classifier_batch, *(engines.classifiers[c.name].max_batch for c in in_use))
         )
         self.groups: list[_CropGroup] = []
-        for clf in engines.bundle.classifiers:
+        for clf in in_use:
             scale = slide.read_scale(clf.mpp)
             group = next((g for g in self.groups if g.size == clf.size and g.scale == scale), None)
             if group is None:
                 self.groups.append(_CropGroup(clf.size, scale, [clf.name], scale == sp.scale))
             else:
                 group.names.append(clf.name)
+        # crops of candidates that passed the MF threshold, waiting for the subtype-only members' next batch
+        self.passed_crops: list[list[np.ndarray]] = [[] for _ in self.groups]
+        self.passed_slots: list[tuple[int, np.ndarray]] = []  # (classifier batch number, rows in that batch)
+        self.passed_waiting = 0
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.boxes)
@@ -378,6 +390,8 @@ class _Candidates:
     def classify_rest(self) -> None:
         if self.waiting:
             self._classify(self.waiting)
+        if self.passed_waiting:
+            self._subtype()
 
     def merged(self, radius_px: float) -> tuple[Boxes, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """One candidate per figure across tiles (see ``merge_across_tiles``) with its probabilities."""
@@ -385,11 +399,7 @@ class _Candidates:
         keep = merge_indices(boxes, radius_px)
         # No candidate at all (a mitosis-free slide, a strict threshold, no tissue) is a valid result: empty arrays.
         p_mitotic = {name: _concat(parts)[keep] for name, parts in self.p_mitotic.items()}
-        p_atypical: dict[str, np.ndarray] = {}
-        for name, parts in self.p_atypical.items():
-            arrays = [p for p in parts if p is not None]
-            if len(arrays) == len(parts):
-                p_atypical[name] = _concat(arrays)[keep]
+        p_atypical = {name: _concat(parts)[keep] for name, parts in self.p_atypical.items()}
         return boxes.take(keep), p_mitotic, p_atypical
 
     def _crops(self, group: _CropGroup, tile: Tile, pixels: np.ndarray, local: Boxes, boxes: Boxes) -> np.ndarray:
@@ -411,17 +421,59 @@ class _Candidates:
     def _classify(self, n: int) -> None:
         t0 = time.perf_counter()
         bundle = self.engines.bundle
+        batches = []
         for group in self.groups:
             crops = np.concatenate(group.pending) if len(group.pending) > 1 else group.pending[0]
             batch, rest = crops[:n], crops[n:]
             group.pending = [rest] if len(rest) else []
-            pending = {name: self.engines.classifiers[name].submit(batch) for name in group.names}
-            for name in group.names:
+            batches.append(batch)
+            voters = [name for name in group.names if name in self.weights]
+            pending = {name: self.engines.classifiers[name].submit(batch) for name in voters}
+            for name in voters:
                 spec = next(c for c in bundle.classifiers if c.name == name)
                 p_mf, p_amf = classifier_outputs_to_probabilities(pending[name].result(), spec)
-                self.p_mitotic[name].append(p_mf)
-                self.p_atypical[name].append(p_amf)
+                self.p_mitotic[name].append(cast(np.ndarray, p_mf))
+                if name in self.subtypers:
+                    self.p_atypical[name].append(cast(np.ndarray, p_amf))
+        if self.subtype_only:
+            for name in self.subtype_only:  # filled in for the candidates that pass, when their batch runs
+                self.p_atypical[name].append(np.full(n, np.nan))
+            ensemble = ensemble_mitotic({k: v[-1] for k, v in self.p_mitotic.items()}, self.weights)
+            passed = np.flatnonzero(ensemble >= bundle.decision.mitotic_threshold)
+            if passed.size:
+                for i, batch in enumerate(batches):
+                    if self.subtype_only.intersection(self.groups[i].names):
+                        self.passed_crops[i].append(batch[passed])
+                self.passed_slots.append((self.batches, passed))
+                self.passed_waiting += passed.size
+        self.batches += 1
         self.waiting -= n
+        self.times.classify += time.perf_counter() - t0
+        if self.passed_waiting >= self.batch_size:
+            self._subtype()
+
+    def _subtype(self) -> None:
+        """Run the subtype-only members on the MF crops collected so far, in batches."""
+        t0 = time.perf_counter()
+        bundle = self.engines.bundle
+        for i, group in enumerate(self.groups):
+            names = [name for name in group.names if name in self.subtype_only]
+            if not names:
+                continue
+            crops = np.concatenate(self.passed_crops[i])
+            self.passed_crops[i] = []
+            for name in names:
+                spec = next(c for c in bundle.classifiers if c.name == name)
+                engine = self.engines.classifiers[name]
+                pending = [engine.submit(crops[j : j + self.batch_size]) for j in range(0, len(crops), self.batch_size)]
+                parts = [classifier_outputs_to_probabilities(p.result(), spec)[1] for p in pending]
+                p_amf = np.concatenate(cast(list[np.ndarray], parts))
+                offset = 0
+                for batch_number, rows in self.passed_slots:
+                    self.p_atypical[name][batch_number][rows] = p_amf[offset : offset + rows.size]
+                    offset += rows.size
+        self.passed_slots = []
+        self.passed_waiting = 0
         self.times.classify += time.perf_counter() - t0
 
 
@@ -439,7 +491,7 @@ def _figures(
     """The ensemble's decision for every merged candidate."""
     if len(boxes) == 0:
         return []
-    weights = {c.name: c.weight for c in bundle.classifiers}
+    weights = {c.name: c.weight for c in bundle.mitotic_voters}
     ensemble = ensemble_mitotic(p_mitotic, weights)
     chosen = [c.name for c in bundle.atypical_classifiers if c.name in p_atypical]
     atypical = atypical_probability(p_atypical, chosen)
@@ -447,7 +499,8 @@ def _figures(
     figures = []
     for i in range(len(boxes)):
         scores = {f"mitotic:{k}": float(v[i]) for k, v in p_mitotic.items()}
-        scores.update({f"atypical:{k}": float(v[i]) for k, v in p_atypical.items()})
+        # a subtype-only member has no score for a candidate that did not pass the MF threshold
+        scores.update({f"atypical:{k}": float(v[i]) for k, v in p_atypical.items() if not np.isnan(v[i])})
         mitotic = bool(is_mitotic[i])
         figures.append(
             Figure(
@@ -456,7 +509,7 @@ def _figures(
                 width_px=float(boxes.w[i]), height_px=float(boxes.h[i]),
                 detector_score=float(boxes.score[i]),
                 p_mitotic=float(ensemble[i]),
-                p_atypical=None if atypical is None else float(atypical[i]),
+                p_atypical=None if atypical is None or np.isnan(atypical[i]) else float(atypical[i]),
                 is_mitotic=mitotic,
                 subtype=str(subtype[i]) if mitotic else None,  # type: ignore[arg-type]
                 scores=scores,
@@ -476,6 +529,7 @@ def _provenance(config: Config, engines: EngineSet, times: StageTimes) -> dict[s
             "manifest_sha256": bundle.manifest_sha256,
             "models": {m.name: {"file": m.path.name, "sha256": m.sha256} for m in bundle.models},
             "intended_use": bundle.intended_use,
+            "ensemble": bundle.ensemble_roles(),
         },
         "backend": engines.backend,
         "plan_keys": dict(engines.plan_keys),
