@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("tiff", "ome"), default="tiff")
     p.add_argument("--hotspot-area", type=float, default=2.0, help="hotspot field area in mm² for the truth")
     p.add_argument("--truth", help="truth JSON path (default: OUT with .truth.json)")
+    f = p.add_argument_group("scan faults, recorded in the truth JSON under \"faults\"")
+    f.add_argument("--blur-regions", type=int, default=0, help="out-of-focus discs (sigma 0.75-2 µm) on tissue")
+    f.add_argument("--blur-hotspot", action="store_true", help="also blur the planted hotspot")
+    f.add_argument("--folds", type=int, default=0, help="tissue folds (darker doubled bands)")
+    f.add_argument("--pen-strokes", type=int, default=0, help="marker pen strokes (green, blue, black)")
+    f.add_argument("--stain-shift", type=float, default=0.0, help="degrees the eosin vector turns (a stainer change)")
     p.set_defaults(handler=cmd_synth)
 
     p = sub.add_parser("bench", help="benchmarks")
@@ -203,6 +209,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         jpeg_quality=args.quality,
         fmt=args.format,
         hotspot_area_mm2=args.hotspot_area,
+        blur_regions=args.blur_regions,
+        blur_hotspot=args.blur_hotspot,
+        folds=args.folds,
+        pen_strokes=args.pen_strokes,
+        stain_shift=args.stain_shift,
     )
     truth_path = Path(args.truth) if args.truth else default_truth_path(args.out)
     t0 = time.perf_counter()
