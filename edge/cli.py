@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hotspot-area", type=float, default=2.0, help="hotspot field area in mm² for the truth")
     p.add_argument("--truth", help="truth JSON path (default: OUT with .truth.json)")
     f = p.add_argument_group("scan faults, recorded in the truth JSON under \"faults\"")
-    f.add_argument("--blur-regions", type=int, default=0, help="out-of-focus discs (sigma 0.75-2 µm) on tissue")
+    f.add_argument("--blur-regions", type=int, default=0, help="out-of-focus discs (sigma 1-2.5 µm) on tissue")
     f.add_argument("--blur-hotspot", action="store_true", help="also blur the planted hotspot")
     f.add_argument("--folds", type=int, default=0, help="tissue folds (darker doubled bands)")
     f.add_argument("--pen-strokes", type=int, default=0, help="marker pen strokes (green, blue, black)")

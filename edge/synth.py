@@ -250,7 +250,7 @@ class SynthTruth:
     params: SynthParams
     objects: tuple[PlantedObject, ...]
     hotspot: Hotspot
-    faults: synth_faults.PlantedFaults = synth_faults.PlantedFaults()
+    faults: synth_faults.PlantedFaults = dataclasses.field(default_factory=synth_faults.PlantedFaults)
 
     def mitotic_points_um(self) -> Float64Array:
         """(N, 2) x, y in µm of the normal and atypical figures."""

@@ -5,7 +5,7 @@ calls these on each block it renders. Coordinates are level-0 px (pixel (i, j) c
 [i, i+1) x [j, j+1)); a block is given by its top-left corner (y, x).
 
 - Blur: a disc in which haematoxylin and eosin amounts are Gaussian-blurred (sigma in px), as a
-  scanner's focus plane missing the section there (0.75-2 µm, several depths of field).
+  scanner's focus plane missing the section there (1-2.5 µm, several depths of field).
 - Fold: a band along a segment where the tissue lies doubled: stain amounts times ``factor`` (1.7-2.2).
 - Pen: a polyline of marker ink over glass and tissue, multiplying the RGB by the ink's transmittance.
 - Stain shift: the eosin optical-density vector turned out of the H-E plane by ``stain_shift_deg``,
@@ -30,8 +30,8 @@ PEN_INKS: dict[str, tuple[float, float, float]] = {  # optical density per RGB c
     "blue": (1.1, 0.55, 0.1),
     "black": (1.6, 1.6, 1.6),
 }
-BLUR_SIGMA_UM = (0.75, 2.0)
-BLUR_RADIUS_UM = (120.0, 260.0)
+BLUR_SIGMA_UM = (1.0, 2.5)
+BLUR_RADIUS_UM = (180.0, 400.0)
 FOLD_LENGTH_UM = (300.0, 700.0)
 FOLD_WIDTH_UM = (60.0, 140.0)
 FOLD_FACTOR = (1.7, 2.2)
@@ -112,7 +112,9 @@ class PlantedFaults:
         )
 
 
-def shift_eosin(hematoxylin_od: NDArray[np.float64], eosin_od: NDArray[np.float64], degrees: float) -> NDArray[np.float64]:
+def shift_eosin(
+    hematoxylin_od: NDArray[np.float64], eosin_od: NDArray[np.float64], degrees: float
+) -> NDArray[np.float64]:
     """The eosin OD vector turned by ``degrees`` towards the normal of the H-E plane, its length kept.
 
     >>> h, e = np.array([0.6, 0.8, 0.3]), np.array([0.1, 0.9, 0.4])
@@ -154,7 +156,7 @@ def plan_faults(
         blur.append(BlurRegion(0, float(x), float(y), float(r), float(sigma), over_hotspot=True))
     for _ in range(blur_regions):
         y, x = tissue_point()
-        radius = min(rng.uniform(*BLUR_RADIUS_UM), 0.2 * side_um) / mpp
+        radius = min(rng.uniform(*BLUR_RADIUS_UM), 0.25 * side_um) / mpp
         sigma = min(rng.uniform(*BLUR_SIGMA_UM) / mpp, max_sigma_px)
         blur.append(BlurRegion(len(blur), float(x), float(y), float(radius), float(sigma)))
     planted_folds: list[Fold] = []
@@ -263,7 +265,9 @@ def pen_block(rgb: NDArray[np.uint8], strokes: tuple[PenStroke, ...], y: int, x:
     return np.clip(np.rint(rgb * coverage), 0, 255).astype(np.uint8)
 
 
-def disc_mask(regions: tuple[BlurRegion, ...], shape: tuple[int, int], px_per_cell: tuple[float, float]) -> NDArray[np.bool_]:
+def disc_mask(
+    regions: tuple[BlurRegion, ...], shape: tuple[int, int], px_per_cell: tuple[float, float]
+) -> NDArray[np.bool_]:
     """The union of blur discs on a grid of cells (row, col) each ``px_per_cell`` (x, y) level-0 px: a cell
     is inside when its centre is."""
     ys = (np.arange(shape[0]) + 0.5)[:, None] * px_per_cell[1]
