@@ -109,7 +109,7 @@ def raw(path: Path, sql: str) -> list[Any]:
 def test_a_store_is_created_from_nothing_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "new" / "folder" / "edge.db"
     with Store.open(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 1
+        assert store.schema_version == SCHEMA_VERSION == len(store_module.MIGRATIONS)
         assert store.counts_by_state() == {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
         assert store.last_sequence() == 0 and store.events_after(0) == []
         assert raw(path, "PRAGMA journal_mode") == [("wal",)]
@@ -135,7 +135,7 @@ def test_an_older_schema_is_migrated_in_place(tmp_path: Path, monkeypatch: pytes
     version_2 = ("ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE jobs SET note = 'migrated'")
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, version_2))
     with Store.open(path) as store:
-        assert store.schema_version == 2
+        assert store.schema_version == SCHEMA_VERSION + 1
         assert store.get_job(1).slide_path == "/scans/a.svs"
     assert raw(path, "SELECT note FROM jobs") == [("migrated",)]
 
@@ -145,18 +145,21 @@ def test_a_failing_migration_leaves_the_store_unchanged(tmp_path: Path, monkeypa
     Store.open(path).close()
     broken = ("ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE no_such_table SET x = 1")
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, broken))
-    with pytest.raises(StoreError, match=r"from schema version 1 to 2 failed .*no_such_table"):
+    failed = rf"from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed .*no_such_table"
+    with pytest.raises(StoreError, match=failed):
         Store.open(path)
-    assert raw(path, "PRAGMA user_version") == [(1,)]
+    assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert "note" not in {row[1] for row in raw(path, "PRAGMA table_info(jobs)")}
 
 
 def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     path = tmp_path / "edge.db"
     Store.open(path).close()
-    raw(path, "PRAGMA user_version = 7")
+    newer = SCHEMA_VERSION + 5
+    raw(path, f"PRAGMA user_version = {newer}")
     before = path.read_bytes()
-    with pytest.raises(StoreCorruptError, match=r"schema version 7, newer than version 1.*upgrade mitosis-edge"):
+    refused = rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade mitosis-edge"
+    with pytest.raises(StoreCorruptError, match=refused):
         Store.open(path)
     assert path.read_bytes() == before
 
