@@ -137,6 +137,10 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
     ]
     if hint.score is not None:
         lines.append(f"hint       mitotic score {hint.score} ({hint.note})")
+    if result.qc is not None:
+        from edge.qc import summary_lines
+
+        lines.extend(summary_lines(result.qc, (info.get("scanner") or {}).get("id")))
     backend = result.provenance.get("backend", "?")
     bundle = result.provenance.get("bundle", {})
     lines.append(

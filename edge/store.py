@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.config import QcConfig
-from edge.drift import HistoryPoint, assess, measures_of
+from edge.drift import Assessment, HistoryPoint, assess, measures_of
 from edge.errors import JobNotFoundError, JobStateError, ResultNotFoundError, StoreCorruptError, StoreError
 from edge.scoring import Figure, SlideResult
 from edge.slide import UNKNOWN_SCANNER
@@ -429,7 +429,9 @@ class Store:
             )
             _merge_slide_meta(conn, job_id, slide_json)
             if result.qc is not None:
-                _record_qc(conn, done, result, qc or QcConfig(), now)
+                assessment = _record_qc(conn, done, result, qc or QcConfig(), now)
+                summary["qc"]["baseline"] = assessment.to_json_dict()  # how the slide compared with its scanner
+                conn.execute("UPDATE results SET summary = ? WHERE job_id = ?", (json.dumps(summary), job_id))
             payload = {
                 "mitotic_count": hotspot.mitotic,
                 "atypical_ratio": hotspot.atypical_ratio,
@@ -807,7 +809,9 @@ def _requeue(conn: sqlite3.Connection, job: Job, reason: str, now: float, *, cou
     return queued
 
 
-def _record_qc(conn: sqlite3.Connection, job: Job, result: SlideResult, config: QcConfig, now: float) -> None:
+def _record_qc(
+    conn: sqlite3.Connection, job: Job, result: SlideResult, config: QcConfig, now: float
+) -> Assessment:
     qc = result.qc or {}
     scanner = str((result.slide.get("scanner") or {}).get("id") or UNKNOWN_SCANNER)
     measures = measures_of(qc, result.scores.mitotic_density_per_mm2)
@@ -835,6 +839,7 @@ def _record_qc(conn: sqlite3.Connection, job: Job, result: SlideResult, config: 
     if assessment.drift:
         _append_event(conn, "drift", job, now, {"scanner": scanner, "message": assessment.message,
                                                 "moved": assessment.moved, "run": assessment.run})
+    return assessment
 
 
 def _append_event(
