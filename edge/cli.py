@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge import __version__, cli_analysis, cli_client, cli_daemon, cli_engines, cli_results
+from edge import __version__, cli_analysis, cli_client, cli_daemon, cli_engines, cli_qc, cli_results
 from edge.cli_args import config_from_args
 from edge.config import load_config
 from edge.errors import ConfigError, EdgeError
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_engines.register(sub, bench_sub)
     cli_analysis.register(sub, bench_sub)
     cli_results.register(sub)
+    cli_qc.register(sub)
     cli_daemon.register_bench(bench_sub)
 
     cli_daemon.register(sub)

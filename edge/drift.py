@@ -21,7 +21,7 @@ import numpy as np
 
 from edge.config import QcConfig
 
-__all__ = ["DRIFT_MEASURES", "Assessment", "HistoryPoint", "assess", "measures_of"]
+__all__ = ["DRIFT_MEASURES", "Assessment", "HistoryPoint", "assess", "deviations", "measures_of"]
 
 DRIFT_MEASURES = ("eosin", "hematoxylin", "focus", "mitotic_density")
 DENSITY_FLOOR_LOG = math.log(2.0)  # MF density varies by tumour: only a doubling (or halving) stands out
@@ -77,6 +77,40 @@ def _vector_deviation(values: Sequence[Sequence[float]], current: Sequence[float
     return angle, [round(float(v), 5) for v in mean], float(np.sqrt(np.mean(spread**2)))
 
 
+def deviations(
+    history: Sequence[HistoryPoint], current: Mapping[str, Any], config: QcConfig
+) -> dict[str, dict[str, float]]:
+    """How far each measure of ``current`` lies from the baseline drawn from ``history`` (older first), and the
+    band it may move within: {measure: {"value", "baseline", "deviation", "band"}}; empty without a baseline.
+
+    Stain vectors: degrees from the baseline's mean direction (value = deviation). Focus: Crete units.
+    MF density: log(1 + density), so the band is a ratio.
+    """
+    baseline = [p for p in history if p.in_band][-config.baseline_slides :]
+    out: dict[str, dict[str, float]] = {}
+    if len(baseline) < config.baseline_min_slides:
+        return out
+    for name in ("eosin", "hematoxylin"):
+        vectors = [v for v in (p.measures.get(name) for p in baseline) if v]
+        if current.get(name) and len(vectors) >= config.baseline_min_slides:
+            angle, _mean, sd = _vector_deviation(vectors, current[name])
+            band = max(config.drift_sigmas * sd, config.drift_stain_deg)
+            out[name] = {"value": round(angle, 2), "baseline": 0.0, "deviation": round(angle, 2),
+                         "band": round(band, 2)}
+    for name, floor, transform in (
+        ("focus", config.drift_focus, float),
+        ("mitotic_density", DENSITY_FLOOR_LOG, lambda v: math.log1p(float(v))),
+    ):
+        series = [transform(v) for v in (p.measures.get(name) for p in baseline) if v is not None]
+        if current.get(name) is None or len(series) < config.baseline_min_slides:
+            continue
+        mean, sd = float(np.mean(series)), float(np.std(series))
+        out[name] = {"value": round(float(current[name]), 4), "baseline": round(mean, 4),
+                     "deviation": round(transform(current[name]) - mean, 4),
+                     "band": round(max(config.drift_sigmas * sd, floor), 4)}
+    return out
+
+
 def assess(history: Sequence[HistoryPoint], current: Mapping[str, Any], config: QcConfig) -> Assessment:
     """Compare ``current`` (from :func:`measures_of`) with the baseline drawn from ``history`` (older first).
 
@@ -87,42 +121,17 @@ def assess(history: Sequence[HistoryPoint], current: Mapping[str, Any], config: 
     >>> assess(base, {"eosin": [0.3, 0.9, 0.2], "focus": 0.3}, QcConfig()).moved["eosin"]["deviation"] > 10
     True
     """
-    baseline = [p for p in history if p.in_band][-config.baseline_slides :]
-    if len(baseline) < config.baseline_min_slides:
-        return Assessment(True, len(baseline), 0, False)
-    moved: dict[str, dict[str, float]] = {}
-    for name in ("eosin", "hematoxylin"):
-        values = [p.measures.get(name) for p in baseline]
-        vectors = [v for v in values if v]
-        if current.get(name) and len(vectors) >= config.baseline_min_slides:
-            angle, _mean, sd = _vector_deviation(vectors, current[name])
-            band = max(config.drift_sigmas * sd, config.drift_stain_deg)
-            if angle > band:
-                moved[name] = {"value": round(angle, 2), "band": round(band, 2), "deviation": round(angle, 2),
-                               "unit_degrees": 1.0}
-    for name, floor, transform in (
-        ("focus", config.drift_focus, float),
-        ("mitotic_density", DENSITY_FLOOR_LOG, lambda v: math.log1p(float(v))),
-    ):
-        values = [p.measures.get(name) for p in baseline]
-        series = [transform(v) for v in values if v is not None]
-        if current.get(name) is None or len(series) < config.baseline_min_slides:
-            continue
-        mean, sd = float(np.mean(series)), float(np.std(series))
-        band = max(config.drift_sigmas * sd, floor)
-        deviation = transform(current[name]) - mean
-        if abs(deviation) > band:
-            moved[name] = {"value": round(float(current[name]), 4), "baseline": round(mean, 4), "band": round(band, 4),
-                           "deviation": round(deviation, 4)}
+    n_baseline = len([p for p in history if p.in_band][-config.baseline_slides :])
+    moved = {k: v for k, v in deviations(history, current, config).items() if abs(v["deviation"]) > v["band"]}
     if not moved:
-        return Assessment(True, len(baseline), 0, False)
+        return Assessment(True, n_baseline, 0, False)
     run = 1
     for point in reversed(history):
         if point.in_band:
             break
         run += 1
     drift = run == config.drift_run
-    return Assessment(False, len(baseline), run, drift, moved, _describe(moved, len(baseline), run))
+    return Assessment(False, n_baseline, run, drift, moved, _describe(moved, n_baseline, run))
 
 
 def _describe(moved: Mapping[str, Mapping[str, float]], baseline: int, run: int) -> str:
