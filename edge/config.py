@@ -328,8 +328,8 @@ class QcConfig:
     review_out_of_focus_fraction: float = 0.02  # of tissue; a few fields, worth a look
     rescan_out_of_focus_fraction: float = 0.10  # of tissue; enough to hide figures and bias density
     hotspot_out_of_focus_fraction: float = 0.20  # of the hotspot's tissue: the count is not trustworthy
-    hotspot_fold_fraction: float = 0.10
-    review_fold_fraction: float = 0.01
+    hotspot_fold_fraction: float = 0.25  # of the hotspot's tissue: its count may include doubled tissue
+    review_fold_fraction: float = 0.05  # of tissue; smaller folds are still reported and outlined
     review_pen_fraction: float = 0.002  # any real stroke on tissue; dust specks are removed by size
     review_saturated_fraction: float = 0.05
     baseline_slides: int = 20  # drift: a scanner's rolling baseline is its last N in-band slides
