@@ -39,13 +39,19 @@ from edge.scoring import Figure, find_hotspot, hotspot_radius_um, points_in_hots
 
 __all__ = [
     "REFERENCE_STAINS",
+    "VERDICTS",
     "QcAccumulator",
     "QcMaps",
     "StainVectors",
+    "angle_deg",
     "crete_blur",
     "focus_sums",
+    "fold_mask",
+    "line_focus_sums",
     "macenko",
     "optical_density",
+    "pen_mask",
+    "summary_lines",
     "verdict_of",
 ]
 
