@@ -583,6 +583,35 @@ def _cell_sum(a: NDArray[np.float32], cell: tuple[int, int] | int) -> NDArray[np
     return np.asarray(a.reshape(rows, ch, cols, cw).sum(axis=3).sum(axis=1), np.float32)
 
 
+def summary_lines(qc: Mapping[str, Any], scanner: str | None = None) -> list[str]:
+    """The qc section for a person: verdict and reasons, the fractions, the sharp-tissue hotspot, drift.
+
+    >>> summary_lines({"verdict": "pass", "reasons": [], "out_of_focus_fraction": 0.0, "focus_median": 0.3})[0]
+    'scan QC    pass'
+    """
+    reasons = "; ".join(qc.get("reasons") or [])
+    lines = [f"scan QC    {qc.get('verdict')}" + (f": {reasons}" if reasons else "")]
+    focus = qc.get("focus_median")
+    lines.append(
+        f"           out of focus {float(qc.get('out_of_focus_fraction') or 0):.1%}, "
+        f"folds {float(qc.get('fold_fraction') or 0):.1%}, pen/dirt {float(qc.get('pen_fraction') or 0):.1%}, "
+        f"clipped {float(qc.get('saturated_fraction') or 0):.1%}; "
+        f"focus {'n/a' if focus is None else f'{focus:.2f}'} (Crete blur, 0 sharp)"
+        + (f"; scanner {scanner}" if scanner else "")
+    )
+    spot = qc.get("hotspot") or {}
+    if spot.get("out_of_focus_fraction") is not None:
+        lines.append(f"           hotspot {spot['out_of_focus_fraction']:.0%} out of focus, "
+                     f"{float(spot.get('fold_fraction') or 0):.0%} folded")
+    sharp = qc.get("sharp_hotspot")
+    if sharp and sharp.get("mitotic_count") is not None:
+        lines.append(f"           best field among sharp tissue: mitotic count {sharp['mitotic_count']}")
+    baseline = qc.get("baseline") or {}
+    if baseline.get("message"):
+        lines.append(f"           {'drift' if baseline.get('drift') else 'outside baseline'}: {baseline['message']}")
+    return lines
+
+
 def _ratio(part: int, whole: int) -> float:
     return round(part / whole, 5) if whole else 0.0
 
