@@ -267,6 +267,7 @@ class QcMaps:
     fold: NDArray[np.bool_]
     pen: NDArray[np.bool_]
     thumb_px0: tuple[float, float]
+    tissue_cells: NDArray[np.bool_] | None = None  # the cells focus was judged on (same grid as out_of_focus)
 
     def regions(self) -> list[tuple[str, list[list[tuple[float, float]]]]]:
         """(class, outer rings in level-0 px) of each out-of-focus, fold and pen region."""
@@ -483,7 +484,7 @@ class QcAccumulator:
         near_tissue = ndimage.binary_dilation(mask, iterations=2)
         n_tissue = int(tissue.sum())
         cell_px0 = (self.cell * px0_per_tile_px[0], self.cell * px0_per_tile_px[1])
-        maps = QcMaps(oof, cell_px0, fold, pen, thumb_scale)
+        maps = QcMaps(oof, cell_px0, fold, pen, thumb_scale, tissue)
         radius_um = hotspot_radius_um(hotspot_area_mm2)
         cell_um = (cell_px0[0] * mpp0[0], cell_px0[1] * mpp0[1])
         thumb_um = mask_mpp
@@ -542,17 +543,6 @@ class QcAccumulator:
         self.seconds += time.perf_counter() - t0
         section["seconds"] = round(self.seconds, 4)
         return section, maps
-
-
-def _bin_sum(image: NDArray[Any], k: int) -> NDArray[np.uint16]:
-    """Sums over k x k blocks of a uint8 image (h, w[, channels]) whose sides are multiples of k (uint16, exact
-    for k <= 16)."""
-    total = np.array(image[0::k, 0::k], np.uint16)
-    for dy in range(k):
-        for dx in range(k):
-            if dy or dx:
-                total += image[dy::k, dx::k]
-    return total
 
 
 def _bin_lines(image: NDArray[np.uint8], b: int, step: int, axis: int) -> NDArray[np.float32]:
