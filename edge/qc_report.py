@@ -147,12 +147,14 @@ def _plot(scanner: str, series: Sequence[dict[str, Any]]) -> bytes:
             ax.fill_between(xs, [v for v in low if v is not None], [v for v in high if v is not None],
                             step="mid", color="tab:blue", alpha=0.15, label="baseline band")
             ax.plot(xs, [v for v in base if v is not None], color="tab:blue", lw=1, label="baseline")
-        inside = [(t, v) for t, v, r in zip(times, values, series, strict=True) if v is not None and r["in_band"]]
-        outside = [(t, v) for t, v, r in zip(times, values, series, strict=True) if v is not None and not r["in_band"]]
+        points = [(t, v, lo is not None and not lo <= v <= hi)
+                  for t, v, lo, hi in zip(times, values, low, high, strict=True) if v is not None]
+        inside = [(t, v) for t, v, out in points if not out]
+        outside = [(t, v) for t, v, out in points if out]
         if inside:
             ax.plot(*zip(*inside, strict=True), "o", ms=4, color="black", label="slide")
         if outside:
-            ax.plot(*zip(*outside, strict=True), "o", ms=5, color="tab:red", label="outside the band")
+            ax.plot(*zip(*outside, strict=True), "o", ms=5, color="tab:red", label="outside the band (this measure)")
         for t, r in zip(times, series, strict=True):
             if r["drift"]:
                 ax.axvline(t, color="tab:red", lw=1, ls="--")

@@ -111,7 +111,7 @@ def drift(out: Path, slides: int = 30, change_after: int = 20, shift_deg: float 
             shift = shift_deg if i > change_after else 0.0
             generate_slide(path, SynthParams(2048, 2048, seed=5000 + i, stain_shift=shift))
             analysis = _analyze(path, config, engines)
-            job = store.add_job(str(path))
+            job, _ = store.add_job(str(path))
             store.claim_next_job()
             store.complete_job(job.job_id, analysis.result, {}, config.qc)
         for event in store.events_after(0):
