@@ -317,7 +317,7 @@ class QcConfig:
     fold_od_ratio: float = 1.5  # this many times denser than the slide and its surroundings: folded (doubled ~2x)
     fold_window_um: float = 400.0  # the surroundings of a fold: wider than a fold, narrower than a tumour field
     pen_off_plane_deg: float = 14.0  # colour this far off the slide's H-E plane is ink, not stain (stains vary ~5°)
-    pen_outside_cone_deg: float = 12.0  # this far outside the H-E cone (blue ink is ~30° past haematoxylin)
+    pen_outside_cone_deg: float = 8.0  # this far outside the H-E cone (blue ink alone is ~30° past haematoxylin)
     pen_min_od: float = 0.6  # pen and dirt are dense: summed OD above this
     dark_od: float = 1.2  # OD above this in every channel: black ink, dirt, debris
     min_region_mm2: float = 0.002  # folds and pen smaller than this (about 45 µm square) are ignored
