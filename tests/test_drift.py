@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+import shutil
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,17 @@ from edge._proto import edge_pb2 as pb
 from edge._proto import edge_pb2_grpc as pb_grpc
 from edge.client import EdgeClient
 from edge.config import QcConfig
+from edge.daemon import Daemon
 from edge.drift import HistoryPoint, assess
 from edge.metrics import DaemonMetrics
 from edge.scoring import SlideResult
 from edge.server import RunningServer, start_server
 from edge.store import Store
 from edge.synth_faults import shift_eosin
+from tests.conftest import SynthFactory
 from tests.grpc_fakes import FakeControl, insecure_config, slide_result
 from tests.test_cli import run_cli
+from tests.test_daemon import daemon_config, start_daemon, states, wait_for  # noqa: F401 (start_daemon: a fixture)
 
 H = np.array([0.62, 0.80, 0.30])
 E = np.array([0.09, 0.90, 0.42])
@@ -165,3 +170,18 @@ def test_qc_report_without_a_store_says_where_it_looked(tmp_path: Path) -> None:
     result = run_cli("qc", "report", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "no store at" in result.stderr
 
+
+
+def test_the_daemon_flags_a_blurred_scan_and_counts_it(
+    tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]  # noqa: F811 (the fixture)
+) -> None:
+    daemon = start_daemon(daemon_config(tmp_path, **{"daemon.metrics_listen": "127.0.0.1:0"}))
+    shutil.copy(synth_slide(width=3072, height=3072, seed=7102, blur_hotspot=True), tmp_path / "inbox" / "b.tiff")
+    wait_for(lambda: states(daemon.store).get("b.tiff") == "done", what="b.tiff done")
+    events = [e for e in daemon.store.events_after(0) if e.type in ("qc_flagged", "job_done")]
+    assert [e.type for e in events] == ["qc_flagged", "job_done"] and events[0].payload["verdict"] == "rescan"
+    result = daemon.store.get_result(events[0].job_id)
+    assert result.summary["qc"]["verdict"] == "rescan" and result.summary["qc"]["baseline"]["in_band"]
+    scraped = urllib.request.urlopen(f"http://{daemon.metrics_address()}/metrics", timeout=5).read().decode()
+    assert 'mitosis_edge_qc_verdicts_total{verdict="rescan"} 1.0' in scraped
+    assert "mitosis_edge_qc_out_of_focus_fraction_bucket" in scraped
