@@ -121,7 +121,7 @@ def _analyze(slide: Path, out: Path, *extra: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory: pytest.TempPathFactory, synth_slide: SynthFactory) -> tuple[Path, Path, dict[str, Any]]:
-    slide = synth_slide(width=SIDE, height=SIDE, seed=7101, blur_regions=1, folds=1, pen_strokes=2)
+    slide = synth_slide(width=SIDE, height=SIDE, seed=7106, blur_regions=1, folds=1, pen_strokes=2)
     out = tmp_path_factory.mktemp("qc") / "faulty"
     return slide, out, _analyze(slide, out)
 
@@ -131,7 +131,7 @@ def test_planted_blur_folds_and_pen_are_found(faulty: tuple[Path, Path, dict[str
     truth = load_truth(slide.with_name(slide.stem + ".truth.json"))
     assert len(truth.faults.blur) == 1 and len(truth.faults.folds) == 1 and len(truth.faults.pen) == 2
     qc = result["qc"]
-    assert qc["out_of_focus_fraction"] > 0.05 and qc["fold_regions"] >= 1 and qc["pen_regions"] >= 1
+    assert qc["out_of_focus_fraction"] > 0.05 and qc["fold_regions"] >= 1 and qc["pen_regions"] >= 2
     assert qc["verdict"] in ("review", "rescan") and any("out of focus" in r for r in qc["reasons"])
     assert any("pen" in r for r in qc["reasons"])
     geojson = json.loads((out / "detections.geojson").read_text())
