@@ -9,7 +9,8 @@ estimation with a new no-reference perceptual blur metric", SPIE 6492; also
 neighbour difference survives. It is a ratio, so faint or sparse tissue does not read as blurred
 the way an absolute sharpness (Laplacian variance, Tenengrad) does; 0 = sharp, 1 = flat. It is
 measured at ``focus_mpp`` (0.5 µm/px: 2x2 binned 0.25 µm/px tiles), which also suppresses JPEG and
-sensor noise, and per cell of ``cell_um`` (32 µm), pooled over 3x3 cells.
+sensor noise, and per cell of ``cell_um`` (32 µm), pooled over 3x3 cells. Unlike Crete, the
+smaller of the horizontal and vertical blur is kept: defocus blurs both, fibres only one.
 
 Folds: tissue whose optical density is ``fold_od_ratio`` times the slide's median tissue density
 (doubled tissue), on the thumbnail. Pen and dirt: dense pixels whose colour is not a mix of the
@@ -116,8 +117,9 @@ def line_focus_sums(
 
 
 def crete_blur(sums: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Crete's blur from :func:`focus_sums` (summed over any cells first): max over both axes of
-    (D - V) / D; 0 sharp, 1 flat.
+    """Crete's blur from :func:`focus_sums` (summed over any cells first): (D - V) / D per axis, 0 sharp,
+    1 flat, and the smaller of the two. Crete takes the larger; but defocus blurs every direction, while
+    oriented texture (collagen fibres, muscle) is smooth along one axis only and would read as blurred.
 
     >>> rng = np.random.default_rng(0)
     >>> sharp = rng.uniform(0, 255, (64, 64)).astype(np.float32)
@@ -128,7 +130,7 @@ def crete_blur(sums: NDArray[np.float32]) -> NDArray[np.float32]:
     d_h, v_h, d_v, v_v = sums
     blur_h = 1.0 - v_h / np.maximum(d_h, 1e-6)
     blur_v = 1.0 - v_v / np.maximum(d_v, 1e-6)
-    return np.asarray(np.maximum(blur_h, blur_v), np.float32)
+    return np.asarray(np.minimum(blur_h, blur_v), np.float32)
 
 
 @dataclass(frozen=True)
