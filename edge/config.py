@@ -334,10 +334,10 @@ class QcConfig:
     review_saturated_fraction: float = 0.05
     baseline_slides: int = 20  # drift: a scanner's rolling baseline is its last N in-band slides
     baseline_min_slides: int = 8  # no drift call before a scanner has this many
-    drift_run: int = 3  # consecutive slides outside the band raise a drift event
+    drift_run: int = 3  # drift is judged on the mean of the last N slides (one event when it leaves the band)
     drift_stain_deg: float = 4.0  # the band for stain vectors: at least this many degrees
     drift_focus: float = 0.06  # the band for the median focus (Crete units)
-    drift_sigmas: float = 4.0  # the band: this many baseline standard deviations, if wider
+    drift_sigmas: float = 3.0  # the band: this many baseline standard deviations, if wider
 
     def validate(self) -> None:
         for name in ("focus_mpp", "cell_um", "fold_od_ratio", "fold_window_um", "pen_off_plane_deg",
