@@ -156,8 +156,9 @@ def _window_moved(history: Sequence[HistoryPoint], current: Mapping[str, Any], c
                                                           current]
     mean: dict[str, Any] = {}
     for name in DRIFT_MEASURES:
-        values = [m.get(name) for m in recent]
-        if any(v is None or v == [] for v in values):
+        found = [m.get(name) for m in recent]
+        values: list[Any] = [v for v in found if v is not None and v != []]
+        if len(values) < len(found):
             continue
         if name in ("eosin", "hematoxylin"):
             unit = np.array([np.asarray(v, np.float64) / np.linalg.norm(v) for v in values]).mean(axis=0)
