@@ -62,8 +62,8 @@ CRETE_WINDOW = 9  # px of the re-blurring box filter (Crete et al.)
 MIN_STAIN_OD = 0.15  # Macenko's beta: optical density below this per channel is glass or noise
 MACENKO_PERCENTILE = 1.0  # Macenko's alpha: robust extremes of the angle distribution
 MIN_STAIN_PIXELS = 200
-FOCUS_LINE_STEP = 4  # focus from every 4th row (horizontal) and column (vertical) at focus_mpp
-COLOUR_STEP = 8  # colour measures from every 8th pixel of each 8th row (2 µm apart at 0.25 µm/px)
+FOCUS_LINE_STEP = 8  # focus from every 8th row (horizontal) and column (vertical) at focus_mpp
+COLOUR_STEP = 16  # colour measures from every 16th pixel of each 16th row (4 µm apart at 0.25 µm/px)
 POOL_CELLS = 3  # focus sums pooled over 3x3 cells: a decision per cell from ~100 µm of tissue
 # Ruifrok & Johnston (2001) H&E optical density vectors: the fallback when a slide has too little stain.
 REFERENCE_STAINS = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])

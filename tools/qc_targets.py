@@ -30,8 +30,8 @@ from edge.pipeline import analyze_slide  # noqa: E402
 from edge.synth import SynthParams, default_truth_path, generate_slide, load_truth  # noqa: E402
 from edge.synth_faults import disc_mask, segment_distance  # noqa: E402
 
-FAULT_SEEDS = (5101, 5102, 5103, 5104, 5105)  # never used to choose the thresholds (those: 101-103, 201-203)
-CLEAN_SEEDS = (5201, 5202, 5203, 5204, 5205)
+FAULT_SEEDS = (6101, 6102, 6103, 6104, 6105)  # never used to choose the thresholds (those: 101-103, 201-203)
+CLEAN_SEEDS = (6201, 6202, 6203, 6204, 6205)
 SIDE = 4096
 
 
