@@ -266,6 +266,10 @@ def bench_analyze(
             engines.detector.infer(held[0])  # warm-up
             detector_tps = [_detector_rate(engines.detector, held, detector_seconds)]
             analysis = analyze_slide(path, config, engines=engines)
+            # Scan QC's cost: the same analysis without it, in the same run (and QC's own seconds, which
+            # noise on a shared machine does not blur).
+            no_qc = dataclasses.replace(config, qc=dataclasses.replace(config.qc, enabled=False))
+            without_qc = analyze_slide(path, no_qc, engines=engines) if config.qc.enabled else analysis
             detector_tps.append(_detector_rate(engines.detector, held, detector_seconds))
             read_s.append(_read_all(slide, sp, pconfig, [], 0))
     n = analysis.tiles
@@ -288,6 +292,11 @@ def bench_analyze(
         "end_to_end_tiles_per_s": e2e_tps,
         "end_to_end_seconds": analysis.times.total,
         "ratio": e2e_tps / slower if slower > 0 else None,
+        "end_to_end_seconds_without_qc": without_qc.times.total,
+        "qc_overhead": analysis.times.total / without_qc.times.total - 1.0 if without_qc.times.total > 0 else None,
+        "qc_seconds": (analysis.result.qc or {}).get("seconds"),
+        "qc_share": (analysis.result.qc or {}).get("seconds", 0.0) / analysis.times.total
+        if analysis.times.total > 0 else None,
         "stage_seconds": analysis.times.to_dict(),
         "peak_rss_mb": peak_rss_mb(),
     }

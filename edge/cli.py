@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge import __version__, cli_analysis, cli_client, cli_cohort, cli_daemon, cli_engines, cli_results
+from edge import __version__, cli_analysis, cli_client, cli_cohort, cli_daemon, cli_engines, cli_qc, cli_results
 from edge.cli_args import config_from_args
 from edge.config import load_config
 from edge.errors import ConfigError, EdgeError
@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiff: pyramidal TIFF with resolution tags; ome: OME-TIFF with OME-XML (default tiff)")
     p.add_argument("--hotspot-area", type=float, default=2.0, help="hotspot field area in mm² for the truth")
     p.add_argument("--truth", help="truth JSON path (default: OUT with .truth.json)")
+    f = p.add_argument_group("scan faults, recorded in the truth JSON under \"faults\"")
+    f.add_argument("--blur-regions", type=int, default=0, help="out-of-focus discs (sigma 1-2.5 µm) on tissue")
+    f.add_argument("--blur-hotspot", action="store_true", help="also blur the planted hotspot")
+    f.add_argument("--folds", type=int, default=0, help="tissue folds (darker doubled bands)")
+    f.add_argument("--pen-strokes", type=int, default=0, help="marker pen strokes (green, blue, black)")
+    f.add_argument("--stain-shift", type=float, default=0.0, help="degrees the eosin vector turns (a stainer change)")
     p.set_defaults(handler=cmd_synth)
 
     p = sub.add_parser("bench", help="benchmarks")
@@ -110,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_analysis.register(sub, bench_sub)
     cli_results.register(sub)
     cli_cohort.register(sub)
+    cli_qc.register(sub)
     cli_daemon.register_bench(bench_sub)
     cli_cohort.register_bench(bench_sub)
 
@@ -269,6 +276,11 @@ def _synth_params(args: argparse.Namespace) -> Any:
         jpeg_quality=args.quality,
         fmt=args.format,
         hotspot_area_mm2=args.hotspot_area,
+        blur_regions=args.blur_regions,
+        blur_hotspot=args.blur_hotspot,
+        folds=args.folds,
+        pen_strokes=args.pen_strokes,
+        stain_shift=args.stain_shift,
     )
 
 

@@ -142,6 +142,10 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
     ]
     if hint.score is not None:
         lines.append(f"hint       mitotic score {hint.score} ({hint.note})")
+    if result.qc is not None:
+        from edge.qc import summary_lines
+
+        lines.extend(summary_lines(result.qc, (info.get("scanner") or {}).get("id")))
     backend = result.provenance.get("backend", "?")
     bundle = result.provenance.get("bundle", {})
     lines.append(
@@ -169,6 +173,10 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
     print(f"detector only  {result['detector_tiles_per_s']:.1f} tiles/s")
     print(f"end to end     {result['end_to_end_tiles_per_s']:.1f} tiles/s")
     print(f"ratio          {result['ratio']:.2f} (end to end / slower of the two; target >= 0.8)")
+    if result["qc_seconds"] is not None:
+        print(f"scan QC        {result['qc_seconds']:.2f} s = {result['qc_share']:.1%} of end to end; without QC "
+              f"{result['end_to_end_seconds_without_qc']:.1f} s against {result['end_to_end_seconds']:.1f} s "
+              f"({result['qc_overhead']:+.1%}; target <= 5%)")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in result["stage_seconds"].items())
     print(f"stages (s)     {stages}")
     print(f"peak RSS       {result['peak_rss_mb']:.0f} MiB")

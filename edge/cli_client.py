@@ -188,6 +188,10 @@ def result_lines(result: dict[str, Any]) -> list[str]:
     if isinstance(bundle, dict) and bundle.get("name"):
         use = f"; intended use: {bundle['intended_use']}" if bundle.get("intended_use") else ""
         lines.append(f"bundle                 {bundle['name']} {bundle.get('version', '')}{use}")
+    if result.get("qc"):
+        from edge.qc import summary_lines
+
+        lines.extend(summary_lines(result["qc"], (result.get("slide") or {}).get("scanner", {}).get("id")))
     for kind, path in sorted(result["exports"].items()):
         lines.append(f"export {kind:<16}{path}")
     return lines
@@ -337,6 +341,10 @@ def _event_line(event: dict[str, Any]) -> str:
     if event["type"] == "job_done":
         ratio = payload.get("atypical_ratio")
         extra = f"  hotspot mitotic count {payload.get('mitotic_count')}, atypical ratio {_ratio(ratio)}"
+    elif event["type"] == "qc_flagged":
+        extra = f"  {payload.get('verdict')}: {'; '.join(payload.get('reasons') or [])}"
+    elif event["type"] == "drift":
+        extra = f"  scanner {payload.get('scanner')}: {payload.get('message')}"
     elif payload.get("error"):
         extra = f"  {payload['error']}"
     return f"{event['sequence']:>8}  {_when(event['created_at'])}  {event['type']:<13}  job {event['job_id']}  " \

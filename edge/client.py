@@ -229,6 +229,24 @@ def result_dict(result: Any) -> dict[str, Any]:
         "exports": dict(result.exports),
         "detections": result.detections,
         "created_at": result.created_at,
+        "qc": summary.get("qc") or (qc_dict(result.qc) if result.HasField("qc") else None),
+    }
+
+
+def qc_dict(qc: Any) -> dict[str, Any]:
+    """A QcSummary message as a dict in the result.json qc section's names (for servers that send no summary)."""
+    return {
+        "verdict": qc.verdict,
+        "reasons": list(qc.reasons),
+        "out_of_focus_fraction": qc.out_of_focus_fraction,
+        "fold_fraction": qc.fold_fraction,
+        "pen_fraction": qc.pen_fraction,
+        "saturated_fraction": qc.saturated_fraction,
+        "focus_median": _opt(qc, "focus_median"),
+        "hotspot": {"out_of_focus_fraction": _opt(qc, "hotspot_out_of_focus_fraction"),
+                    "fold_fraction": _opt(qc, "hotspot_fold_fraction")},
+        "stains": {"hematoxylin": list(qc.hematoxylin_od), "eosin": list(qc.eosin_od)} if qc.eosin_od else None,
+        "baseline": {"drift": qc.drift, "in_band": not qc.outside_baseline},
     }
 
 

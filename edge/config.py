@@ -391,6 +391,64 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class QcConfig:
+    """[qc]: scan quality measured in the tile stream, the verdict's thresholds and drift per scanner (edge.qc)."""
+
+    enabled: bool = True  # off: no qc section, the scores are exactly as without QC
+    focus_mpp: float = 0.5  # µm/px focus is measured at (tiles binned): above JPEG and sensor noise
+    cell_um: float = 32.0  # side of a QC cell; focus is pooled over 3x3 cells (~100 µm)
+    min_cell_tissue: float = 0.5  # a cell is tissue when this share of its pixels is stained
+    tissue_od: float = 0.3  # summed RGB optical density above which a QC pixel is stained
+    focus_threshold: float = 0.48  # blur above which a cell is out of focus (sharp synthetic ~0.30, real ~0.25)
+    focus_grow_threshold: float = 0.40  # an out-of-focus region extends through neighbours above this
+    fold_od_ratio: float = 1.5  # this many times denser than the slide and its surroundings: folded (doubled ~2x)
+    fold_window_um: float = 400.0  # the surroundings of a fold: wider than a fold, narrower than a tumour field
+    pen_off_plane_deg: float = 14.0  # colour this far off the slide's H-E plane is ink, not stain (stains vary ~5°)
+    pen_outside_cone_deg: float = 8.0  # this far outside the H-E cone (blue ink alone is ~30° past haematoxylin)
+    pen_min_od: float = 0.6  # pen and dirt are dense: summed OD above this
+    dark_od: float = 1.2  # OD above this in every channel: black ink, dirt, debris
+    min_region_mm2: float = 0.002  # folds and pen smaller than this (about 45 µm square) are ignored
+    stain_samples_per_tile: int = 2000  # OD pixels per tile kept for the stain estimate
+    stain_samples_max: int = 100_000
+    next_fields: int = 2  # next-best fields checked besides the hotspot
+    hotspot_excludes_blur: bool = False  # also report the best field among sharp tissue (qc.sharp_hotspot)
+    review_out_of_focus_fraction: float = 0.02  # of tissue; a few fields, worth a look
+    rescan_out_of_focus_fraction: float = 0.10  # of tissue; enough to hide figures and bias density
+    hotspot_out_of_focus_fraction: float = 0.20  # of the hotspot's tissue: the count is not trustworthy
+    hotspot_fold_fraction: float = 0.25  # of the hotspot's tissue: its count may include doubled tissue
+    review_fold_fraction: float = 0.05  # of tissue; smaller folds are still reported and outlined
+    review_pen_fraction: float = 0.002  # any real stroke on tissue; dust specks are removed by size
+    review_saturated_fraction: float = 0.05
+    baseline_slides: int = 20  # drift: a scanner's rolling baseline is its last N in-band slides
+    baseline_min_slides: int = 8  # no drift call before a scanner has this many
+    drift_run: int = 3  # drift is judged on the mean of the last N slides (one event when it leaves the band)
+    drift_stain_deg: float = 4.0  # the band for stain vectors: at least this many degrees
+    drift_focus: float = 0.06  # the band for the median focus (Crete units)
+    drift_sigmas: float = 3.0  # the band: this many baseline standard deviations, if wider
+
+    def validate(self) -> None:
+        for name in ("focus_mpp", "cell_um", "fold_od_ratio", "fold_window_um", "pen_off_plane_deg",
+                     "pen_outside_cone_deg", "pen_min_od", "dark_od", "drift_stain_deg", "drift_focus", "drift_sigmas",
+                     "tissue_od"):
+            _positive(f"qc.{name}", getattr(self, name))
+        for name in ("min_cell_tissue", "focus_threshold", "focus_grow_threshold",
+                     "review_out_of_focus_fraction", "rescan_out_of_focus_fraction", "hotspot_out_of_focus_fraction",
+                     "hotspot_fold_fraction", "review_fold_fraction", "review_pen_fraction",
+                     "review_saturated_fraction"):
+            _fraction(f"qc.{name}", getattr(self, name))
+        _non_negative("qc.min_region_mm2", self.min_region_mm2)
+        for name in ("stain_samples_per_tile", "stain_samples_max", "baseline_slides", "baseline_min_slides",
+                     "drift_run"):
+            _positive(f"qc.{name}", getattr(self, name))
+        _non_negative("qc.next_fields", self.next_fields)
+        if self.review_out_of_focus_fraction > self.rescan_out_of_focus_fraction:
+            raise ConfigError(
+                f"qc.review_out_of_focus_fraction={self.review_out_of_focus_fraction} must not exceed "
+                f"qc.rescan_out_of_focus_fraction={self.rescan_out_of_focus_fraction}"
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings. Sections match the TOML tables."""
 
@@ -402,6 +460,7 @@ class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    qc: QcConfig = field(default_factory=QcConfig)
 
     def validate(self) -> Config:
         for f in fields(self):

@@ -568,13 +568,15 @@ class Daemon:
             with self._running_lock:
                 self._running.pop(job.job_id, None)
         try:
-            self.store.complete_job(job.job_id, analysis.result, exports)
+            self.store.complete_job(job.job_id, analysis.result, exports, self.config.qc)
         except JobStateError:
             log.info("job %d was cancelled while it ran; its exports are removed", job.job_id)
             shutil.rmtree(self._export_dir(job), ignore_errors=True)
             return
         seconds = time.perf_counter() - t0
         self.metrics.done(analysis, seconds)
+        if analysis.result.qc is not None:
+            self.metrics.qc(self.store.qc_history(job_id=job.job_id))
         hotspot = analysis.result.scores.hotspot.counts
         log.info("job %d done in %.1f s: hotspot mitotic count %d, %d tiles (%s)", job.job_id, seconds,
                  hotspot.mitotic, analysis.tiles, job.slide_path)

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from edge.caveats import clip_polygon, diagnostic_notice, plausibility_flags
 from edge.errors import ConfigError
 from edge.fileio import atomic_write
+from edge.qc import QcMaps
 from edge.scoring import Figure, SlideResult, points_in_hotspot
 
 __all__ = [
@@ -68,6 +69,9 @@ CLASS_NAMES = {
     "uncertain": "Mitotic figure (uncertain subtype)",
     "lookalike": "Mitotic figure look-alike",
     "hotspot": "Hotspot",
+    "out_of_focus": "QC: out of focus",
+    "fold": "QC: tissue fold",
+    "pen": "QC: pen or dirt",
 }
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "normal": (0, 190, 0),
@@ -75,7 +79,11 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "uncertain": (240, 200, 0),
     "lookalike": (150, 150, 150),
     "hotspot": (0, 110, 255),
+    "out_of_focus": (255, 140, 0),
+    "fold": (120, 0, 160),
+    "pen": (0, 170, 170),
 }
+QC_LAYER_ALPHA = 90  # the overlay's QC regions: tinted, the tissue still visible beneath
 _TISSUE_OUTLINE = (40, 40, 160)
 # Fixed namespace: feature ids are the same every time the same slide is exported.
 _ID_NAMESPACE = uuid.UUID("6f1e5d0c-8f53-4b61-9a53-3c7f3b0c2e11")
@@ -132,7 +140,9 @@ def _measurements(figure: Figure) -> dict[str, float]:
     return {name: v for name, v in values.items() if math.isfinite(v)}
 
 
-def geojson_dict(result: SlideResult, *, include_lookalikes: bool = False) -> dict[str, Any]:
+def geojson_dict(
+    result: SlideResult, *, include_lookalikes: bool = False, qc_maps: QcMaps | None = None
+) -> dict[str, Any]:
     """A GeoJSON FeatureCollection QuPath imports: one Point detection per figure, the hotspot as annotation.
 
     Coordinates are level-0 pixels (QuPath's convention, origin top left). Only mitotic
@@ -194,7 +204,30 @@ def geojson_dict(result: SlideResult, *, include_lookalikes: bool = False) -> di
                 },
             }
         )
+    if qc_maps is not None:
+        features.extend(_qc_features(result, qc_maps))
     return {"type": "FeatureCollection", "features": features}
+
+
+def _qc_features(result: SlideResult, qc_maps: QcMaps) -> list[dict[str, Any]]:
+    """Out-of-focus, folded and pen-marked regions as QuPath annotations with their class."""
+    features = []
+    for index, (kind, rings) in enumerate(qc_maps.regions()):
+        coords = [[[round(x, 1), round(y, 1)] for x, y in ring] + [[round(ring[0][0], 1), round(ring[0][1], 1)]]
+                  for ring in rings]
+        features.append(
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid5(_ID_NAMESPACE, f"{result.slide_path}#qc{index}")),
+                "geometry": {"type": "Polygon", "coordinates": coords},
+                "properties": {
+                    "objectType": "annotation",
+                    "name": CLASS_NAMES[kind],
+                    "classification": {"name": CLASS_NAMES[kind], "color": list(CLASS_COLOURS[kind])},
+                },
+            }
+        )
+    return features
 
 
 def midog_dict(result: SlideResult) -> dict[str, Any]:
@@ -247,6 +280,7 @@ def overlay_image(
     tissue_mask: NDArray[np.bool_] | None = None,
     max_side: int = OVERLAY_MAX_SIDE,
     hotspot_view: Any = None,
+    qc_maps: QcMaps | None = None,
 ) -> Any:
     """The overlay a person reads: a PIL image of at most `max_side` px a side.
 
@@ -272,7 +306,7 @@ def overlay_image(
     room_w, room_h = max_side - panel - 3 * margin, max_side - header - margin
     scale = min(1.0, room_w / width, room_h / height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    overview = _overview(result, rgb, (mpp_x, mpp_y), size, tissue_mask)
+    overview = _overview(result, rgb, (mpp_x, mpp_y), size, tissue_mask, qc_maps)
     sx = size[0] / (width * mpp_x)  # overview px per µm
     _scale_bar(ImageDraw.Draw(overview), sx, size, unit)
 
@@ -292,7 +326,7 @@ def overlay_image(
         canvas.paste(inset, (left, top))
         draw.rectangle((left, top, left + panel - 1, top + panel - 1), outline=(0, 0, 0), width=1)
         top += panel + margin
-    _legend(draw, result, (left, top), unit)
+    _legend(draw, result, (left, top), unit, qc_maps)
     return canvas
 
 
@@ -332,6 +366,7 @@ def _overview(
     mpp: tuple[float, float],
     size: tuple[int, int],
     tissue_mask: NDArray[np.bool_] | None,
+    qc_maps: QcMaps | None = None,
 ) -> Any:
     from PIL import Image, ImageDraw
     from scipy import ndimage
@@ -351,6 +386,10 @@ def _overview(
         layer = np.zeros((size[1], size[0], 4), dtype=np.uint8)
         layer[outline] = (*_TISSUE_OUTLINE, 255)
         base = Image.alpha_composite(base, Image.fromarray(layer))
+
+    if qc_maps is not None:
+        base = Image.alpha_composite(base, Image.fromarray(_qc_layer(qc_maps, _slide_mpp(result), sx, sy, size)))
+
     marks = Image.new("RGBA", size, (0, 0, 0, 0))
     _mark_figures(ImageDraw.Draw(marks), result, (0.0, 0.0), (sx, sy), max(4.0, max(size) / 256))
     spot = result.scores.hotspot.hotspot
@@ -428,7 +467,9 @@ def _header(draw: Any, result: SlideResult, margin: int, unit: float) -> None:
         draw.text((margin, round((102 + 28 * row) * unit)), _plain(line), fill=(200, 0, 0), font=_font(22 * unit))
 
 
-def _legend(draw: Any, result: SlideResult, origin: tuple[int, int], unit: float) -> None:
+def _legend(
+    draw: Any, result: SlideResult, origin: tuple[int, int], unit: float, qc_maps: QcMaps | None = None
+) -> None:
     counts = result.scores.hotspot.counts
     in_hotspot = {"normal": counts.normal, "atypical": counts.atypical, "uncertain": counts.uncertain}
     x, y = origin
@@ -445,6 +486,37 @@ def _legend(draw: Any, result: SlideResult, origin: tuple[int, int], unit: float
     cy = y + step // 2
     draw.line((x, cy, x + 2 * r, cy), fill=_TISSUE_OUTLINE, width=3)
     draw.text((x + 3 * r, cy - round(14 * unit)), "tissue outline", fill=(0, 0, 0), font=font)
+    if qc_maps is None:
+        return
+    for kind, text, mask in (("out_of_focus", "scan QC: out of focus", qc_maps.out_of_focus),
+                             ("fold", "scan QC: fold", qc_maps.fold), ("pen", "scan QC: pen or dirt", qc_maps.pen)):
+        if not mask.any():
+            continue
+        y += step
+        cy = y + step // 2
+        draw.rectangle((x, cy - r, x + 2 * r, cy + r), fill=(*CLASS_COLOURS[kind], QC_LAYER_ALPHA))
+        draw.text((x + 3 * r, cy - round(14 * unit)), text, fill=(0, 0, 0), font=font)
+
+
+def _qc_layer(
+    qc_maps: QcMaps, mpp0: tuple[float, float], sx: float, sy: float, size: tuple[int, int]
+) -> NDArray[np.uint8]:
+    """An RGBA layer tinting out-of-focus, folded and pen-marked tissue (each overlay pixel looks up its map)."""
+    layer = np.zeros((size[1], size[0], 4), np.uint8)
+    ys_um = (np.arange(size[1]) + 0.5) / sy
+    xs_um = (np.arange(size[0]) + 0.5) / sx
+    for kind, mask, px0 in (
+        ("out_of_focus", qc_maps.out_of_focus, qc_maps.cell_px0),
+        ("fold", qc_maps.fold, qc_maps.thumb_px0),
+        ("pen", qc_maps.pen, qc_maps.thumb_px0),
+    ):
+        if not mask.any():
+            continue
+        rows = np.clip((ys_um / (px0[1] * mpp0[1])).astype(np.intp), 0, mask.shape[0] - 1)
+        cols = np.clip((xs_um / (px0[0] * mpp0[0])).astype(np.intp), 0, mask.shape[1] - 1)
+        hit = mask[np.ix_(rows, cols)]
+        layer[hit] = (*CLASS_COLOURS[kind], QC_LAYER_ALPHA)
+    return layer
 
 
 def _json_bytes(data: Mapping[str, Any]) -> bytes:
@@ -461,6 +533,7 @@ def write_exports(
     tissue_mask: NDArray[np.bool_] | None = None,
     include_lookalikes: bool = False,
     hotspot_view: Any = None,
+    qc_maps: QcMaps | None = None,
 ) -> dict[str, Path]:
     """Write result.json, detections.geojson, midog.json, detections.csv and (with a thumbnail) overlay.png.
 
@@ -473,13 +546,16 @@ def write_exports(
     # Build everything first: a bad input fails before any file is replaced.
     contents: dict[str, tuple[str, bytes]] = {
         "result": ("result.json", _json_bytes(result_dict(result))),
-        "geojson": ("detections.geojson", _json_bytes(geojson_dict(result, include_lookalikes=include_lookalikes))),
+        "geojson": (
+            "detections.geojson",
+            _json_bytes(geojson_dict(result, include_lookalikes=include_lookalikes, qc_maps=qc_maps)),
+        ),
         "midog": ("midog.json", _json_bytes(midog_dict(result))),
         "csv": ("detections.csv", csv_text(result).encode("utf-8")),
     }
     if thumbnail is not None:
         mpp = thumbnail_mpp if thumbnail_mpp is not None else _thumbnail_mpp(result, thumbnail)
-        image = overlay_image(result, thumbnail, mpp, tissue_mask, hotspot_view=hotspot_view)
+        image = overlay_image(result, thumbnail, mpp, tissue_mask, hotspot_view=hotspot_view, qc_maps=qc_maps)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=False)
         contents["overlay"] = ("overlay.png", buffer.getvalue())

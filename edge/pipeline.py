@@ -36,10 +36,11 @@ from edge.engines import Bundle, EngineSet, load_bundle, open_engines
 from edge.engines.base import Pending
 from edge.errors import EdgeError, ImplausibleSlideError, SlideReadError
 from edge.logs import slide_context
-from edge.scoring import Figure, SlideResult, hotspot_radius_um, score_slide, tissue_fraction_in_circles
+from edge.qc import QcAccumulator, QcMaps
+from edge.scoring import Figure, SlideResult, SlideScores, hotspot_radius_um, score_slide, tissue_fraction_in_circles
 from edge.slide import ReadScale, Slide, open_slide
 from edge.stream import SlidePlan, TileBatch, open_stream, plan_slide
-from edge.tiling import Tile
+from edge.tiling import Tile, glass_colour
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,15 @@ class Analysis:
     tiles: int
     candidates_before_merge: int
     hotspot_view: HotspotView | None = None  # the hotspot field at a finer scale, for the overlay's inset
+    qc_maps: QcMaps | None = None  # where the out-of-focus, folded and pen-marked tissue is; None with QC off
 
     def write_exports(self, out_dir: Path) -> dict[str, Path]:
         """result.json, QuPath GeoJSON, MIDOG JSON, CSV and the overlay (thumbnail, tissue outline) in ``out_dir``."""
         from edge.exports import write_exports
 
         return write_exports(self.result, out_dir, thumbnail=self.overview, thumbnail_mpp=self.overview_mpp,
-                             tissue_mask=self.slide_plan.mask, hotspot_view=self.hotspot_view)
+                             tissue_mask=self.slide_plan.mask, hotspot_view=self.hotspot_view,
+                             qc_maps=self.qc_maps)
 
 
 def pipeline_config(config: Config, bundle: Bundle) -> Config:
@@ -153,7 +156,8 @@ def _analyze(
         times.plan = time.perf_counter() - t0
         total = len(sp.plan)
         report("detect", 0, total)
-        candidates = _detect(slide, sp, config, engines, cancel_event, times, report)
+        qc = _qc_accumulator(sp, config)
+        candidates = _detect(slide, sp, config, engines, cancel_event, times, report, qc)
         t0 = time.perf_counter()
         mpp0 = slide.info.level_mpp(0)
         boxes, p_mitotic, p_atypical = candidates.merged(bundle.detector.merge_radius_um / mpp0[0])
@@ -174,6 +178,7 @@ def _analyze(
         )
         times.score = time.perf_counter() - t0
         info = slide.info
+        qc_section, qc_maps = _finish_qc(qc, sp, mpp0, figures, bundle.decision.hotspot_area_mm2, scores)
         overview, overview_mpp = slide.thumbnail(
             max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
         )
@@ -183,7 +188,7 @@ def _analyze(
             "width": info.width, "height": info.height, "mpp_x": mpp0[0], "mpp_y": mpp0[1],
             "mpp_source": info.mpp_source, "format": info.format, "vendor": info.vendor,
             "read_level": sp.scale.level, "read_mpp": sp.scale.mpp_x, "resampled": sp.scale.resampled,
-            "tiles": total,
+            "tiles": total, "scanner": dict(info.scanner),
         }
         if info.barcode:
             slide_meta["barcode"] = info.barcode
@@ -193,8 +198,9 @@ def _analyze(
             scores=scores,
             figures=tuple(figures),
             provenance=_provenance(config, engines, times),
+            qc=qc_section,
         )
-        return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw, hotspot_view)
+        return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw, hotspot_view, qc_maps)
 
 
 def scale_problem(mpp0: tuple[float, float], model_mpp: float) -> str | None:
@@ -234,6 +240,27 @@ def _hotspot_view(slide: Slide, center_um: tuple[float, float] | None, radius_um
     return HotspotView(pixels, (left_um, top_um), (scale.mpp_x, scale.mpp_y))
 
 
+def _qc_accumulator(sp: SlidePlan, config: Config) -> QcAccumulator | None:
+    if not config.qc.enabled:
+        return None
+    glass = glass_colour(sp.thumbnail) if sp.thumbnail is not None else np.full(3, 255.0, np.float32)
+    return QcAccumulator(sp.plan.width, sp.plan.height, sp.plan.mpp_x, config.qc, glass)
+
+
+def _finish_qc(
+    qc: QcAccumulator | None, sp: SlidePlan, mpp0: tuple[float, float], figures: list[Figure], area_mm2: float,
+    scores: SlideScores,
+) -> tuple[dict[str, Any] | None, QcMaps | None]:
+    if qc is None:
+        return None, None
+    spot = scores.hotspot.hotspot
+    return qc.finish(
+        thumbnail=sp.thumbnail, mask=sp.mask, mask_mpp=sp.mask_mpp,
+        px0_per_tile_px=(sp.plan.px0_per_out_x, sp.plan.px0_per_out_y), mpp0=mpp0, figures=figures,
+        hotspot_area_mm2=area_mm2, plain_hotspot=(spot.center_x_um, spot.center_y_um),
+    )
+
+
 def _check_scale(slide: Slide, sp: SlidePlan, bundle: Bundle) -> None:
     problem = scale_problem(slide.info.level_mpp(0), bundle.detector.mpp)
     if problem is not None:
@@ -259,6 +286,7 @@ def _detect(
     cancel_event: threading.Event | None,
     times: StageTimes,
     report: Progress,
+    qc: QcAccumulator | None = None,
 ) -> _Candidates:
     """Stream tiles through the detector and classify its candidates as they come.
 
@@ -282,6 +310,8 @@ def _detect(
         t0 = time.perf_counter()
         raw = outputs[spec.output]
         for i, tile in enumerate(batch.tiles):
+            if qc is not None:
+                qc.add_tile(tile.x, tile.y, batch.pixels[i, : tile.height, : tile.width])
             boxes = nms(decode(raw[i], spec), spec.nms_iou, spec.max_detections)
             candidates.raw += len(boxes)
             if len(boxes) == 0:

@@ -345,6 +345,7 @@ def result_to_pb(result: StoredResult, accession: str | None = None) -> Any:
             mpp_y=float(slide.get("mpp_y") or 0.0),
             format=str(slide.get("format") or ""),
             vendor=str(slide.get("vendor") or ""),
+            scanner=str((slide.get("scanner") or {}).get("id") or ""),
         ),
         provenance=pb.Provenance(
             package_version=str(provenance.get("package_version") or ""),
@@ -361,6 +362,7 @@ def result_to_pb(result: StoredResult, accession: str | None = None) -> Any:
         notice=diagnostic_notice(summary),
         flags=[_flag_to_pb(flag) for flag in plausibility_flags(summary)],
         accession=accession or "",
+        qc=qc_to_pb(summary.get("qc")),
     )
 
 
@@ -368,6 +370,37 @@ def _flag_to_pb(flag: ResultFlag) -> Any:
     msg = pb.ResultFlag(code=flag.code, message=flag.message)
     if flag.value is not None:
         msg.value = flag.value
+    return msg
+
+
+def qc_to_pb(qc: Mapping[str, Any] | None) -> Any:
+    """The result's qc section as a QcSummary (None when the result has none: the field stays unset)."""
+    if not qc:
+        return None
+    stains = qc.get("stains") or {}
+    baseline = qc.get("baseline") or {}
+    msg = pb.QcSummary(
+        verdict=str(qc.get("verdict") or ""),
+        reasons=[str(r) for r in qc.get("reasons") or []],
+        out_of_focus_fraction=float(qc.get("out_of_focus_fraction") or 0.0),
+        fold_fraction=float(qc.get("fold_fraction") or 0.0),
+        pen_fraction=float(qc.get("pen_fraction") or 0.0),
+        saturated_fraction=float(qc.get("saturated_fraction") or 0.0),
+        hematoxylin_od=[float(v) for v in stains.get("hematoxylin") or []],
+        eosin_od=[float(v) for v in stains.get("eosin") or []],
+        drift=bool(baseline.get("drift")),
+        outside_baseline=baseline.get("in_band") is False,
+    )
+    _set_optional(msg, qc, "focus_median")
+    hotspot = qc.get("hotspot") or {}
+    pairs = (("hotspot_out_of_focus_fraction", "out_of_focus_fraction"), ("hotspot_fold_fraction", "fold_fraction"))
+    for name, key in pairs:
+        value = _finite(hotspot.get(key))
+        if value is not None:
+            setattr(msg, name, value)
+    sharp = (qc.get("sharp_hotspot") or {}).get("mitotic_count")
+    if isinstance(sharp, int):
+        msg.sharp_hotspot_mitotic_count = sharp
     return msg
 
 
@@ -407,6 +440,10 @@ def event_to_pb(event: Event) -> Any:
         attempts=int(payload.get("attempts") or 0),
         payload_json=json.dumps(payload, sort_keys=True),
         accession=str(payload.get("accession") or ""),
+        qc_verdict=str(payload.get("verdict") or "") if event.type == "qc_flagged" else "",
+        qc_reasons=[str(r) for r in payload.get("reasons") or []] if event.type == "qc_flagged" else [],
+        scanner=str(payload.get("scanner") or ""),
+        drift_message=str(payload.get("message") or "") if event.type == "drift" else "",
     )
     for name in ("mitotic_count", "total_mitotic"):
         if isinstance(payload.get(name), int) and not isinstance(payload.get(name), bool):

@@ -95,6 +95,7 @@ class SlideInfo:
     associated_images: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
     barcode: str | None = None  # the slide label's barcode as the scanner recorded it (see slide_barcode)
+    scanner: dict[str, str] = field(default_factory=dict)  # vendor, model, serial, id ("unknown" when absent)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -113,6 +114,45 @@ class SlideInfo:
         d["associated_images"] = list(self.associated_images)
         d["notes"] = list(self.notes)
         return d
+
+
+# Where each vendor's metadata names the scanner's model and serial number (OpenSlide/tiffslide property names).
+_SCANNER_MODEL_KEYS = ("aperio.ScannerType", "hamamatsu.Product", "leica.device-model",
+                       "philips.DICOM_MANUFACTURERS_MODEL_NAME", "dicom.ManufacturerModelName", "ventana.ScannerModel",
+                       "mirax.NONHIERLAYER_0_SECTION.SCANNER_HARDWARE_VERSION")
+_SCANNER_SERIAL_KEYS = ("aperio.ScanScope ID", "hamamatsu.SerialNumber", "leica.device-version",
+                        "philips.DICOM_DEVICE_SERIAL_NUMBER", "dicom.DeviceSerialNumber", "ventana.ScannerSerialNumber",
+                        "mirax.NONHIERLAYER_0_SECTION.SCANNER_HARDWARE_ID")
+UNKNOWN_SCANNER = "unknown"
+
+
+def scanner_from_properties(props: Any, vendor: str) -> dict[str, str]:
+    """The scanner that made a slide, from its metadata: vendor, model, serial and an id for grouping.
+
+    The id is "vendor/model/serial" with the parts the metadata has; "unknown" when it names no model and
+    no serial (a generic TIFF says nothing about its scanner).
+
+    >>> scanner_from_properties({"aperio.ScanScope ID": "SS1234"}, "aperio")["id"]
+    'aperio/-/SS1234'
+    >>> scanner_from_properties({}, "generic-tiff")["id"]
+    'unknown'
+    """
+
+    def first(keys: tuple[str, ...]) -> str:
+        for key in keys:
+            value = props.get(key)
+            if value not in (None, ""):
+                return " ".join(str(value).split())[:80]
+        return ""
+
+    model, serial = first(_SCANNER_MODEL_KEYS), first(_SCANNER_SERIAL_KEYS)
+    known = bool(model or serial)
+    return {
+        "vendor": vendor or UNKNOWN_SCANNER,
+        "model": model or UNKNOWN_SCANNER,
+        "serial": serial or UNKNOWN_SCANNER,
+        "id": f"{vendor}/{model or '-'}/{serial or '-'}" if known else UNKNOWN_SCANNER,
+    }
 
 
 @dataclass(frozen=True)
@@ -587,6 +627,7 @@ def _build_tiffslide(path: Path, ts: Any, cfg: SlideConfig) -> Slide:
         associated_images=tuple(sorted(ts.associated_images.keys())),
         notes=notes,
         barcode=slide_barcode(props),
+        scanner=scanner_from_properties(props, str(props.get("tiffslide.vendor") or fmt)),
     )
     return Slide(info, reader, cfg)
 
@@ -704,6 +745,7 @@ def _open_openslide(path: Path, target: Path, cfg: SlideConfig) -> Slide:
             associated_images=tuple(sorted(osr.associated_images.keys())),
             notes=notes,
             barcode=slide_barcode(props),
+            scanner=scanner_from_properties(props, vendor),
         )
         return Slide(info, _OpenSlideReader(osr), cfg)
     except BaseException:

@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edge.config import QcConfig
+from edge.drift import Assessment, HistoryPoint, assess, measures_of
 from edge.errors import JobNotFoundError, JobStateError, ResultNotFoundError, StoreCorruptError, StoreError
 from edge.scoring import Figure, SlideResult
+from edge.slide import UNKNOWN_SCANNER
 
 __all__ = [
     "DETECTION_CLASSES",
@@ -31,6 +34,7 @@ __all__ = [
     "Job",
     "JobNotFoundError",
     "JobStateError",
+    "QcRecord",
     "ResultNotFoundError",
     "Store",
     "StoreCorruptError",
@@ -51,6 +55,8 @@ EVENT_TYPES = (
     "job_failed",
     "job_cancelled",
     "job_requeued",
+    "qc_flagged",  # the slide's scan QC verdict is review or rescan (before its job_done)
+    "drift",  # a run of a scanner's slides left its baseline (stain, focus or MF density)
 )
 # "normal", "atypical", "uncertain": mitotic figures by subtype; "non_mitotic": rejected candidates.
 DETECTION_CLASSES = ("normal", "atypical", "uncertain", "non_mitotic")
@@ -137,7 +143,21 @@ _V_I15 = (
     "ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '[]'",
     "CREATE INDEX jobs_by_accession ON jobs (accession)",
 )
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I11A, _V_I12, _V_I15)
+# Scan QC per slide and scanner: the history drift baselines are drawn from (edge.drift).
+_V_I18 = (
+    """CREATE TABLE qc_history (
+        job_id INTEGER PRIMARY KEY REFERENCES results (job_id),
+        scanner TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        measures TEXT NOT NULL,
+        in_band INTEGER NOT NULL,
+        assessment TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX qc_history_by_scanner ON qc_history (scanner, created_at)",
+)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I11A, _V_I12, _V_I15, _V_I18)
+QC_HISTORY_READ = 500  # rows of a scanner's history read to find its baseline and the current run
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -213,6 +233,20 @@ _JOB_UPDATE = """UPDATE jobs SET state = ?, attempts = ?, error = ?, started_at 
     not_before = ?, retryable = ? WHERE job_id = ?"""
 _RESULT_SELECT = """SELECT r.job_id, s.path, s.fingerprint, r.summary, r.exports, r.detections, r.created_at,
     r.pruned_at FROM results r JOIN jobs j ON j.job_id = r.job_id JOIN slides s ON s.slide_id = j.slide_id"""
+@dataclass(frozen=True)
+class QcRecord:
+    """One slide's stored scan QC: its scanner, verdict, drift measures and how they compared with the baseline."""
+
+    job_id: int
+    scanner: str
+    verdict: str
+    measures: dict[str, Any]
+    in_band: bool
+    assessment: dict[str, Any]
+    created_at: float
+    slide_path: str
+
+
 _EVENT_SELECT = "SELECT sequence, type, job_id, payload, created_at FROM events"
 
 
@@ -404,9 +438,14 @@ class Store:
             _append_event(conn, "job_running", running, moment, {"attempts": running.attempts})
         return running
 
-    def complete_job(self, job_id: int, result: SlideResult, exports: Mapping[str, str | Path]) -> Job:
+    def complete_job(
+        self, job_id: int, result: SlideResult, exports: Mapping[str, str | Path], qc: QcConfig | None = None
+    ) -> Job:
         """Store the result, one detection row per figure and the "job_done" event in one transaction.
 
+        A result with a qc section also gets its qc_history row, a "qc_flagged" event when its verdict
+        is not pass and a "drift" event when it completes a run of its scanner's slides outside the
+        baseline (``qc`` holds the drift settings), all before "job_done".
         Only a running job can complete; otherwise (e.g. cancelled meanwhile) JobStateError and
         nothing is written.
         """
@@ -433,6 +472,10 @@ class Store:
                 (_detection_row(job_id, figure) for figure in result.figures),
             )
             _merge_slide_meta(conn, job_id, slide_json)
+            if result.qc is not None:
+                assessment = _record_qc(conn, done, result, qc or QcConfig(), now)
+                summary["qc"]["baseline"] = assessment.to_json_dict()  # how the slide compared with its scanner
+                conn.execute("UPDATE results SET summary = ? WHERE job_id = ?", (json.dumps(summary), job_id))
             payload = {
                 "mitotic_count": hotspot.mitotic,
                 "atypical_ratio": hotspot.atypical_ratio,
@@ -440,6 +483,25 @@ class Store:
             }
             _append_event(conn, "job_done", done, now, payload)
         return done
+
+    def qc_history(
+        self, *, scanner: str | None = None, since: float | None = None, job_id: int | None = None
+    ) -> list[QcRecord]:
+        """Stored scan QC per slide, oldest first: for one scanner, since a time (unix s) or one job."""
+        where, params = ["1 = 1"], []
+        for clause, value in (("q.scanner = ?", scanner), ("q.created_at >= ?", since), ("q.job_id = ?", job_id)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT q.job_id, q.scanner, q.verdict, q.measures, q.in_band, q.assessment, q.created_at, s.path "
+                "FROM qc_history q JOIN jobs j ON j.job_id = q.job_id JOIN slides s ON s.slide_id = j.slide_id "
+                f"WHERE {' AND '.join(where)} ORDER BY q.created_at, q.job_id",
+                params,
+            ).fetchall()
+        return [QcRecord(int(j), str(sc), str(v), json.loads(m), bool(b), json.loads(a), float(t), str(p))
+                for j, sc, v, m, b, a, t, p in rows]
 
     def fail_job(
         self, job_id: int, error: str, *, retry_at: float | None = None, retryable: bool | None = None
@@ -817,6 +879,39 @@ def _requeue(conn: sqlite3.Connection, job: Job, reason: str, now: float, *, cou
     queued = _save(conn, replace(job, state="queued", attempts=attempts, started_at=None))
     _append_event(conn, "job_requeued", queued, now, {"reason": reason})
     return queued
+
+
+def _record_qc(
+    conn: sqlite3.Connection, job: Job, result: SlideResult, config: QcConfig, now: float
+) -> Assessment:
+    qc = result.qc or {}
+    scanner = str((result.slide.get("scanner") or {}).get("id") or UNKNOWN_SCANNER)
+    measures = measures_of(qc, result.scores.mitotic_density_per_mm2)
+    rows = conn.execute(
+        "SELECT job_id, created_at, measures, in_band FROM qc_history WHERE scanner = ? "
+        "ORDER BY created_at DESC, job_id DESC LIMIT ?",
+        (scanner, QC_HISTORY_READ),
+    ).fetchall()
+    history = [HistoryPoint(int(j), float(t), json.loads(m), bool(b)) for j, t, m, b in reversed(rows)]
+    assessment = assess(history, measures, config)
+    verdict = str(qc.get("verdict") or "pass")
+    conn.execute(
+        "INSERT INTO qc_history (job_id, scanner, verdict, measures, in_band, assessment, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (job.job_id, scanner, verdict, json.dumps(measures), int(assessment.in_band),
+         json.dumps(assessment.to_json_dict()), now),
+    )
+    if verdict != "pass":
+        _append_event(conn, "qc_flagged", job, now, {
+            "verdict": verdict, "reasons": list(qc.get("reasons") or []), "scanner": scanner,
+            "out_of_focus_fraction": qc.get("out_of_focus_fraction"), "fold_fraction": qc.get("fold_fraction"),
+            "pen_fraction": qc.get("pen_fraction"),
+            "hotspot_out_of_focus_fraction": (qc.get("hotspot") or {}).get("out_of_focus_fraction"),
+        })
+    if assessment.drift:
+        _append_event(conn, "drift", job, now, {"scanner": scanner, "message": assessment.message,
+                                                "moved": assessment.moved, "run": assessment.run})
+    return assessment
 
 
 def _append_event(

@@ -163,8 +163,8 @@ def test_a_failing_migration_leaves_the_store_unchanged(tmp_path: Path, monkeypa
     Store.open(path).close()
     broken = ("ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE no_such_table SET x = 1")
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, broken))
-    step = rf"from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed .*no_such_table"
-    with pytest.raises(StoreError, match=step):
+    failed = rf"from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed .*no_such_table"
+    with pytest.raises(StoreError, match=failed):
         Store.open(path)
     assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert "note" not in {row[1] for row in raw(path, "PRAGMA table_info(jobs)")}
@@ -176,8 +176,8 @@ def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     newer = SCHEMA_VERSION + 5
     raw(path, f"PRAGMA user_version = {newer}")
     before = path.read_bytes()
-    expected = rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade"
-    with pytest.raises(StoreCorruptError, match=expected):
+    refused = rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade mitosis-edge"
+    with pytest.raises(StoreCorruptError, match=refused):
         Store.open(path)
     assert path.read_bytes() == before
 

@@ -229,20 +229,54 @@ class Scores(_message.Message):
     def __init__(self, mitotic_count: _Optional[int] = ..., hotspot: _Optional[_Union[Hotspot, _Mapping]] = ..., totals: _Optional[_Union[SubtypeCounts, _Mapping]] = ..., candidates: _Optional[int] = ..., tissue_area_mm2: _Optional[float] = ..., mitotic_density_per_mm2: _Optional[float] = ..., mitotic_score_hint: _Optional[_Union[MitoticScoreHint, _Mapping]] = ...) -> None: ...
 
 class SlideInfo(_message.Message):
-    __slots__ = ("width", "height", "mpp_x", "mpp_y", "format", "vendor")
+    __slots__ = ("width", "height", "mpp_x", "mpp_y", "format", "vendor", "scanner")
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MPP_X_FIELD_NUMBER: _ClassVar[int]
     MPP_Y_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     VENDOR_FIELD_NUMBER: _ClassVar[int]
+    SCANNER_FIELD_NUMBER: _ClassVar[int]
     width: int
     height: int
     mpp_x: float
     mpp_y: float
     format: str
     vendor: str
-    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., mpp_x: _Optional[float] = ..., mpp_y: _Optional[float] = ..., format: _Optional[str] = ..., vendor: _Optional[str] = ...) -> None: ...
+    scanner: str
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., mpp_x: _Optional[float] = ..., mpp_y: _Optional[float] = ..., format: _Optional[str] = ..., vendor: _Optional[str] = ..., scanner: _Optional[str] = ...) -> None: ...
+
+class QcSummary(_message.Message):
+    __slots__ = ("verdict", "reasons", "out_of_focus_fraction", "fold_fraction", "pen_fraction", "saturated_fraction", "focus_median", "hotspot_out_of_focus_fraction", "hotspot_fold_fraction", "hematoxylin_od", "eosin_od", "sharp_hotspot_mitotic_count", "drift", "outside_baseline")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_FOCUS_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    FOLD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    PEN_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SATURATED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    FOCUS_MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    HOTSPOT_OUT_OF_FOCUS_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    HOTSPOT_FOLD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    HEMATOXYLIN_OD_FIELD_NUMBER: _ClassVar[int]
+    EOSIN_OD_FIELD_NUMBER: _ClassVar[int]
+    SHARP_HOTSPOT_MITOTIC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    OUTSIDE_BASELINE_FIELD_NUMBER: _ClassVar[int]
+    verdict: str
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    out_of_focus_fraction: float
+    fold_fraction: float
+    pen_fraction: float
+    saturated_fraction: float
+    focus_median: float
+    hotspot_out_of_focus_fraction: float
+    hotspot_fold_fraction: float
+    hematoxylin_od: _containers.RepeatedScalarFieldContainer[float]
+    eosin_od: _containers.RepeatedScalarFieldContainer[float]
+    sharp_hotspot_mitotic_count: int
+    drift: bool
+    outside_baseline: bool
+    def __init__(self, verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., out_of_focus_fraction: _Optional[float] = ..., fold_fraction: _Optional[float] = ..., pen_fraction: _Optional[float] = ..., saturated_fraction: _Optional[float] = ..., focus_median: _Optional[float] = ..., hotspot_out_of_focus_fraction: _Optional[float] = ..., hotspot_fold_fraction: _Optional[float] = ..., hematoxylin_od: _Optional[_Iterable[float]] = ..., eosin_od: _Optional[_Iterable[float]] = ..., sharp_hotspot_mitotic_count: _Optional[int] = ..., drift: _Optional[bool] = ..., outside_baseline: _Optional[bool] = ...) -> None: ...
 
 class Provenance(_message.Message):
     __slots__ = ("package_version", "bundle_name", "bundle_version", "backend", "created_at", "json")
@@ -261,7 +295,7 @@ class Provenance(_message.Message):
     def __init__(self, package_version: _Optional[str] = ..., bundle_name: _Optional[str] = ..., bundle_version: _Optional[str] = ..., backend: _Optional[str] = ..., created_at: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("job_id", "slide_path", "fingerprint", "scores", "slide", "provenance", "exports", "detections", "created_at", "summary_json", "notice", "flags", "accession")
+    __slots__ = ("job_id", "slide_path", "fingerprint", "scores", "slide", "provenance", "exports", "detections", "created_at", "summary_json", "notice", "flags", "accession", "qc")
     class ExportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +316,7 @@ class Result(_message.Message):
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     ACCESSION_FIELD_NUMBER: _ClassVar[int]
+    QC_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     slide_path: str
     fingerprint: str
@@ -295,7 +330,8 @@ class Result(_message.Message):
     notice: str
     flags: _containers.RepeatedCompositeFieldContainer[ResultFlag]
     accession: str
-    def __init__(self, job_id: _Optional[int] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., slide: _Optional[_Union[SlideInfo, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., exports: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., created_at: _Optional[float] = ..., summary_json: _Optional[str] = ..., notice: _Optional[str] = ..., flags: _Optional[_Iterable[_Union[ResultFlag, _Mapping]]] = ..., accession: _Optional[str] = ...) -> None: ...
+    qc: QcSummary
+    def __init__(self, job_id: _Optional[int] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., slide: _Optional[_Union[SlideInfo, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., exports: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., created_at: _Optional[float] = ..., summary_json: _Optional[str] = ..., notice: _Optional[str] = ..., flags: _Optional[_Iterable[_Union[ResultFlag, _Mapping]]] = ..., accession: _Optional[str] = ..., qc: _Optional[_Union[QcSummary, _Mapping]] = ...) -> None: ...
 
 class ResultFlag(_message.Message):
     __slots__ = ("code", "message", "value")
@@ -367,7 +403,7 @@ class WatchEventsRequest(_message.Message):
     def __init__(self, after_sequence: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("sequence", "type", "job_id", "state", "slide_path", "created_at", "mitotic_count", "atypical_ratio", "total_mitotic", "error", "attempts", "payload_json", "accession")
+    __slots__ = ("sequence", "type", "job_id", "state", "slide_path", "created_at", "mitotic_count", "atypical_ratio", "total_mitotic", "error", "attempts", "payload_json", "accession", "qc_verdict", "qc_reasons", "scanner", "drift_message")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -381,6 +417,10 @@ class Event(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
     ACCESSION_FIELD_NUMBER: _ClassVar[int]
+    QC_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    QC_REASONS_FIELD_NUMBER: _ClassVar[int]
+    SCANNER_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     type: str
     job_id: int
@@ -394,7 +434,11 @@ class Event(_message.Message):
     attempts: int
     payload_json: str
     accession: str
-    def __init__(self, sequence: _Optional[int] = ..., type: _Optional[str] = ..., job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., created_at: _Optional[float] = ..., mitotic_count: _Optional[int] = ..., atypical_ratio: _Optional[float] = ..., total_mitotic: _Optional[int] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., payload_json: _Optional[str] = ..., accession: _Optional[str] = ...) -> None: ...
+    qc_verdict: str
+    qc_reasons: _containers.RepeatedScalarFieldContainer[str]
+    scanner: str
+    drift_message: str
+    def __init__(self, sequence: _Optional[int] = ..., type: _Optional[str] = ..., job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., created_at: _Optional[float] = ..., mitotic_count: _Optional[int] = ..., atypical_ratio: _Optional[float] = ..., total_mitotic: _Optional[int] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., payload_json: _Optional[str] = ..., accession: _Optional[str] = ..., qc_verdict: _Optional[str] = ..., qc_reasons: _Optional[_Iterable[str]] = ..., scanner: _Optional[str] = ..., drift_message: _Optional[str] = ...) -> None: ...
 
 class WatchEventsResponse(_message.Message):
     __slots__ = ("event",)
