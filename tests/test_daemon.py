@@ -595,14 +595,18 @@ def test_a_really_full_data_disk_turns_health_not_serving_and_scoring_resumes_on
 def test_an_export_folder_left_by_an_earlier_store_is_set_aside_never_overwritten(
     tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
 ) -> None:
+    from edge.exports import export_folder_name
+
     daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"}))
-    stale = daemon.results_dir / "1"  # what a lost store's job 1 left behind (the refusal at start aside)
+    slide = synth_slide(width=2048, height=1536, seed=3)
+    name = export_folder_name(1, str(slide))  # what a lost store's job 1 of the same slide left behind
+    stale = daemon.results_dir / name
     stale.mkdir()
     (stale / "result.json").write_text('{"from": "the earlier store"}')
     os.utime(stale, (time.time() - 86400, time.time() - 86400))
-    job = daemon.submit_slide(synth_slide(width=2048, height=1536, seed=3))
+    job = daemon.submit_slide(slide)
     assert job.job_id == 1
     wait_for(lambda: daemon.store.get_job(job.job_id).state == "done", what="done")
-    [aside] = daemon.results_dir.glob("1.earlier-store-*")
+    [aside] = daemon.results_dir.glob(f"{name}.earlier-store-*")
     assert (aside / "result.json").read_text() == '{"from": "the earlier store"}'
-    assert "earlier store" not in (daemon.results_dir / "1" / "result.json").read_text()
+    assert "earlier store" not in (daemon.results_dir / name / "result.json").read_text()
