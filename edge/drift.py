@@ -126,8 +126,9 @@ def assess(history: Sequence[HistoryPoint], current: Mapping[str, Any], config: 
     >>> base = [HistoryPoint(i, i, {"eosin": [0.1, 0.9, 0.42], "focus": 0.3}, True) for i in range(10)]
     >>> assess(base, {"eosin": [0.1, 0.9, 0.42], "focus": 0.3}, QcConfig()).in_band
     True
-    >>> assess(base, {"eosin": [0.3, 0.9, 0.2], "focus": 0.3}, QcConfig()).moved["eosin"]["deviation"] > 10
-    True
+    >>> shifted = assess(base, {"eosin": [0.3, 0.9, 0.2], "focus": 0.3}, QcConfig())
+    >>> shifted.in_band, shifted.moved["eosin"]["deviation"] > shifted.moved["eosin"]["band"]
+    (False, True)
     """
     n_baseline = len([p for p in history if p.in_band][-config.baseline_slides :])
     moved = {k: v for k, v in deviations(history, current, config).items() if abs(v["deviation"]) > v["band"]}

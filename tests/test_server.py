@@ -593,7 +593,9 @@ def test_events_carry_the_job_fields(stub: pb_grpc.EdgeServiceStub, store: Store
 def test_a_slow_subscriber_is_ended_and_resumes_without_loss_while_others_keep_up(
     make_server: Maker, channels: Callable[..., grpc.Channel], store: Store, scans: Path
 ) -> None:
-    running = make_server(insecure_config([scans], subscriber_buffer=5))
+    # A buffer of 50: the fast subscriber must ride out a pause of the process (a garbage collection of a
+    # large heap stalls every thread for tens of milliseconds) while 300 events are written in a burst.
+    running = make_server(insecure_config([scans], subscriber_buffer=50))
     # A connection of its own whose flow-control window stays small (no BDP probing), so a client
     # that stops reading stops the server's sends after a few events instead of a few megabytes.
     small_window = [("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]
