@@ -459,7 +459,7 @@ def slide_html(app: WebApp, job: Job, session: Session) -> bytes:
         x0, y0, x1, y1 = box
         markers = "".join(
             f'<button class="marker m-{f.kind}" data-id="{f.detection_id}" title="{_e(CLASS_LABELS[f.kind])}" '
-            f'style="left:{(f.x_px - x0) / (x1 - x0) * 100:.3f}%;top:{(f.y_px - y0) / (y1 - y0) * 100:.3f}%"'
+            f'data-left="{(f.x_px - x0) / (x1 - x0) * 100:.3f}" data-top="{(f.y_px - y0) / (y1 - y0) * 100:.3f}"'
             ' tabindex="-1"></button>'
             for f in figures
         )

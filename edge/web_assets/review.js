@@ -82,6 +82,8 @@
 
   figs.forEach((f, i) => f.addEventListener("click", () => focus(i)));
   if (field) {
+    // positions through the CSSOM: the page's Content-Security-Policy allows no inline style attribute
+    field.querySelectorAll(".marker").forEach((m) => { m.style.left = m.dataset.left + "%"; m.style.top = m.dataset.top + "%"; });
     field.querySelectorAll(".marker").forEach((m) => m.addEventListener("click", (ev) => {
       ev.stopPropagation();
       const i = figs.findIndex((f) => f.dataset.id === m.dataset.id);
