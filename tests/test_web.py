@@ -310,3 +310,36 @@ def test_a_reviewer_confirms_rejects_and_adds_figures_in_the_browser_and_the_cli
     finally:
         browser.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_viewing_writes_nothing_to_the_data_dir(site: Site) -> None:
+    cookie = login(site, READ_TOKEN)
+
+    def snapshot() -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in site.daemon.data_dir.rglob("*")
+                if p.is_file() and not p.name.startswith("store")}
+
+    before = snapshot()
+    first = next(iter(hotspot_ids(site)))
+    job = f"/jobs/{site.job_id}"
+    for path in ("/", job, f"{job}/field.jpg", f"{job}/crops/{first}.png", "/api/jobs", f"{job}/exports/result"):
+        assert request(site, "GET", path, headers={"Cookie": cookie})[0] == 200, path
+    assert snapshot() == before
+
+
+def test_get_result_returns_the_review_beside_the_automatic_numbers_and_a_rerun_marks_it_earlier(site: Site) -> None:
+    cookie = login(site, REVIEW_TOKEN)
+    status, signed = sign(site, cookie, [])
+    assert status == 200
+    with EdgeClient(site.daemon.server.address, token=READ_TOKEN, insecure=True) as client:
+        result = client.get_result(site.job_id)
+        assert result["review"]["review_id"] == signed["review_id"] and result["review"]["current"] is True
+        assert result["review"]["counts"]["mitotic"] == result["scores"]["hotspot"]["mitotic"]
+        rerun = site.daemon.submit_slide(Path(site.store().get_job(site.job_id).slide_path))
+        wait_for(lambda: site.store().get_job(rerun.job_id).state == "done", what="the re-run done")
+        earlier = client.get_result(site.job_id)["review"]
+        assert earlier["current"] is False and earlier["superseded_by"] == rerun.job_id
+        assert client.get_result(rerun.job_id)["review"] is None
+    _, _, page = request(site, "GET", f"/jobs/{site.job_id}", headers={"Cookie": cookie})
+    assert b"Refers to an earlier result" in page
+    assert site.store().get_review(site.job_id).review_id == signed["review_id"]  # kept
