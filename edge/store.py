@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sqlite3
 import threading
@@ -38,6 +39,7 @@ __all__ = [
     "StoredResult",
     "StoredReview",
     "failure_reason",
+    "result_mpp",
 ]
 
 log = logging.getLogger(__name__)
@@ -735,6 +737,16 @@ class Store:
             for r in rows
         ]
 
+    def hotspot_detections(self, result: StoredResult) -> list[tuple[int, str, Figure]]:
+        """(detection_id, class, figure) of every candidate inside a result's hotspot circle: what a review judges."""
+        spot = (result.summary.get("scores") or {}).get("hotspot") or {}
+        cx, cy, radius = spot.get("center_x_um"), spot.get("center_y_um"), spot.get("radius_um")
+        if cx is None or cy is None or not radius:
+            return []
+        mpp_x, mpp_y = result_mpp(result)
+        near = self.detections_near(result.job_id, cx / mpp_x, cy / mpp_y, radius / min(mpp_x, mpp_y))
+        return [(i, kind, f) for i, kind, f in near if math.hypot(f.x_um - cx, f.y_um - cy) <= radius * (1 + 1e-9)]
+
     def review_agreement(self) -> dict[str, Any]:
         """Agreement of the newest signed review of each job with the automatic result (metrics)."""
         with self._read() as conn:
@@ -980,6 +992,15 @@ def _merge_slide_meta(conn: sqlite3.Connection, job_id: int, meta: str) -> None:
     )
     merged = json.loads(row[1]) | json.loads(meta)
     conn.execute("UPDATE slides SET meta = ? WHERE slide_id = ?", (json.dumps(merged), row[0]))
+
+
+def result_mpp(result: StoredResult) -> tuple[float, float]:
+    """The slide's level-0 (x, y) µm/px as the result recorded it."""
+    slide = result.summary.get("slide") or {}
+    mpp_x, mpp_y = slide.get("mpp_x"), slide.get("mpp_y")
+    if isinstance(mpp_x, int | float) and isinstance(mpp_y, int | float) and mpp_x > 0 and mpp_y > 0:
+        return float(mpp_x), float(mpp_y)
+    return 0.25, 0.25  # the analysis mpp: a summary without the slide's (never written by this version)
 
 
 def _detection_class(figure: Figure) -> str:

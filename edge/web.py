@@ -14,7 +14,6 @@ import html
 import io
 import json
 import logging
-import math
 import re
 import secrets
 import ssl
@@ -39,7 +38,7 @@ from edge.errors import EdgeError, JobNotFoundError, JobStateError, ResultNotFou
 from edge.logsafe import untrusted
 from edge.review import Change, agreement, parse_changes, reviewed_class, reviewed_counts
 from edge.server_auth import REVIEW_ROLES, Role, TokenTable, load_tokens
-from edge.store import JOB_STATES, Job, Store, StoredResult, StoredReview
+from edge.store import JOB_STATES, Job, Store, StoredResult, StoredReview, result_mpp
 
 __all__ = ["WebApp", "start_web"]
 
@@ -130,17 +129,8 @@ class WebApp:
 
     # --- reading ---------------------------------------------------------------------------------
     def hotspot_figures(self, result: StoredResult) -> list[ReviewFigure]:
-        spot = result.summary.get("scores", {}).get("hotspot") or {}
-        cx, cy, radius = spot.get("center_x_um"), spot.get("center_y_um"), spot.get("radius_um")
-        if cx is None or cy is None or not radius:
-            return []
-        mpp_x, mpp_y = _slide_mpp(result)
-        near = self.store.detections_near(result.job_id, cx / mpp_x, cy / mpp_y, radius / min(mpp_x, mpp_y))
-        return [
-            ReviewFigure(i, kind, f.x_px, f.y_px, f.p_mitotic, f.p_atypical)
-            for i, kind, f in near
-            if math.hypot(f.x_um - cx, f.y_um - cy) <= radius * (1 + 1e-9)
-        ]
+        return [ReviewFigure(i, kind, f.x_px, f.y_px, f.p_mitotic, f.p_atypical)
+                for i, kind, f in self.store.hotspot_detections(result)]
 
     def field_box(self, result: StoredResult) -> tuple[float, float, float, float] | None:
         """The hotspot's bounding square in level-0 px (x0, y0, x1, y1), clipped to the slide."""
@@ -148,7 +138,7 @@ class WebApp:
         cx, cy, radius = spot.get("center_x_um"), spot.get("center_y_um"), spot.get("radius_um")
         if cx is None or cy is None or not radius:
             return None
-        mpp_x, mpp_y = _slide_mpp(result)
+        mpp_x, mpp_y = result_mpp(result)
         width, height = _slide_size(result)
         x0, y0 = max(0.0, (cx - radius) / mpp_x), max(0.0, (cy - radius) / mpp_y)
         x1, y1 = (cx + radius) / mpp_x, (cy + radius) / mpp_y
@@ -260,14 +250,6 @@ def _export_folder(result: StoredResult) -> Path | None:
     for path in result.exports.values():
         return Path(path).parent
     return None
-
-
-def _slide_mpp(result: StoredResult) -> tuple[float, float]:
-    slide = result.summary.get("slide") or {}
-    mpp_x, mpp_y = slide.get("mpp_x"), slide.get("mpp_y")
-    if isinstance(mpp_x, int | float) and isinstance(mpp_y, int | float) and mpp_x > 0 and mpp_y > 0:
-        return float(mpp_x), float(mpp_y)
-    return 0.25, 0.25  # the analysis mpp: a summary without the slide's (never written by this version)
 
 
 def _slide_size(result: StoredResult) -> tuple[int, int]:

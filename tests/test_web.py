@@ -343,3 +343,31 @@ def test_get_result_returns_the_review_beside_the_automatic_numbers_and_a_rerun_
     _, _, page = request(site, "GET", f"/jobs/{site.job_id}", headers={"Cookie": cookie})
     assert b"Refers to an earlier result" in page
     assert site.store().get_review(site.job_id).review_id == signed["review_id"]  # kept
+
+
+def test_calibrate_uses_the_signed_reviews_as_truth(site: Site, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from edge.calibrate import slides_from_reviews
+    from edge.engines.manifest import load_bundle
+
+    bundle = load_bundle(site.daemon.config.engines.bundle)
+    models = [c.name for c in bundle.classifiers]
+    slides = slides_from_reviews(site.store(), models)
+    review = site.store().get_review(site.job_id)
+    figures = hotspot_ids(site)
+    rejected = {c["detection_id"] for c in review.changes if c["decision"] == "reject"}
+    added = [c for c in review.changes if c["decision"] == "add"]
+    mitotic = {i for i, kind in figures.items() if kind != "non_mitotic"}
+    reviewed = next(s for s in slides if s.name.startswith(f"job {site.job_id} "))
+    assert len(reviewed.points_um) == len(figures)
+    assert len(reviewed.truth_um) == len(mitotic - rejected) + len(added)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "calibrate", "--reviews", str(site.daemon.data_dir), "--out",
+         str(tmp_path / "recalibrated"), "--weight-step", "0.5", "--detector-up-to", "0"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "signed review(s)" in out.stderr and "wrote      bundle" in out.stdout
+    assert (tmp_path / "recalibrated" / "calibration.json").is_file()
