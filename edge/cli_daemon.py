@@ -35,6 +35,7 @@ def register(sub: Any) -> None:
                    help="serve gRPC in plain text, without TLS (keep it on localhost)")
     p.add_argument("--workers", type=int, help="slides analysed at once (daemon.workers, default 1)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus /metrics address; '' turns it off")
+    p.add_argument("--web", metavar="HOST:PORT", help="the pathologists' review page (web.listen); '' turns it off")
     p.set_defaults(handler=cmd_serve, daemon_logging=True)
 
     p = sub.add_parser("demo", help="the quick-start demo: a daemon picks up a generated slide and reports its result")
@@ -88,6 +89,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         overrides["watch.polling_folders"] = [*config.watch.polling_folders, *args.watch_polling]
     if args.metrics is not None:
         overrides["daemon.metrics_listen"] = args.metrics
+    if args.web is not None:
+        overrides["web.listen"] = args.web
     return config.with_overrides(overrides)
 
 

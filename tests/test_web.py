@@ -371,3 +371,25 @@ def test_calibrate_uses_the_signed_reviews_as_truth(site: Site, tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     assert "signed review(s)" in out.stderr and "wrote      bundle" in out.stdout
     assert (tmp_path / "recalibrated" / "calibration.json").is_file()
+
+
+def test_mitosis_edge_serve_with_web_serves_the_login_page(tmp_path: Path) -> None:
+    import re
+    import signal
+
+    from tests.test_daemon import serve
+
+    process = serve(tmp_path, "--web", "127.0.0.1:0")
+    try:
+        pattern = re.compile(r"review page on http://([\d.]+:\d+)")
+        log = tmp_path / "serve.log"
+        wait_for(lambda: bool(pattern.findall(log.read_text())), timeout=60, what="the page's address")
+        address = pattern.findall(log.read_text())[0]
+        conn = http.client.HTTPConnection(address, timeout=10)
+        conn.request("GET", "/login")
+        response = conn.getresponse()
+        assert response.status == 200 and b'name="token"' in response.read()
+        conn.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
