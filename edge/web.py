@@ -570,15 +570,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        self._answer(self._get)
+
+    def do_POST(self) -> None:
+        self._answer(self._post)
+
+    def _answer(self, handle: Callable[[], None]) -> None:
+        """Run a GET or POST handler; every failure becomes a status with its reason, never a traceback."""
         try:
-            self._get()
+            handle()
         except (JobNotFoundError, ResultNotFoundError) as exc:
             self._error(HTTPStatus.NOT_FOUND, str(exc), self._identity())
+        except ReviewError as exc:
+            self._error(HTTPStatus.BAD_REQUEST, str(exc))
+        except JobStateError as exc:
+            self._error(HTTPStatus.CONFLICT, str(exc))
         except EdgeError as exc:
-            log.warning("web: %s: %s", untrusted(self.path), exc)
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot show this now: {exc}")
+            log.warning("web: %s %s: %s", self.command, untrusted(self.path), exc)
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"not possible now: {exc}")
         except Exception:
-            log.exception("web: error on GET %s", untrusted(self.path))
+            log.exception("web: error on %s %s", self.command, untrusted(self.path))
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; the server's log has the details")
 
     def _get(self) -> None:
@@ -646,20 +657,6 @@ class _Handler(BaseHTTPRequestHandler):
                    {"Content-Disposition": f'attachment; filename="{path.name}"'})
 
     # -- POST
-    def do_POST(self) -> None:
-        try:
-            self._post()
-        except (JobNotFoundError, ResultNotFoundError) as exc:
-            self._error(HTTPStatus.NOT_FOUND, str(exc))
-        except (ReviewError, JobStateError) as exc:
-            self._error(HTTPStatus.CONFLICT if isinstance(exc, JobStateError) else HTTPStatus.BAD_REQUEST, str(exc))
-        except EdgeError as exc:
-            log.warning("web: POST %s: %s", untrusted(self.path), exc)
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"not stored: {exc}")
-        except Exception:
-            log.exception("web: error on POST %s", untrusted(self.path))
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; the server's log has the details")
-
     def _post(self) -> None:
         url = urlsplit(self.path)
         if not self._same_origin():
