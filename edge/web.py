@@ -497,7 +497,13 @@ def login_html(message: str = "") -> bytes:
 # --- HTTP ----------------------------------------------------------------------------------------------
 class _Handler(BaseHTTPRequestHandler):
     server_version = "mitosis-edge-web"
+    timeout = 60  # an idle or slow connection is closed, its thread freed
     app: WebApp  # set on the subclass made by start_web
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):  # the TLS handshake here, in this connection's thread:
+            self.connection.do_handshake()  # a client that never finishes it cannot stall the accept loop
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("web %s %s", self.address_string(), untrusted(format % args))
@@ -740,7 +746,7 @@ def start_web(config: Config, store: Store, results_dir: Path,
         if config.server.tls_client_ca:
             context.load_verify_locations(config.server.tls_client_ca)
             context.verify_mode = ssl.CERT_OPTIONAL  # a certificate or a token login
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
     thread = threading.Thread(target=httpd.serve_forever, name="review-page", daemon=True)
     thread.start()
     scheme = "https" if config.server.tls else "http"

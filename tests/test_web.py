@@ -393,3 +393,52 @@ def test_mitosis_edge_serve_with_web_serves_the_login_page(tmp_path: Path) -> No
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+def test_over_tls_a_listed_client_certificate_signs_and_the_cookie_is_secure(tmp_path: Path, store: Store) -> None:
+    import socket
+    import ssl
+
+    from edge.config import load_config
+    from edge.web import start_web
+    from tests.tls_certs import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    server, doctor, clerk = (ca.issue("localhost", server=True), ca.issue("dr-cert", server=False),
+                             ca.issue("clerk", server=False))
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{READ_TOKEN} read viewer\n")
+    tokens.chmod(0o600)
+    config = load_config(None, {
+        "server.tls_cert": str(server.cert), "server.tls_key": str(server.key), "server.tls_client_ca": str(ca.ca_path),
+        "server.tokens_file": str(tokens), "web.listen": "127.0.0.1:0", "web.review_subjects": ["dr-cert"],
+    })
+    httpd, thread = start_web(config, store, tmp_path / "results")
+    host, port = httpd.server_address[:2]
+
+    def get(path: str, cert: Any = None, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        context = ssl.create_default_context(cafile=str(ca.ca_path))
+        if cert is not None:
+            context.load_cert_chain(str(cert.cert), str(cert.key))
+        conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+        headers = {"Origin": f"https://localhost:{port}", "Host": f"localhost:{port}"}
+        conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
+        response = conn.getresponse()
+        answer = response.status, dict(response.getheaders()), response.read()
+        conn.close()
+        return answer
+
+    try:
+        idle = socket.create_connection((host, port))  # connects, never says hello: must block nobody
+        status, _, page = get("/", doctor)
+        assert status == 200 and b"dr-cert (review)" in page
+        status, _, page = get("/", clerk)
+        assert status == 200 and b"clerk (read)" in page
+        assert get("/")[0] == 303  # no certificate, no session: the login form
+        status, headers, _ = get("/login", body=b"token=" + READ_TOKEN.encode())
+        assert status == 303 and "Secure" in headers["Set-Cookie"] and "HttpOnly" in headers["Set-Cookie"]
+        idle.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
