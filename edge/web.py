@@ -435,6 +435,10 @@ def slide_html(app: WebApp, job: Job, session: Session) -> bytes:
     exports = "".join(f'<li><a href="/jobs/{job.job_id}/exports/{_e(kind)}">{_e(kind)}</a></li>'
                       for kind in sorted({**result.exports, **(review.exports if review else {})}))
     links = f'<section><h2>Exports</h2><ul class="exports">{exports}</ul></section>'
+    if "overlay" in result.exports:
+        links += (f'<section><h2>Overlay</h2><a href="/jobs/{job.job_id}/exports/overlay">'
+                  f'<img class="overlay" src="/jobs/{job.job_id}/exports/overlay" alt="the whole slide with the '
+                  'detections and the hotspot"></a></section>')
     can_sign = session.role in REVIEW_ROLES
     field = '<p class="empty">No hotspot: no mitotic figure was found.</p>'
     if box is not None:
@@ -659,8 +663,9 @@ class _Handler(BaseHTTPRequestHandler):
                                       ) from None
         kinds = {".json": "application/json", ".geojson": "application/geo+json", ".png": "image/png",
                  ".csv": "text/csv; charset=utf-8"}
+        disposition = "inline" if path.suffix == ".png" else "attachment"  # the overlay shows on the page
         self._send(200, data, kinds.get(path.suffix, "application/octet-stream"),
-                   {"Content-Disposition": f'attachment; filename="{path.name}"'})
+                   {"Content-Disposition": f'{disposition}; filename="{path.name}"'})
 
     # -- POST
     def _post(self) -> None:

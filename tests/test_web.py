@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from prometheus_client import generate_latest
 
 from edge.client import EdgeClient, EdgeClientError
 from edge.daemon import Daemon
+from edge.metrics import DaemonMetrics
 from edge.store import Store
 from tests.conftest import SynthFactory
 from tests.test_daemon import daemon_config, wait_for
@@ -208,6 +210,11 @@ def test_a_signed_review_is_stored_beside_the_result_published_exported_and_coun
     stats = site.store().review_agreement()
     assert stats["reviews"] == 1 and stats["figures_judged"] == len(figures) + 1
     assert stats["figures_agreed"] == len(figures) - 2
+    metrics = DaemonMetrics()
+    metrics.attach_store(site.store())
+    scraped = generate_latest(metrics.registry).decode()
+    assert "mitosis_edge_reviewed_jobs 1.0" in scraped and "mitosis_edge_review_count_agreement 1.0" in scraped
+    assert f"mitosis_edge_review_figure_agreement {(len(figures) - 2) / (len(figures) + 1)}" in scraped
 
 
 def test_bad_decisions_are_refused_with_the_reason_and_nothing_is_stored(site: Site) -> None:
@@ -289,6 +296,8 @@ def test_a_reviewer_confirms_rejects_and_adds_figures_in_the_browser_and_the_cli
         mc = expected["normal"] + expected["atypical"] + expected["uncertain"]
         assert browser.find_element(By.ID, "rev-mc").text == str(mc)
         browser.save_screenshot(str(shots / "review.png"))
+        browser.execute_script("document.getElementById('gallery').scrollIntoView()")
+        browser.save_screenshot(str(shots / "gallery.png"))
         after = site.store().last_sequence()
         client = EdgeClient(site.daemon.server.address, token=READ_TOKEN, insecure=True)
         try:
