@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 COOKIE = "mitosis_edge_session"
 MAX_BODY = 1 << 20  # a review of 5000 decisions fits
 IMAGE_CACHE = 64  # rendered fields and crops kept in memory
+EVENT_WAIT_S = 15.0  # a job list's long poll of the event log waits this long for the next event
+MAX_EVENT_WAITERS = 64  # long polls held at once; more are answered at once (the page polls again later)
 CLASS_LABELS = {"normal": "mitotic, normal", "atypical": "mitotic, atypical", "uncertain": "mitotic, subtype uncertain",
                 "non_mitotic": "rejected look-alike"}
 GROUPS = ("normal", "atypical", "uncertain", "non_mitotic")
@@ -94,6 +96,18 @@ class WebApp:
         self.on_review = on_review
         self._lock = threading.Lock()
         self._images: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self._waiters = threading.BoundedSemaphore(MAX_EVENT_WAITERS)
+
+    def events_after(self, sequence: int) -> dict[str, Any]:
+        """The job ids of events after `sequence` (a long poll: waits up to EVENT_WAIT_S for the first one)."""
+        if sequence >= 0 and self._waiters.acquire(blocking=False):
+            try:
+                self.store.wait_for_events(sequence, EVENT_WAIT_S)
+            finally:
+                self._waiters.release()
+        events = self.store.events_after(max(sequence, 0), limit=500) if sequence >= 0 else []
+        last = events[-1].sequence if events else max(sequence, self.store.last_sequence() if sequence < 0 else 0)
+        return {"last_sequence": last, "jobs": sorted({e.job_id for e in events if e.job_id is not None})}
 
     # --- sessions ------------------------------------------------------------------------------
     def login(self, token: str) -> tuple[str, Session] | None:
@@ -589,6 +603,8 @@ class _Handler(BaseHTTPRequestHandler):
         """Run a GET or POST handler; every failure becomes a status with its reason, never a traceback."""
         try:
             handle()
+        except (BrokenPipeError, ConnectionResetError):  # the browser left (a long poll of a closed page)
+            self.close_connection = True
         except (JobNotFoundError, ResultNotFoundError) as exc:
             self._error(HTTPStatus.NOT_FOUND, str(exc), self._identity())
         except ReviewError as exc:
@@ -617,6 +633,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if url.path == "/":
             self._send(200, job_list_html(self.app.store, parse_qs(url.query), session))
+            return
+        if url.path == "/api/events":  # the job list follows the event log: ?after=N (-1: the current end)
+            after = (parse_qs(url.query).get("after") or ["-1"])[0]
+            if not re.fullmatch(r"-1|\d{1,18}", after):
+                raise ReviewError("after must be a sequence number, or -1 for the newest")
+            self._send(200, json.dumps(self.app.events_after(int(after))).encode(), "application/json")
             return
         if url.path == "/api/jobs":
             query = parse_qs(url.query)

@@ -5,13 +5,13 @@ of URLs and logs. The browser tests drive the system Chromium headless (skipped 
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import io
 import json
 import logging
 import os
 import shutil
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,11 +22,11 @@ import pytest
 from PIL import Image
 from prometheus_client import generate_latest
 
-from edge.client import EdgeClient, EdgeClientError
+from edge.client import EdgeClient
 from edge.daemon import Daemon
 from edge.metrics import DaemonMetrics
 from edge.store import Store
-from tests.conftest import SynthFactory
+from tests.conftest import LIBRARY_THREADS, SynthFactory
 from tests.test_daemon import daemon_config, wait_for
 
 READ_TOKEN = "r" * 24
@@ -54,6 +54,20 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    """conftest's check, except for the gRPC pool's workers: they belong to the module's daemon (started on
+    demand by the client calls here) and end when it stops, after the module."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()
+              and not t.name.startswith((*LIBRARY_THREADS, "edge-grpc_"))]
+    for t in leaked:
+        t.join(timeout=2.0)
+    leaked = [t for t in leaked if t.is_alive()]
+    assert not leaked, f"test leaked threads: {[t.name for t in leaked]}"
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, synth_slide: SynthFactory) -> Iterator[Site]:
     """A serving daemon with the review page, one synthetic slide analysed."""
@@ -71,11 +85,6 @@ def site(tmp_path_factory: pytest.TempPathFactory, synth_slide: SynthFactory) ->
         shutil.copy(synth_slide(width=3072, height=2560, seed=1), tmp / "inbox" / "case-7.tiff")
         wait_for(lambda: any(j.state == "done" for j in daemon.store.list_jobs()), what="the slide analysed")
         job_id = daemon.store.list_jobs()[0].job_id
-        with EdgeClient(daemon.server.address, token=READ_TOKEN, insecure=True) as client:  # the API's threads start
-            client.get_result(job_id)
-            with contextlib.suppress(EdgeClientError):  # the deadline ends it
-                for _ in client.watch_events(after_sequence=daemon.store.last_sequence(), reconnect=False, timeout=0.3):
-                    pass
         yield Site(daemon, job_id, daemon.web_address(), tmp, logs)
     finally:
         daemon.stop(grace=0.0)
@@ -316,6 +325,19 @@ def test_a_reviewer_confirms_rejects_and_adds_figures_in_the_browser_and_the_cli
         assert event["payload"]["reviewer"] == "dr-smith"
         signed = browser.find_element(By.ID, "signed").text
         assert "dr-smith" in signed and f"MC {mc}," in signed and "4 changes" in signed
+        # the list follows the event log: a signature made elsewhere shows up without a reload
+        browser.get(base + "/")
+        WebDriverWait(browser, 10).until(
+            lambda b: f"signed, MC {mc}" in b.find_element(By.CSS_SELECTOR, ".review").text)
+        browser.execute_script("window.notReloaded = true")
+        first_normal = next(i for i, kind in hotspot_ids(site).items() if kind == "normal")
+        status, other = sign(site, login(site, REVIEW_TOKEN), [{"decision": "reject", "detection_id": first_normal}])
+        assert status == 200
+        WebDriverWait(browser, 10).until(
+            lambda b: f"signed, MC {other['counts']['mitotic']}" in b.find_element(By.CSS_SELECTOR, ".review").text)
+        assert browser.execute_script("return window.notReloaded") is True
+        browser.get("about:blank")  # leave the list; one more event ends its pending long poll at once
+        assert sign(site, login(site, REVIEW_TOKEN), [])[0] == 200
     finally:
         browser.quit()
         shutil.rmtree(profile, ignore_errors=True)

@@ -3,26 +3,33 @@
 (function () {
   const csrf = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
 
-  // --- job list: states and numbers follow the store (polled every 2 s) ---
+  // --- job list: states and numbers follow the event log (a long poll of /api/events) ---
   const table = document.getElementById("jobs");
   if (table) {
     const refresh = async () => {
-      try {
-        const r = await fetch("/api/jobs" + location.search, {credentials: "same-origin"});
-        if (!r.ok) return;
-        const rows = (await r.json()).jobs;
-        const shown = new Set([...table.querySelectorAll("tr[data-job]")].map((tr) => tr.dataset.job));
-        if (rows.some((j) => !shown.has(String(j.job_id)))) { location.reload(); return; }
-        for (const j of rows) {
-          const tr = table.querySelector(`tr[data-job="${j.job_id}"]`);
-          if (!tr) continue;
-          const st = tr.querySelector(".state");
-          st.textContent = j.state; st.className = "state state-" + j.state;
-          for (const k of ["mc", "ratio", "qc", "review"]) tr.querySelector("." + k).textContent = j[k];
-        }
-      } catch (e) { /* the daemon restarting: try again next time */ }
+      const r = await fetch("/api/jobs" + location.search, {credentials: "same-origin"});
+      if (!r.ok) return;
+      const rows = (await r.json()).jobs;
+      const shown = new Set([...table.querySelectorAll("tr[data-job]")].map((tr) => tr.dataset.job));
+      if (rows.some((j) => !shown.has(String(j.job_id)))) { location.reload(); return; }
+      for (const j of rows) {
+        const tr = table.querySelector(`tr[data-job="${j.job_id}"]`);
+        if (!tr) continue;
+        const st = tr.querySelector(".state");
+        st.textContent = j.state; st.className = "state state-" + j.state;
+        for (const k of ["mc", "ratio", "qc", "review"]) tr.querySelector("." + k).textContent = j[k];
+      }
     };
-    setInterval(refresh, 2000);
+    const follow = async (after) => {
+      try {
+        const r = await fetch(`/api/events?after=${after}`, {credentials: "same-origin"});
+        if (!r.ok) throw new Error(String(r.status));
+        const ev = await r.json();
+        if (after >= 0 && ev.jobs.length) await refresh();
+        setTimeout(() => follow(ev.last_sequence), ev.last_sequence === after ? 2000 : 0);
+      } catch (e) { setTimeout(() => follow(after), 5000); }  /* the daemon restarting: try again */
+    };
+    follow(-1);
   }
 
   // --- slide page ---
