@@ -584,7 +584,10 @@ class _Handler(BaseHTTPRequestHandler):
         return urlsplit(origin).netloc == host
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ReviewError("the Content-Length header is not a number") from None
         if length > MAX_BODY:
             raise ReviewError(f"the request body of {length} bytes is more than {MAX_BODY}")
         return self.rfile.read(length) if length > 0 else b""
