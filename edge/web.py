@@ -16,6 +16,8 @@ import json
 import logging
 import re
 import secrets
+import select
+import socket
 import ssl
 import threading
 import time
@@ -98,11 +100,15 @@ class WebApp:
         self._images: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
         self._waiters = threading.BoundedSemaphore(MAX_EVENT_WAITERS)
 
-    def events_after(self, sequence: int) -> dict[str, Any]:
-        """The job ids of events after `sequence` (a long poll: waits up to EVENT_WAIT_S for the first one)."""
+    def events_after(self, sequence: int, gone: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        """The job ids of events after `sequence` (a long poll: waits up to EVENT_WAIT_S for the first one,
+        and stops waiting as soon as `gone()` says the browser closed the page)."""
         if sequence >= 0 and self._waiters.acquire(blocking=False):
             try:
-                self.store.wait_for_events(sequence, EVENT_WAIT_S)
+                deadline = time.monotonic() + EVENT_WAIT_S
+                while time.monotonic() < deadline and not gone():
+                    if self.store.wait_for_events(sequence, min(0.5, deadline - time.monotonic())):
+                        break
             finally:
                 self._waiters.release()
         events = self.store.events_after(max(sequence, 0), limit=500) if sequence >= 0 else []
@@ -576,6 +582,18 @@ class _Handler(BaseHTTPRequestHandler):
             return Session(subject, role, "", float("inf"))
         return None
 
+    def _client_gone(self) -> bool:
+        """Whether the browser closed this connection (a long poll of a page it left)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            if isinstance(self.connection, ssl.SSLSocket):
+                return True  # TLS cannot peek; a browser sends nothing more on a long poll but its close
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def _same_origin(self) -> bool:
         host = self.headers.get("Host") or ""
         origin = self.headers.get("Origin") or self.headers.get("Referer")
@@ -641,7 +659,8 @@ class _Handler(BaseHTTPRequestHandler):
             after = (parse_qs(url.query).get("after") or ["-1"])[0]
             if not re.fullmatch(r"-1|\d{1,18}", after):
                 raise ReviewError("after must be a sequence number, or -1 for the newest")
-            self._send(200, json.dumps(self.app.events_after(int(after))).encode(), "application/json")
+            answer = self.app.events_after(int(after), self._client_gone)
+            self._send(200, json.dumps(answer).encode(), "application/json")
             return
         if url.path == "/api/jobs":
             query = parse_qs(url.query)

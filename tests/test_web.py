@@ -336,8 +336,6 @@ def test_a_reviewer_confirms_rejects_and_adds_figures_in_the_browser_and_the_cli
         WebDriverWait(browser, 10).until(
             lambda b: f"signed, MC {other['counts']['mitotic']}" in b.find_element(By.CSS_SELECTOR, ".review").text)
         assert browser.execute_script("return window.notReloaded") is True
-        browser.get("about:blank")  # leave the list; one more event ends its pending long poll at once
-        assert sign(site, login(site, REVIEW_TOKEN), [])[0] == 200
     finally:
         browser.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -472,4 +470,60 @@ def test_over_tls_a_listed_client_certificate_signs_and_the_cookie_is_secure(tmp
     finally:
         httpd.shutdown()
         httpd.server_close()
+        thread.join(timeout=5)
+
+
+def test_in_the_browser_a_read_only_login_has_no_sign_and_a_forged_cross_site_form_is_refused(site: Site) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, profile = chromium()
+    target = f"http://{site.host}/jobs/{site.job_id}/review"
+    forged = (f'<!doctype html><form id="f" method="post" action="{target}" enctype="text/plain">'
+              '<input name=\'{"changes": [], "result_created_at": 0, "x": "\' value=\'"}\'></form>'
+              "<script>document.getElementById('f').submit()</script>").encode()
+
+    class Evil(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(forged)))
+            self.end_headers()
+            self.wfile.write(forged)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    evil = ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    thread = threading.Thread(target=evil.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://{site.host}"
+        browser.get(base + "/login")
+        browser.find_element(By.NAME, "token").send_keys(READ_TOKEN)
+        browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+        WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "jobs"))
+        browser.get(f"{base}/jobs/{site.job_id}")
+        assert not browser.find_elements(By.ID, "sign")
+        assert "signing needs a token with role review" in browser.find_element(By.CSS_SELECTOR, ".readonly").text
+        browser.get(f"{base}/jobs/424242")
+        assert "404" in browser.find_element(By.TAG_NAME, "h1").text
+        assert "job 424242" in browser.find_element(By.TAG_NAME, "main").text
+        # a signed-in reviewer visits another site, which posts a review form to the page
+        browser.get(base + "/login")
+        browser.find_element(By.NAME, "token").send_keys(REVIEW_TOKEN)
+        browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+        WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "jobs"))
+        before = len(site.store().list_reviews())
+        browser.get(f"http://127.0.0.1:{evil.server_address[1]}/")
+        WebDriverWait(browser, 10).until(lambda b: b.current_url == target)
+        assert "cross-site request refused" in browser.page_source
+        assert len(site.store().list_reviews()) == before
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+        evil.shutdown()
+        evil.server_close()
         thread.join(timeout=5)
