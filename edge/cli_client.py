@@ -166,7 +166,15 @@ def result_lines(result: dict[str, Any]) -> list[str]:
         + (f"; {density:.2f} per mm²" if density is not None else ""),
         f"score hint             {hint['score'] if hint['score'] is not None else '-'} ({hint['note']})",
     ]
-    for kind, path in sorted(result["exports"].items()):
+    review = result.get("review")
+    if review:
+        counts = review["counts"]
+        lines.append(
+            f"signed review          MC {counts['mitotic']} (atypical {counts['atypical']}, normal {counts['normal']}, "
+            f"ratio {_ratio(counts['atypical_ratio'])}) by {review['reviewer']}, {_when(review['signed_at'])}"
+            + ("" if review["current"] else f"; refers to this earlier result (job {review['superseded_by']} is newer)")
+        )
+    for kind, path in sorted({**result["exports"], **(review["exports"] if review else {})}.items()):
         lines.append(f"export {kind:<16}{path}")
     return lines
 
@@ -310,6 +318,11 @@ def _event_line(event: dict[str, Any]) -> str:
     if event["type"] == "job_done":
         ratio = payload.get("atypical_ratio")
         extra = f"  hotspot mitotic count {payload.get('mitotic_count')}, atypical ratio {_ratio(ratio)}"
+    elif event["type"] == "result_reviewed":
+        ratio = payload.get("atypical_ratio")
+        extra = (f"  reviewed hotspot mitotic count {payload.get('mitotic_count')} (automatic "
+                 f"{payload.get('automatic_mitotic_count')}), atypical ratio {_ratio(ratio)}, "
+                 f"by {payload.get('reviewer')}")
     elif payload.get("error"):
         extra = f"  {payload['error']}"
     return f"{event['sequence']:>8}  {_when(event['created_at'])}  {event['type']:<13}  job {event['job_id']}  " \

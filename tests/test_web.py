@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -371,13 +373,22 @@ def test_get_result_returns_the_review_beside_the_automatic_numbers_and_a_rerun_
         assert client.get_result(rerun.job_id)["review"] is None
     _, _, page = request(site, "GET", f"/jobs/{site.job_id}", headers={"Cookie": cookie})
     assert b"Refers to an earlier result" in page
+    token_file = site.tmp / "read.token"
+    token_file.write_text(READ_TOKEN)
+    token_file.chmod(0o600)
+    shown = subprocess.run(
+        [sys.executable, "-m", "edge", "client", "--server", site.daemon.server.address, "--insecure",
+         "--token-file", str(token_file), "get", str(site.job_id)], check=False, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "signed review          MC" in shown.stdout and "by dr-smith" in shown.stdout
+    assert f"refers to this earlier result (job {rerun.job_id} is newer)" in shown.stdout
+    assert "export review_json" in shown.stdout
     assert site.store().get_review(site.job_id).review_id == signed["review_id"]  # kept
 
 
 def test_calibrate_uses_the_signed_reviews_as_truth(site: Site, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     from edge.calibrate import slides_from_reviews
     from edge.engines.manifest import load_bundle
 
