@@ -259,12 +259,17 @@ def bench_analyze(
         pconfig = pipeline_config(config, bundle)
         with open_slide(path, pconfig.slide) as slide:
             sp = plan_slide(slide, pconfig)
+            efficiency = sp.efficiency
             _warm_page_cache(Path(slide.path))
             held: list[Any] = []
             read_s = [_read_all(slide, sp, pconfig, held, detector_batches)]
             engines.detector.infer(held[0])  # warm-up
             detector_tps = [_detector_rate(engines.detector, held, detector_seconds)]
             analysis = analyze_slide(path, config, engines=engines)
+            # Scan QC's cost: the same analysis without it, in the same run (and QC's own seconds, which
+            # noise on a shared machine does not blur).
+            no_qc = dataclasses.replace(config, qc=dataclasses.replace(config.qc, enabled=False))
+            without_qc = analyze_slide(path, no_qc, engines=engines) if config.qc.enabled else analysis
             detector_tps.append(_detector_rate(engines.detector, held, detector_seconds))
             read_s.append(_read_all(slide, sp, pconfig, [], 0))
     n = analysis.tiles
@@ -274,6 +279,8 @@ def bench_analyze(
     return {
         "slide": str(path),
         "tiles": n,
+        "tile_layout": sp.plan.layout,
+        "tile_plan": efficiency.to_json_dict(),
         "candidates": analysis.result.scores.candidates,
         "backend": engines.backend,
         "bundle": bundle.name,
@@ -285,6 +292,11 @@ def bench_analyze(
         "end_to_end_tiles_per_s": e2e_tps,
         "end_to_end_seconds": analysis.times.total,
         "ratio": e2e_tps / slower if slower > 0 else None,
+        "end_to_end_seconds_without_qc": without_qc.times.total,
+        "qc_overhead": analysis.times.total / without_qc.times.total - 1.0 if without_qc.times.total > 0 else None,
+        "qc_seconds": (analysis.result.qc or {}).get("seconds"),
+        "qc_share": (analysis.result.qc or {}).get("seconds", 0.0) / analysis.times.total
+        if analysis.times.total > 0 else None,
         "stage_seconds": analysis.times.to_dict(),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -311,16 +323,10 @@ def bench_daemon(
     import threading
 
     from edge.daemon import Daemon
-    from edge.synth import SynthParams, generate_slide
 
     with tempfile.TemporaryDirectory(prefix="mitosis-edge-bench-daemon-", dir=workdir) as tmp:
         root = Path(tmp)
-        staging, inbox = root / "staging", root / "inbox"
-        staging.mkdir()
-        inbox.mkdir()
-        bases = [staging / f"base-{i}.tiff" for i in range(min(4, slides))]
-        for i, base in enumerate(bases):
-            generate_slide(base, SynthParams(width=size, height=size, seed=9000 + i))
+        staging, inbox, bases = _inbox_and_slides(root, min(4, slides), size, seed=9000)
         names = []
         for i in range(slides):
             name = f"slide-{i:04d}.tiff"
@@ -384,6 +390,124 @@ def bench_daemon(
     }
 
 
+def bench_daemon_latency(
+    config: Config,
+    *,
+    slides: int = 20,
+    size: int = 1536,
+    quiet_period_s: float | None = None,
+    observer: str | None = None,
+    timeout_s: float = 600.0,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Time to result as a lab feels it: ``slides`` slides written one after another into a running
+    daemon's inbox the way a scanner writes (in chunks under the final name, then closed), each after
+    the previous one's result is stored. Per slide: seconds from the last byte written to the job
+    being queued, to the job starting and to its result being stored; and, measured in the same run
+    with the same engines, the wall time of ``analyze`` on one of the slides (analysis and exports, as
+    the command does them, engines already loaded), the yardstick for last-byte-to-result. The quiet
+    period and observer are the config's unless given.
+    """
+    import shutil
+    import tempfile
+
+    from edge.daemon import Daemon
+    from edge.engines import load_bundle, open_engines
+    from edge.pipeline import analyze_slide
+
+    chunk = 1 << 20
+    with tempfile.TemporaryDirectory(prefix="mitosis-edge-bench-latency-", dir=workdir) as tmp:
+        root = Path(tmp)
+        _staging, inbox, bases = _inbox_and_slides(root, min(2, slides), size, seed=9100)
+        overrides: dict[str, Any] = {
+            "watch.folders": [str(inbox)], "watch.polling_folders": [], "daemon.data_dir": str(root / "data"),
+            "daemon.metrics_listen": "", "daemon.min_free_disk_mb": 0, "server.enabled": False,
+            "watch.scan_on_start": False,
+        }  # fmt: skip
+        if quiet_period_s is not None:
+            overrides["watch.quiet_period_s"] = quiet_period_s
+        if observer is not None:
+            overrides["watch.observer"] = observer
+        config = config.with_overrides(overrides)
+        bundle = load_bundle(config.engines.bundle)
+        with open_engines(bundle, config.engines, detector_batch=config.stream.batch_size) as engines:
+            analyze_s = []
+            for attempt in range(2):  # the first warms the engines and the page cache up; the faster one counts
+                t0 = time.perf_counter()
+                analysis = analyze_slide(bases[0], config, engines=engines)
+                analysis.write_exports(root / f"analyze-{attempt}")  # as `mitosis-edge analyze` does
+                analyze_s.append(time.perf_counter() - t0)
+        rows: list[dict[str, Any]] = []
+        with Daemon(config) as daemon:
+            while not daemon.is_ready():
+                time.sleep(0.05)
+            observer_kind = daemon_observer_kind(daemon, str(inbox))
+            for i in range(slides):
+                data = bases[i % len(bases)].read_bytes() + i.to_bytes(8, "little")  # byte-distinct copies
+                target = inbox / f"slide-{i:04d}.tiff"
+                with target.open("wb") as fh:  # like a scanner: chunks under the final name, then close
+                    for offset in range(0, len(data), chunk):
+                        fh.write(data[offset : offset + chunk])
+                        fh.flush()
+                    last_byte = time.time()
+                job = _wait_job_terminal(daemon, str(target), timeout_s)
+                row: dict[str, Any] = {"slide": target.name, "state": job.state if job else "timeout"}
+                if job is not None:
+                    row["to_queued_s"] = job.created_at - last_byte
+                    row["to_start_s"] = (job.started_at - last_byte) if job.started_at else None
+                    row["to_result_s"] = (job.finished_at - last_byte) if job.finished_at else None
+                rows.append(row)
+            shutil.rmtree(inbox, ignore_errors=True)
+
+    def median(key: str) -> float | None:
+        values = sorted(r[key] for r in rows if r.get(key) is not None)
+        return values[len(values) // 2] if values else None
+
+    return {
+        "slides": slides,
+        "size_px": size,
+        "observer": observer_kind,
+        "quiet_period_s": config.watch.quiet_period_s,
+        "close_settle_s": config.watch.close_settle_s,
+        "analyze_seconds": min(analyze_s),
+        "done": sum(1 for r in rows if r["state"] == "done"),
+        "median_to_queued_s": median("to_queued_s"),
+        "median_to_start_s": median("to_start_s"),
+        "median_to_result_s": median("to_result_s"),
+        "max_to_start_s": max((r["to_start_s"] for r in rows if r.get("to_start_s") is not None), default=None),
+        "per_slide": rows,
+    }
+
+
+def _inbox_and_slides(root: Path, count: int, size: int, seed: int) -> tuple[Path, Path, list[Path]]:
+    """A staging folder with ``count`` generated slides of ``size`` px, and an empty inbox, under ``root``."""
+    from edge.synth import SynthParams, generate_slide
+
+    staging, inbox = root / "staging", root / "inbox"
+    staging.mkdir()
+    inbox.mkdir()
+    bases = [staging / f"base-{i}.tiff" for i in range(count)]
+    for i, base in enumerate(bases):
+        generate_slide(base, SynthParams(width=size, height=size, seed=seed + i))
+    return staging, inbox, bases
+
+
+def daemon_observer_kind(daemon: Any, folder: str) -> str:
+    """The observer the daemon's watcher chose for ``folder`` ("native", "polling" or "" if none)."""
+    return str(daemon.watcher.observer_kinds.get(folder, "")) if daemon.watcher is not None else ""
+
+
+def _wait_job_terminal(daemon: Any, slide_path: str, timeout_s: float) -> Any:
+    """The job of ``slide_path`` once it is done, failed or cancelled; None after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for job in daemon.store.list_jobs(slide_path_contains=Path(slide_path).name):
+            if job.state in ("done", "failed", "cancelled"):
+                return job
+        time.sleep(0.05)
+    return None
+
+
 def current_rss_mb() -> float:
     """Resident set size now of this process and its child processes (the daemon's analysis processes);
     Linux /proc; falls back to this process's peak elsewhere."""
@@ -408,3 +532,106 @@ def _wait_terminal(daemon: Any, slides: int, timeout_s: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def bench_cohort(
+    config: Config,
+    *,
+    slides: int = 40,
+    sizes: tuple[int, ...] = (2048, 3072, 4096),
+    cpus_per_slide: float = 1.0,
+    ray_address: str | None = None,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """``slides`` synthetic slides of mixed sizes, 3 of them hostile (random bytes, a truncated TIFF, an empty
+    file), analysed one after another in this warm process (engines opened once, exports written) and then
+    by ``cohort run`` on Ray, in one run; the throughput ratio is sequential seconds over cohort seconds
+    (Ray's start included), the sequential time being the mean of a run before and one after the cohort
+    run. Checks that every good slide has exactly one row, done, and the hostile ones
+    failed with a reason, and that a re-run analyses nothing.
+    """
+    import csv
+    import shutil
+    import tempfile
+
+    from edge.cohort import case_id_for, list_slides, run_cohort
+    from edge.engines import load_bundle, open_engines
+    from edge.pipeline import analyze_slide
+    from edge.synth import SynthParams, generate_slide
+
+    hostile = 3
+    with tempfile.TemporaryDirectory(prefix="mitosis-edge-bench-cohort-", dir=workdir) as tmp:
+        root = Path(tmp)
+        archive = root / "archive"
+        archive.mkdir()
+        bases = []
+        for i, size in enumerate(sizes):
+            base = root / f"base-{size}.tiff"
+            generate_slide(base, SynthParams(width=size, height=size, seed=7100 + i))
+            bases.append(base)
+        good = max(0, slides - hostile)
+        for i in range(good):
+            target = archive / f"slide-{i:04d}.tiff"
+            shutil.copyfile(bases[i % len(bases)], target)
+            with target.open("ab") as f:  # byte-distinct: its own fingerprint, same pixels
+                f.write(i.to_bytes(8, "little"))
+        (archive / "hostile-random.svs").write_bytes(os.urandom(64 * 1024))
+        truncated = bases[-1].read_bytes()
+        (archive / "hostile-truncated.tiff").write_bytes(truncated[: len(truncated) // 3])
+        (archive / "hostile-empty.tiff").write_bytes(b"")
+        listed = list_slides(archive)
+
+        def sequential() -> tuple[float, int]:
+            """Every slide one after another in this process, engines opened once, exports written."""
+            t0 = time.perf_counter()
+            failed = 0
+            with open_engines(load_bundle(config.engines.bundle), config.engines,
+                              detector_batch=config.stream.batch_size) as engines:
+                for s in listed:
+                    try:
+                        analyze_slide(s.path, config, engines=engines).write_exports(root / "sequential" / s.path.name)
+                    except SlideReadError:
+                        failed += 1
+            return time.perf_counter() - t0, failed
+
+        # sequential before and after the cohort run: their mean is the reference, so load from other
+        # processes that changes during the benchmark weighs on both sides alike
+        before_s, seq_failed = sequential()
+        out = root / "cohort"
+        summary = run_cohort(listed, out, config, ray_address=ray_address, cpus_per_slide=cpus_per_slide)
+        after_s, _ = sequential()
+        sequential_s = (before_s + after_s) / 2
+        sequential_rss = peak_rss_mb()
+        with (out / "slides.csv").open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        per_slide: dict[str, int] = {}
+        for row in rows:
+            per_slide[row["slide_path"]] = per_slide.get(row["slide_path"], 0) + 1
+        hostile_rows = [r for r in rows if Path(r["slide_path"]).name.startswith("hostile-")]
+        good_rows = [r for r in rows if not Path(r["slide_path"]).name.startswith("hostile-")]
+        rerun = run_cohort(listed, out, config, ray_address=ray_address, cpus_per_slide=cpus_per_slide)
+        return {
+            "slides": len(listed),
+            "sizes_px": list(sizes),
+            "hostile": hostile,
+            "sequential_s": round(sequential_s, 2),
+            "sequential_before_after_s": [round(before_s, 2), round(after_s, 2)],
+            "sequential_failed": seq_failed,
+            "sequential_peak_rss_mb": round(sequential_rss),
+            "cohort_s": round(summary.seconds, 2),
+            "ratio": round(sequential_s / summary.seconds, 3) if summary.seconds else None,
+            "ray_start_s": round(summary.ray_start_s, 2),
+            "ratio_without_ray_start": round(sequential_s / (summary.seconds - summary.ray_start_s), 3),
+            "workers": summary.workers,
+            "cpus_per_slide": cpus_per_slide,
+            "slides_per_node": summary.nodes,
+            "good_done_exactly_once": len(good_rows) == good and all(r["status"] == "done" for r in good_rows)
+            and all(per_slide[r["slide_path"]] == 1 for r in good_rows),
+            "hostile_failed": {Path(r["slide_path"]).name: r["error"][:160] for r in hostile_rows
+                               if r["status"] == "failed"},
+            # per worker: RSS after its first and its last slide, and its peak
+            "worker_rss_mb": {w: [v[0], v[-1], summary.peak_rss_mb[w][-1]] for w, v in summary.rss_mb.items()},
+            "rerun_analysed": rerun.done + rerun.failed,
+            "rerun_skipped": rerun.skipped_done + rerun.skipped_failed,
+            "case_ids_example": case_id_for(listed[0].path),
+        }

@@ -16,7 +16,6 @@ import datetime as _dt
 import itertools
 import json
 import logging
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.engines.manifest import MANIFEST_NAME, Bundle, load_bundle
+from edge.engines.manifest import MANIFEST_NAME, Bundle, load_bundle, manifest_tables, new_bundle_folder, set_toml_key
 from edge.errors import ConfigError
 from edge.evaluate import DEFAULT_MATCH_RADIUS_UM, DetectionMetrics, match_points
 
@@ -272,44 +271,28 @@ def calibrated_manifest(
 ) -> str:
     """The manifest text with new classifier weights, MF threshold, detector score threshold (when given)
     and version; comments and order kept."""
-    blocks = re.split(r"(?m)^(?=\s*\[)", text)
     out = []
-    for block in blocks:
-        header = block.lstrip().split("\n", 1)[0].strip()
+    for header, name, block in manifest_tables(text):
         new = block
         if header == "[bundle]":
-            new = _set_key(block, "version", json.dumps(version))
-        elif header == "[[classifier]]":
-            name = re.search(r'(?m)^\s*name\s*=\s*"([^"]*)"', block)
-            if name and name.group(1) in weights:
-                new = _set_key(block, "weight", f"{weights[name.group(1)]:g}")
+            new = set_toml_key(block, "version", json.dumps(version))
+        elif header == "[[classifier]]" and name in weights:
+            new = set_toml_key(block, "weight", f"{weights[name]:g}")
         elif header == "[detector]" and detector_threshold is not None:
-            new = _set_key(block, "score_threshold", f"{detector_threshold:g}")
+            new = set_toml_key(block, "score_threshold", f"{detector_threshold:g}")
         elif header == "[decision]":
-            new = _set_key(block, "mitotic_threshold", f"{threshold:g}")
+            new = set_toml_key(block, "mitotic_threshold", f"{threshold:g}")
         out.append(new)
     return "".join(out)
-
-
-def _set_key(block: str, key: str, value: str) -> str:
-    pattern = re.compile(rf"(?m)^(\s*){re.escape(key)}\s*=\s*[^\n#]*?(\s*(#.*)?)$")
-    if pattern.search(block):
-        return pattern.sub(lambda m: f"{m.group(1)}{key} = {value}{m.group(2) or ''}", block, count=1)
-    head, _, rest = block.partition("\n")
-    return f"{head}\n{key} = {value}\n{rest}"
 
 
 def write_calibrated_bundle(
     bundle: Bundle, calibration: Calibration, out: str | Path, *, version: str | None = None
 ) -> Bundle:
     """Copy the bundle to ``out`` with the calibrated values and a calibration report; returns it loaded."""
-    target = Path(out).resolve()
-    if target == bundle.path.resolve():
-        raise ConfigError(f"--out {out} is the bundle itself; calibration writes a new bundle, never in place")
-    if target.exists() and any(target.iterdir()):
-        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
+    target = new_bundle_folder(bundle, out, "calibration")
     stamp = _dt.datetime.now(_dt.UTC)
-    version = version or f"{bundle.version}+cal.{stamp:%Y%m%d}"
+    version = version or f"{bundle.version}+cal.{stamp:%Y%m%d.%H%M%S}"  # unique: two calibrations never clash
     weights = dict(zip(calibration.models, calibration.best.weights, strict=True))
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -157,13 +157,15 @@ def decide(
 
 def classifier_outputs_to_probabilities(
     outputs: Mapping[str, np.ndarray], spec: ClassifierSpec
-) -> tuple[FloatArray, FloatArray | None]:
-    """(p_mitotic, p_atypical) of one classifier from its engine outputs by name (p_atypical None without that head)."""
-    p_mitotic = head_probability(_output(outputs, spec.mitotic.output, spec.name), spec.mitotic)
+) -> tuple[FloatArray | None, FloatArray | None]:
+    """(p_mitotic, p_atypical) of one classifier from its engine outputs by name (None for a head it lacks)."""
+    p_mitotic = None if spec.mitotic is None else head_probability(
+        _output(outputs, spec.mitotic.output, spec.name), spec.mitotic
+    )
     if spec.atypical is None:
         return p_mitotic, None
     p_atypical = head_probability(_output(outputs, spec.atypical.output, spec.name), spec.atypical)
-    if p_atypical.shape != p_mitotic.shape:
+    if p_mitotic is not None and p_atypical.shape != p_mitotic.shape:
         raise EngineError(
             f"classifier {spec.name!r}: the atypical head gives {p_atypical.shape[0]} scores, "
             f"the mitotic head {p_mitotic.shape[0]}"

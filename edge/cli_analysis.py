@@ -7,6 +7,7 @@ Part of the command-line shell (it prints); the work happens in ``edge.pipeline`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -27,7 +28,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     p.set_defaults(handler=cmd_analyze)
 
     b = bench_sub.add_parser("analyze", help="end-to-end throughput against read-only and detector-only")
-    b.add_argument("slide")
+    b.add_argument("slide", help="slide file (or DICOM WSI folder)")
     _common(b)
     b.add_argument("--detector-batches", type=int, default=8, help="batches held for detector-only (default 8)")
     b.add_argument("--detector-seconds", type=float, default=2.0,
@@ -57,6 +58,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
     p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
     p.add_argument("--mpp", type=float, help="µm/px to use when the slide records none (overrides the file)")
+    p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"),
+                   help="library that opens the slide (default auto: by format)")
     p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
     p.add_argument("--batch-size", type=int, help="tiles per detector batch (default 4)")
     p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per model (default: one per core)")
@@ -113,7 +116,9 @@ def _ratio(value: float | None) -> str:
 
 
 def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
-    """The one-screen summary of a slide result."""
+    """The one-screen summary of a slide result, led by its notice and plausibility flags (edge.caveats)."""
+    from edge.caveats import caveat_lines
+
     s = result.scores
     info = result.slide
     hs = s.hotspot
@@ -139,15 +144,18 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
     ]
     if hint.score is not None:
         lines.append(f"hint       mitotic score {hint.score} ({hint.note})")
+    if result.qc is not None:
+        from edge.qc import summary_lines
+
+        lines.extend(summary_lines(result.qc, (info.get("scanner") or {}).get("id")))
     backend = result.provenance.get("backend", "?")
     bundle = result.provenance.get("bundle", {})
     lines.append(
         f"time       {seconds:.1f} s ({tiles / max(seconds, 1e-9):.1f} tiles/s) on {backend}, "
         f"bundle {bundle.get('name')} {bundle.get('version')}"
     )
-    if "synthetic" in str(bundle.get("intended_use", "")).lower() or bundle.get("name") == "demo":
-        lines.append("note       demo models trained on synthetic slides: not for diagnosis")
-    return lines
+    summary = {"slide": info, "scores": s.to_json_dict(), "provenance": result.provenance}
+    return caveat_lines(summary) + lines
 
 
 def cmd_bench_analyze(args: argparse.Namespace) -> int:
@@ -162,10 +170,15 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"slide          {result['slide']}: {result['tiles']} tiles, {result['candidates']} candidates, "
           f"backend {result['backend']}")
+    print(f"tile plan      {result['tile_layout']}: {format_plan_efficiency(result['tile_plan'])}")
     print(f"read only      {result['read_tiles_per_s']:.1f} tiles/s")
     print(f"detector only  {result['detector_tiles_per_s']:.1f} tiles/s")
     print(f"end to end     {result['end_to_end_tiles_per_s']:.1f} tiles/s")
     print(f"ratio          {result['ratio']:.2f} (end to end / slower of the two; target >= 0.8)")
+    if result["qc_seconds"] is not None:
+        print(f"scan QC        {result['qc_seconds']:.2f} s = {result['qc_share']:.1%} of end to end; without QC "
+              f"{result['end_to_end_seconds_without_qc']:.1f} s against {result['end_to_end_seconds']:.1f} s "
+              f"({result['qc_overhead']:+.1%}; target <= 5%)")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in result["stage_seconds"].items())
     print(f"stages (s)     {stages}")
     print(f"peak RSS       {result['peak_rss_mb']:.0f} MiB")
@@ -185,6 +198,13 @@ def _reviewed_slides(path: Path, models: list[str]) -> list[Any]:
         slides = slides_from_reviews(store, models)
     print(f"{len(slides)} signed review(s) from {store_path}", file=sys.stderr)
     return slides
+def format_plan_efficiency(e: dict[str, Any]) -> str:
+    """One line on a plan's efficiency (``PlanEfficiency.to_json_dict()``)."""
+    return (
+        f"{e['tiles']} tiles ({e['tiles_vs_grid']:.2f}x the fixed grid's {e['grid_tiles']}), "
+        f"tissue {e['tissue_mm2']:.2f} mm², covered {e['covered_mm2']:.2f} mm², read {e['read_mm2']:.2f} mm²: "
+        f"{100 * e['tissue_fraction_of_read']:.0f}% of the read pixels are tissue"
+    )
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -202,9 +222,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError("give validation slides (--slide with --truth), signed reviews (--reviews DATA_DIR), or both")
     config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)
-    models = [c.name for c in bundle.classifiers]
+    # only members with an MF head are weighed (an atypical-only member never gets MF weight); each is run,
+    # weight 0 or not, so that the search can give it weight
+    voters = [c for c in bundle.classifiers if c.mitotic is not None]
+    models = [c.name for c in voters]
+    every_head = dataclasses.replace(
+        bundle, classifiers=tuple(dataclasses.replace(c, weight=1.0) if c in voters else c for c in bundle.classifiers)
+    )
     cached = []
-    with open_engines(bundle, config.engines, detector_batch=config.stream.batch_size) as engines:
+    with open_engines(every_head, config.engines, detector_batch=config.stream.batch_size) as engines:
         for slide, truth_path in zip(args.slide, args.truth, strict=True):
             truth = read_truth(truth_path)  # read first: a bad truth file fails before minutes of inference
             print(f"inference on {slide} ...", file=sys.stderr)

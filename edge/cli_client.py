@@ -28,7 +28,7 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``client`` and its subcommands on the top-level parser's subparsers."""
     p = subparsers.add_parser(
         "client",
-        help="talk to a running mitosis-edge daemon over gRPC: status, submit, get, list, watch, detections",
+        help="talk to a running mitosis-edge daemon over gRPC: status, submit, get, list, watch, detections, export",
         description="Talk to a running mitosis-edge daemon over its gRPC API.",
     )
     p.add_argument(
@@ -61,6 +61,9 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     c.add_argument("--mpp", type=float, help="µm/px for a slide that records none")
     c.add_argument("--bundle", help="name of a model bundle the daemon allows (default: the daemon's)")
+    c.add_argument("--accession", help="the case's accession number (default: from the path or the slide's barcode)")
+    c.add_argument("--label", dest="labels", action="append", default=[], metavar="TEXT",
+                   help="a free label for the job (repeatable)")
     c.add_argument("--wait", action="store_true", help="wait until the job ends and print its result")
     c.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds")
     _json_flag(c)
@@ -75,13 +78,14 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     c = sub.add_parser("list", help="jobs, oldest first")
     c.add_argument("--state", action="append", choices=STATES, help="only jobs in this state (repeatable)")
     c.add_argument("--contains", default="", metavar="TEXT", help="only slides whose path contains TEXT")
-    c.add_argument("--newest-first", action="store_true")
+    c.add_argument("--accession", default="", help="only jobs of this accession number")
+    c.add_argument("--newest-first", action="store_true", help="newest jobs first")
     c.add_argument("--limit", type=int, metavar="N", help="at most N jobs (default all)")
     _json_flag(c, "print a JSON array of jobs")
     c.set_defaults(handler=cmd_list)
 
     c = sub.add_parser("cancel", help="cancel a queued or running job")
-    c.add_argument("job", type=int)
+    c.add_argument("job", type=int, help="job id")
     _json_flag(c)
     c.set_defaults(handler=cmd_cancel)
 
@@ -95,12 +99,22 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.set_defaults(handler=cmd_watch)
 
     c = sub.add_parser("detections", help="a done job's detections (classified candidates)")
-    c.add_argument("job", type=int)
+    c.add_argument("job", type=int, help="job id")
     c.add_argument("--class", dest="classes", action="append", choices=CLASSES,
                    help="only this class (repeatable; default all)")
     c.add_argument("--min-p", type=float, default=0.0, metavar="P", help="only p_mitotic >= P")
     _json_flag(c, "print a JSON array")
     c.set_defaults(handler=cmd_detections)
+
+    c = sub.add_parser("export", help="download a done job's export files (result.json, GeoJSON, CSV, overlay PNG)")
+    c.add_argument("job", type=int, help="job id")
+    c.add_argument("--out", metavar="DIR", help="folder to write into (default: ./<job>-<slide name>/)")
+    c.add_argument("--name", dest="names", action="append", metavar="KIND",
+                   help="only this export: result, geojson, midog, csv, overlay (repeatable; default all)")
+    _json_flag(c, "print {kind: path} as JSON")
+    c.set_defaults(handler=cmd_export)
+    for command in sub.choices.values():
+        command.set_defaults(handler=_with_hints(command.get_default("handler")))
     return p
 
 
@@ -143,8 +157,10 @@ def _job_line(job: dict[str, Any]) -> str:
     error = f"  {job['error']}" if job.get("error") and job["state"] in ("failed", "queued") else ""
     who = job.get("submitted_by") or ("watcher" if job.get("source") == "watch" else "-")
     cancelled = f"  (cancelled by {job['cancelled_by']})" if job.get("cancelled_by") else ""
+    case = f"  [{job['accession']}]" if job.get("accession") else ""
+    labels = f"  ({', '.join(job['labels'])})" if job.get("labels") else ""
     return (f"{job['job_id']:>6}  {job['state']:<9}  {_when(job['created_at'])}  {who:<12}  "
-            f"{job['slide_path']}{error}{cancelled}")
+            f"{job['slide_path']}{case}{labels}{error}{cancelled}")
 
 
 def _ratio(value: float | None) -> str:
@@ -156,7 +172,9 @@ def result_lines(result: dict[str, Any]) -> list[str]:
     spot, totals = scores["hotspot"], scores["totals"]
     hint = scores["mitotic_score_hint"]
     density = scores["mitotic_density_per_mm2"]
-    lines = [
+    lines = [f"NOTICE                 {result['notice']}"] if result.get("notice") else []
+    lines += [f"flag {flag['code']:<18}{flag['message']}" for flag in result.get("flags") or ()]
+    lines += [
         f"hotspot mitotic count  {spot['mitotic']} in {spot['area_mm2']:.2f} mm² "
         f"(atypical {spot['atypical']}, normal {spot['normal']}, uncertain {spot['uncertain']})"
         + (f"; no hotspot: {spot['null_reason']}" if spot.get("null_reason") else ""),
@@ -166,6 +184,14 @@ def result_lines(result: dict[str, Any]) -> list[str]:
         + (f"; {density:.2f} per mm²" if density is not None else ""),
         f"score hint             {hint['score'] if hint['score'] is not None else '-'} ({hint['note']})",
     ]
+    bundle = (result.get("provenance") or {}).get("bundle") or {}
+    if isinstance(bundle, dict) and bundle.get("name"):
+        use = f"; intended use: {bundle['intended_use']}" if bundle.get("intended_use") else ""
+        lines.append(f"bundle                 {bundle['name']} {bundle.get('version', '')}{use}")
+    if result.get("qc"):
+        from edge.qc import summary_lines
+
+        lines.extend(summary_lines(result["qc"], (result.get("slide") or {}).get("scanner", {}).get("id")))
     review = result.get("review")
     if review:
         counts = review["counts"]
@@ -190,6 +216,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"server        {client.address}: mitosis-edge {status['version']}, {ready}")
     print(f"backend       {status['backend']}" + (f" on {status['gpu']}" if status["gpu"] else " (no GPU)"))
     print(f"bundle        {status['bundle']}")
+    if status.get("intended_use"):
+        print(f"intended use  {status['intended_use']}")
     for engine in status["engines"]:
         key = f"  cache key {engine['cache_key']}" if engine["cache_key"] else ""
         print(f"engine        {engine['role']}: {engine['name']}{key}")
@@ -205,7 +233,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        job = client.submit(args.slide, priority=args.priority, mpp_override=args.mpp, bundle=args.bundle)
+        job = client.submit(
+            args.slide, priority=args.priority, mpp_override=args.mpp, bundle=args.bundle, accession=args.accession,
+            labels=args.labels,
+        )
         if not args.wait:
             if args.json:
                 _print_json(job)
@@ -251,7 +282,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with connect(args) as client:
         jobs = client.list_jobs(
             states=args.state or (), slide_path_contains=args.contains, newest_first=args.newest_first,
-            limit=args.limit,
+            limit=args.limit, accession=args.accession,
         )
         status = client.status()
     if args.json:
@@ -323,6 +354,10 @@ def _event_line(event: dict[str, Any]) -> str:
         extra = (f"  reviewed hotspot mitotic count {payload.get('mitotic_count')} (automatic "
                  f"{payload.get('automatic_mitotic_count')}), atypical ratio {_ratio(ratio)}, "
                  f"by {payload.get('reviewer')}")
+    elif event["type"] == "qc_flagged":
+        extra = f"  {payload.get('verdict')}: {'; '.join(payload.get('reasons') or [])}"
+    elif event["type"] == "drift":
+        extra = f"  scanner {payload.get('scanner')}: {payload.get('message')}"
     elif payload.get("error"):
         extra = f"  {payload['error']}"
     return f"{event['sequence']:>8}  {_when(event['created_at'])}  {event['type']:<13}  job {event['job_id']}  " \
@@ -340,6 +375,86 @@ def cmd_detections(args: argparse.Namespace) -> int:
             p_atyp = "-" if d["p_atypical"] is None else f"{d['p_atypical']:.3f}"
             print(f"{d['x_px']:>10.1f} {d['y_px']:>10.1f} {d['p_mitotic']:>9.3f} {p_atyp:>10}  {d['class']}")
     return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    with connect(args) as client:
+        if args.out is None:
+            job = client.get_job(args.job)
+            from edge.exports import export_folder_name
+
+            out = Path(export_folder_name(job["job_id"], job["slide_path"]))
+        else:
+            out = Path(args.out)
+        written = client.export(args.job, out, args.names or ())
+    if args.json:
+        _print_json({kind: str(path) for kind, path in written.items()})
+    else:
+        for kind, path in written.items():
+            print(f"{kind:<8} {path}")
+    return EXIT_OK
+
+
+def _with_hints(handler: Any) -> Any:
+    """Run a client command; a connection or auth failure gets a sentence saying which option fixes it."""
+
+    def run(args: argparse.Namespace) -> int:
+        from edge.client import EdgeClientError
+
+        try:
+            return int(handler(args))
+        except EdgeClientError as exc:
+            hint = connection_hint(exc.code, str(exc), args)
+            if hint:
+                raise type(exc)(exc.code, f"{exc.message}\n  {hint}", exc.address) from None
+            raise
+
+    return run
+
+
+def connection_hint(code: str, message: str, args: argparse.Namespace) -> str:
+    """What to pass when a call failed for TLS or a token: the server's side is probed, not guessed."""
+    token = bool(args.token_file or os.environ.get(TOKEN_ENV))
+    if code == "UNAUTHENTICATED" and not token:
+        return f"this server needs a token: pass --token-file FILE (its first word is the token) or set ${TOKEN_ENV}"
+    if code != "UNAVAILABLE":
+        return ""
+    server = args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+    speaks_tls = _speaks_tls(server, min(args.timeout, 5.0))
+    if speaks_tls is None:
+        return ""  # nothing listens there: the message says so already
+    if speaks_tls and args.insecure:
+        return "the server uses TLS, but --insecure speaks plain text: drop --insecure and pass --ca FILE"
+    if speaks_tls and not args.ca and "certificate" in message.lower():
+        return "the server uses TLS with a certificate this machine does not trust: pass --ca FILE (its CA)"
+    if speaks_tls and args.ca and "certificate" in message.lower():
+        return f"the server's certificate is not signed by --ca {args.ca}, or not issued for {server}"
+    if not speaks_tls and not args.insecure:
+        return "the server speaks plain text (no TLS): pass --insecure"
+    return ""
+
+
+def _speaks_tls(address: str, timeout: float) -> bool | None:
+    """True when a TLS handshake with the server works, False when it answers in plain text, None when unreachable."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            try:
+                with context.wrap_socket(sock, server_hostname=host.strip("[]") or None):
+                    return True
+            except (ssl.SSLError, ConnectionError, TimeoutError):
+                return False
+    except (OSError, ValueError):
+        return None
 
 
 def _print_json_array(items: Iterable[dict[str, Any]]) -> None:

@@ -17,6 +17,7 @@ from edge.errors import EdgeError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # a configuration problem (serve --check found one)
 DEMO_QUIET_PERIOD_S = 2.0  # the demo's stability gate: short, so the demo is quick; a lab's default is 10 s
 DEMO_COPY_SECONDS = 3.0  # the demo copies its slide into the inbox in chunks over this long
 DEMO_TIMEOUT_S = 600.0
@@ -36,12 +37,17 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=int, help="slides analysed at once (daemon.workers, default 1)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus /metrics address; '' turns it off")
     p.add_argument("--web", metavar="HOST:PORT", help="the pathologists' review page (web.listen); '' turns it off")
+    p.add_argument("--check", action="store_true",
+                   help="check everything serve needs (TLS, tokens, folders, bundle, ports, disk), list every "
+                        "problem and exit: 0 when all is well, 2 otherwise")
     p.set_defaults(handler=cmd_serve, daemon_logging=True)
 
     p = sub.add_parser("demo", help="the quick-start demo: a daemon picks up a generated slide and reports its result")
     p.add_argument("--size", type=int, default=12288, help="synthetic slide side in px (default 12288)")
-    p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--keep", metavar="DIR", help="keep the slide, its truth, the store and the exports in DIR")
+    p.add_argument("--seed", type=int, default=2026, help="seed of the synthetic slide (default 2026)")
+    p.add_argument("--keep", metavar="DIR",
+                   help="work in DIR and keep the slide, its truth, the store and the exports there "
+                        "(default: a temporary folder, removed at the end)")
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
     p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
     p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
@@ -50,9 +56,13 @@ def register(sub: Any) -> None:
 
 def register_bench(bench_sub: Any) -> None:
     b = bench_sub.add_parser("daemon", help="drop many slides into a daemon at once: exactly once, pickup, memory")
-    b.add_argument("--slides", type=int, default=200, help="slides dropped at once (default 200)")
+    b.add_argument("--slides", type=int, help="slides dropped at once (default 200; with --latency 20)")
     b.add_argument("--size", type=int, default=1536, help="side of each synthetic slide in px (default 1536)")
-    b.add_argument("--quiet-period", type=float, default=1.0, help="watch.quiet_period_s for the run (default 1)")
+    b.add_argument("--quiet-period", type=float, help="watch.quiet_period_s for the run (default 1; with --latency "
+                   "the config's, 10 s)")
+    b.add_argument("--latency", action="store_true", help="time to result instead: slides written one by one like a "
+                   "scanner (chunks, then close); last byte to job start and to result per slide, against analyze")
+    b.add_argument("--observer", choices=("auto", "native", "polling"), help="watch.observer for the run")
     b.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
     b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
     b.add_argument("--json", action="store_true", help="print one JSON object")
@@ -62,8 +72,14 @@ def register_bench(bench_sub: Any) -> None:
 def cmd_bench_daemon(args: argparse.Namespace) -> int:
     from edge.bench import bench_daemon
 
-    result = bench_daemon(config_from_args(args), slides=args.slides, size=args.size,
-                          quiet_period_s=args.quiet_period)
+    if args.latency:
+        return _bench_daemon_latency(args)
+    config = config_from_args(args)
+    if args.observer:
+        config = config.with_overrides({"watch.observer": args.observer})
+    quiet = 1.0 if args.quiet_period is None else args.quiet_period
+    slides = 200 if args.slides is None else args.slides
+    result = bench_daemon(config, slides=slides, size=args.size, quiet_period_s=quiet)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -77,6 +93,29 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
               f"after a quarter, {result['rss_mb_at_end']:.0f} MiB at the end")
     ok = result["finished_in_time"] and result["slides_with_one_job"] == result["slides"]
     return EXIT_OK if ok else EXIT_ERROR
+
+
+def _bench_daemon_latency(args: argparse.Namespace) -> int:
+    from edge.bench import bench_daemon_latency
+
+    slides = 20 if args.slides is None else args.slides
+    result = bench_daemon_latency(config_from_args(args), slides=slides, size=args.size,
+                                  quiet_period_s=args.quiet_period, observer=args.observer)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"slides         {result['slides']} written one by one ({result['size_px']} px), {result['done']} done; "
+              f"{result['observer']} observer, quiet_period_s {result['quiet_period_s']:g}, "
+              f"close_settle_s {result['close_settle_s']:g}")
+        print("slide                 last byte to: queued   start  result (s)")
+        for r in result["per_slide"]:
+            cells = " ".join(f"{r[k]:7.2f}" if r.get(k) is not None else "      -"
+                             for k in ("to_queued_s", "to_start_s", "to_result_s"))
+            print(f"{r['slide']:<28} {cells}  {r['state']}")
+        print(f"median         start {result['median_to_start_s']:.2f} s, result {result['median_to_result_s']:.2f} s "
+              f"after the last byte; analyze {result['analyze_seconds']:.2f} s "
+              "(analysis and exports, same engines, this run)")
+    return EXIT_OK if result["done"] == result["slides"] else EXIT_ERROR
 
 
 def serve_config(args: argparse.Namespace) -> Any:
@@ -98,10 +137,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edge.daemon import Daemon
 
     config = serve_config(args)
+    if args.check:
+        return _check(config)
     if not config.watch.all_folders:
         print("mitosis-edge serve: no watch folder: slides come only from SubmitSlide over gRPC "
               "(add --watch DIR or watch.folders)", file=sys.stderr)
     return Daemon(config).run()
+
+
+def _check(config: Any) -> int:
+    from edge.preflight import preflight
+
+    checks = preflight(config)
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<24} {check.detail}")
+    problems = sum(not c.ok for c in checks)
+    if problems:
+        print(f"{problems} problem(s): fix them, then run serve --check again", file=sys.stderr)
+        return EXIT_USAGE
+    print("serve would start with this configuration")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -142,11 +197,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             result = client.get_result(job["job_id"])
             _print_result(job, result, truth_path, folder)
     finally:
-        if not args.keep:  # the slide is big and generated again in seconds; the results stay
-            for part in ("inbox", "scanner"):
-                shutil.rmtree(folder / part, ignore_errors=True)
+        if not args.keep:  # everything is generated again in seconds
+            shutil.rmtree(folder, ignore_errors=True)
     if not args.keep:
-        print(f"(the slide was removed; pass --keep DIR to keep it and its truth; remove {folder} when done)")
+        print("(the demo's temporary folder was removed; pass --keep DIR to keep the slide, store and exports)")
     return EXIT_OK
 
 
@@ -199,5 +253,6 @@ def _print_result(job: dict[str, Any], result: dict[str, Any], truth_path: Path,
     f1 = "n/a" if report.f1 is None else f"{report.f1:.3f}"
     print(f"    F1 {f1} (TP {report.tp}, FP {report.fp}, FN {report.fn}); hotspot mitotic count "
           f"{report.hotspot_count_pred} found vs {report.hotspot_count_true} planted")
-    print(f"exports    {Path(exports['result']).parent}: {', '.join(Path(p).name for p in exports.values())}")
+    names = ", ".join(sorted(Path(p).name for p in exports.values()))
+    print(f"exports    {Path(exports['result']).parent}: {names}")
     print(f"store      {folder / 'data' / 'edge.db'}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import ConfigError, EdgeError
+from edge.fileio import atomic_write
 
 try:
     import grpc
@@ -121,6 +123,12 @@ def _read_bytes(what: str, value: str | Path | bytes | None) -> bytes | None:
         raise ConfigError(f"{what} file {str(value)!r} cannot be read: {exc.strerror or exc}") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _opt(msg: Any, name: str) -> Any:
     return getattr(msg, name) if msg.HasField(name) else None
 
@@ -148,6 +156,8 @@ def job_dict(job: Any) -> dict[str, Any]:
         "submitted_by": job.submitted_by or None,
         "cancelled_by": job.cancelled_by or None,
         "retryable": _opt(job, "retryable"),
+        "accession": job.accession or None,
+        "labels": list(job.labels),
     }
 
 
@@ -194,8 +204,14 @@ def result_dict(result: Any) -> dict[str, Any]:
     id, fingerprint, export paths and number of detections."""
     summary: dict[str, Any] = json.loads(result.summary_json) if result.summary_json else {}
     slide = result.slide
+    flags = [
+        {"code": f.code, "message": f.message, "value": _opt(f, "value")} for f in result.flags
+    ]
     return {
         "job_id": result.job_id,
+        "accession": result.accession or None,
+        **({"notice": result.notice} if result.notice else {}),
+        "flags": flags,
         "slide_path": result.slide_path,
         "fingerprint": result.fingerprint or None,
         "slide": summary.get("slide")
@@ -213,6 +229,7 @@ def result_dict(result: Any) -> dict[str, Any]:
         "exports": dict(result.exports),
         "detections": result.detections,
         "created_at": result.created_at,
+        "qc": summary.get("qc") or (qc_dict(result.qc) if result.HasField("qc") else None),
         "review": review_dict(result.review) if result.HasField("review") else None,
     }
 
@@ -235,6 +252,23 @@ def review_dict(review: Any) -> dict[str, Any]:
         "superseded_by": review.superseded_by_job_id or None,
         "changes": json.loads(review.changes_json) if review.changes_json else [],
         "exports": dict(review.exports),
+    }
+
+
+def qc_dict(qc: Any) -> dict[str, Any]:
+    """A QcSummary message as a dict in the result.json qc section's names (for servers that send no summary)."""
+    return {
+        "verdict": qc.verdict,
+        "reasons": list(qc.reasons),
+        "out_of_focus_fraction": qc.out_of_focus_fraction,
+        "fold_fraction": qc.fold_fraction,
+        "pen_fraction": qc.pen_fraction,
+        "saturated_fraction": qc.saturated_fraction,
+        "focus_median": _opt(qc, "focus_median"),
+        "hotspot": {"out_of_focus_fraction": _opt(qc, "hotspot_out_of_focus_fraction"),
+                    "fold_fraction": _opt(qc, "hotspot_fold_fraction")},
+        "stains": {"hematoxylin": list(qc.hematoxylin_od), "eosin": list(qc.eosin_od)} if qc.eosin_od else None,
+        "baseline": {"drift": qc.drift, "in_band": not qc.outside_baseline},
     }
 
 
@@ -268,6 +302,7 @@ def event_dict(event: Any) -> dict[str, Any]:
         "slide_path": event.slide_path,
         "payload": json.loads(event.payload_json) if event.payload_json else {},
         "created_at": event.created_at,
+        "accession": event.accession or None,
     }
 
 
@@ -291,6 +326,7 @@ def status_dict(status: Any) -> dict[str, Any]:
             {"slide_path": w.slide_path, "reason": w.reason, "waiting_s": w.waiting_s, "fails_in_s": w.fails_in_s}
             for w in status.waiting_slides
         ],
+        "intended_use": status.intended_use,
     }
 
 
@@ -427,13 +463,16 @@ class EdgeClient:
         priority: int = 0,
         mpp_override: float | None = None,
         bundle: str | None = None,
+        accession: str | None = None,
+        labels: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Queue a slide (a path as the daemon sees it, under its allowed roots). Returns the job.
 
         Retries reuse one request id, so a retried submit never queues the slide twice.
         """
         request = pb.SubmitSlideRequest(
-            slide_path=str(slide_path), priority=priority, bundle=bundle or "", request_id=uuid.uuid4().hex
+            slide_path=str(slide_path), priority=priority, bundle=bundle or "", request_id=uuid.uuid4().hex,
+            accession=accession or "", labels=list(labels),
         )
         if mpp_override is not None:
             request.mpp_override = mpp_override
@@ -453,6 +492,7 @@ class EdgeClient:
         slide_path_contains: str = "",
         newest_first: bool = False,
         page_size: int = 100,
+        accession: str = "",
     ) -> Iterator[dict[str, Any]]:
         """Every job matching the filters, fetched a page at a time."""
         unknown = [s for s in states if s not in _STATE_VALUES]
@@ -466,6 +506,7 @@ class EdgeClient:
                 page_size=page_size,
                 page_token=token,
                 newest_first=newest_first,
+                accession=accession,
             )
             reply = self._call("ListJobs", request)
             for job in reply.jobs:
@@ -482,6 +523,7 @@ class EdgeClient:
         newest_first: bool = False,
         limit: int | None = None,
         page_size: int = 100,
+        accession: str = "",
     ) -> list[dict[str, Any]]:
         """Jobs matching the filters (all of them, or the first `limit`)."""
         jobs: list[dict[str, Any]] = []
@@ -489,7 +531,8 @@ class EdgeClient:
             return jobs
         size = min(page_size, limit) if limit else page_size
         for job in self.iter_jobs(
-            states=states, slide_path_contains=slide_path_contains, newest_first=newest_first, page_size=size
+            states=states, slide_path_contains=slide_path_contains, newest_first=newest_first, page_size=size,
+            accession=accession,
         ):
             jobs.append(job)
             if limit is not None and len(jobs) >= limit:
@@ -535,6 +578,44 @@ class EdgeClient:
                     raise self.error(exc) from None
             finally:
                 call.cancel()
+
+    def fetch_export(self, job_id: int, name: str, out_dir: str | Path) -> Path:
+        """Download one export file of a done job (kind "overlay" or file name "overlay.png") into `out_dir`.
+
+        Written atomically under the name the server sends; returns its path. The whole file
+        arrives within `timeout` per MiB, or the call fails and nothing is written.
+        """
+        call = self._stub.GetExport(
+            pb.GetExportRequest(job_id=job_id, name=name), metadata=self._metadata, timeout=self.timeout * 10
+        )
+        parts: list[bytes] = []
+        file_name, size = "", 0
+        try:
+            for reply in call:
+                if reply.file_name:
+                    file_name, size = reply.file_name, reply.size
+                parts.append(reply.chunk)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+        data = b"".join(parts)
+        if not file_name or Path(file_name).name != file_name or file_name in (".", ".."):
+            raise EdgeClientError(
+                "DATA_LOSS", f"the server sent export {name!r} without a plain file name", self.address
+            )
+        if len(data) != size:
+            raise EdgeClientError(
+                "DATA_LOSS", f"export {file_name}: received {len(data)} of {size} bytes; fetch it again", self.address
+            )
+        target = Path(out_dir) / file_name
+        atomic_write(target, data)
+        target.chmod(0o644 & ~_umask())
+        return target
+
+    def export(self, job_id: int, out_dir: str | Path, names: Sequence[str] = ()) -> dict[str, Path]:
+        """Download a done job's export files (all, or those of `names`) into `out_dir`; kind -> path."""
+        exports = self.get_result(job_id)["exports"]
+        wanted = list(names) or sorted(exports)
+        return {name: self.fetch_export(job_id, name, out_dir) for name in wanted}
 
     def watch_events(
         self, after_sequence: int = 0, *, reconnect: bool = True, timeout: float | None = None

@@ -17,7 +17,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -107,12 +109,16 @@ class TilingConfig:
     tile_size: int = 1024  # px at target mpp, the detector's input size
     overlap: int = 64  # px shared by neighbouring tiles, so a figure on an edge is whole in one tile
     strip_columns: int = 8  # tiles are read in vertical strips this many columns wide (decode-cache reuse)
+    layout: Literal["fit", "grid"] = "fit"  # fit: tiles placed at the tissue's own edges; grid: fixed grid
+
 
     def validate(self) -> None:
         if self.tile_size < 16:
             raise ConfigError(f"tiling.tile_size={self.tile_size} must be at least 16 px")
         if not 0 <= self.overlap < self.tile_size // 2:
             raise ConfigError(f"tiling.overlap={self.overlap} must be in [0, tile_size/2) = [0, {self.tile_size // 2})")
+        if self.layout not in ("fit", "grid"):
+            raise ConfigError(f"tiling.layout={self.layout!r} must be 'fit' or 'grid'")
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,8 @@ class WatchConfig:
     extensions: tuple[str, ...] = DEFAULT_SLIDE_EXTENSIONS  # lower case, with the dot; ".dcm" = a DICOM folder
     ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE_PATTERNS  # fnmatch patterns on the file name
     quiet_period_s: float = 10.0  # size and mtime unchanged this long (and the reader opens it) = finished
+    close_settle_s: float = 1.0  # closed after writing (inotify) and unchanged this long = finished; 0 = off
+    quiet_only_folders: tuple[str, ...] = ()  # close events not trusted here (scanners that reopen files)
     settle_timeout_s: float = 3600.0  # a file still changing or unreadable after this long ends as failed
     unreadable_timeout_s: float = 300.0  # a file that stopped changing but does not open fails after this long
     open_timeout_s: float = 60.0  # opening a settled slide (in a thread) is given up after this long
@@ -222,6 +230,10 @@ class WatchConfig:
     scan_on_start: bool = True  # slides already in the folders at start-up become jobs (once each)
     # A symlink in a watch folder is followed only into the watch folders and these folders; others fail
     symlink_roots: tuple[str, ...] = ()
+    # regex searched in a watched slide's path; its group "accession" is the case's accession number
+    accession_pattern: str = ""
+    # "FOLDER=MPP": slides found under FOLDER are read at MPP µm/px (a scanner that records none)
+    folder_mpp: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _positive("watch.poll_interval_s", self.poll_interval_s)
@@ -229,16 +241,46 @@ class WatchConfig:
         _positive("watch.settle_timeout_s", self.settle_timeout_s)
         _positive("watch.unreadable_timeout_s", self.unreadable_timeout_s)
         _positive("watch.open_timeout_s", self.open_timeout_s)
+        _non_negative("watch.close_settle_s", self.close_settle_s)
         if self.settle_timeout_s <= self.quiet_period_s:
             raise ConfigError(
                 f"watch.settle_timeout_s={self.settle_timeout_s} must be longer than "
                 f"watch.quiet_period_s={self.quiet_period_s}"
             )
+        if self.accession_pattern:
+            accession_regex(self.accession_pattern)
+        _ = self.folder_mpps
         for ext in self.extensions:
             if not ext.startswith(".") or ext != ext.lower():
                 raise ConfigError(
                     f"watch.extensions entry {ext!r} must be lower case and start with a dot, e.g. '.svs'"
                 )
+
+    @property
+    def folder_mpps(self) -> tuple[tuple[Path, float], ...]:
+        """`folder_mpp` parsed: (folder, µm/px), the longest folder first (the most specific rule wins).
+
+        >>> WatchConfig(folder_mpp=("/scans/old-20x=0.5",)).folder_mpps
+        ((PosixPath('/scans/old-20x'), 0.5),)
+        """
+        rules = []
+        for entry in self.folder_mpp:
+            folder, sep, value = entry.rpartition("=")
+            try:
+                mpp = float(value)
+            except ValueError:
+                mpp = math.nan
+            if not sep or not folder.startswith("/") or not 0.01 <= mpp <= 100:
+                raise ConfigError(
+                    f"watch.folder_mpp entry {entry!r} must be \"FOLDER=MPP\" with an absolute folder and µm/px "
+                    "between 0.01 and 100, e.g. \"/srv/scanner/out/old-20x=0.5\""
+                )
+            rules.append((Path(folder), mpp))
+        return tuple(sorted(rules, key=lambda rule: -len(rule[0].parts)))
+
+    def mpp_for(self, path: Path) -> float | None:
+        """The µm/px `folder_mpp` gives a slide at ``path``; None when no rule covers it."""
+        return next((mpp for folder, mpp in self.folder_mpps if Path(path).is_relative_to(folder)), None)
 
     @property
     def all_folders(self) -> tuple[str, ...]:
@@ -265,8 +307,11 @@ class DaemonConfig:
     analysis_nice: int = 10  # niceness of the analysis (engines, readers): the API answers first; 0 = equal
     metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics; "" = off
     log_format: Literal["text", "json"] = "text"
+    export_mode: str = "0640"  # octal permissions of export files (folders get x where r is set)
+    export_group: str = ""  # group given to export folders and files; "" = the daemon user's group
 
     def validate(self) -> None:
+        _ = self.export_file_mode  # parses and checks the octal text
         if self.workers < 1:
             raise ConfigError(f"daemon.workers={self.workers} must be at least 1")
         if self.max_attempts < 1:
@@ -288,6 +333,24 @@ class DaemonConfig:
     def data_path(self) -> Path:
         return Path(self.data_dir or default_data_dir()).expanduser()
 
+    @property
+    def export_file_mode(self) -> int:
+        """`export_mode` as a number.
+
+        >>> oct(DaemonConfig(export_mode="0644").export_file_mode)
+        '0o644'
+        """
+        try:
+            mode = int(self.export_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+            raise ConfigError(
+                f"daemon.export_mode={self.export_mode!r} must be octal permissions that let the daemon read "
+                "and write its files, e.g. \"0640\" (group may read) or \"0644\" (everyone may read)"
+            )
+        return mode
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -308,6 +371,7 @@ class ServerConfig:
     max_message_mb: int = 16
     subscriber_buffer: int = 1000  # events a WatchEvents subscriber may lag before its stream ends
     max_page_size: int = 1000
+    max_export_mb: int = 512  # GetExport refuses files larger than this (RESOURCE_EXHAUSTED)
 
     def validate(self) -> None:
         _host_port("server.listen", self.listen)
@@ -318,7 +382,7 @@ class ServerConfig:
         if self.insecure and self.tls_cert:
             raise ConfigError("server.insecure=true and server.tls_cert are contradictory; choose one")
         for name in ("max_workers", "max_streams", "max_streams_per_caller", "max_message_mb", "subscriber_buffer",
-                     "max_page_size"):
+                     "max_page_size", "max_export_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name}={getattr(self, name)} must be at least 1")
 
@@ -350,6 +414,64 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class QcConfig:
+    """[qc]: scan quality measured in the tile stream, the verdict's thresholds and drift per scanner (edge.qc)."""
+
+    enabled: bool = True  # off: no qc section, the scores are exactly as without QC
+    focus_mpp: float = 0.5  # µm/px focus is measured at (tiles binned): above JPEG and sensor noise
+    cell_um: float = 32.0  # side of a QC cell; focus is pooled over 3x3 cells (~100 µm)
+    min_cell_tissue: float = 0.5  # a cell is tissue when this share of its pixels is stained
+    tissue_od: float = 0.3  # summed RGB optical density above which a QC pixel is stained
+    focus_threshold: float = 0.48  # blur above which a cell is out of focus (sharp synthetic ~0.30, real ~0.25)
+    focus_grow_threshold: float = 0.40  # an out-of-focus region extends through neighbours above this
+    fold_od_ratio: float = 1.5  # this many times denser than the slide and its surroundings: folded (doubled ~2x)
+    fold_window_um: float = 400.0  # the surroundings of a fold: wider than a fold, narrower than a tumour field
+    pen_off_plane_deg: float = 14.0  # colour this far off the slide's H-E plane is ink, not stain (stains vary ~5°)
+    pen_outside_cone_deg: float = 8.0  # this far outside the H-E cone (blue ink alone is ~30° past haematoxylin)
+    pen_min_od: float = 0.6  # pen and dirt are dense: summed OD above this
+    dark_od: float = 1.2  # OD above this in every channel: black ink, dirt, debris
+    min_region_mm2: float = 0.002  # folds and pen smaller than this (about 45 µm square) are ignored
+    stain_samples_per_tile: int = 2000  # OD pixels per tile kept for the stain estimate
+    stain_samples_max: int = 100_000
+    next_fields: int = 2  # next-best fields checked besides the hotspot
+    hotspot_excludes_blur: bool = False  # also report the best field among sharp tissue (qc.sharp_hotspot)
+    review_out_of_focus_fraction: float = 0.02  # of tissue; a few fields, worth a look
+    rescan_out_of_focus_fraction: float = 0.10  # of tissue; enough to hide figures and bias density
+    hotspot_out_of_focus_fraction: float = 0.20  # of the hotspot's tissue: the count is not trustworthy
+    hotspot_fold_fraction: float = 0.25  # of the hotspot's tissue: its count may include doubled tissue
+    review_fold_fraction: float = 0.05  # of tissue; smaller folds are still reported and outlined
+    review_pen_fraction: float = 0.002  # any real stroke on tissue; dust specks are removed by size
+    review_saturated_fraction: float = 0.05
+    baseline_slides: int = 20  # drift: a scanner's rolling baseline is its last N in-band slides
+    baseline_min_slides: int = 8  # no drift call before a scanner has this many
+    drift_run: int = 3  # drift is judged on the mean of the last N slides (one event when it leaves the band)
+    drift_stain_deg: float = 4.0  # the band for stain vectors: at least this many degrees
+    drift_focus: float = 0.06  # the band for the median focus (Crete units)
+    drift_sigmas: float = 3.0  # the band: this many baseline standard deviations, if wider
+
+    def validate(self) -> None:
+        for name in ("focus_mpp", "cell_um", "fold_od_ratio", "fold_window_um", "pen_off_plane_deg",
+                     "pen_outside_cone_deg", "pen_min_od", "dark_od", "drift_stain_deg", "drift_focus", "drift_sigmas",
+                     "tissue_od"):
+            _positive(f"qc.{name}", getattr(self, name))
+        for name in ("min_cell_tissue", "focus_threshold", "focus_grow_threshold",
+                     "review_out_of_focus_fraction", "rescan_out_of_focus_fraction", "hotspot_out_of_focus_fraction",
+                     "hotspot_fold_fraction", "review_fold_fraction", "review_pen_fraction",
+                     "review_saturated_fraction"):
+            _fraction(f"qc.{name}", getattr(self, name))
+        _non_negative("qc.min_region_mm2", self.min_region_mm2)
+        for name in ("stain_samples_per_tile", "stain_samples_max", "baseline_slides", "baseline_min_slides",
+                     "drift_run"):
+            _positive(f"qc.{name}", getattr(self, name))
+        _non_negative("qc.next_fields", self.next_fields)
+        if self.review_out_of_focus_fraction > self.rescan_out_of_focus_fraction:
+            raise ConfigError(
+                f"qc.review_out_of_focus_fraction={self.review_out_of_focus_fraction} must not exceed "
+                f"qc.rescan_out_of_focus_fraction={self.rescan_out_of_focus_fraction}"
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings. Sections match the TOML tables."""
 
@@ -361,6 +483,7 @@ class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    qc: QcConfig = field(default_factory=QcConfig)
     web: WebConfig = field(default_factory=WebConfig)
 
     def validate(self) -> Config:
@@ -458,6 +581,23 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{name}={value!r} must be a list of strings")
         return tuple(items)
     return value
+
+
+def accession_regex(pattern: str) -> re.Pattern[str]:
+    """watch.accession_pattern compiled; it must have a named group ``accession``.
+
+    >>> accession_regex(r"(?P<accession>S\\d{2}-\\d+)").search("/scans/S24-0042_HE.svs")["accession"]
+    'S24-0042'
+    """
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"watch.accession_pattern={pattern!r} is not a valid regular expression: {exc}") from None
+    if "accession" not in regex.groupindex:
+        raise ConfigError(
+            f"watch.accession_pattern={pattern!r} needs a named group (?P<accession>...) around the accession number"
+        )
+    return regex
 
 
 def _positive(name: str, value: float) -> None:

@@ -4,17 +4,18 @@ A slide the watcher hands over (or a client submits) becomes a queued job in the
 Each worker analyses its slides in a child process (``daemon.isolation = "process"``, see
 ``edge.worker``) or in this one (``"thread"``, and whenever tests inject an analysis).
 Workers claim jobs oldest first (manual submissions may carry a priority), analyse the slide,
-write its exports into ``<data>/results/<job>/`` and store the result, its detections and the
-"done" event in one transaction. A slide that fails for a transient reason (``edge.errors.is_retryable``:
-an engine or disk hiccup, a crashed analysis process, a file that changed while it was read) is retried
-with exponential backoff, then marked failed with the last error; a deterministic failure (an unreadable
-file, a decode error, a bomb, the time limit) fails at once. The reason says which. The daemon never dies
-because of one slide. On SIGTERM/SIGINT it stops taking work, lets running slides finish within
-the grace period, re-queues what is left and exits 0.
+write its exports into ``<data>/results/<job>-<slide stem>/`` (mode ``daemon.export_mode``) and
+store the result, its detections and the "done" event in one transaction. A slide that fails for a
+transient reason (``edge.errors.is_retryable``: an engine or disk hiccup, a crashed analysis process, a
+file that changed while it was read) is retried with exponential backoff, then marked failed with the
+last error; a deterministic failure (an unreadable file, a decode error, a bomb, the time limit) fails at
+once. The reason says which. The daemon never dies because of one slide. On SIGTERM/SIGINT it stops
+taking work, lets running slides finish within the grace period, re-queues what is left and exits 0.
 """
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from edge import __version__
-from edge.config import Config
+from edge.config import Config, accession_regex
 from edge.engines import EngineSet, load_bundle
 from edge.engines.manifest import find_bundle, list_bundles
 from edge.errors import (
@@ -39,6 +40,7 @@ from edge.errors import (
     DiskFullError,
     EdgeError,
     ManifestError,
+    MissingMppError,
     SlideChangedError,
     SlideNotFoundError,
     SlideReadError,
@@ -46,6 +48,7 @@ from edge.errors import (
     StreamCancelled,
     is_retryable,
 )
+from edge.exports import export_folder_name
 from edge.fileio import real_path_inside
 from edge.fingerprint import Fingerprint, fingerprint_slide, slide_files
 from edge.logsafe import untrusted
@@ -124,6 +127,10 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._bundles_checked: set[str] = set()
         self.engine_error: str | None = None
+        self._bundle = ("", "", "")  # name, version, intended use of the configured bundle
+        pattern = config.watch.accession_pattern
+        self._accession_regex = accession_regex(pattern) if pattern else None
+        self._export_gid = export_group_id(config.daemon.export_group)
         # Where a queued slide may be read from when it is opened: the API's roots, the watch folders and
         # the folders their symlinks may point into.
         watch = config.watch
@@ -163,6 +170,7 @@ class Daemon:
         except BaseException:
             self.stop(grace=0.0)
             raise
+        self._log_bundle()
         log.info("mitosis-edge %s serving: watching %s, data in %s%s", __version__,
                  ", ".join(self.config.watch.all_folders) or "no folder", self.data_dir,
                  (f", gRPC on {self.server.address}" if self.server else "")
@@ -233,13 +241,21 @@ class Daemon:
     # --- what the gRPC server calls (edge.server.DaemonControl) ---------------------------------
 
     def submit_slide(
-        self, path: Path, *, priority: int = 0, mpp_override: float | None = None, bundle: str | None = None,
+        self,
+        path: Path,
+        *,
+        priority: int = 0,
+        mpp_override: float | None = None,
+        bundle: str | None = None,
         submitted_by: str | None = None,
+        accession: str | None = None,
+        labels: tuple[str, ...] = (),
     ) -> Job:
         """Queue a slide a client asked for (always a new job: a client asking again means it).
 
         ``bundle`` is the name of a bundle the configuration allows (RequestRefused otherwise). The slide is
         fingerprinted now (SlideReadError if it cannot be read), so the bytes analysed later are these.
+        Without an ``accession`` the one ``watch.accession_pattern`` finds in the path is used.
         """
         folder = self.allowed_bundle(bundle) if bundle else None
         fingerprint = fingerprint_slide(path, full=self.config.watch.fingerprint == "full").key
@@ -247,7 +263,7 @@ class Daemon:
             job, _ = self.store.add_job(
                 str(path), fingerprint=fingerprint, source="submit", priority=priority,
                 mpp_override=mpp_override, bundle=str(folder) if folder else None, dedupe=False,
-                submitted_by=submitted_by,
+                submitted_by=submitted_by, accession=accession or self._accession(path), labels=labels,
             )
         self._notify()
         return job
@@ -317,7 +333,7 @@ class Daemon:
     def server_status(self) -> dict[str, Any]:
         engines = self._child_engine_info + self._engines.info()
         counts = self.store.counts_by_state()
-        return {
+        status: dict[str, Any] = {
             "version": __version__,
             "backend": self.config.engines.backend,
             "gpu": _gpu_name(self.config.engines.backend),
@@ -331,7 +347,21 @@ class Daemon:
             "engine_error": self.engine_error or "",
             "not_ready_reason": self.not_ready_reason(),
             "waiting_slides": self.watcher.waiting() if self.watcher is not None else [],
+            "intended_use": self._bundle[2],
         }
+        if not status["bundle"] and self._bundle[0]:
+            status["bundle"] = f"{self._bundle[0]} {self._bundle[1]}"
+        return status
+
+    def _log_bundle(self) -> None:
+        """Name, version and intended use of the configured bundle, in the log and in server_status."""
+        try:
+            bundle = load_bundle(self.config.engines.bundle)
+        except EdgeError as exc:  # the engines' loader reports it too, as engine_error
+            log.error("model bundle %r cannot be read: %s", self.config.engines.bundle or "demo", exc)
+            return
+        self._bundle = (bundle.name, bundle.version, bundle.intended_use)
+        log.info("model bundle %s %s; intended use: %s", bundle.name, bundle.version, bundle.intended_use)
 
     def is_ready(self) -> bool:
         """Engines loaded, a worker alive, the store writable, no fatal error: the health status."""
@@ -370,24 +400,31 @@ class Daemon:
         """A settled slide: a job, unless the same slide was seen before (watch.on_duplicate) and its last job
         did not fail for a transient reason: a slide dropped again after such a failure is queued again."""
         meta = {"size": fingerprint.size, "mtime_ns": fingerprint.mtime_ns}
+        accession = self._accession(path)
+        mpp = self.config.watch.mpp_for(path)  # watch.folder_mpp: a scanner that records no pixel size
         earlier = self._seen_under_legacy_key(path, fingerprint)
         if earlier is not None:
             job, created = earlier, False
         elif self.config.watch.on_duplicate == "skip":  # the store skips a fingerprint it has seen anywhere
-            job, created = self.store.add_job(str(path), fingerprint=fingerprint.key, source="watch", slide_meta=meta)
+            job, created = self.store.add_job(
+                str(path), fingerprint=fingerprint.key, source="watch", slide_meta=meta, accession=accession,
+                mpp_override=mpp,
+            )
         else:  # "reprocess": the same bytes under a new path are a new job; the same path again is not
             seen_here = [j for j in self.store.find_jobs_by_fingerprint(fingerprint.key) if j.slide_path == str(path)]
             if seen_here:
                 job, created = seen_here[-1], False
             else:
                 job, created = self.store.add_job(
-                    str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta
+                    str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta,
+                    accession=accession, mpp_override=mpp,
                 )
         if not created and job.state == "failed" and job.retryable:
             log.info("slide %s dropped again; its job %d failed for a transient reason (%s): queued again",
                      path, job.job_id, job.error)
             job, created = self.store.add_job(
-                str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta
+                str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta,
+                accession=accession, mpp_override=mpp,
             )
         if created:
             self.metrics.picked_up(self._clock() - fingerprint.mtime_ns / 1e9)
@@ -412,9 +449,12 @@ class Daemon:
         return same_path[-1] if same_path else None
 
     def on_slide_failed(self, path: Path, reason: str) -> None:
-        self.store.add_failed_job(str(path), reason, source="watch")
+        self.store.add_failed_job(str(path), reason, source="watch", accession=self._accession(path))
         self.metrics.failed(reason)
         log.error("slide %s failed before analysis: %s", path, reason)
+
+    def _accession(self, path: Path) -> str | None:
+        return accession_from_path(path, self._accession_regex)
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -517,7 +557,7 @@ class Daemon:
                         written = analysis.write_exports(partial)
                     except OSError as exc:
                         raise DiskFullError(f"writing the exports to {partial} failed: {exc}") from exc
-            exports = {kind: self._export_dir(job.job_id) / path.name for kind, path in written.items()}
+            exports = {kind: self._export_dir(job) / path.name for kind, path in written.items()}
         except StreamCancelled:
             if not running.cancelled_by_user:
                 self.store.requeue_job(job.job_id, "daemon stopping before the slide finished")
@@ -532,13 +572,15 @@ class Daemon:
             with self._running_lock:
                 self._running.pop(job.job_id, None)
         try:
-            self.store.complete_job(job.job_id, analysis.result, exports)
+            self.store.complete_job(job.job_id, analysis.result, exports, self.config.qc)
         except JobStateError:
             log.info("job %d was cancelled while it ran; its exports are removed", job.job_id)
-            shutil.rmtree(self._export_dir(job.job_id), ignore_errors=True)
+            shutil.rmtree(self._export_dir(job), ignore_errors=True)
             return
         seconds = time.perf_counter() - t0
         self.metrics.done(analysis, seconds)
+        if analysis.result.qc is not None:
+            self.metrics.qc(self.store.qc_history(job_id=job.job_id))
         hotspot = analysis.result.scores.hotspot.counts
         log.info("job %d done in %.1f s: hotspot mitotic count %d, %d tiles (%s)", job.job_id, seconds,
                  hotspot.mitotic, analysis.tiles, job.slide_path)
@@ -589,18 +631,20 @@ class Daemon:
             log.warning("job %d attempt %d failed, retry in %.0f s: %s: %s", job.job_id, job.attempts,
                         retry_at - self._clock(), job.slide_path, reason)
 
-    def _export_dir(self, job_id: int) -> Path:
-        return self.results_dir / str(job_id)
+    def _export_dir(self, job: Job) -> Path:
+        return self.results_dir / export_folder_name(job.job_id, job.slide_path)
 
     @contextmanager
     def _exports_folder(self, job: Job) -> Iterator[Path]:
-        """A ``results/<job>.partial`` folder for the job's exports, renamed to ``results/<job>`` when the
-        block succeeds and removed when it fails: an export folder is never half there."""
-        final = self._export_dir(job.job_id)
+        """A ``results/<job>-<stem>.partial`` folder for the job's exports, given ``daemon.export_mode`` and
+        ``export_group`` and renamed to ``results/<job>-<stem>`` when the block succeeds, removed when it
+        fails: an export folder is never half there."""
+        final = self._export_dir(job)
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
             yield partial
+            share_exports(partial, self.config.daemon.export_file_mode, self._export_gid)
             _set_aside_foreign_exports(final, job)
             shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that stopped before storing
             try:
@@ -656,7 +700,9 @@ class Daemon:
             return
         from edge.server import start_server
 
-        self.server = start_server(self.config.server, self, watch_folders=self.config.watch.all_folders)
+        self.server = start_server(
+            self.config.server, self, watch_folders=self.config.watch.all_folders, export_root=self.results_dir
+        )
         self.server.set_serving(False)
 
     def _start_watcher(self) -> None:
@@ -681,7 +727,13 @@ class Daemon:
             return
         self.metrics.attach_store(self.store)
         host, _, port = listen.rpartition(":")
-        self._metrics_server = self.metrics.serve(host.strip("[]"), int(port))
+        try:
+            self._metrics_server = self.metrics.serve(host.strip("[]"), int(port))
+        except OSError as exc:  # a configuration problem: exit 2, which systemd does not restart in a loop
+            raise ConfigError(
+                f"cannot serve metrics on daemon.metrics_listen={listen!r} (--metrics): {exc.strerror or exc}; "
+                "is another daemon or program using the port? choose another one, or \"\" to turn metrics off"
+            ) from None
 
     def _start_web(self) -> None:
         if not self.config.web.listen:
@@ -715,7 +767,10 @@ class Daemon:
         """Delete export folders of results older than ``cutoff`` (results and detections stay)."""
         pruned = self.store.delete_exports_older_than(cutoff)
         for result in pruned:
-            shutil.rmtree(self._export_dir(result.job_id), ignore_errors=True)
+            folders = {Path(p).parent for p in result.exports.values()} or {self.results_dir / str(result.job_id)}
+            for folder in folders:
+                if folder.parent == self.results_dir:  # never outside results/, whatever the store says
+                    shutil.rmtree(folder, ignore_errors=True)
         if pruned:
             log.info("retention: removed the exports of %d result(s)", len(pruned))
         return len(pruned)
@@ -796,7 +851,7 @@ def _refuse_lost_store(path: Path, results_dir: Path, *, store: Store | None = N
     elif store.list_jobs(limit=1):
         return
     try:
-        exports = sorted(p.name for p in results_dir.iterdir() if p.name.split(".")[0].isdigit())
+        exports = sorted(p.name for p in results_dir.iterdir() if re.match(r"\d+(?:[-.]|$)", p.name))
     except FileNotFoundError:
         return
     if not exports:
@@ -842,6 +897,44 @@ def _limited_progress(path: Path, limit: TimeLimit) -> Callable[[str, int, int],
     return progress
 
 
+def accession_from_path(path: Path, regex: re.Pattern[str] | None) -> str | None:
+    """The accession number ``watch.accession_pattern`` finds in a slide's path, or None.
+
+    >>> accession_from_path(Path("/scans/S24-00042/HE.svs"), re.compile(r"(?P<accession>S\\d{2}-\\d+)"))
+    'S24-00042'
+    """
+    if regex is None:
+        return None
+    match = regex.search(str(path))
+    return match["accession"] if match and match["accession"] else None
+
+
+def share_exports(folder: Path, mode: int, gid: int | None) -> None:
+    """Give an export folder and its files ``mode`` (folders: plus x where r is set) and the group ``gid``."""
+    folder_mode = mode | ((mode & 0o444) >> 2)
+    for path in (folder, *folder.iterdir()):
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, folder_mode if path.is_dir() else mode)
+
+
+def export_group_id(name: str) -> int | None:
+    if not name:
+        return None
+    try:
+        gid = grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"daemon.export_group={name!r} is not a group on this machine; create it (groupadd) or fix the setting"
+        ) from None
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise ConfigError(
+            f"daemon.export_group={name!r}: the daemon's user is not in that group, so it cannot give its exports "
+            f"to it; add the user to the group (usermod -aG {name} USER, or SupplementaryGroups= in the unit)"
+        )
+    return gid
+
+
 def _lower_priority(nice: int) -> None:
     """Raise this thread's niceness (Linux: per thread, inherited by threads it starts), so inference
     yields the cores to the gRPC API and the watcher when they have work."""
@@ -855,6 +948,12 @@ def _lower_priority(nice: int) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, MissingMppError):  # the slide's own hint names analyze's flag; say what works here
+        return (
+            f"MissingMppError: {exc.path}: the slide records no pixel size (mpp); submit it again with the scan's "
+            f"µm/px: mitosis-edge client submit {exc.path} --mpp 0.25 (for example); for every slide of a scanner "
+            "that records none, add \"FOLDER=MPP\" for its folder to watch.folder_mpp in the daemon's config"
+        )
     return f"{type(exc).__name__}: {exc}"
 
 

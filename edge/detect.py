@@ -115,6 +115,8 @@ def decode(output: np.ndarray, spec: DetectorSpec) -> Boxes:
     - ``boxes`` ``[K, 6]`` x1, y1, x2, y2, score, class after NMS; padding rows (score 0, or an empty
       box) are dropped.
 
+    With ``spec.class_rule == "argmax"`` a row also needs its best class over all classes to be a
+    candidate class (a look-alike that outscores the MF class is dropped, whatever its MF score).
     With ``spec.scores == "logits"`` scores pass through a sigmoid first; since it is monotone, the
     best class is picked on the raw values and only the winners are transformed. float16 outputs are
     computed in float32. The result never aliases ``output``, so an engine may reuse its buffer.
@@ -165,6 +167,9 @@ def decode(output: np.ndarray, spec: DetectorSpec) -> Boxes:
         score = score * prior
     xywh = values[rows, :4]
     keep = (score >= threshold) & np.isfinite(xywh).all(axis=1)
+    if spec.class_rule == "argmax" and len(candidates) < n_classes:  # the row's best class must be a candidate
+        first = 5 if fmt == "yolo_raw" else 4
+        keep &= np.isin(values[rows, first:first + n_classes].argmax(axis=1), candidates)
     xywh = xywh[keep]
     return Boxes(xywh[:, 0], xywh[:, 1], xywh[:, 2], xywh[:, 3], score[keep], candidates[best[keep]])
 

@@ -25,8 +25,10 @@ Every error a user can cause says what was wrong, with the value, and what to do
     │   ├── ResultNotFoundError (KeyError)  no result (yet) for that job or fingerprint
     │   ├── JobStateError                   the job is in a state that does not allow the change
     │   └── StoreCorruptError               not a mitosis-edge store, or a newer schema than this version
+    ├── QcError                             scan QC could not measure something (too little stain, ...)
     ├── DiskFullError (OSError)             too little free space where the daemon writes exports
-    └── AnalysisCrashed (RuntimeError)      the daemon's analysis process died on a slide
+    ├── AnalysisCrashed (RuntimeError)      the daemon's analysis process died on a slide
+    └── MissingExtraError (ImportError)     an optional extra (cohort: Ray, lifelines) is not installed
 
 Retryable or deterministic: each class says whether the same work may succeed later (``retryable``,
 see :func:`is_retryable`). The daemon retries only retryable failures (an engine or store hiccup,
@@ -70,6 +72,10 @@ def is_retryable(exc: BaseException) -> bool:
 
 class ConfigError(EdgeError, ValueError):
     """A setting is missing, of the wrong type or out of range."""
+
+
+class QcError(EdgeError):
+    """Scan QC could not measure something on this slide (e.g. too little stain for stain vectors)."""
 
 
 class StreamCancelled(EdgeError):
@@ -239,3 +245,7 @@ class AnalysisCrashed(EdgeError, RuntimeError):
     slide that crashes it every time."""
 
     retryable = True
+
+
+class MissingExtraError(EdgeError, ImportError):
+    """A command needs an optional extra that is not installed; the message says what to install."""

@@ -7,10 +7,12 @@ the same folder, fsynced, then renamed), so a crash never leaves half a file und
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,8 +21,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edge.caveats import clip_polygon, diagnostic_notice, plausibility_flags
 from edge.errors import ConfigError
 from edge.fileio import atomic_write
+from edge.qc import QcMaps
 from edge.scoring import Figure, SlideResult, points_in_hotspot
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "OVERLAY_MAX_SIDE",
     "RESULT_SCHEMA",
     "csv_text",
+    "export_folder_name",
     "geojson_dict",
     "midog_dict",
     "overlay_image",
@@ -45,6 +50,7 @@ logger = logging.getLogger(__name__)
 RESULT_SCHEMA = "mitosis-edge/result/1"
 HOTSPOT_POLYGON_VERTICES = 128
 OVERLAY_MAX_SIDE = 2048  # px: the overlay is a preview, not a second slide
+EXPORT_STEM_CHARS = 80  # the slide's name in its export folder's name is cut to this length
 CSV_COLUMNS = (
     "x_px",
     "y_px",
@@ -65,6 +71,9 @@ CLASS_NAMES = {
     "uncertain": "Mitotic figure (uncertain subtype)",
     "lookalike": "Mitotic figure look-alike",
     "hotspot": "Hotspot",
+    "out_of_focus": "QC: out of focus",
+    "fold": "QC: tissue fold",
+    "pen": "QC: pen or dirt",
 }
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "normal": (0, 190, 0),
@@ -72,10 +81,24 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "uncertain": (240, 200, 0),
     "lookalike": (150, 150, 150),
     "hotspot": (0, 110, 255),
+    "out_of_focus": (255, 140, 0),
+    "fold": (120, 0, 160),
+    "pen": (0, 170, 170),
 }
+QC_LAYER_ALPHA = 90  # the overlay's QC regions: tinted, the tissue still visible beneath
 _TISSUE_OUTLINE = (40, 40, 160)
 # Fixed namespace: feature ids are the same every time the same slide is exported.
 _ID_NAMESPACE = uuid.UUID("6f1e5d0c-8f53-4b61-9a53-3c7f3b0c2e11")
+
+
+def export_folder_name(job_id: int, slide_path: str) -> str:
+    """``<job>-<slide stem>``: the job id keeps it unique, the stem tells a person which slide it is.
+
+    >>> export_folder_name(12, "/scans/S24 042 HE.ome.tiff")
+    '12-S24_042_HE.ome'
+    """
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(slide_path).stem).strip("._-")[:EXPORT_STEM_CHARS]
+    return f"{job_id}-{stem}" if stem else str(job_id)
 
 
 def _figure_class(figure: Figure) -> str:
@@ -98,8 +121,17 @@ def _slide_mpp(result: SlideResult) -> tuple[float, float]:
 
 
 def result_dict(result: SlideResult) -> dict[str, Any]:
-    """The result.json content: the schema tag, then `SlideResult.to_json_dict`."""
-    return {"schema": RESULT_SCHEMA, **result.to_json_dict()}
+    """The result.json content: the schema tag, the notice and flags (edge.caveats), then `SlideResult.to_json_dict`.
+
+    "notice" is there only for a bundle not meant for diagnosis; "flags" is always there (maybe empty).
+    """
+    data = result.to_json_dict()
+    head: dict[str, Any] = {"schema": RESULT_SCHEMA}
+    notice = diagnostic_notice(data)
+    if notice:
+        head["notice"] = notice
+    head["flags"] = [flag.to_json_dict() for flag in plausibility_flags(data)]
+    return {**head, **data}
 
 
 def _measurements(figure: Figure) -> dict[str, float]:
@@ -110,7 +142,9 @@ def _measurements(figure: Figure) -> dict[str, float]:
     return {name: v for name, v in values.items() if math.isfinite(v)}
 
 
-def geojson_dict(result: SlideResult, *, include_lookalikes: bool = False) -> dict[str, Any]:
+def geojson_dict(
+    result: SlideResult, *, include_lookalikes: bool = False, qc_maps: QcMaps | None = None
+) -> dict[str, Any]:
     """A GeoJSON FeatureCollection QuPath imports: one Point detection per figure, the hotspot as annotation.
 
     Coordinates are level-0 pixels (QuPath's convention, origin top left). Only mitotic
@@ -144,6 +178,9 @@ def geojson_dict(result: SlideResult, *, include_lookalikes: bool = False) -> di
             for a in angles
         ]
         ring.append(ring[0])
+        slide_w, slide_h = _slide_size(result)
+        if slide_w and slide_h:  # QuPath gets the part of the field that is on the slide
+            ring = clip_polygon(ring, slide_w, slide_h) or ring
         measurements: dict[str, float] = {
             "Mitotic count": spot.counts.mitotic,
             "Atypical count": spot.counts.atypical,
@@ -169,7 +206,30 @@ def geojson_dict(result: SlideResult, *, include_lookalikes: bool = False) -> di
                 },
             }
         )
+    if qc_maps is not None:
+        features.extend(_qc_features(result, qc_maps))
     return {"type": "FeatureCollection", "features": features}
+
+
+def _qc_features(result: SlideResult, qc_maps: QcMaps) -> list[dict[str, Any]]:
+    """Out-of-focus, folded and pen-marked regions as QuPath annotations with their class."""
+    features = []
+    for index, (kind, rings) in enumerate(qc_maps.regions()):
+        coords = [[[round(x, 1), round(y, 1)] for x, y in ring] + [[round(ring[0][0], 1), round(ring[0][1], 1)]]
+                  for ring in rings]
+        features.append(
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid5(_ID_NAMESPACE, f"{result.slide_path}#qc{index}")),
+                "geometry": {"type": "Polygon", "coordinates": coords},
+                "properties": {
+                    "objectType": "annotation",
+                    "name": CLASS_NAMES[kind],
+                    "classification": {"name": CLASS_NAMES[kind], "color": list(CLASS_COLOURS[kind])},
+                },
+            }
+        )
+    return features
 
 
 def midog_dict(result: SlideResult) -> dict[str, Any]:
@@ -221,10 +281,18 @@ def overlay_image(
     thumbnail_mpp: tuple[float, float],
     tissue_mask: NDArray[np.bool_] | None = None,
     max_side: int = OVERLAY_MAX_SIDE,
+    hotspot_view: Any = None,
+    qc_maps: QcMaps | None = None,
 ) -> Any:
-    """The thumbnail (scaled to at most `max_side`) with tissue outline, figures and hotspot; a PIL image."""
+    """The overlay a person reads: a PIL image of at most `max_side` px a side.
+
+    A header (slide name, hotspot mitotic count and AMF/NMF ratio, the bundle's notice when it is not
+    for diagnosis), the thumbnail with tissue outline, every candidate and the hotspot circle and a
+    scale bar, and a side panel with the hotspot field at a finer scale (`hotspot_view`: pixels,
+    origin_um, mpp; from the pipeline) with its figures marked, a scale bar and the legend.
+    Look-alikes (candidates the classifiers rejected) are drawn as thin grey rings.
+    """
     from PIL import Image, ImageDraw
-    from scipy import ndimage
 
     rgb = np.asarray(thumbnail)
     if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
@@ -232,15 +300,84 @@ def overlay_image(
     mpp_x, mpp_y = (float(v) for v in thumbnail_mpp)
     if not (math.isfinite(mpp_x) and math.isfinite(mpp_y) and mpp_x > 0 and mpp_y > 0):
         raise ConfigError(f"thumbnail_mpp={thumbnail_mpp!r} must be two positive µm-per-pixel values")
+    unit = max(max_side, 512) / OVERLAY_MAX_SIDE  # fonts and margins scale with the canvas
+    margin = round(24 * unit)
+    panel = round(OVERLAY_INSET_PX * unit)
+    header = round(170 * unit)
     height, width = rgb.shape[:2]
-    scale = min(1.0, max_side / max(height, width))
+    room_w, room_h = max_side - panel - 3 * margin, max_side - header - margin
+    scale = min(1.0, room_w / width, room_h / height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    overview = _overview(result, rgb, (mpp_x, mpp_y), size, tissue_mask, qc_maps)
+    sx = size[0] / (width * mpp_x)  # overview px per µm
+    _scale_bar(ImageDraw.Draw(overview), sx, size, unit)
+
+    canvas_w = size[0] + panel + 3 * margin
+    canvas_h = header + max(size[1], round(1.55 * panel)) + margin
+    canvas = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
+    canvas.paste(overview, (margin, header))
+    draw = ImageDraw.Draw(canvas)
+    _header(draw, result, margin, unit)
+    left = size[0] + 2 * margin
+    top = header
+    if hotspot_view is not None:
+        inset = _inset(result, hotspot_view, panel, unit)
+        title = _plain(f"hotspot field at {hotspot_view.mpp[0]:.2g} µm/px")
+        draw.text((left, top), title, fill=(0, 0, 0), font=_font(26 * unit))
+        top += round(36 * unit)
+        canvas.paste(inset, (left, top))
+        draw.rectangle((left, top, left + panel - 1, top + panel - 1), outline=(0, 0, 0), width=1)
+        top += panel + margin
+    _legend(draw, result, (left, top), unit, qc_maps)
+    return canvas
+
+
+OVERLAY_INSET_PX = 600  # side of the hotspot inset on a 2048 px overlay
+_LEGEND = (
+    ("normal", "mitotic figure, normal"),
+    ("atypical", "mitotic figure, atypical"),
+    ("uncertain", "mitotic figure, subtype uncertain"),
+    ("lookalike", "look-alike (not mitotic)"),
+    ("hotspot", "hotspot field"),
+)
+
+
+_FONT_FILE = "DejaVuSans.ttf"  # has µ and ²; Pillow's bundled default font has neither
+
+
+@functools.cache
+def _font(size: float) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype(_FONT_FILE, max(10, round(size)))
+    except OSError:  # no DejaVu on this machine: Pillow's own font, with µ and ² spelled out (see _plain)
+        return ImageFont.load_default(size=max(10, round(size)))
+
+
+def _plain(text: str) -> str:
+    """The text as the font can draw it: 'um' and 'mm2' when only Pillow's default font is there."""
+    if hasattr(_font(12), "path") and Path(getattr(_font(12), "path", "")).name == _FONT_FILE:
+        return text
+    return text.replace("µ", "u").replace("²", "2")
+
+
+def _overview(
+    result: SlideResult,
+    rgb: NDArray[np.uint8],
+    mpp: tuple[float, float],
+    size: tuple[int, int],
+    tissue_mask: NDArray[np.bool_] | None,
+    qc_maps: QcMaps | None = None,
+) -> Any:
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    height, width = rgb.shape[:2]
     base = Image.fromarray(rgb[:, :, :3]).convert("RGBA")
     if size != (width, height):
         base = base.resize(size, Image.Resampling.LANCZOS)
-    # µm -> overlay px, per axis (rounding of the size makes the two scales differ a little)
-    sx, sy = size[0] / (width * mpp_x), size[1] / (height * mpp_y)
-
+    sx, sy = size[0] / (width * mpp[0]), size[1] / (height * mpp[1])  # µm -> overview px, per axis
     if tissue_mask is not None:
         mask = np.asarray(tissue_mask, dtype=bool)
         if mask.ndim != 2:
@@ -252,23 +389,136 @@ def overlay_image(
         layer[outline] = (*_TISSUE_OUTLINE, 255)
         base = Image.alpha_composite(base, Image.fromarray(layer))
 
+    if qc_maps is not None:
+        base = Image.alpha_composite(base, Image.fromarray(_qc_layer(qc_maps, _slide_mpp(result), sx, sy, size)))
+
     marks = Image.new("RGBA", size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(marks)
-    r = max(4.0, max(size) / 256)
-    for figure in sorted(result.figures, key=lambda f: f.is_mitotic):  # MFs drawn on top
-        kind = _figure_class(figure)
-        x, y = figure.x_um * sx, figure.y_um * sy
-        colour = CLASS_COLOURS[kind]
-        if kind == "lookalike":
-            draw.ellipse((x - r * 0.7, y - r * 0.7, x + r * 0.7, y + r * 0.7), outline=(*colour, 110), width=1)
-        else:
-            draw.ellipse((x - r, y - r, x + r, y + r), outline=(*colour, 255), width=2)
+    _mark_figures(ImageDraw.Draw(marks), result, (0.0, 0.0), (sx, sy), max(4.0, max(size) / 256))
     spot = result.scores.hotspot.hotspot
     if math.isfinite(spot.center_x_um):
         cx, cy = spot.center_x_um * sx, spot.center_y_um * sy
         rx, ry = spot.radius_um * sx, spot.radius_um * sy
-        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), outline=(*CLASS_COLOURS["hotspot"], 255), width=3)
+        ImageDraw.Draw(marks).ellipse(
+            (cx - rx, cy - ry, cx + rx, cy + ry), outline=(*CLASS_COLOURS["hotspot"], 255), width=3
+        )
     return Image.alpha_composite(base, marks).convert("RGB")
+
+
+def _mark_figures(
+    draw: Any, result: SlideResult, origin_um: tuple[float, float], px_per_um: tuple[float, float], r: float
+) -> None:
+    """A ring per candidate at (µm - origin) * px_per_um; mitotic figures drawn last, on top."""
+    for figure in sorted(result.figures, key=lambda f: f.is_mitotic):
+        kind = _figure_class(figure)
+        x = (figure.x_um - origin_um[0]) * px_per_um[0]
+        y = (figure.y_um - origin_um[1]) * px_per_um[1]
+        colour = CLASS_COLOURS[kind]
+        if kind == "lookalike":
+            draw.ellipse((x - r * 0.7, y - r * 0.7, x + r * 0.7, y + r * 0.7), outline=(*colour, 160), width=1)
+        else:
+            draw.ellipse((x - r, y - r, x + r, y + r), outline=(*colour, 255), width=max(2, round(r / 4)))
+
+
+def _inset(result: SlideResult, view: Any, side: int, unit: float) -> Any:
+    from PIL import Image, ImageDraw
+
+    pixels = np.asarray(view.pixels)
+    image = Image.fromarray(pixels[:, :, :3]).resize((side, side), Image.Resampling.LANCZOS)
+    zoom = (side / (pixels.shape[1] * view.mpp[0]), side / (pixels.shape[0] * view.mpp[1]))  # inset px per µm
+    draw = ImageDraw.Draw(image, "RGBA")
+    _mark_figures(draw, result, view.origin_um, zoom, max(6.0, 9 * unit))
+    spot = result.scores.hotspot.hotspot
+    cx = (spot.center_x_um - view.origin_um[0]) * zoom[0]
+    cy = (spot.center_y_um - view.origin_um[1]) * zoom[1]
+    rx, ry = spot.radius_um * zoom[0], spot.radius_um * zoom[1]
+    draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), outline=(*CLASS_COLOURS["hotspot"], 255), width=3)
+    _scale_bar(draw, zoom[0], (side, side), unit)
+    return image
+
+
+def _scale_bar(draw: Any, px_per_um: float, size: tuple[int, int], unit: float) -> None:
+    """A bar of a round length (1, 2 or 5 × 10^k µm) about a fifth of the width, bottom left, labelled."""
+    target_um = size[0] / 5 / px_per_um
+    exponent = math.floor(math.log10(target_um))
+    length_um = max((m * 10**exponent for m in (1, 2, 5) if m * 10**exponent <= target_um), default=10**exponent)
+    length = length_um * px_per_um
+    pad = round(14 * unit)
+    x0, y1 = pad, size[1] - pad
+    y0 = y1 - max(4, round(8 * unit))
+    label = _plain(f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} µm")
+    font = _font(22 * unit)
+    draw.rectangle((x0 - 4, y0 - round(30 * unit), x0 + length + 4, y1 + 4), fill=(255, 255, 255, 200))
+    draw.rectangle((x0, y0, x0 + length, y1), fill=(0, 0, 0, 255))
+    draw.text((x0, y0 - round(27 * unit)), label, fill=(0, 0, 0, 255), font=font)
+
+
+def _header(draw: Any, result: SlideResult, margin: int, unit: float) -> None:
+    counts = result.scores.hotspot.counts
+    spot = result.scores.hotspot.hotspot
+    ratio = "undefined (no normal figure)" if counts.atypical_ratio is None else f"{counts.atypical_ratio:.2f}"
+    draw.text((margin, round(14 * unit)), Path(result.slide_path).name, fill=(0, 0, 0), font=_font(40 * unit))
+    summary = (
+        f"hotspot mitotic count {counts.mitotic} in {spot.area_mm2:.2f} mm²   ·   AMF/NMF {ratio}   ·   "
+        f"{result.scores.totals.mitotic} mitotic figures on the slide"
+    )
+    draw.text((margin, round(64 * unit)), _plain(summary), fill=(0, 0, 0), font=_font(28 * unit))
+    data = {"slide": result.slide, "scores": result.scores.to_json_dict(), "provenance": result.provenance}
+    flags = [flag.code.replace("_", " ") for flag in plausibility_flags(data)]
+    lines = [diagnostic_notice(data), f"flags: {', '.join(flags)} (see result.json)" if flags else ""]
+    for row, line in enumerate(line for line in lines if line):
+        draw.text((margin, round((102 + 28 * row) * unit)), _plain(line), fill=(200, 0, 0), font=_font(22 * unit))
+
+
+def _legend(
+    draw: Any, result: SlideResult, origin: tuple[int, int], unit: float, qc_maps: QcMaps | None = None
+) -> None:
+    counts = result.scores.hotspot.counts
+    in_hotspot = {"normal": counts.normal, "atypical": counts.atypical, "uncertain": counts.uncertain}
+    x, y = origin
+    font = _font(24 * unit)
+    step = round(36 * unit)
+    r = round(9 * unit)
+    for kind, text in _LEGEND:
+        colour = CLASS_COLOURS[kind]
+        cy = y + step // 2
+        draw.ellipse((x, cy - r, x + 2 * r, cy + r), outline=colour, width=1 if kind == "lookalike" else 3)
+        label = f"{text}: {in_hotspot[kind]} in hotspot" if kind in in_hotspot else text
+        draw.text((x + 3 * r, cy - round(14 * unit)), label, fill=(0, 0, 0), font=font)
+        y += step
+    cy = y + step // 2
+    draw.line((x, cy, x + 2 * r, cy), fill=_TISSUE_OUTLINE, width=3)
+    draw.text((x + 3 * r, cy - round(14 * unit)), "tissue outline", fill=(0, 0, 0), font=font)
+    if qc_maps is None:
+        return
+    for kind, text, mask in (("out_of_focus", "scan QC: out of focus", qc_maps.out_of_focus),
+                             ("fold", "scan QC: fold", qc_maps.fold), ("pen", "scan QC: pen or dirt", qc_maps.pen)):
+        if not mask.any():
+            continue
+        y += step
+        cy = y + step // 2
+        draw.rectangle((x, cy - r, x + 2 * r, cy + r), fill=(*CLASS_COLOURS[kind], QC_LAYER_ALPHA))
+        draw.text((x + 3 * r, cy - round(14 * unit)), text, fill=(0, 0, 0), font=font)
+
+
+def _qc_layer(
+    qc_maps: QcMaps, mpp0: tuple[float, float], sx: float, sy: float, size: tuple[int, int]
+) -> NDArray[np.uint8]:
+    """An RGBA layer tinting out-of-focus, folded and pen-marked tissue (each overlay pixel looks up its map)."""
+    layer = np.zeros((size[1], size[0], 4), np.uint8)
+    ys_um = (np.arange(size[1]) + 0.5) / sy
+    xs_um = (np.arange(size[0]) + 0.5) / sx
+    for kind, mask, px0 in (
+        ("out_of_focus", qc_maps.out_of_focus, qc_maps.cell_px0),
+        ("fold", qc_maps.fold, qc_maps.thumb_px0),
+        ("pen", qc_maps.pen, qc_maps.thumb_px0),
+    ):
+        if not mask.any():
+            continue
+        rows = np.clip((ys_um / (px0[1] * mpp0[1])).astype(np.intp), 0, mask.shape[0] - 1)
+        cols = np.clip((xs_um / (px0[0] * mpp0[0])).astype(np.intp), 0, mask.shape[1] - 1)
+        hit = mask[np.ix_(rows, cols)]
+        layer[hit] = (*CLASS_COLOURS[kind], QC_LAYER_ALPHA)
+    return layer
 
 
 def _json_bytes(data: Mapping[str, Any]) -> bytes:
@@ -314,6 +564,8 @@ def write_exports(
     thumbnail_mpp: tuple[float, float] | None = None,
     tissue_mask: NDArray[np.bool_] | None = None,
     include_lookalikes: bool = False,
+    hotspot_view: Any = None,
+    qc_maps: QcMaps | None = None,
 ) -> dict[str, Path]:
     """Write result.json, detections.geojson, midog.json, detections.csv and (with a thumbnail) overlay.png.
 
@@ -326,13 +578,16 @@ def write_exports(
     # Build everything first: a bad input fails before any file is replaced.
     contents: dict[str, tuple[str, bytes]] = {
         "result": ("result.json", _json_bytes(result_dict(result))),
-        "geojson": ("detections.geojson", _json_bytes(geojson_dict(result, include_lookalikes=include_lookalikes))),
+        "geojson": (
+            "detections.geojson",
+            _json_bytes(geojson_dict(result, include_lookalikes=include_lookalikes, qc_maps=qc_maps)),
+        ),
         "midog": ("midog.json", _json_bytes(midog_dict(result))),
         "csv": ("detections.csv", csv_text(result).encode("utf-8")),
     }
     if thumbnail is not None:
         mpp = thumbnail_mpp if thumbnail_mpp is not None else _thumbnail_mpp(result, thumbnail)
-        image = overlay_image(result, thumbnail, mpp, tissue_mask)
+        image = overlay_image(result, thumbnail, mpp, tissue_mask, hotspot_view=hotspot_view, qc_maps=qc_maps)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=False)
         contents["overlay"] = ("overlay.png", buffer.getvalue())
@@ -343,6 +598,13 @@ def write_exports(
         written[key] = path
     logger.info("wrote %d exports for %s to %s", len(written), result.slide_path, out)
     return written
+
+
+def _slide_size(result: SlideResult) -> tuple[float, float]:
+    try:
+        return float(result.slide["width"]), float(result.slide["height"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0, 0.0
 
 
 def _thumbnail_mpp(result: SlideResult, thumbnail: NDArray[np.uint8]) -> tuple[float, float]:

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from edge.errors import EdgeError
 from edge.store import failure_reason
 
+FRACTION_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 PICKUP_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 HOUR_S = 3600.0
@@ -82,6 +83,15 @@ class DaemonMetrics:
         self.pickup_seconds = Histogram("mitosis_edge_pickup_seconds",
                                         "Seconds from a slide's last write to its job (includes the quiet period)",
                                         buckets=PICKUP_BUCKETS, registry=r)
+        self.qc_verdicts = Counter("mitosis_edge_qc_verdicts", "Scan QC verdicts (pass, review, rescan)",
+                                   ["verdict"], registry=r)
+        self.qc_out_of_focus = Histogram("mitosis_edge_qc_out_of_focus_fraction",
+                                         "Share of each slide's tissue that is out of focus", buckets=FRACTION_BUCKETS,
+                                         registry=r)
+        self.qc_drift = Counter("mitosis_edge_qc_drift", "Drift events by scanner and what moved",
+                                ["scanner", "measure"], registry=r)
+        self.qc_outside_baseline = Counter("mitosis_edge_qc_outside_baseline",
+                                           "Slides outside their scanner's baseline", ["scanner"], registry=r)
         self._finished: list[float] = []
         self._lock = threading.Lock()
 
@@ -109,6 +119,19 @@ class DaemonMetrics:
 
     def failed(self, error: str) -> None:
         self.failures.labels(failure_reason(error)).inc()
+
+    def qc(self, records: Any) -> None:
+        """Count one slide's stored scan QC (``Store.qc_history(job_id=...)``: zero or one record)."""
+        for record in records:
+            self.qc_verdicts.labels(record.verdict).inc()
+            fraction = record.measures.get("out_of_focus_fraction")
+            if fraction is not None:
+                self.qc_out_of_focus.observe(float(fraction))
+            if not record.in_band:
+                self.qc_outside_baseline.labels(record.scanner).inc()
+            if record.assessment.get("drift"):
+                for measure in record.assessment.get("moved", {}):
+                    self.qc_drift.labels(record.scanner, measure).inc()
 
     def done(self, analysis: Any, seconds: float) -> None:
         self.slides_done.inc()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -35,16 +35,28 @@ from edge.detect import Boxes, TileOwnership, decode, merge_indices, nms, to_sli
 from edge.engines import Bundle, EngineSet, load_bundle, open_engines
 from edge.engines.base import Pending
 from edge.errors import EdgeError, ImplausibleSlideError, SlideReadError
-from edge.scoring import Figure, SlideResult, hotspot_radius_um, score_slide, tissue_fraction_in_circles
+from edge.logs import slide_context
+from edge.qc import QcAccumulator, QcMaps
+from edge.scoring import Figure, SlideResult, SlideScores, hotspot_radius_um, score_slide, tissue_fraction_in_circles
 from edge.slide import ReadScale, Slide, open_slide
 from edge.stream import SlidePlan, TileBatch, open_stream, plan_slide
-from edge.tiling import Tile
+from edge.tiling import Tile, glass_colour
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_UPSAMPLING = 2.5  # a slide coarser than 2.5x the model's mpp has too little detail to find mitoses
 OVERVIEW_SIDE_PX = 2048  # the overlay's thumbnail: enough to see each figure's mark on a 15 mm slide
+HOTSPOT_VIEW_PX = 768  # the overlay's inset of the hotspot field: about 2 µm/px for a 2 mm² field
+
+
+@dataclass(frozen=True)
+class HotspotView:
+    """The hotspot field read finer than the thumbnail: RGB pixels, their top-left in slide µm, their µm/px."""
+
+    pixels: np.ndarray
+    origin_um: tuple[float, float]
+    mpp: tuple[float, float]
 
 
 @dataclass
@@ -76,13 +88,16 @@ class Analysis:
     times: StageTimes
     tiles: int
     candidates_before_merge: int
+    hotspot_view: HotspotView | None = None  # the hotspot field at a finer scale, for the overlay's inset
+    qc_maps: QcMaps | None = None  # where the out-of-focus, folded and pen-marked tissue is; None with QC off
 
     def write_exports(self, out_dir: Path) -> dict[str, Path]:
         """result.json, QuPath GeoJSON, MIDOG JSON, CSV and the overlay (thumbnail, tissue outline) in ``out_dir``."""
         from edge.exports import write_exports
 
         return write_exports(self.result, out_dir, thumbnail=self.overview, thumbnail_mpp=self.overview_mpp,
-                             tissue_mask=self.slide_plan.mask)
+                             tissue_mask=self.slide_plan.mask, hotspot_view=self.hotspot_view,
+                             qc_maps=self.qc_maps)
 
 
 def pipeline_config(config: Config, bundle: Bundle) -> Config:
@@ -113,7 +128,10 @@ def analyze_slide(
         bundle = load_bundle(config.engines.bundle)
         engines = open_engines(bundle, config.engines, detector_batch=config.stream.batch_size)
     try:
-        return _analyze(Path(path), pipeline_config(config, engines.bundle), engines, cancel_event, progress, t_start)
+        with slide_context(path):  # library warnings (tifffile, openslide) name this slide
+            return _analyze(
+                Path(path), pipeline_config(config, engines.bundle), engines, cancel_event, progress, t_start
+            )
     finally:
         if own_engines:
             engines.close()
@@ -138,7 +156,8 @@ def _analyze(
         times.plan = time.perf_counter() - t0
         total = len(sp.plan)
         report("detect", 0, total)
-        candidates = _detect(slide, sp, config, engines, cancel_event, times, report)
+        qc = _qc_accumulator(sp, config)
+        candidates = _detect(slide, sp, config, engines, cancel_event, times, report, qc)
         t0 = time.perf_counter()
         mpp0 = slide.info.level_mpp(0)
         boxes, p_mitotic, p_atypical = candidates.merged(bundle.detector.merge_radius_um / mpp0[0])
@@ -159,35 +178,93 @@ def _analyze(
         )
         times.score = time.perf_counter() - t0
         info = slide.info
+        qc_section, qc_maps = _finish_qc(qc, sp, mpp0, figures, bundle.decision.hotspot_area_mm2, scores)
         overview, overview_mpp = slide.thumbnail(
             max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
         )
+        hotspot_view = _hotspot_view(slide, _hotspot_center(scores), radius_um)
         times.total = time.perf_counter() - t_start
         slide_meta = {
             "width": info.width, "height": info.height, "mpp_x": mpp0[0], "mpp_y": mpp0[1],
             "mpp_source": info.mpp_source, "format": info.format, "vendor": info.vendor,
             "read_level": sp.scale.level, "read_mpp": sp.scale.mpp_x, "resampled": sp.scale.resampled,
-            "tiles": total,
+            "tiles": total, "scanner": dict(info.scanner),
         }
+        if info.barcode:
+            slide_meta["barcode"] = info.barcode
         result = SlideResult(
             slide_path=str(path),
             slide=slide_meta,
             scores=scores,
             figures=tuple(figures),
             provenance=_provenance(config, engines, times),
+            qc=qc_section,
         )
-        return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw)
+        return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw, hotspot_view, qc_maps)
+
+
+def scale_problem(mpp0: tuple[float, float], model_mpp: float) -> str | None:
+    """Why a slide of level-0 pixel size ``mpp0`` cannot be analysed by models at ``model_mpp``; None when it can.
+
+    ``info`` and ``analyze`` (and the daemon) ask this one function, so they agree.
+
+    >>> scale_problem((0.499, 0.499), 0.25) is None, scale_problem((28.97, 28.97), 0.25).split(",")[0]
+    (True, 'scanned at 29 µm/px')
+    """
+    if min(mpp0) <= model_mpp * MAX_UPSAMPLING:
+        return None
+    return (
+        f"scanned at {mpp0[0]:.3g} µm/px, too coarse for the detector at {model_mpp} µm/px "
+        f"(at most {MAX_UPSAMPLING}x upsampling); mitotic figures need a 20x or 40x scan. If the recorded mpp "
+        "is wrong, give the right one (analyze --mpp X; client submit SLIDE --mpp X; [slide] mpp_override)"
+    )
+
+
+def _hotspot_center(scores: Any) -> tuple[float, float] | None:
+    spot = scores.hotspot.hotspot
+    if not (np.isfinite(spot.center_x_um) and np.isfinite(spot.center_y_um)):
+        return None
+    return float(spot.center_x_um), float(spot.center_y_um)
+
+
+def _hotspot_view(slide: Slide, center_um: tuple[float, float] | None, radius_um: float) -> HotspotView | None:
+    """The square around the hotspot circle (plus a margin) at about HOTSPOT_VIEW_PX px a side; None without one."""
+    if center_um is None:
+        return None
+    mpp0 = slide.info.level_mpp(0)
+    side_um = 2.2 * radius_um
+    scale = slide.read_scale(max(side_um / HOTSPOT_VIEW_PX, min(mpp0)))
+    side_x, side_y = round(side_um / scale.mpp_x), round(side_um / scale.mpp_y)
+    left_um, top_um = center_um[0] - side_um / 2, center_um[1] - side_um / 2
+    pixels = slide.read_region(left_um / mpp0[0], top_um / mpp0[1], side_x, side_y, scale)
+    return HotspotView(pixels, (left_um, top_um), (scale.mpp_x, scale.mpp_y))
+
+
+def _qc_accumulator(sp: SlidePlan, config: Config) -> QcAccumulator | None:
+    if not config.qc.enabled:
+        return None
+    glass = glass_colour(sp.thumbnail) if sp.thumbnail is not None else np.full(3, 255.0, np.float32)
+    return QcAccumulator(sp.plan.width, sp.plan.height, sp.plan.mpp_x, config.qc, glass)
+
+
+def _finish_qc(
+    qc: QcAccumulator | None, sp: SlidePlan, mpp0: tuple[float, float], figures: list[Figure], area_mm2: float,
+    scores: SlideScores,
+) -> tuple[dict[str, Any] | None, QcMaps | None]:
+    if qc is None:
+        return None, None
+    spot = scores.hotspot.hotspot
+    return qc.finish(
+        thumbnail=sp.thumbnail, mask=sp.mask, mask_mpp=sp.mask_mpp,
+        px0_per_tile_px=(sp.plan.px0_per_out_x, sp.plan.px0_per_out_y), mpp0=mpp0, figures=figures,
+        hotspot_area_mm2=area_mm2, plain_hotspot=(spot.center_x_um, spot.center_y_um),
+    )
 
 
 def _check_scale(slide: Slide, sp: SlidePlan, bundle: Bundle) -> None:
-    mpp0 = slide.info.level_mpp(0)
-    if min(mpp0) > bundle.detector.mpp * MAX_UPSAMPLING:
-        raise SlideReadError(
-            slide.path,
-            f"scanned at {mpp0[0]:.3g} µm/px, too coarse for the detector at {bundle.detector.mpp} µm/px "
-            f"(at most {MAX_UPSAMPLING}x upsampling); mitotic figures need a 20x or 40x scan. If the recorded mpp "
-            "is wrong, pass the right one with --mpp",
-        )
+    problem = scale_problem(slide.info.level_mpp(0), bundle.detector.mpp)
+    if problem is not None:
+        raise SlideReadError(slide.path, problem)
 
 
 def _check_tile_count(slide: Slide, sp: SlidePlan, config: Config) -> None:
@@ -209,6 +286,7 @@ def _detect(
     cancel_event: threading.Event | None,
     times: StageTimes,
     report: Progress,
+    qc: QcAccumulator | None = None,
 ) -> _Candidates:
     """Stream tiles through the detector and classify its candidates as they come.
 
@@ -232,6 +310,8 @@ def _detect(
         t0 = time.perf_counter()
         raw = outputs[spec.output]
         for i, tile in enumerate(batch.tiles):
+            if qc is not None:
+                qc.add_tile(tile.x, tile.y, batch.pixels[i, : tile.height, : tile.width])
             boxes = nms(decode(raw[i], spec), spec.nms_iou, spec.max_detections)
             candidates.raw += len(boxes)
             if len(boxes) == 0:
@@ -294,20 +374,32 @@ class _Candidates:
         self.times = times
         self.raw = 0  # detections before ownership and merging
         self.boxes: list[Boxes] = []
-        self.p_mitotic: dict[str, list[np.ndarray]] = {c.name: [] for c in engines.bundle.classifiers}
-        self.p_atypical: dict[str, list[np.ndarray | None]] = {c.name: [] for c in engines.bundle.classifiers}
+        bundle = engines.bundle
+        # MF voters run on every candidate; subtype-only members (the paper's atypical network) only on
+        # candidates whose ensemble p(MF) passed the threshold; members used for neither are never run.
+        self.weights = {c.name: c.weight for c in bundle.mitotic_voters}
+        self.subtypers = {c.name for c in bundle.atypical_classifiers}
+        self.subtype_only = {c.name for c in bundle.subtype_only}
+        self.p_mitotic: dict[str, list[np.ndarray]] = {name: [] for name in self.weights}
+        self.p_atypical: dict[str, list[np.ndarray]] = {name: [] for name in self.subtypers}
         self.waiting = 0  # candidates added but not yet classified
+        self.batches = 0  # classifier batches run so far (the index of each one's probabilities)
+        in_use = [c for c in bundle.classifiers if c.name in self.weights or c.name in self.subtype_only]
         self.batch_size = max(
-            1, min(config.engines.classifier_batch, *(e.max_batch for e in engines.classifiers.values()))
+            1, min(config.engines.classifier_batch, *(engines.classifiers[c.name].max_batch for c in in_use))
         )
         self.groups: list[_CropGroup] = []
-        for clf in engines.bundle.classifiers:
+        for clf in in_use:
             scale = slide.read_scale(clf.mpp)
             group = next((g for g in self.groups if g.size == clf.size and g.scale == scale), None)
             if group is None:
                 self.groups.append(_CropGroup(clf.size, scale, [clf.name], scale == sp.scale))
             else:
                 group.names.append(clf.name)
+        # crops of candidates that passed the MF threshold, waiting for the subtype-only members' next batch
+        self.passed_crops: list[list[np.ndarray]] = [[] for _ in self.groups]
+        self.passed_slots: list[tuple[int, np.ndarray]] = []  # (classifier batch number, rows in that batch)
+        self.passed_waiting = 0
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.boxes)
@@ -328,6 +420,8 @@ class _Candidates:
     def classify_rest(self) -> None:
         if self.waiting:
             self._classify(self.waiting)
+        if self.passed_waiting:
+            self._subtype()
 
     def merged(self, radius_px: float) -> tuple[Boxes, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """One candidate per figure across tiles (see ``merge_across_tiles``) with its probabilities."""
@@ -335,11 +429,7 @@ class _Candidates:
         keep = merge_indices(boxes, radius_px)
         # No candidate at all (a mitosis-free slide, a strict threshold, no tissue) is a valid result: empty arrays.
         p_mitotic = {name: _concat(parts)[keep] for name, parts in self.p_mitotic.items()}
-        p_atypical: dict[str, np.ndarray] = {}
-        for name, parts in self.p_atypical.items():
-            arrays = [p for p in parts if p is not None]
-            if len(arrays) == len(parts):
-                p_atypical[name] = _concat(arrays)[keep]
+        p_atypical = {name: _concat(parts)[keep] for name, parts in self.p_atypical.items()}
         return boxes.take(keep), p_mitotic, p_atypical
 
     def _crops(self, group: _CropGroup, tile: Tile, pixels: np.ndarray, local: Boxes, boxes: Boxes) -> np.ndarray:
@@ -361,17 +451,59 @@ class _Candidates:
     def _classify(self, n: int) -> None:
         t0 = time.perf_counter()
         bundle = self.engines.bundle
+        batches = []
         for group in self.groups:
             crops = np.concatenate(group.pending) if len(group.pending) > 1 else group.pending[0]
             batch, rest = crops[:n], crops[n:]
             group.pending = [rest] if len(rest) else []
-            pending = {name: self.engines.classifiers[name].submit(batch) for name in group.names}
-            for name in group.names:
+            batches.append(batch)
+            voters = [name for name in group.names if name in self.weights]
+            pending = {name: self.engines.classifiers[name].submit(batch) for name in voters}
+            for name in voters:
                 spec = next(c for c in bundle.classifiers if c.name == name)
                 p_mf, p_amf = classifier_outputs_to_probabilities(pending[name].result(), spec)
-                self.p_mitotic[name].append(p_mf)
-                self.p_atypical[name].append(p_amf)
+                self.p_mitotic[name].append(cast(np.ndarray, p_mf))
+                if name in self.subtypers:
+                    self.p_atypical[name].append(cast(np.ndarray, p_amf))
+        if self.subtype_only:
+            for name in self.subtype_only:  # filled in for the candidates that pass, when their batch runs
+                self.p_atypical[name].append(np.full(n, np.nan))
+            ensemble = ensemble_mitotic({k: v[-1] for k, v in self.p_mitotic.items()}, self.weights)
+            passed = np.flatnonzero(ensemble >= bundle.decision.mitotic_threshold)
+            if passed.size:
+                for i, batch in enumerate(batches):
+                    if self.subtype_only.intersection(self.groups[i].names):
+                        self.passed_crops[i].append(batch[passed])
+                self.passed_slots.append((self.batches, passed))
+                self.passed_waiting += passed.size
+        self.batches += 1
         self.waiting -= n
+        self.times.classify += time.perf_counter() - t0
+        if self.passed_waiting >= self.batch_size:
+            self._subtype()
+
+    def _subtype(self) -> None:
+        """Run the subtype-only members on the MF crops collected so far, in batches."""
+        t0 = time.perf_counter()
+        bundle = self.engines.bundle
+        for i, group in enumerate(self.groups):
+            names = [name for name in group.names if name in self.subtype_only]
+            if not names:
+                continue
+            crops = np.concatenate(self.passed_crops[i])
+            self.passed_crops[i] = []
+            for name in names:
+                spec = next(c for c in bundle.classifiers if c.name == name)
+                engine = self.engines.classifiers[name]
+                pending = [engine.submit(crops[j : j + self.batch_size]) for j in range(0, len(crops), self.batch_size)]
+                parts = [classifier_outputs_to_probabilities(p.result(), spec)[1] for p in pending]
+                p_amf = np.concatenate(cast(list[np.ndarray], parts))
+                offset = 0
+                for batch_number, rows in self.passed_slots:
+                    self.p_atypical[name][batch_number][rows] = p_amf[offset : offset + rows.size]
+                    offset += rows.size
+        self.passed_slots = []
+        self.passed_waiting = 0
         self.times.classify += time.perf_counter() - t0
 
 
@@ -389,7 +521,7 @@ def _figures(
     """The ensemble's decision for every merged candidate."""
     if len(boxes) == 0:
         return []
-    weights = {c.name: c.weight for c in bundle.classifiers}
+    weights = {c.name: c.weight for c in bundle.mitotic_voters}
     ensemble = ensemble_mitotic(p_mitotic, weights)
     chosen = [c.name for c in bundle.atypical_classifiers if c.name in p_atypical]
     atypical = atypical_probability(p_atypical, chosen)
@@ -397,7 +529,8 @@ def _figures(
     figures = []
     for i in range(len(boxes)):
         scores = {f"mitotic:{k}": float(v[i]) for k, v in p_mitotic.items()}
-        scores.update({f"atypical:{k}": float(v[i]) for k, v in p_atypical.items()})
+        # a subtype-only member has no score for a candidate that did not pass the MF threshold
+        scores.update({f"atypical:{k}": float(v[i]) for k, v in p_atypical.items() if not np.isnan(v[i])})
         mitotic = bool(is_mitotic[i])
         figures.append(
             Figure(
@@ -406,7 +539,7 @@ def _figures(
                 width_px=float(boxes.w[i]), height_px=float(boxes.h[i]),
                 detector_score=float(boxes.score[i]),
                 p_mitotic=float(ensemble[i]),
-                p_atypical=None if atypical is None else float(atypical[i]),
+                p_atypical=None if atypical is None or np.isnan(atypical[i]) else float(atypical[i]),
                 is_mitotic=mitotic,
                 subtype=str(subtype[i]) if mitotic else None,  # type: ignore[arg-type]
                 scores=scores,
@@ -426,6 +559,7 @@ def _provenance(config: Config, engines: EngineSet, times: StageTimes) -> dict[s
             "manifest_sha256": bundle.manifest_sha256,
             "models": {m.name: {"file": m.path.name, "sha256": m.sha256} for m in bundle.models},
             "intended_use": bundle.intended_use,
+            "ensemble": bundle.ensemble_roles(),
         },
         "backend": engines.backend,
         "plan_keys": dict(engines.plan_keys),

@@ -685,15 +685,19 @@ class SlideResult:
     scores: SlideScores
     figures: tuple[Figure, ...]
     provenance: Mapping[str, Any]
+    qc: Mapping[str, Any] | None = None  # scan QC (edge.qc): verdict, reasons, fractions; None with QC off
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "slide_path": self.slide_path,
             "slide": dict(self.slide),
             "scores": self.scores.to_json_dict(),
             "figures": [f.to_json_dict() for f in self.figures],
             "provenance": dict(self.provenance),
         }
+        if self.qc is not None:
+            out["qc"] = dict(self.qc)
+        return out
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> SlideResult:
@@ -704,4 +708,5 @@ class SlideResult:
             scores=SlideScores.from_json_dict(data["scores"]),
             figures=tuple(Figure.from_json_dict(f) for f in data["figures"]),
             provenance=dict(data.get("provenance") or {}),
+            qc=dict(data["qc"]) if data.get("qc") is not None else None,
         )

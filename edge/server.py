@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import queue
 import sqlite3
 import threading
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
+from edge.caveats import ResultFlag, diagnostic_notice, plausibility_flags
 from edge.config import ServerConfig
 from edge.errors import (
     ConfigError,
@@ -83,6 +85,8 @@ POLL_S = 0.25  # how often blocked stream loops look at cancellation, overflow a
 STALLED_CANCEL_S = 30.0  # an overflowed subscriber that reads nothing for this long is cancelled
 REQUEST_IDS_KEPT = 10_000  # SubmitSlide idempotency keys remembered
 RESULTS_CACHED = 512  # GetResult replies kept in memory (a few kB each)
+MAX_LABELS = 16
+EXPORT_CHUNK = 1 << 20  # bytes per GetExportResponse
 CERT_WARN_DAYS = 30  # a server certificate expiring sooner is warned about at start
 REFUSAL_LOG_INTERVAL_S = 60.0  # refused calls are summed up in one WARNING at most this often
 
@@ -94,7 +98,15 @@ class DaemonControl(Protocol):
     def store(self) -> Store: ...
 
     def submit_slide(
-        self, path: Path, *, priority: int, mpp_override: float | None, bundle: str | None, submitted_by: str | None
+        self,
+        path: Path,
+        *,
+        priority: int,
+        mpp_override: float | None,
+        bundle: str | None,
+        submitted_by: str | None,
+        accession: str | None = None,
+        labels: tuple[str, ...] = (),
     ) -> Job: ...
 
     def cancel_job(self, job_id: int, *, cancelled_by: str | None = None) -> Job: ...
@@ -253,6 +265,8 @@ def job_to_pb(job: Job) -> Any:
         created_at=job.created_at,
         submitted_by=job.submitted_by or "",
         cancelled_by=job.cancelled_by or "",
+        accession=job.accession or "",
+        labels=list(job.labels),
     )
     for name in ("mpp_override", "started_at", "finished_at", "not_before"):
         value = getattr(job, name)
@@ -314,7 +328,7 @@ def scores_to_pb(scores: Mapping[str, Any]) -> Any:
     return msg
 
 
-def result_to_pb(result: StoredResult) -> Any:
+def result_to_pb(result: StoredResult, accession: str | None = None) -> Any:
     summary = result.summary
     slide = summary.get("slide") or {}
     provenance = summary.get("provenance") or {}
@@ -331,6 +345,7 @@ def result_to_pb(result: StoredResult) -> Any:
             mpp_y=float(slide.get("mpp_y") or 0.0),
             format=str(slide.get("format") or ""),
             vendor=str(slide.get("vendor") or ""),
+            scanner=str((slide.get("scanner") or {}).get("id") or ""),
         ),
         provenance=pb.Provenance(
             package_version=str(provenance.get("package_version") or ""),
@@ -344,7 +359,49 @@ def result_to_pb(result: StoredResult) -> Any:
         detections=result.detections,
         created_at=result.created_at,
         summary_json=json.dumps(summary, sort_keys=True),
+        notice=diagnostic_notice(summary),
+        flags=[_flag_to_pb(flag) for flag in plausibility_flags(summary)],
+        accession=accession or "",
+        qc=qc_to_pb(summary.get("qc")),
     )
+
+
+def _flag_to_pb(flag: ResultFlag) -> Any:
+    msg = pb.ResultFlag(code=flag.code, message=flag.message)
+    if flag.value is not None:
+        msg.value = flag.value
+    return msg
+
+
+def qc_to_pb(qc: Mapping[str, Any] | None) -> Any:
+    """The result's qc section as a QcSummary (None when the result has none: the field stays unset)."""
+    if not qc:
+        return None
+    stains = qc.get("stains") or {}
+    baseline = qc.get("baseline") or {}
+    msg = pb.QcSummary(
+        verdict=str(qc.get("verdict") or ""),
+        reasons=[str(r) for r in qc.get("reasons") or []],
+        out_of_focus_fraction=float(qc.get("out_of_focus_fraction") or 0.0),
+        fold_fraction=float(qc.get("fold_fraction") or 0.0),
+        pen_fraction=float(qc.get("pen_fraction") or 0.0),
+        saturated_fraction=float(qc.get("saturated_fraction") or 0.0),
+        hematoxylin_od=[float(v) for v in stains.get("hematoxylin") or []],
+        eosin_od=[float(v) for v in stains.get("eosin") or []],
+        drift=bool(baseline.get("drift")),
+        outside_baseline=baseline.get("in_band") is False,
+    )
+    _set_optional(msg, qc, "focus_median")
+    hotspot = qc.get("hotspot") or {}
+    pairs = (("hotspot_out_of_focus_fraction", "out_of_focus_fraction"), ("hotspot_fold_fraction", "fold_fraction"))
+    for name, key in pairs:
+        value = _finite(hotspot.get(key))
+        if value is not None:
+            setattr(msg, name, value)
+    sharp = (qc.get("sharp_hotspot") or {}).get("mitotic_count")
+    if isinstance(sharp, int):
+        msg.sharp_hotspot_mitotic_count = sharp
+    return msg
 
 
 def detection_to_pb(figure: Figure) -> Any:
@@ -404,6 +461,11 @@ def event_to_pb(event: Event) -> Any:
         error=str(payload.get("error") or ""),
         attempts=int(payload.get("attempts") or 0),
         payload_json=json.dumps(payload, sort_keys=True),
+        accession=str(payload.get("accession") or ""),
+        qc_verdict=str(payload.get("verdict") or "") if event.type == "qc_flagged" else "",
+        qc_reasons=[str(r) for r in payload.get("reasons") or []] if event.type == "qc_flagged" else [],
+        scanner=str(payload.get("scanner") or ""),
+        drift_message=str(payload.get("message") or "") if event.type == "drift" else "",
     )
     for name in ("mitotic_count", "total_mitotic"):
         if isinstance(payload.get(name), int) and not isinstance(payload.get(name), bool):
@@ -503,6 +565,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         started_at: float,
         tokens: TokenTable | None = None,
         refusals: _RefusalLog | None = None,
+        export_root: Path | None = None,
     ) -> None:
         self.config = config
         self.control = control
@@ -523,6 +586,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         self._submit_lock = threading.Lock()
         self._results: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._results_lock = threading.Lock()
+        self.export_root = export_root
 
     # jobs
 
@@ -560,12 +624,13 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                 f"mpp_override={mpp:.6g} is not a plausible pixel size: give µm per level-0 pixel between "
                 f"{MIN_PLAUSIBLE_MPP} and {MAX_PLAUSIBLE_MPP}, e.g. 0.25 for a 40x scan",
             )
+        accession, labels = _case(request.accession, request.labels)
         path = resolve_submit_path(request.slide_path, self.roots)
         if self.stopping.is_set():
             raise RequestRefused("UNAVAILABLE", "the server is shutting down; submit again once it is back")
-        asked = (str(path), request.priority, mpp, request.bundle)
+        asked = (str(path), request.priority, mpp, request.bundle, accession, labels)
         if not request_id:
-            job = self._submit(path, request, mpp, caller)
+            job = self._submit(path, request, mpp, caller, (accession, labels))
         else:
             key = (caller.key, request_id)
             with self._submit_lock:  # one submit per key at a time, so a retry cannot race its first try
@@ -579,19 +644,22 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                             f"parameters ({_differences(first, asked)}); a new submit needs a new request_id",
                         )
                     return pb.SubmitSlideResponse(job=job_to_pb(self.store.get_job(job_id)))
-                job = self._submit(path, request, mpp, caller)
+                job = self._submit(path, request, mpp, caller, (accession, labels))
                 self._request_ids[key] = (job.job_id, asked)
                 while len(self._request_ids) > REQUEST_IDS_KEPT:
                     self._request_ids.popitem(last=False)
-        log.info("job %d submitted over the API by %s: %s (priority %d%s)", job.job_id, untrusted(caller.name),
-                 untrusted(path), job.priority, f", bundle {untrusted(request.bundle)}" if request.bundle else "")
+        log.info("job %d submitted over the API by %s: %s (priority %d%s%s)", job.job_id, untrusted(caller.name),
+                 untrusted(path), job.priority, f", bundle {untrusted(request.bundle)}" if request.bundle else "",
+                 f", accession {untrusted(job.accession)}" if job.accession else "")
         return pb.SubmitSlideResponse(job=job_to_pb(job))
 
-    def _submit(self, path: Path, request: Any, mpp: float | None, caller: _Caller) -> Job:
+    def _submit(
+        self, path: Path, request: Any, mpp: float | None, caller: _Caller, case: tuple[str | None, tuple[str, ...]]
+    ) -> Job:
         try:
             return self.control.submit_slide(
                 path, priority=request.priority, mpp_override=mpp, bundle=request.bundle or None,
-                submitted_by=caller.name,
+                submitted_by=caller.name, accession=case[0], labels=case[1],
             )
         except SlideReadError as exc:
             raise RequestRefused(
@@ -626,12 +694,15 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             if value not in _PB_TO_STATE:
                 raise RequestRefused("INVALID_ARGUMENT", f"states contains {value}, not a job state (1-5)")
             states.append(_PB_TO_STATE[value])
-        check_lengths(slide_path_contains=request.slide_path_contains, page_token=request.page_token)
-        filters = _filter_key(states, request.slide_path_contains, request.newest_first)
+        check_lengths(
+            slide_path_contains=request.slide_path_contains, page_token=request.page_token, accession=request.accession
+        )
+        filters = _filter_key(states, request.slide_path_contains, request.newest_first, request.accession)
         after = _decode_page_token(request.page_token, filters) if request.page_token else 0
         jobs = self.store.list_jobs(
             states=states,
             slide_path_contains=request.slide_path_contains,
+            accession=request.accession,
             after_job_id=after,
             limit=page_size + 1,
             newest_first=request.newest_first,
@@ -683,7 +754,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                 self._results.move_to_end(job_id)
         if cached is not None:
             return self._with_review(cached, job_id)
-        reply = pb.GetResultResponse(result=result_to_pb(self.store.get_result(job_id)))
+        stored = self.store.get_result(job_id)
+        reply = pb.GetResultResponse(result=result_to_pb(stored, self.store.get_job(job_id).accession))
         with self._results_lock:
             self._results[job_id] = reply
             while len(self._results) > RESULTS_CACHED:
@@ -883,7 +955,34 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                                       waiting_s=float(w["waiting_s"]), fails_in_s=float(w["fails_in_s"]))
                 for w in status.get("waiting_slides") or ()
             ],
+            intended_use=str(status.get("intended_use") or ""),
         )
+
+    # exports
+
+    def GetExport(self, request: Any, context: Any) -> Iterator[Any]:
+        try:
+            job_id = _positive_id(request.job_id)
+            self._job(job_id)
+            path = export_file(self.store.get_result(job_id), request.name, self.export_root)
+            limit = self.config.max_export_mb * 2**20
+            handle = _open_export(path, limit)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a gRPC status with its message
+            self._abort(context, exc)
+        with self._stream_slot(context), handle:
+            size = os.fstat(handle.fileno()).st_size
+            first = True
+            while True:
+                chunk = handle.read(EXPORT_CHUNK)
+                if not chunk and not first:
+                    break
+                if not context.is_active() or self.stopping.is_set():
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; fetch the file again")
+                yield pb.GetExportResponse(file_name=path.name if first else "", size=size if first else 0, chunk=chunk)
+                first = False
+                if not chunk:
+                    break
+        log.info("job %d: sent export %s (%d bytes)", job_id, path.name, size)
 
 
 class _StreamGone(Exception):
@@ -917,15 +1016,72 @@ class _StreamSlot:
         return exc_type is _StreamGone  # a vanished client ends the stream without an error
 
 
+def _case(accession: str, labels: Sequence[str]) -> tuple[str | None, tuple[str, ...]]:
+    """A submit's accession and labels, checked: printable, at most FIELD_LIMITS long (INVALID_ARGUMENT otherwise)."""
+    accession = accession.strip()
+    check_lengths(accession=accession)
+    if accession and not accession.isprintable():
+        raise RequestRefused("INVALID_ARGUMENT", f"accession {untrusted(accession, 40)} must be printable characters")
+    if len(labels) > MAX_LABELS:
+        raise RequestRefused("INVALID_ARGUMENT", f"{len(labels)} labels; at most {MAX_LABELS}")
+    for label in labels:
+        check_lengths(label=label)
+        if not label.strip() or not label.isprintable():
+            raise RequestRefused("INVALID_ARGUMENT", f"label {untrusted(label, 40)} must be printable, not empty")
+    return accession or None, tuple(label.strip() for label in labels)
+
+
+def export_file(result: StoredResult, name: str, root: Path | None) -> Path:
+    """The file of a job's export named by kind ("overlay") or file name ("overlay.png"); never a client's path.
+
+    Only paths the store recorded for this job, and (when ``root`` is given) only under it.
+    """
+    if result.pruned_at is not None:
+        raise RequestRefused(
+            "NOT_FOUND", f"the exports of job {result.job_id} were deleted by daemon.export_retention_days"
+        )
+    by_name = {Path(p).name: Path(p) for p in result.exports.values()}
+    path = (result.exports.get(name) and Path(result.exports[name])) or by_name.get(name)
+    if path is None:
+        known = ", ".join(sorted(result.exports)) or "none"
+        raise RequestRefused(
+            "NOT_FOUND", f"job {result.job_id} has no export {untrusted(name, 60)}; its exports: {known}"
+        )
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise RequestRefused(
+            "PERMISSION_DENIED", f"export {untrusted(name, 60)} of job {result.job_id} is outside the results folder"
+        )
+    return path
+
+
+def _open_export(path: Path, limit: int) -> Any:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise RequestRefused("NOT_FOUND", f"export file {path.name} is gone from the daemon's disk") from None
+    except OSError as exc:
+        raise RequestRefused("NOT_FOUND", f"export file {path.name} cannot be read: {exc.strerror or exc}") from None
+    handle = os.fdopen(fd, "rb")
+    size = os.fstat(fd).st_size
+    if size > limit:
+        handle.close()
+        raise RequestRefused(
+            "RESOURCE_EXHAUSTED",
+            f"export {path.name} has {size / 2**20:.1f} MB, more than server.max_export_mb={limit // 2**20}; "
+            "raise it on the server or copy the file from the daemon's disk",
+        )
+    return handle
+
+
 def _differences(first: tuple[Any, ...], second: tuple[Any, ...]) -> str:
     """Which SubmitSlide parameters differ between two submits with one request_id (values untrusted, shortened)."""
-    names = ("slide_path", "priority", "mpp_override", "bundle")
+    names = ("slide_path", "priority", "mpp_override", "bundle", "accession", "labels")
     pairs = zip(names, first, second, strict=True)
     return ", ".join(f"{name} {untrusted(a, 60)} then {untrusted(b, 60)}" for name, a, b in pairs if a != b)
 
 
-def _filter_key(states: Sequence[str], contains: str, newest_first: bool) -> str:
-    text = json.dumps([sorted(states), contains, newest_first])
+def _filter_key(states: Sequence[str], contains: str, newest_first: bool, accession: str = "") -> str:
+    text = json.dumps([sorted(states), contains, newest_first, *([accession] if accession else [])])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -1102,7 +1258,11 @@ class RunningServer:
 
 
 def start_server(
-    config: ServerConfig, control: DaemonControl, *, watch_folders: Sequence[str] = ()
+    config: ServerConfig,
+    control: DaemonControl,
+    *,
+    watch_folders: Sequence[str] = (),
+    export_root: Path | None = None,
 ) -> RunningServer:
     """Start the gRPC API on ``config.listen``. Raises ConfigError naming the setting when it cannot.
 
@@ -1124,8 +1284,12 @@ def start_server(
             "gRPC API on %s without TLS: tokens and results cross the network in plain text; "
             "set server.tls_cert/tls_key or listen on 127.0.0.1", config.listen
         )
-    if tokens is None:
-        log.warning("gRPC API without tokens (server.tokens_file unset): every caller may submit and cancel")
+    if tokens is None:  # on loopback only this machine's users can call: worth a note, not a warning
+        log.log(
+            logging.INFO if _is_loopback(bare_host) else logging.WARNING,
+            "gRPC API without tokens (server.tokens_file unset): every caller%s may submit and cancel",
+            " on this machine" if _is_loopback(bare_host) else "",
+        )
     roots = tuple(config.allowed_roots) or tuple(str(f) for f in watch_folders)
     size = config.max_message_mb * 1024 * 1024
     options = [
@@ -1147,7 +1311,8 @@ def start_server(
         control.store, on_tick=lambda: broadcaster_holder[0]._follow_readiness() if broadcaster_holder else None
     )
     servicer = EdgeServicer(
-        config, control, broadcaster, roots, started_at=time.monotonic(), tokens=tokens, refusals=refusals
+        config, control, broadcaster, roots, started_at=time.monotonic(), tokens=tokens, refusals=refusals,
+        export_root=export_root,
     )
     pb_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

@@ -62,6 +62,8 @@ FIELD_LIMITS = {
     "request_id": 128,
     "fingerprint": 128,
     "page_token": 256,
+    "accession": 64,
+    "label": 64,
 }
 SERVICE = "mitosis.edge.v1.EdgeService"
 # Methods that change state; every other method of the service needs a read token.

@@ -12,6 +12,8 @@ public functions and methods.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import logging
 import math
@@ -19,7 +21,7 @@ import os
 import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -92,6 +94,8 @@ class SlideInfo:
     objective_power: float | None
     associated_images: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    barcode: str | None = None  # the slide label's barcode as the scanner recorded it (see slide_barcode)
+    scanner: dict[str, str] = field(default_factory=dict)  # vendor, model, serial, id ("unknown" when absent)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -110,6 +114,45 @@ class SlideInfo:
         d["associated_images"] = list(self.associated_images)
         d["notes"] = list(self.notes)
         return d
+
+
+# Where each vendor's metadata names the scanner's model and serial number (OpenSlide/tiffslide property names).
+_SCANNER_MODEL_KEYS = ("aperio.ScannerType", "hamamatsu.Product", "leica.device-model",
+                       "philips.DICOM_MANUFACTURERS_MODEL_NAME", "dicom.ManufacturerModelName", "ventana.ScannerModel",
+                       "mirax.NONHIERLAYER_0_SECTION.SCANNER_HARDWARE_VERSION")
+_SCANNER_SERIAL_KEYS = ("aperio.ScanScope ID", "hamamatsu.SerialNumber", "leica.device-version",
+                        "philips.DICOM_DEVICE_SERIAL_NUMBER", "dicom.DeviceSerialNumber", "ventana.ScannerSerialNumber",
+                        "mirax.NONHIERLAYER_0_SECTION.SCANNER_HARDWARE_ID")
+UNKNOWN_SCANNER = "unknown"
+
+
+def scanner_from_properties(props: Any, vendor: str) -> dict[str, str]:
+    """The scanner that made a slide, from its metadata: vendor, model, serial and an id for grouping.
+
+    The id is "vendor/model/serial" with the parts the metadata has; "unknown" when it names no model and
+    no serial (a generic TIFF says nothing about its scanner).
+
+    >>> scanner_from_properties({"aperio.ScanScope ID": "SS1234"}, "aperio")["id"]
+    'aperio/-/SS1234'
+    >>> scanner_from_properties({}, "generic-tiff")["id"]
+    'unknown'
+    """
+
+    def first(keys: tuple[str, ...]) -> str:
+        for key in keys:
+            value = props.get(key)
+            if value not in (None, ""):
+                return " ".join(str(value).split())[:80]
+        return ""
+
+    model, serial = first(_SCANNER_MODEL_KEYS), first(_SCANNER_SERIAL_KEYS)
+    known = bool(model or serial)
+    return {
+        "vendor": vendor or UNKNOWN_SCANNER,
+        "model": model or UNKNOWN_SCANNER,
+        "serial": serial or UNKNOWN_SCANNER,
+        "id": f"{vendor}/{model or '-'}/{serial or '-'}" if known else UNKNOWN_SCANNER,
+    }
 
 
 @dataclass(frozen=True)
@@ -583,6 +626,8 @@ def _build_tiffslide(path: Path, ts: Any, cfg: SlideConfig) -> Slide:
         objective_power=float(objective) if objective else None,
         associated_images=tuple(sorted(ts.associated_images.keys())),
         notes=notes,
+        barcode=slide_barcode(props),
+        scanner=scanner_from_properties(props, str(props.get("tiffslide.vendor") or fmt)),
     )
     return Slide(info, reader, cfg)
 
@@ -699,11 +744,48 @@ def _open_openslide(path: Path, target: Path, cfg: SlideConfig) -> Slide:
             objective_power=float(objective) if objective else None,
             associated_images=tuple(sorted(osr.associated_images.keys())),
             notes=notes,
+            barcode=slide_barcode(props),
+            scanner=scanner_from_properties(props, vendor),
         )
         return Slide(info, _OpenSlideReader(osr), cfg)
     except BaseException:
         osr.close()
         raise
+
+
+# Where scanners record the label's barcode (OpenSlide / tiffslide property names), first match wins.
+BARCODE_PROPERTIES = (
+    "aperio.Barcode",  # Aperio ImageDescription "Barcode = ..."
+    "hamamatsu.Reference",  # NDPI tag 65427
+    "philips.PIM_DP_UFS_BARCODE",  # base64 in Philips TIFF
+    "dicom.ContainerIdentifier",  # DICOM WSI: the slide's container (barcode) id
+    "leica.barcode",
+    "ventana.Barcode",
+)
+MAX_BARCODE_CHARS = 64
+
+
+def slide_barcode(properties: Mapping[str, Any]) -> str | None:
+    """The slide label's barcode from a reader's properties, or None when the format records none.
+
+    >>> slide_barcode({"aperio.Barcode": " S24-0042 "}), slide_barcode({"philips.PIM_DP_UFS_BARCODE": "UzI0LTAwNDI="})
+    ('S24-0042', 'S24-0042')
+    >>> slide_barcode({"aperio.AppMag": 20}) is None
+    True
+    """
+    for key in BARCODE_PROPERTIES:
+        value = properties.get(key)
+        if value is None:
+            continue
+        text = str(value).strip()
+        if key.startswith("philips."):
+            try:
+                text = base64.b64decode(text, validate=True).decode("utf-8").strip()
+            except (binascii.Error, UnicodeDecodeError):
+                pass  # some Philips files store it as plain text
+        if text and text.isprintable() and len(text) <= MAX_BARCODE_CHARS:
+            return text
+    return None
 
 
 def _int_or_none(v: str | None) -> int | None:

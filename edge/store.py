@@ -18,8 +18,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edge.config import QcConfig
+from edge.drift import Assessment, HistoryPoint, assess, measures_of
 from edge.errors import JobNotFoundError, JobStateError, ResultNotFoundError, StoreCorruptError, StoreError
 from edge.scoring import Figure, SlideResult
+from edge.slide import UNKNOWN_SCANNER
 
 __all__ = [
     "DETECTION_CLASSES",
@@ -32,6 +35,7 @@ __all__ = [
     "Job",
     "JobNotFoundError",
     "JobStateError",
+    "QcRecord",
     "ResultNotFoundError",
     "Store",
     "StoreCorruptError",
@@ -55,6 +59,8 @@ EVENT_TYPES = (
     "job_cancelled",
     "job_requeued",
     "result_reviewed",
+    "qc_flagged",  # the slide's scan QC verdict is review or rescan (before its job_done)
+    "drift",  # a run of a scanner's slides left its baseline (stain, focus or MF density)
 )
 # "normal", "atypical", "uncertain": mitotic figures by subtype; "non_mitotic": rejected candidates.
 DETECTION_CLASSES = ("normal", "atypical", "uncertain", "non_mitotic")
@@ -135,7 +141,25 @@ _V_I12 = (
     "ALTER TABLE jobs ADD COLUMN submitted_by TEXT",
     "ALTER TABLE jobs ADD COLUMN cancelled_by TEXT",
 )
-
+# The case a slide belongs to: its accession number and free labels (a JSON array of strings).
+_V_I15 = (
+    "ALTER TABLE jobs ADD COLUMN accession TEXT",
+    "ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '[]'",
+    "CREATE INDEX jobs_by_accession ON jobs (accession)",
+)
+# Scan QC per slide and scanner: the history drift baselines are drawn from (edge.drift).
+_V_I18 = (
+    """CREATE TABLE qc_history (
+        job_id INTEGER PRIMARY KEY REFERENCES results (job_id),
+        scanner TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        measures TEXT NOT NULL,
+        in_band INTEGER NOT NULL,
+        assessment TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX qc_history_by_scanner ON qc_history (scanner, created_at)",
+)
 # issue 19: pathologists' signed reviews, kept beside (never over) the automatic result; a job may be
 # signed again (the newest signature is current). result_created_at ties a review to the result it saw.
 _V_I19 = (
@@ -153,7 +177,8 @@ _V_I19 = (
     "CREATE INDEX reviews_by_job ON reviews (job_id, review_id)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I11A, _V_I12, _V_I19)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I11A, _V_I12, _V_I15, _V_I18, _V_I19)
+QC_HISTORY_READ = 500  # rows of a scanner's history read to find its baseline and the current run
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -178,13 +203,17 @@ class Job:
     submitted_by: str | None = None  # the API caller's token name or certificate subject; None = the watcher
     cancelled_by: str | None = None  # who cancelled it over the API
     retryable: bool | None = None  # the last failure's kind: transient (True) or deterministic (False)
+    accession: str | None = None  # the case's accession number, from the submit, the path or the slide
+    labels: tuple[str, ...] = ()  # free labels given at submit
 
     def __post_init__(self) -> None:
         if self.retryable is not None:  # SQLite gives 0/1
             object.__setattr__(self, "retryable", bool(self.retryable))
 
     def to_json_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["labels"] = list(self.labels)
+        return data
 
 
 @dataclass(frozen=True)
@@ -248,11 +277,25 @@ class Event:
 
 _JOB_SELECT = """SELECT j.job_id, j.state, s.path, s.fingerprint, j.source, j.priority, j.mpp_override,
     j.bundle, j.attempts, j.error, j.created_at, j.started_at, j.finished_at, j.not_before, j.submitted_by,
-    j.cancelled_by, j.retryable FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
+    j.cancelled_by, j.retryable, j.accession, j.labels FROM jobs j JOIN slides s ON s.slide_id = j.slide_id"""
 _JOB_UPDATE = """UPDATE jobs SET state = ?, attempts = ?, error = ?, started_at = ?, finished_at = ?,
     not_before = ?, retryable = ? WHERE job_id = ?"""
 _RESULT_SELECT = """SELECT r.job_id, s.path, s.fingerprint, r.summary, r.exports, r.detections, r.created_at,
     r.pruned_at FROM results r JOIN jobs j ON j.job_id = r.job_id JOIN slides s ON s.slide_id = j.slide_id"""
+@dataclass(frozen=True)
+class QcRecord:
+    """One slide's stored scan QC: its scanner, verdict, drift measures and how they compared with the baseline."""
+
+    job_id: int
+    scanner: str
+    verdict: str
+    measures: dict[str, Any]
+    in_band: bool
+    assessment: dict[str, Any]
+    created_at: float
+    slide_path: str
+
+
 _EVENT_SELECT = "SELECT sequence, type, job_id, payload, created_at FROM events"
 
 
@@ -377,6 +420,8 @@ class Store:
         dedupe: bool = True,
         slide_meta: Mapping[str, Any] | None = None,
         submitted_by: str | None = None,
+        accession: str | None = None,
+        labels: Sequence[str] = (),
     ) -> tuple[Job, bool]:
         """Queue a slide; returns (job, created).
 
@@ -392,16 +437,25 @@ class Store:
                     conn, f"{_JOB_SELECT} WHERE s.fingerprint = ? ORDER BY j.job_id DESC LIMIT 1", (fingerprint,)
                 )
                 if row is not None:
-                    return Job(*row), False
+                    return _job_from_row(row), False
             slide_id = _slide_id(conn, str(slide_path), fingerprint, meta, now)
-            job = _insert_job(conn, self.path, slide_id, source, int(priority), mpp_override, bundle, now)
+            job = _insert_job(
+                conn, self.path, slide_id, source, int(priority), mpp_override, bundle, now,
+                case=(accession or None, tuple(labels)),
+            )
             if submitted_by is not None:
                 conn.execute("UPDATE jobs SET submitted_by = ? WHERE job_id = ?", (submitted_by, job.job_id))
                 job = replace(job, submitted_by=submitted_by)
         return job, True
 
     def add_failed_job(
-        self, slide_path: str, error: str, *, fingerprint: str | None = None, source: str = "watch"
+        self,
+        slide_path: str,
+        error: str,
+        *,
+        fingerprint: str | None = None,
+        source: str = "watch",
+        accession: str | None = None,
     ) -> Job:
         """Record a slide that failed before it could be queued (e.g. never settled), in one transaction.
 
@@ -411,7 +465,7 @@ class Store:
         now = self._clock()
         with self._write() as conn:
             slide_id = _slide_id(conn, str(slide_path), fingerprint, "{}", now)
-            job = _insert_job(conn, self.path, slide_id, source, 0, None, None, now)
+            job = _insert_job(conn, self.path, slide_id, source, 0, None, None, now, case=(accession or None, ()))
             failed = _save(conn, replace(job, state="failed", error=error, finished_at=now))
             _append_event(conn, "job_failed", failed, now, {"error": error, "attempts": 0})
         return failed
@@ -428,14 +482,19 @@ class Store:
             )
             if row is None:
                 return None
-            job = Job(*row)
+            job = _job_from_row(row)
             running = _save(conn, replace(job, state="running", attempts=job.attempts + 1, started_at=moment))
             _append_event(conn, "job_running", running, moment, {"attempts": running.attempts})
         return running
 
-    def complete_job(self, job_id: int, result: SlideResult, exports: Mapping[str, str | Path]) -> Job:
+    def complete_job(
+        self, job_id: int, result: SlideResult, exports: Mapping[str, str | Path], qc: QcConfig | None = None
+    ) -> Job:
         """Store the result, one detection row per figure and the "job_done" event in one transaction.
 
+        A result with a qc section also gets its qc_history row, a "qc_flagged" event when its verdict
+        is not pass and a "drift" event when it completes a run of its scanner's slides outside the
+        baseline (``qc`` holds the drift settings), all before "job_done".
         Only a running job can complete; otherwise (e.g. cancelled meanwhile) JobStateError and
         nothing is written.
         """
@@ -448,6 +507,10 @@ class Store:
         hotspot, totals = result.scores.hotspot.counts, result.scores.totals
         with self._write() as conn:
             job = _transition(conn, self.path, job_id, ("running",), "completed")
+            barcode = result.slide.get("barcode")
+            if job.accession is None and barcode:  # no accession from the submit or the path: the slide's own
+                conn.execute("UPDATE jobs SET accession = ? WHERE job_id = ?", (str(barcode), job_id))
+                job = replace(job, accession=str(barcode))
             done = _save(conn, replace(job, state="done", finished_at=now, error=None, retryable=None))
             conn.execute(
                 "INSERT INTO results (job_id, summary, exports, detections, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -458,6 +521,10 @@ class Store:
                 (_detection_row(job_id, figure) for figure in result.figures),
             )
             _merge_slide_meta(conn, job_id, slide_json)
+            if result.qc is not None:
+                assessment = _record_qc(conn, done, result, qc or QcConfig(), now)
+                summary["qc"]["baseline"] = assessment.to_json_dict()  # how the slide compared with its scanner
+                conn.execute("UPDATE results SET summary = ? WHERE job_id = ?", (json.dumps(summary), job_id))
             payload = {
                 "mitotic_count": hotspot.mitotic,
                 "atypical_ratio": hotspot.atypical_ratio,
@@ -465,6 +532,25 @@ class Store:
             }
             _append_event(conn, "job_done", done, now, payload)
         return done
+
+    def qc_history(
+        self, *, scanner: str | None = None, since: float | None = None, job_id: int | None = None
+    ) -> list[QcRecord]:
+        """Stored scan QC per slide, oldest first: for one scanner, since a time (unix s) or one job."""
+        where, params = ["1 = 1"], []
+        for clause, value in (("q.scanner = ?", scanner), ("q.created_at >= ?", since), ("q.job_id = ?", job_id)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT q.job_id, q.scanner, q.verdict, q.measures, q.in_band, q.assessment, q.created_at, s.path "
+                "FROM qc_history q JOIN jobs j ON j.job_id = q.job_id JOIN slides s ON s.slide_id = j.slide_id "
+                f"WHERE {' AND '.join(where)} ORDER BY q.created_at, q.job_id",
+                params,
+            ).fetchall()
+        return [QcRecord(int(j), str(sc), str(v), json.loads(m), bool(b), json.loads(a), float(t), str(p))
+                for j, sc, v, m, b, a, t, p in rows]
 
     def fail_job(
         self, job_id: int, error: str, *, retry_at: float | None = None, retryable: bool | None = None
@@ -521,7 +607,7 @@ class Store:
         now = self._clock()
         with self._write() as conn:
             rows = conn.execute(f"{_JOB_SELECT} WHERE j.state = 'running' ORDER BY j.job_id").fetchall()
-            recovered = [_requeue(conn, Job(*row), RESTART_REASON, now, count_attempt=True) for row in rows]
+            recovered = [_requeue(conn, _job_from_row(row), RESTART_REASON, now, count_attempt=True) for row in rows]
         if recovered:
             log.info("re-queued %d job(s) left running: %s", len(recovered), [j.job_id for j in recovered])
         return recovered
@@ -534,13 +620,14 @@ class Store:
         """Every job of slides with this fingerprint, oldest first."""
         with self._read() as conn:
             rows = conn.execute(f"{_JOB_SELECT} WHERE s.fingerprint = ? ORDER BY j.job_id", (fingerprint,)).fetchall()
-        return [Job(*row) for row in rows]
+        return [_job_from_row(row) for row in rows]
 
     def list_jobs(
         self,
         *,
         states: Sequence[str] = (),
         slide_path_contains: str = "",
+        accession: str = "",
         after_job_id: int = 0,
         limit: int = 100,
         newest_first: bool = False,
@@ -551,6 +638,9 @@ class Store:
         if slide_path_contains:
             clauses.append("instr(s.path, ?) > 0")
             params.append(slide_path_contains)
+        if accession:
+            clauses.append("j.accession = ?")
+            params.append(accession)
         if after_job_id > 0:
             clauses.append("j.job_id < ?" if newest_first else "j.job_id > ?")
             params.append(after_job_id)
@@ -558,7 +648,7 @@ class Store:
         order = "DESC" if newest_first else "ASC"
         with self._read() as conn:
             rows = conn.execute(f"{_JOB_SELECT}{where} ORDER BY j.job_id {order} LIMIT ?", (*params, limit)).fetchall()
-        return [Job(*row) for row in rows]
+        return [_job_from_row(row) for row in rows]
 
     def queue_depth(self) -> int:
         with self._read() as conn:
@@ -912,11 +1002,15 @@ def _one(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
     return rows[0] if rows else None
 
 
+def _job_from_row(row: Sequence[Any]) -> Job:
+    return replace(Job(*row), labels=tuple(json.loads(row[-1] or "[]")))
+
+
 def _job_in(conn: sqlite3.Connection, path: Path, job_id: int) -> Job:
     row = _one(conn, f"{_JOB_SELECT} WHERE j.job_id = ?", (job_id,))
     if row is None:
         raise JobNotFoundError(f"no job {job_id} in {path}; check the id (list_jobs shows the jobs)")
-    return Job(*row)
+    return _job_from_row(row)
 
 
 def _transition(conn: sqlite3.Connection, path: Path, job_id: int, allowed: tuple[str, ...], action: str) -> Job:
@@ -942,11 +1036,14 @@ def _insert_job(
     mpp_override: float | None,
     bundle: str | None,
     now: float,
+    *,
+    case: tuple[str | None, tuple[str, ...]] = (None, ()),
 ) -> Job:
+    accession, labels = case
     cursor = conn.execute(
-        "INSERT INTO jobs (slide_id, state, source, priority, mpp_override, bundle, created_at)"
-        " VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-        (slide_id, source, priority, mpp_override, bundle, now),
+        "INSERT INTO jobs (slide_id, state, source, priority, mpp_override, bundle, created_at, accession, labels)"
+        " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+        (slide_id, source, priority, mpp_override, bundle, now, accession, json.dumps(list(labels))),
     )
     job = _job_in(conn, path, int(cursor.lastrowid or 0))
     _append_event(conn, "job_queued", job, now, {"source": source})
@@ -960,10 +1057,45 @@ def _requeue(conn: sqlite3.Connection, job: Job, reason: str, now: float, *, cou
     return queued
 
 
+def _record_qc(
+    conn: sqlite3.Connection, job: Job, result: SlideResult, config: QcConfig, now: float
+) -> Assessment:
+    qc = result.qc or {}
+    scanner = str((result.slide.get("scanner") or {}).get("id") or UNKNOWN_SCANNER)
+    measures = measures_of(qc, result.scores.mitotic_density_per_mm2)
+    rows = conn.execute(
+        "SELECT job_id, created_at, measures, in_band FROM qc_history WHERE scanner = ? "
+        "ORDER BY created_at DESC, job_id DESC LIMIT ?",
+        (scanner, QC_HISTORY_READ),
+    ).fetchall()
+    history = [HistoryPoint(int(j), float(t), json.loads(m), bool(b)) for j, t, m, b in reversed(rows)]
+    assessment = assess(history, measures, config)
+    verdict = str(qc.get("verdict") or "pass")
+    conn.execute(
+        "INSERT INTO qc_history (job_id, scanner, verdict, measures, in_band, assessment, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (job.job_id, scanner, verdict, json.dumps(measures), int(assessment.in_band),
+         json.dumps(assessment.to_json_dict()), now),
+    )
+    if verdict != "pass":
+        _append_event(conn, "qc_flagged", job, now, {
+            "verdict": verdict, "reasons": list(qc.get("reasons") or []), "scanner": scanner,
+            "out_of_focus_fraction": qc.get("out_of_focus_fraction"), "fold_fraction": qc.get("fold_fraction"),
+            "pen_fraction": qc.get("pen_fraction"),
+            "hotspot_out_of_focus_fraction": (qc.get("hotspot") or {}).get("out_of_focus_fraction"),
+        })
+    if assessment.drift:
+        _append_event(conn, "drift", job, now, {"scanner": scanner, "message": assessment.message,
+                                                "moved": assessment.moved, "run": assessment.run})
+    return assessment
+
+
 def _append_event(
     conn: sqlite3.Connection, kind: str, job: Job, now: float, extra: Mapping[str, Any] | None = None
 ) -> None:
     payload = {"job_id": job.job_id, "state": job.state, "slide_path": job.slide_path, **(extra or {})}
+    if job.accession:
+        payload["accession"] = job.accession
     conn.execute(
         "INSERT INTO events (type, job_id, payload, created_at) VALUES (?, ?, ?, ?)",
         (kind, job.job_id, json.dumps(payload), now),

@@ -18,7 +18,7 @@ import numpy as np
 from edge.config import Config
 from edge.errors import StreamCancelled
 from edge.slide import BACKGROUND, ReadScale, Slide
-from edge.tiling import Tile, TilePlan, plan_tiles, tissue_area_mm2, tissue_mask
+from edge.tiling import PlanEfficiency, Tile, TilePlan, plan_efficiency, plan_tiles, tissue_area_mm2, tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,11 @@ class SlidePlan:
     plan: TilePlan
     thumbnail: np.ndarray | None = None  # the RGB thumbnail the mask was computed on (mask_mpp)
 
+    @property
+    def efficiency(self) -> PlanEfficiency:
+        """Tiles, tissue, covered and read area of the plan (see :func:`edge.tiling.plan_efficiency`)."""
+        return plan_efficiency(self.plan, self.mask, self.mask_mpp)
+
 
 def plan_slide(slide: Slide, config: Config) -> SlidePlan:
     """Read the thumbnail, find the tissue and plan the tiles at the configured target mpp."""
@@ -215,11 +220,13 @@ def plan_slide(slide: Slide, config: Config) -> SlidePlan:
     )
     area = tissue_area_mm2(mask, mask_mpp[0], mask_mpp[1])
     log.info(
-        "%s: %d tiles of %d px at %.4g µm/px on %.2f mm² of tissue (level %d%s)",
+        "%s: %d tiles of %d px at %.4g µm/px (%s layout; the grid keeps %d) on %.2f mm² of tissue (level %d%s)",
         slide.path,
         len(plan),
         plan.tile_size,
         scale.mpp_x,
+        plan.layout,
+        plan.grid_tiles,
         area,
         scale.level,
         ", upsampled" if scale.upsampled else "",

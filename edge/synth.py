@@ -29,6 +29,7 @@ same parameters give the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from edge import synth_faults
 from edge.errors import ConfigError
 from edge.scoring import BOUNDARY_TOLERANCE, Hotspot, find_hotspot, hotspot_radius_um
 
@@ -81,6 +83,7 @@ MIN_DEFAULT_MITOSES = 8
 OBJECT_MIN_SPACING_UM = 20.0
 OBJECT_BORDER_UM = 30.0
 RENDER_THREADS = 2
+MAX_FAULT_SIGMA_PX = 16.0  # a planted blur's sigma at most (the render margin is 3 sigma)
 
 Float32Array = NDArray[np.float32]
 Float64Array = NDArray[np.float64]
@@ -109,6 +112,7 @@ _TISSUE_EDGE_WIGGLE_UM = 10.0
 # Independent random streams: adding draws to one never changes another.
 _STREAM_STAINS, _STREAM_FIELDS, _STREAM_TEXTURES, _STREAM_SPRITES = 1, 2, 3, 4
 _STREAM_OBJECTS, _STREAM_OBJECT_SPRITE, _STREAM_NUCLEI = 5, 6, 7
+_STREAM_FAULTS = 8
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,12 @@ class SynthParams:
     jpeg_quality: int = 85
     fmt: Literal["tiff", "ome"] = "tiff"
     hotspot_area_mm2: float = 2.0
+    # Scan faults with truth (edge.synth_faults): blurred discs, one over the hotspot, folds, pen, stain shift.
+    blur_regions: int = 0
+    blur_hotspot: bool = False
+    folds: int = 0
+    pen_strokes: int = 0
+    stain_shift: float = 0.0  # degrees the eosin vector turns out of the H-E plane
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field and its value."""
@@ -160,6 +170,11 @@ class SynthParams:
         if self.fmt not in ("tiff", "ome"):
             raise ConfigError(f"fmt={self.fmt!r} must be 'tiff' or 'ome'")
         _check_float(self, "hotspot_area_mm2", 1e-4, 1e4)
+        for name in ("blur_regions", "folds", "pen_strokes"):
+            _check_int(self, name, 0, 100)
+        if not isinstance(self.blur_hotspot, bool):
+            raise ConfigError(f"blur_hotspot={self.blur_hotspot!r} must be true or false")
+        _check_float(self, "stain_shift", -45.0, 45.0)
 
     @property
     def tissue_area_mm2(self) -> float:
@@ -235,6 +250,7 @@ class SynthTruth:
     params: SynthParams
     objects: tuple[PlantedObject, ...]
     hotspot: Hotspot
+    faults: synth_faults.PlantedFaults = dataclasses.field(default_factory=synth_faults.PlantedFaults)
 
     def mitotic_points_um(self) -> Float64Array:
         """(N, 2) x, y in µm of the normal and atypical figures."""
@@ -269,6 +285,7 @@ class SynthTruth:
                 "center_y_um": hotspot.center_y_um if centred else None,
                 "mitotic_count": hotspot.mitotic_count,
             },
+            "faults": self.faults.to_json_dict(),
         }
 
     @classmethod
@@ -306,6 +323,7 @@ class SynthTruth:
             params=params,
             objects=objects,
             hotspot=hotspot,
+            faults=synth_faults.PlantedFaults.from_json_dict(data.get("faults")),
         )
 
 
@@ -357,6 +375,7 @@ def generate_slide(
             ).reshape(-1, 2),
             hotspot_radius_um(params.hotspot_area_mm2),
         ),
+        faults=model.faults,
     )
     logger.info(
         "synthesising %dx%d px at %.3f µm/px: %d mitoses, %d imposters (planned in %.1f s)",
@@ -645,7 +664,9 @@ class _SlideModel:
         self.params = params
         self.mpp = params.mpp
         ts = params.tile_size
-        self.margin = math.ceil(3.0 * params.blur_sigma) if params.blur_sigma > 0 else 0
+        fault_sigma = MAX_FAULT_SIGMA_PX if params.blur_regions or params.blur_hotspot else 0.0
+        widest = max(params.blur_sigma, fault_sigma)
+        self.margin = math.ceil(3.0 * widest) if widest > 0 else 0
         self.max_block = (ts + 2 * self.margin, ts * max(1, 1024 // ts) + 2 * self.margin)
         self._build_stains()
         self._build_fields()
@@ -661,6 +682,7 @@ class _SlideModel:
         self._planted_exclusion_px = np.array([p.exclusion_um / self.mpp for p in self.planted], dtype=np.float64)
         self._band_px = _NUCLEUS_BAND_UM / self.mpp
         self._bands: dict[int, _Nuclei] = {}
+        self.faults = self._plan_faults()
 
     # ---- stains --------------------------------------------------------------------
 
@@ -675,6 +697,8 @@ class _SlideModel:
 
         h_od = jittered(_HEMATOXYLIN_OD) * (1.0 + rng.normal(0.0, jitter))
         e_od = jittered(_EOSIN_OD) * (1.0 + rng.normal(0.0, jitter))
+        e_od = synth_faults.shift_eosin(h_od, e_od, self.params.stain_shift)
+        self.stain_od = (h_od, e_od)
         # Glass and light source: a little brighter or dimmer, barely tinted.
         brightness = rng.normal(0.0, 25.0 * jitter)
         background = np.clip(np.array(_BACKGROUND_RGB) + brightness + rng.normal(0.0, 0.8, 3), 232, 252)
@@ -964,6 +988,38 @@ class _SlideModel:
             )
         return planted
 
+    # ---- scan faults -----------------------------------------------------------------
+
+    def _plan_faults(self) -> synth_faults.PlantedFaults:
+        params = self.params
+        stains = {"stain_shift_deg": params.stain_shift, "hematoxylin_od": tuple(float(v) for v in self.stain_od[0]),
+                  "eosin_od": tuple(float(v) for v in self.stain_od[1])}
+        if not (params.blur_regions or params.blur_hotspot or params.folds or params.pen_strokes):
+            return synth_faults.PlantedFaults(**stains)  # type: ignore[arg-type]
+        rng = np.random.default_rng([params.seed, _STREAM_FAULTS])
+        margin = 0.1 * min(params.width, params.height)
+
+        def tissue_point() -> tuple[float, float]:
+            ys = rng.uniform(margin, params.height - margin, 256)
+            xs = rng.uniform(margin, params.width - margin, 256)
+            inside = np.flatnonzero(self.tissue_value_at(ys, xs) > self.tissue_threshold + self.tissue_softness)
+            i = int(inside[0]) if len(inside) else 0
+            return float(ys[i]), float(xs[i])
+
+        hotspot_px = None
+        if params.blur_hotspot:
+            points = np.array([(p.truth.x_um, p.truth.y_um) for p in self.planted if p.truth.is_mitosis]).reshape(-1, 2)
+            spot = _truth_hotspot(points, hotspot_radius_um(params.hotspot_area_mm2))
+            if math.isfinite(spot.center_x_um):
+                radius_um = min(0.5 * spot.radius_um, 0.3 * min(params.width, params.height) * self.mpp)
+                hotspot_px = (spot.center_x_um / self.mpp, spot.center_y_um / self.mpp, radius_um / self.mpp)
+        planned = synth_faults.plan_faults(
+            rng, width=params.width, height=params.height, mpp=self.mpp, blur_regions=params.blur_regions,
+            folds=params.folds, pen_strokes=params.pen_strokes, tissue_point=tissue_point, hotspot_px=hotspot_px,
+            max_sigma_px=MAX_FAULT_SIGMA_PX,
+        )
+        return dataclasses.replace(planned, **stains)  # type: ignore[arg-type]
+
     # ---- rendering -------------------------------------------------------------------
 
     def render(self, y0: int, x0: int, h: int, w: int, nuclei: _Nuclei) -> UInt8Array:
@@ -1013,10 +1069,16 @@ class _SlideModel:
         self._stamp_objects(hematoxylin, eosin, ry, rx)
         hematoxylin *= fields_.sample(self.hematoxylin_level)
         eosin *= fields_.sample(self.eosin_level)
-        if m:
+        if self.faults.folds:
+            synth_faults.fold_block(hematoxylin, eosin, self.faults.folds, ry, rx)
+        if self.faults.blur:
+            synth_faults.blur_block(hematoxylin, eosin, self.faults.blur, ry, rx)
+        if self.params.blur_sigma > 0:
             sigma = self.params.blur_sigma
-            hematoxylin = ndimage.gaussian_filter(hematoxylin, sigma, mode="nearest")[m:-m, m:-m]
-            eosin = ndimage.gaussian_filter(eosin, sigma, mode="nearest")[m:-m, m:-m]
+            hematoxylin = ndimage.gaussian_filter(hematoxylin, sigma, mode="nearest")
+            eosin = ndimage.gaussian_filter(eosin, sigma, mode="nearest")
+        if m:
+            hematoxylin, eosin = hematoxylin[m:-m, m:-m], eosin[m:-m, m:-m]
         return self._finish(hematoxylin, eosin, y0, x0, h, w)
 
     def _objects_in(self, y: int, x: int, h: int, w: int) -> bool:
@@ -1084,13 +1146,15 @@ class _SlideModel:
             index |= eosin.astype(np.uint16)
             rgb = np.take(self.lut, index, axis=0)
         t = self.textures
-        if t.noise is None:
-            return rgb
-        ny, nx = y0 % t.noise_period, x0 % t.noise_period
-        noisy = rgb.astype(np.int16)
-        noisy += t.noise[ny : ny + h, nx : nx + w]
-        np.clip(noisy, 0, 255, out=noisy)
-        return noisy.astype(np.uint8)
+        if t.noise is not None:
+            ny, nx = y0 % t.noise_period, x0 % t.noise_period
+            noisy = rgb.astype(np.int16)
+            noisy += t.noise[ny : ny + h, nx : nx + w]
+            np.clip(noisy, 0, 255, out=noisy)
+            rgb = noisy.astype(np.uint8)
+        if self.faults.pen:
+            rgb = synth_faults.pen_block(rgb, self.faults.pen, y0, x0)
+        return rgb
 
 
 def _bilinear_weights(start: int, size: int, cell_px: float) -> tuple[Float32Array, slice]:

@@ -2,7 +2,8 @@
 
 The pure core maps a changed path to the slide it belongs to (:func:`slide_unit`), sums a slide's
 size and mtime over its files (:func:`unit_snapshot`) and decides when a slide has been quiet long
-enough (:class:`StabilityGate`). :class:`SlideWatcher` is the thin shell around it: watchdog
+enough, or has been closed after writing and stayed unchanged for a short settle time
+(:class:`StabilityGate`). :class:`SlideWatcher` is the thin shell around it: watchdog
 observers (native or polling per folder), one gate thread, the opener and the callbacks.
 """
 
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 DEFAULT_GATE_TICK = 0.5  # seconds; the gate looks at pending slides at least this often
+CLOSE_GATE_TICK = 0.05  # seconds; how often it looks while a closed slide is settling
 MOUNTS_FILE = "/proc/self/mounts"
 # file systems that deliver no (or not all) native change events: watched by polling
 NETWORK_FILESYSTEMS = frozenset(
@@ -210,6 +212,7 @@ class _Candidate:
     retry_at: float = 0.0
     last_error: str = ""
     unreadable_since: float | None = None  # stable but not opening since then (None: opened, or changed since)
+    closed_at: float | None = None  # a writer closed the file then, and it has not changed since
 
 
 class StabilityGate:
@@ -222,14 +225,23 @@ class StabilityGate:
     []
     >>> gate.due(now=15.0)
     [PosixPath('a.svs')]
+
+    A slide its writer has closed is due ``close_settle_s`` after the close if it did not change since:
+
+    >>> gate = StabilityGate(quiet_period_s=10, settle_timeout_s=60, close_settle_s=1)
+    >>> gate.observe(Path("b.svs"), (100, 1), now=0.0); gate.closed(Path("b.svs"), (200, 2), at=3.0)
+    >>> gate.due(now=3.5), gate.due(now=4.0)
+    ([], [PosixPath('b.svs')])
     """
 
     def __init__(
-        self, quiet_period_s: float, settle_timeout_s: float, unreadable_timeout_s: float | None = None
+        self, quiet_period_s: float, settle_timeout_s: float, unreadable_timeout_s: float | None = None,
+        close_settle_s: float = 0.0,
     ) -> None:
         self.quiet_period_s = quiet_period_s
         self.settle_timeout_s = settle_timeout_s
         self.unreadable_timeout_s = settle_timeout_s if unreadable_timeout_s is None else unreadable_timeout_s
+        self.close_settle_s = close_settle_s
         self._candidates: dict[Path, _Candidate] = {}
 
     def __len__(self) -> int:
@@ -254,15 +266,32 @@ class StabilityGate:
             cand.snapshot = snapshot
             cand.changed_at = now
             cand.unreadable_since = None  # still being written: the long settle timeout applies again
+            cand.closed_at = None  # written to again (a writer that reopened the file): wait for its next close
+
+    def closed(self, unit: Path, snapshot: Snapshot, at: float) -> None:
+        """A writer closed the slide's file at ``at`` and it then had ``snapshot``. Does nothing when
+        close events are off (``close_settle_s`` 0)."""
+        if self.close_settle_s <= 0:
+            return
+        self.observe(unit, snapshot, at)
+        self._candidates[unit].closed_at = at
+
+    def _is_due(self, c: _Candidate, now: float) -> bool:
+        if now < c.retry_at:
+            return False
+        if now - c.changed_at >= self.quiet_period_s:
+            return True
+        return c.closed_at is not None and now - c.closed_at >= self.close_settle_s
 
     def due(self, now: float) -> list[Path]:
-        """Slides unchanged for the quiet period (and past any retry wait), oldest first."""
-        ready = [
-            (c.first_seen, u)
-            for u, c in self._candidates.items()
-            if now - c.changed_at >= self.quiet_period_s and now >= c.retry_at
-        ]
+        """Slides unchanged for the quiet period, or closed and unchanged for ``close_settle_s`` (and past
+        any retry wait), oldest first."""
+        ready = [(c.first_seen, u) for u, c in self._candidates.items() if self._is_due(c, now)]
         return [u for _, u in sorted(ready)]
+
+    def settling_closed(self) -> bool:
+        """Whether a closed slide is waiting out its settle time (the gate then looks more often)."""
+        return any(c.closed_at is not None for c in self._candidates.values())
 
     def defer(self, unit: Path, reason: str, now: float) -> bool:
         """A due (stable) slide did not open or could not be handed over: try again after another quiet
@@ -325,9 +354,11 @@ class StabilityGate:
 
 def default_opener(path: Path) -> None:
     """Open the slide with the project's reader and close it again. Raises SlideReadError."""
+    from edge.logs import slide_context
     from edge.slide import open_slide
 
-    open_slide(path).close()
+    with slide_context(path):
+        open_slide(path).close()
 
 
 class _EventHandler:
@@ -348,6 +379,8 @@ class _EventHandler:
             if kind in _READ_ONLY_EVENTS:
                 return
             self._watcher._enqueue(os.fsdecode(event.src_path), is_dir=False)
+            if kind == "closed":  # inotify IN_CLOSE_WRITE: a writer closed the file
+                self._watcher._enqueue_close(os.fsdecode(event.src_path))
             if event.dest_path:
                 self._watcher._enqueue(os.fsdecode(event.dest_path), is_dir=False)
         except Exception:  # an observer thread must survive whatever one event holds
@@ -384,12 +417,15 @@ class SlideWatcher:
         self._clock = clock
         self._stat = stat
         self._tick = min(config.poll_interval_s, DEFAULT_GATE_TICK)
-        self._gate = StabilityGate(config.quiet_period_s, config.settle_timeout_s, config.unreadable_timeout_s)
+        self._gate = StabilityGate(config.quiet_period_s, config.settle_timeout_s, config.unreadable_timeout_s,
+                                   close_settle_s=config.close_settle_s)
         self._waiting: list[dict[str, Any]] = []  # what waiting() shows; replaced whole after each look
         self._opening: dict[Path, threading.Thread] = {}  # slide -> an open that outlived watch.open_timeout_s
         self._lock = threading.Lock()  # guards _incoming
         self._gate_lock = threading.Lock()  # one look at a time
         self._incoming: dict[str, bool] = {}  # path -> is a folder; filled by observer threads
+        # path -> (clock, snapshot) when a writer closed it; filled by observer threads
+        self._closes: dict[str, tuple[float, Snapshot | None]] = {}
         self._handed: dict[Path, tuple[Snapshot, str]] = {}  # slide -> (snapshot, fingerprint key) handed over
         self._failed: dict[Path, Snapshot] = {}  # slide -> snapshot it failed with
         self._stop = threading.Event()
@@ -409,6 +445,13 @@ class SlideWatcher:
                 raise ConfigError(
                     f"watch folder {folder!r} does not exist or is not a folder; create it or fix watch.folders"
                 )
+        watched = {os.path.normpath(f) for f in cfg.all_folders}
+        unknown = [f for f in cfg.quiet_only_folders if os.path.normpath(f) not in watched]
+        if unknown:
+            raise ConfigError(
+                f"watch.quiet_only_folders {unknown} are not watched; list each in watch.folders or "
+                "watch.polling_folders (or serve --watch) too"
+            )
         for folder in cfg.folders:
             self.observer_kinds[folder] = choose_observer(folder, cfg.observer)
         for folder in cfg.polling_folders:
@@ -506,6 +549,32 @@ class SlideWatcher:
         with self._lock:
             self._incoming[path] = self._incoming.get(path, False) or is_dir
 
+    def _enqueue_close(self, path: str) -> None:
+        at = self._clock()
+        snap = self._snapshot(Path(path))  # as closed: a write after this (a reopened file) disarms the close
+        with self._lock:
+            self._closes[path] = (at, snap)
+
+    def trusts_close_events(self, unit: Path) -> bool:
+        """Whether a close event may start this slide: a one-file slide in a folder watched natively
+        (inotify) and not listed in ``quiet_only_folders``. A DICOM folder or an MRXS slide has many
+        files, so one file's close says nothing about the slide: the quiet period is its rule."""
+        if self.config.close_settle_s <= 0 or unit.suffix.lower() in (".mrxs", ".dcm") or unit.suffix == "":
+            return False
+        folder = self._folder_of(unit)
+        if folder is None or self.observer_kinds.get(folder) != "native":
+            return False
+        return os.path.normpath(folder) not in {os.path.normpath(f) for f in self.config.quiet_only_folders}
+
+    def _folder_of(self, unit: Path) -> str | None:
+        """The watched folder that holds ``unit`` (the deepest, when folders nest)."""
+        best: str | None = None
+        for folder in self.config.all_folders:
+            root = folder.rstrip("/") + "/"
+            if str(unit).startswith(root) and (best is None or len(folder) > len(best)):
+                best = folder
+        return best
+
     # gate thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -516,7 +585,7 @@ class SlideWatcher:
                 self.check()
             except Exception:  # never let one bad slide end the watching
                 log.exception("the watcher's gate step failed; going on")
-            self._stop.wait(self._tick)
+            self._stop.wait(CLOSE_GATE_TICK if self._gate.settling_closed() else self._tick)
 
     def _check(self, now: float) -> None:
         self._look(now)
@@ -541,6 +610,7 @@ class SlideWatcher:
             else:
                 self._failed.pop(unit, None)
                 self._gate.observe(unit, snap, now)
+        self._take_closes()
         for unit in self._gate.units():
             snap = self._snapshot(unit)
             if snap is None:
@@ -668,6 +738,17 @@ class SlideWatcher:
             part_snap = self._snapshot(part)
             if part_snap is not None and part not in self._gate and self._handed.get(part, (None,))[0] != part_snap:
                 self._gate.observe(part, part_snap, now)
+
+    def _take_closes(self) -> None:
+        """Arm the close-write path for the slides whose writer closed them (where close events are trusted)."""
+        with self._lock:
+            closes, self._closes = self._closes, {}
+        for path, (at, at_close) in closes.items():
+            unit = Path(path)
+            if unit in self._gate and self.trusts_close_events(unit):
+                snap = self._snapshot(unit)
+                if snap is not None and snap == at_close:  # else written again since: wait for the next close
+                    self._gate.closed(unit, snap, at)
 
     def _take_incoming(self) -> list[Path]:
         with self._lock:

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from edge import logs
 from edge.config import Config, DaemonConfig
 from edge.errors import AnalysisCrashed, SlideTimeLimitError, StreamCancelled
 
@@ -156,7 +157,8 @@ class AnalysisProcess:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         self._process = ctx.Process(
-            target=_child_main, args=(child, self.config, self.nice, os.getpid()), name="edge-analysis", daemon=True
+            target=_child_main, args=(child, self.config, self.nice, os.getpid(), logs.current_settings()),
+            name="edge-analysis", daemon=True,
         )
         self._process.start()
         child.close()
@@ -252,9 +254,12 @@ class AnalysisProcess:
 # --- in the child ---------------------------------------------------------------------------------
 
 
-def _child_main(conn: Connection, config: Config, nice: int, parent_pid: int) -> None:  # pragma: no cover
+def _child_main(
+    conn: Connection, config: Config, nice: int, parent_pid: int, log_settings: logs.LogSettings
+) -> None:  # pragma: no cover
     """The child's loop (runs in the spawned process; covered by the daemon tests)."""
     _die_with_parent(parent_pid)
+    logs.configure(log_settings.level, log_settings.format)  # the same lines as the daemon's
     if nice > 0:
         try:
             os.nice(nice)

@@ -29,13 +29,20 @@ class FakeControl:
         self.submitted: list[Path] = []
 
     def submit_slide(
-        self, path: Path, *, priority: int, mpp_override: float | None, bundle: str | None,
+        self,
+        path: Path,
+        *,
+        priority: int,
+        mpp_override: float | None,
+        bundle: str | None,
         submitted_by: str | None = None,
+        accession: str | None = None,
+        labels: tuple[str, ...] = (),
     ) -> Job:
         self.submitted.append(path)
         job, _ = self.store.add_job(
             str(path), source="submit", priority=priority, mpp_override=mpp_override, bundle=bundle, dedupe=False,
-            submitted_by=submitted_by,
+            submitted_by=submitted_by, accession=accession, labels=labels,
         )
         return job
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,17 +91,48 @@ def test_bench_analyze_reports_the_ratio_to_the_slower_stage(synth_slide: SynthF
         assert bench[key] > 0, key
 
 
-def test_calibrate_writes_a_new_bundle_version(synth_slide: SynthFactory, tmp_path: Path) -> None:
+ATYPICAL_ONLY_MEMBER = """
+[[classifier]]
+name = "atypical_net"
+file = "classifier_efficientnet_tiny.onnx"
+sha256 = "{sha}"
+input = "image"
+size = 96
+mpp = 0.25
+channel_order = "BGR"
+normalisation = {{ scale = 0.00784313725490196, mean = [1.0, 1.0, 1.0], std = [1.0, 1.0, 1.0] }}
+atypical_output = "atypical"
+scores = "logits"
+"""
+
+
+def test_calibrate_writes_a_new_bundle_version_and_never_weighs_an_atypical_only_member(
+    synth_slide: SynthFactory, tmp_path: Path
+) -> None:
+    from edge.engines import find_bundle, load_bundle
+
+    source = tmp_path / "demo-amf"
+    shutil.copytree(find_bundle("demo"), source)
+    manifest = source / "manifest.toml"
+    member = ATYPICAL_ONLY_MEMBER.format(sha=load_bundle("demo").model("efficientnet_tiny").sha256)
+    text = manifest.read_text().replace('atypical_heads = ["densenet_tiny", "efficientnet_tiny"]',
+                                        'atypical_heads = ["atypical_net"]')  # the paper: a separate subtyper
+    manifest.write_text(text.replace("[decision]", member + "\n[decision]"))
     slide = synth_slide(width=4096, height=4096, seed=UNSEEN_SEED + 2, mitoses=12, imposters=12)
     truth = slide.with_name(slide.stem + ".truth.json")
     out = tmp_path / "demo-cal"
-    result = run_cli("calibrate", "--slide", str(slide), "--truth", str(truth), "--out", str(out),
-                     "--weight-step", "0.25")
+    result = run_cli("calibrate", "--bundle", str(source), "--slide", str(slide), "--truth", str(truth),
+                     "--out", str(out), "--weight-step", "0.25")
     assert result.returncode == 0, result.stderr
-    assert "mitotic_threshold" in result.stdout
+    assert "mitotic_threshold" in result.stdout and "atypical_net" not in result.stdout
     check = run_cli("engines", "check", "--bundle", str(out))
     assert check.returncode == 0, check.stderr
-    assert json.loads((out / "calibration.json").read_text())["source_bundle"]["name"] == "demo"
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["source_bundle"]["name"] == "demo" and "atypical_net" not in report["best"]["weights"]
+    calibrated = load_bundle(out)
+    assert calibrated.version != load_bundle(source).version
+    assert calibrated.model("atypical_net").weight == 0  # type: ignore[attr-defined]
+    assert [c.name for c in calibrated.subtype_only] == ["atypical_net"]
 
 
 # --- slides without mitoses or tissue are valid results (issue 11, bug 1) --------------------------

@@ -66,7 +66,8 @@ def refused(box: Box, answer: object, code: str, *sent: str) -> str:
 
 
 def test_a_slide_swapped_after_submit_is_checked_again_when_opened(box: Box, synth_slide: SynthFactory) -> None:
-    blocker = submit(box, "lis", copy(synth_slide(width=3072, height=3072, seed=21), box.scans / "blocker.tiff"))
+    # A slide big enough to keep the only worker busy while the swaps happen; it is cancelled right after.
+    blocker = submit(box, "lis", copy(synth_slide(width=6144, height=6144, seed=21), box.scans / "blocker.tiff"))
     box.wait_for_job(blocker.job_id, [RUNNING], timeout=120)  # the only worker is busy: what follows queues
     victim = copy(synth_slide(width=2048, height=1536, seed=22), box.scans / "victim.tiff")
     swapped = copy(synth_slide(width=2048, height=1536, seed=23), box.scans / "swapped.tiff")
@@ -75,6 +76,8 @@ def test_a_slide_swapped_after_submit_is_checked_again_when_opened(box: Box, syn
     link.symlink_to(box.outside / "secret.txt")
     os.replace(link, victim)  # victim.tiff -> /outside/secret.txt
     os.replace(copy(synth_slide(width=2048, height=1536, seed=24), box.scans / "other.tmp"), swapped)
+    held = box.call("GetJob", pb.GetJobRequest(job_id=blocker.job_id), "lis").reply.job
+    assert held.state == RUNNING, "the blocker finished before the swaps: the test needs a bigger blocker slide"
     box.call("CancelJob", pb.CancelJobRequest(job_id=blocker.job_id), "lis")
     outside = box.wait_for_job(to_link.job_id, [FAILED, DONE])
     changed = box.wait_for_job(to_other.job_id, [FAILED, DONE])

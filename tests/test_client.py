@@ -359,3 +359,44 @@ def test_a_result_without_a_hotspot_says_why_over_grpc_and_in_the_cli() -> None:
     scores = scores_dict(scores_to_pb(score_slide([], tissue_area_mm2=0.0).to_json_dict()))
     assert scores["hotspot"]["null_reason"] == "no tissue found on the slide"
     assert "no hotspot: no tissue found on the slide" in result_lines({"scores": scores, "exports": {}})[0]
+
+
+# --- what the client says when TLS or the token is wrong -------------------------------------------
+
+
+def client_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run `mitosis-edge client ARGV` in a subprocess (as a user would) and return its stderr; it must fail."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("MITOSIS_EDGE_TOKEN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "edge", "client", "--retries", "0", "--timeout", "3", *argv, "status"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    return done.stderr
+
+
+def test_connection_errors_say_which_option_fixes_them(
+    servers: Callable[..., RunningServer], tmp_path: Path, scans: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = TestCA(tmp_path / "pki")
+    files = ca.issue("localhost", server=True)
+    tls = servers(ServerConfig(listen="127.0.0.1:0", tls_cert=str(files.cert), tls_key=str(files.key),
+                               tokens_file=str(write_tokens(tmp_path / "tokens")), allowed_roots=(str(scans),)))
+    plain = servers()
+    tls_address = f"localhost:{tls.port}"
+
+    without_ca = client_error(capsys, "--server", tls_address)
+    assert "the server uses TLS with a certificate this machine does not trust: pass --ca FILE" in without_ca
+    insecure = client_error(capsys, "--server", tls_address, "--insecure")
+    assert "the server uses TLS, but --insecure speaks plain text: drop --insecure and pass --ca FILE" in insecure
+    no_token = client_error(capsys, "--server", tls_address, "--ca", str(ca.ca_path))
+    assert "UNAUTHENTICATED" in no_token and "pass --token-file FILE" in no_token
+    tls_to_plain = client_error(capsys, "--server", plain.address, "--ca", str(ca.ca_path))
+    assert "the server speaks plain text (no TLS): pass --insecure" in tls_to_plain
+    for stderr in (without_ca, insecure, no_token, tls_to_plain):
+        assert all(line.startswith(("mitosis-edge: error:", "  ")) for line in stderr.splitlines()), stderr

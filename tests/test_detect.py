@@ -125,6 +125,23 @@ def test_yolov8_columns_without_objectness() -> None:
     np.testing.assert_allclose(got.score, [0.9, 0.4])
 
 
+def test_a_two_class_detector_scores_the_candidate_class_or_by_request_its_argmax() -> None:
+    out = np.array(
+        [
+            [10, 30, 50],  # cx
+            [11, 31, 51],  # cy
+            [4, 5, 6],  # w
+            [7, 8, 9],  # h
+            [0.9, 0.5, 0.4],  # mitotic_figure
+            [0.0, 0.8, 0.1],  # imposter: outscores the MF class in the middle row
+        ]
+    )
+    assert decode(out, detector(output_format="yolov8")).cx.tolist() == [10, 30, 50]  # candidate-class score
+    argmax = decode(out, detector(output_format="yolov8", class_rule="argmax"))
+    assert argmax.cx.tolist() == [10, 50]
+    np.testing.assert_allclose(argmax.score, [0.9, 0.4])
+
+
 def test_yolov8_logits() -> None:
     out = np.array([[10.0], [10.0], [4.0], [4.0], [logit(0.3)], [9.0]], dtype=np.float16)
     got = decode(out, detector(output_format="yolov8", scores="logits"))

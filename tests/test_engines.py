@@ -90,6 +90,7 @@ def test_a_fixed_batch_dimension_is_named(tmp_path: Path) -> None:
         normalisation=NORMALISATION,
     )
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    fixed.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1  # wrap made it dynamic: undo that
     onnx.save(fixed, str(folder / "detector.onnx"))
     old = load_bundle(folder, check_graphs=False).detector.sha256
     _edit(folder, old, sha256_file(folder / "detector.onnx"))
@@ -121,6 +122,31 @@ def test_missing_fields_unknown_fields_and_bad_values_are_all_named(tiny: Path) 
     assert "[classifier a] scores='odds' must be one of probabilities, logits" in text
     assert "[decision] atypical_heads names 'c'" in text
     assert "[decision] normal_below=0.95 must not exceed atypical_above=0.9" in text
+
+
+def test_a_classifier_may_have_only_an_atypical_head_and_then_never_votes_on_mf(tiny: Path) -> None:
+    _edit(tiny, 'weight = 0.5\nmitotic_output = "mitotic"\natypical_output', "atypical_output")
+    bundle = load_bundle(tiny)
+    a = bundle.model("a")
+    assert a.mitotic is None and a.weight == 0 and a.output_names == ("atypical",)  # type: ignore[attr-defined]
+    assert [c.name for c in bundle.mitotic_voters] == ["b"] and [c.name for c in bundle.subtype_only] == ["a"]
+    assert bundle.ensemble_roles()["mitotic_voters"] == {"b": 0.5}
+
+
+def test_an_atypical_only_member_with_mf_weight_or_a_member_without_heads_is_refused(tiny: Path) -> None:
+    _edit(tiny, 'mitotic_output = "mitotic"\natypical_output', "atypical_output")
+    assert any("weight=0.5 but it has no mitotic_output" in p for p in _problems(tiny))
+    _edit(tiny, 'atypical_output = "atypical"\nscores', "scores")
+    assert any("[classifier a] has no head: set mitotic_output" in p for p in _problems(tiny))
+
+
+def test_a_member_with_mf_weight_0_and_no_atypical_head_in_use_is_not_run(tiny: Path) -> None:
+    _edit(tiny, "weight = 0.5", "weight = 0")
+    _edit(tiny, 'atypical_heads = ["a", "b"]', 'atypical_heads = ["b"]')
+    bundle = load_bundle(tiny)
+    assert [c.name for c in bundle.unused_classifiers] == ["a"]
+    assert bundle.ensemble_roles() == {"mitotic_voters": {"b": 0.5}, "subtypers": ["b"], "subtype_only": [],
+                                       "not_run": ["a"]}
 
 
 def test_a_head_with_several_columns_needs_an_index(tiny: Path) -> None:

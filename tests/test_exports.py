@@ -21,6 +21,7 @@ from edge.exports import (
     RESULT_SCHEMA,
     geojson_dict,
     midog_dict,
+    result_dict,
     write_exports,
 )
 from edge.scoring import Figure, SlideResult, score_slide
@@ -48,11 +49,11 @@ def figure(x_px: float, y_px: float, subtype: str | None, *, mitotic: bool = Tru
 @pytest.fixture
 def result() -> SlideResult:
     figures = (
-        figure(4000, 2000, "normal"),
-        figure(4100, 2050, "atypical"),
-        figure(4200, 1900, "uncertain"),
+        figure(12000, 12000, "normal"),
+        figure(12100, 12050, "atypical"),
+        figure(12200, 11900, "uncertain"),
         figure(30000, 30000, "normal"),
-        figure(4050, 2010, None, mitotic=False),
+        figure(12050, 12010, None, mitotic=False),
         figure(20000, 10000, None, mitotic=False),
     )
     scores = score_slide(figures, tissue_area_mm2=12.5)
@@ -73,7 +74,7 @@ def test_geojson_points_classes_colours_and_measurements(result: SlideResult) ->
         "Mitotic figure (uncertain subtype)": list(CLASS_COLOURS["uncertain"]),
     }
     first = detections[0]
-    assert first["geometry"] == {"type": "Point", "coordinates": [4000, 2000]}
+    assert first["geometry"] == {"type": "Point", "coordinates": [12000, 12000]}
     assert first["properties"]["measurements"] == {
         "detector_score": 0.7,
         "p_mitotic": 0.92,
@@ -114,7 +115,7 @@ def test_midog_json_in_millimetres(result: SlideResult) -> None:
     assert len(data["points"]) == 4
     first = data["points"][0]
     assert first["name"] == "mitotic figure"
-    assert first["point"] == pytest.approx([1.0, 0.5, 0])
+    assert first["point"] == pytest.approx([3.0, 3.0, 0])
     assert first["probability"] == 0.92
 
 
@@ -149,10 +150,10 @@ def test_write_exports_writes_every_file_atomically(result: SlideResult, tmp_pat
     assert [r["is_mitotic"] for r in rows] == ["true", "true", "true", "true", "false", "false"]
     assert [r["in_hotspot"] for r in rows] == ["true", "true", "true", "false", "true", "false"]
     assert rows[4]["p_atypical"] == "" and rows[4]["subtype"] == ""
-    assert float(rows[0]["x_um"]) == 1000.0
+    assert float(rows[0]["x_um"]) == 3000.0
 
     with Image.open(paths["overlay"]) as image:
-        assert image.size == (1250, 1000)
+        assert max(image.size) <= OVERLAY_MAX_SIDE and image.size[0] > 1250  # the thumbnail whole, plus the panel
         assert image.mode == "RGB"
         pixels = np.asarray(image)
     assert (pixels == np.array(CLASS_COLOURS["hotspot"])).all(axis=-1).any()
@@ -163,7 +164,7 @@ def test_overlay_is_capped_and_mpp_derived_from_the_slide(result: SlideResult, t
     thumbnail = np.full((3200, 4000, 3), 240, dtype=np.uint8)
     paths = write_exports(result, tmp_path, thumbnail=thumbnail)
     with Image.open(paths["overlay"]) as image:
-        assert image.size == (OVERLAY_MAX_SIDE, round(3200 * OVERLAY_MAX_SIDE / 4000))
+        assert image.size[0] == OVERLAY_MAX_SIDE and image.size[1] <= OVERLAY_MAX_SIDE
     paths = write_exports(result, tmp_path)  # again, without a thumbnail: files replaced, no overlay key
     assert "overlay" not in paths
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
@@ -203,3 +204,47 @@ def test_no_figures_exports_an_empty_collection_without_hotspot(tmp_path: Path) 
     assert data["scores"]["hotspot"]["center_x_um"] is None
     assert data["scores"]["mitotic_density_per_mm2"] is None
     assert not math.isnan(data["scores"]["hotspot"]["area_mm2"])
+
+
+def test_hotspot_reaching_past_the_slide_edge_is_clipped_and_flagged(result: SlideResult) -> None:
+    near_edge = tuple(figure(f.x_px, f.y_px - 11000, f.subtype, mitotic=f.is_mitotic) for f in result.figures[:3])
+    scores = score_slide(near_edge, tissue_area_mm2=12.5)
+    clipped = SlideResult(result.slide_path, result.slide, scores, near_edge, result.provenance)
+    (spot,) = [f for f in geojson_dict(clipped)["features"] if f["properties"]["objectType"] == "annotation"]
+    ring = np.array(spot["geometry"]["coordinates"][0])
+    assert ring.min() >= 0.0  # no negative coordinates for QuPath
+    assert ring[:, 1].min() == 0.0 and ring[0].tolist() == ring[-1].tolist()
+    flags = {f["code"]: f for f in result_dict(clipped)["flags"]}
+    assert 0.0 < flags["hotspot_outside_slide"]["value"] < 1.0
+
+
+def test_result_json_says_not_for_diagnosis_for_a_demo_bundle(result: SlideResult) -> None:
+    demo = {"bundle": {"name": "demo", "intended_use": "demonstration and tests only; NOT for diagnosis"}}
+    data = result_dict(SlideResult(result.slide_path, result.slide, result.scores, result.figures, demo))
+    assert list(data)[:3] == ["schema", "notice", "flags"]
+    assert "NOT for diagnosis" in data["notice"] and data["flags"] == []
+    assert "notice" not in result_dict(result)
+
+
+def test_overlay_has_a_title_legend_scale_bar_and_a_finer_inset_of_the_hotspot(result: SlideResult) -> None:
+    from types import SimpleNamespace
+
+    from edge.exports import overlay_image
+
+    thumbnail = np.full((1000, 1250, 3), 235, dtype=np.uint8)
+    spot = result.scores.hotspot.hotspot
+    side_um = 2.2 * spot.radius_um
+    origin = (spot.center_x_um - side_um / 2, spot.center_y_um - side_um / 2)
+    view = SimpleNamespace(pixels=np.full((700, 700, 3), 250, np.uint8), origin_um=origin,
+                           mpp=(side_um / 700, side_um / 700))
+    plain = np.asarray(overlay_image(result, thumbnail, (8.0, 8.0)))
+    with_inset = np.asarray(overlay_image(result, thumbnail, (8.0, 8.0), hotspot_view=view))
+    height, width = with_inset.shape[:2]
+    assert max(width, height) <= OVERLAY_MAX_SIDE
+    header = with_inset[: height // 12]
+    assert (header.sum(axis=-1) < 100).sum() > 500  # the slide's name and the counts, in black
+    right = with_inset[:, width - 620 :]
+    normal = (right == np.array(CLASS_COLOURS["normal"])).all(axis=-1)
+    assert normal.sum() > (plain[:, width - 620 :] == np.array(CLASS_COLOURS["normal"])).all(axis=-1).sum()
+    bar = (with_inset[:, :width - 620].sum(axis=-1) == 0).sum(axis=1)  # the scale bar: a solid black row
+    assert bar.max() > 50

@@ -3,6 +3,7 @@ once, decisions applied, failures and cancel mid-way leave nothing running."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import threading
 from pathlib import Path
@@ -153,3 +154,85 @@ def test_crops_cut_from_the_tile_in_memory_match_crops_read_from_the_slide(
     cut, read = np.concatenate(seen[True]), np.concatenate(seen[False])
     assert len(cut) == len(read) > 0
     assert np.array_equal(cut, read)
+
+
+def add_members(bundle_dir: Path, folder: Path, members: str, atypical_heads: str) -> Path:
+    """A copy of the tiny bundle with more [[classifier]] tables (TOML, ``{sha}`` = clf_a.onnx's sha256)."""
+    from edge.engines.manifest import sha256_file
+
+    shutil.copytree(bundle_dir, folder)
+    manifest = folder / "manifest.toml"
+    text = manifest.read_text().replace('atypical_heads = ["a", "b"]', f"atypical_heads = {atypical_heads}")
+    members = members.replace("{sha}", sha256_file(folder / "clf_a.onnx"))
+    manifest.write_text(text.replace("[decision]", members + "\n[decision]"))
+    return folder
+
+
+ATYPICAL_ONLY = """
+[[classifier]]
+name = "amf"
+file = "clf_a.onnx"
+sha256 = "{sha}"
+input = "crops"
+size = 32
+mpp = 0.25
+atypical_output = "atypical"
+scores = "logits"
+
+[[classifier]]
+name = "unused"
+file = "clf_a.onnx"
+sha256 = "{sha}"
+input = "crops"
+size = 32
+mpp = 0.25
+weight = 0
+mitotic_output = "mitotic"
+"""
+
+
+def test_an_atypical_only_member_subtypes_only_the_figures_that_passed_the_mf_vote(
+    bundle_dir: Path, synth_slide: SynthFactory, tmp_path: Path
+) -> None:
+    bundle = load_bundle(add_members(bundle_dir, tmp_path / "amf", ATYPICAL_ONLY, '["amf"]'))
+    amf = bundle.model("amf")
+    assert [c.name for c in bundle.mitotic_voters] == ["a", "b"] and amf.weight == 0  # type: ignore[attr-defined]
+    assert [c.name for c in bundle.subtype_only] == ["amf"]
+    assert [c.name for c in bundle.unused_classifiers] == ["unused"]
+    seen: list[int] = []
+
+    def voter(batch: np.ndarray) -> dict[str, np.ndarray]:  # every other candidate is a mitosis
+        logit = np.where(np.arange(len(batch)) % 2 == 0, 5.0, -5.0).astype(np.float32)[:, None]
+        return {"mitotic": logit, "atypical": np.full((len(batch), 1), -5.0, np.float32)}
+
+    def subtyper(batch: np.ndarray) -> dict[str, np.ndarray]:
+        seen.append(len(batch))
+        return {"mitotic": np.zeros((len(batch), 1), np.float32), "atypical": np.full((len(batch), 1), 5.0, np.float32)}
+
+    def never(batch: np.ndarray) -> dict[str, np.ndarray]:
+        raise AssertionError("a member with MF weight 0 and no atypical head in use must not run")
+
+    def detector(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {"raw": np.tile(np.array([TILE / 2, TILE / 2, 20.0, 20.0, 0.9, 1.0], np.float32), (len(batch), 1, 1))}
+
+    fns = {"a": voter, "b": voter, "amf": subtyper, "unused": never}
+    engines = EngineSet(
+        bundle,
+        FakeEngine(bundle.detector.input_spec, (), detector, name="detector", max_batch=8),
+        {c.name: FakeEngine(c.input_spec, (), fns[c.name], name=c.name, max_batch=64) for c in bundle.classifiers},
+        backend="fake",
+    )
+    config = Config(stream=StreamConfig(reader_threads=2, batch_size=4))
+    config = dataclasses.replace(config, engines=dataclasses.replace(config.engines, classifier_batch=8))
+    with engines:
+        result = analyze_slide(synth_slide(width=4096, height=3072, seed=3), config, engines=engines).result
+    mitoses = [f for f in result.figures if f.is_mitotic]
+    others = [f for f in result.figures if not f.is_mitotic]
+    assert mitoses and others
+    assert sum(seen) == len(mitoses) and len(seen) < len(mitoses) and max(seen) <= 8  # batched, MF only
+    assert all(f.subtype == "atypical" and f.scores["atypical:amf"] > 0.99 for f in mitoses)
+    assert all("atypical:amf" not in f.scores and f.p_atypical is None for f in others)
+    assert all(not any(k.endswith(("amf", "unused")) for k in f.scores if k.startswith("mitotic:")) for f in mitoses)
+    assert result.provenance["bundle"]["ensemble"] == {
+        "mitotic_voters": {"a": 0.5, "b": 0.5}, "subtypers": ["amf"], "subtype_only": ["amf"], "not_run": ["unused"],
+    }

@@ -41,10 +41,10 @@ def test_the_service_has_every_rpc_of_the_api() -> None:
     assert service.full_name == "mitosis.edge.v1.EdgeService"
     assert [m.name for m in service.methods] == [
         "SubmitSlide", "GetJob", "ListJobs", "CancelJob", "GetResult", "ListDetections", "WatchEvents",
-        "GetServerStatus",
+        "GetServerStatus", "GetExport",
     ]
     streams = {m.name for m in service.methods if m.server_streaming}
-    assert streams == {"ListDetections", "WatchEvents"}
+    assert streams == {"ListDetections", "WatchEvents", "GetExport"}
     assert hasattr(pb_grpc, "EdgeServiceStub") and hasattr(pb_grpc, "add_EdgeServiceServicer_to_server")
 
 

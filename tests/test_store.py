@@ -140,13 +140,31 @@ def test_an_older_schema_is_migrated_in_place(tmp_path: Path, monkeypatch: pytes
     assert raw(path, "SELECT note FROM jobs") == [("migrated",)]
 
 
+def test_a_store_of_the_first_schema_gains_accession_and_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "edge.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+        Store.open(path).close()
+        raw(path, "INSERT INTO slides (path, created_at) VALUES ('/scans/old.svs', 0)")
+        raw(path, "INSERT INTO jobs (slide_id, state, source, created_at) VALUES (1, 'queued', 'watch', 0)")
+    with Store.open(path) as store:
+        old = store.get_job(1)
+        assert (old.accession, old.labels) == (None, ())
+        new, _ = store.add_job("/scans/new.svs", accession="S24-0042", labels=["study-7", "HE"])
+        assert (new.accession, new.labels) == ("S24-0042", ("study-7", "HE"))
+        assert [j.job_id for j in store.list_jobs(accession="S24-0042")] == [new.job_id]
+        assert store.events_after(0)[-1].payload["accession"] == "S24-0042"
+
+
 def test_a_failing_migration_leaves_the_store_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "edge.db"
     Store.open(path).close()
     broken = ("ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE no_such_table SET x = 1")
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, broken))
-    step = rf"from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed .*no_such_table"
-    with pytest.raises(StoreError, match=step):
+    failed = rf"from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1} failed .*no_such_table"
+    with pytest.raises(StoreError, match=failed):
         Store.open(path)
     assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert "note" not in {row[1] for row in raw(path, "PRAGMA table_info(jobs)")}
@@ -158,8 +176,8 @@ def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     newer = SCHEMA_VERSION + 5
     raw(path, f"PRAGMA user_version = {newer}")
     before = path.read_bytes()
-    with pytest.raises(StoreCorruptError,
-                       match=rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade mitosis-edge"):
+    refused = rf"schema version {newer}, newer than version {SCHEMA_VERSION}.*upgrade mitosis-edge"
+    with pytest.raises(StoreCorruptError, match=refused):
         Store.open(path)
     assert path.read_bytes() == before
 

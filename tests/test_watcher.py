@@ -727,6 +727,102 @@ def test_a_growing_file_keeps_the_long_settle_timeout(tmp_path: Path) -> None:
 
 
 
+
+# --- close-write pickup --------------------------------------------------------------------------
+
+
+def test_a_closed_slide_is_due_after_the_settle_time_unless_it_changes_again() -> None:
+    gate = StabilityGate(quiet_period_s=10, settle_timeout_s=60, close_settle_s=1)
+    a, b = Path("a.svs"), Path("b.svs")
+    gate.closed(a, (100, 1), at=0.0)
+    gate.closed(b, (100, 1), at=0.0)
+    gate.observe(b, (150, 2), now=0.5)  # reopened and written to: the close no longer counts
+    assert gate.due(now=0.9) == [] and gate.due(now=1.0) == [a]
+    assert gate.due(now=9.0) == [a] and gate.due(now=10.5) == [a, b]  # b: the quiet period is its rule again
+
+
+def test_close_events_do_nothing_when_switched_off() -> None:
+    gate = StabilityGate(quiet_period_s=10, settle_timeout_s=60, close_settle_s=0)
+    gate.closed(Path("a.svs"), (100, 1), at=0.0)
+    assert gate.due(now=5.0) == [] and not gate.settling_closed()
+
+
+def test_quiet_only_folders_must_be_watched(tmp_path: Path) -> None:
+    watcher, _rec, _clock = gated(tmp_path, quiet_only_folders=(str(tmp_path / "elsewhere"),))
+    with pytest.raises(ConfigError, match="quiet_only_folders"):
+        watcher.start()
+
+
+def _write_and_close(path: Path, chunks: int = 4, pause: float = 0.05) -> float:
+    """Write a slide in chunks and close it; the clock before the last write (a lower bound of both
+    the last byte written and the close)."""
+    with path.open("wb") as fh:
+        fh.write(MAGIC)
+        for _ in range(chunks):
+            time.sleep(pause)
+            last = time.monotonic()
+            fh.write(os.urandom(4096))
+            fh.flush()
+    return last
+
+
+def test_a_slide_closed_after_writing_starts_after_the_settle_time_not_the_quiet_period(tmp_path: Path) -> None:
+    with running(tmp_path, observer="native", quiet_period_s=20.0, settle_timeout_s=60.0, close_settle_s=0.5,
+                 scan_on_start=False) as (watcher, rec):  # fmt: skip
+        assert watcher.trusts_close_events(tmp_path / "a.svs")
+        last_write = _write_and_close(tmp_path / "a.svs")
+        assert wait_until(lambda: len(rec.ready) == 1, timeout=10.0), "not started on close"
+    assert 0.5 <= rec.ready_at[0] - last_write < 5.0  # after the settle time, long before the 20 s quiet period
+    assert rec.ready[0][1].size == len(MAGIC) + 4 * 4096
+
+
+def test_a_writer_that_closes_and_reopens_mid_write_is_never_started_early(tmp_path: Path) -> None:
+    target = tmp_path / "scanner.svs"
+    with running(tmp_path, observer="native", quiet_period_s=20.0, settle_timeout_s=60.0, close_settle_s=0.6,
+                 scan_on_start=False) as (_watcher, rec):  # fmt: skip
+        with target.open("wb") as fh:
+            fh.write(MAGIC + os.urandom(4096))
+        for _ in range(6):  # closes after every stripe, reopens within the settle time and appends
+            time.sleep(0.3)
+            assert rec.ready == [], "started while the scanner was still writing"
+            last_write = time.monotonic()
+            with target.open("ab") as fh:
+                fh.write(os.urandom(4096))
+        assert wait_until(lambda: len(rec.ready) == 1, timeout=10.0)
+    assert rec.ready_at[0] - last_write >= 0.6
+    assert rec.ready[0][1].size == len(MAGIC) + 7 * 4096  # the whole file, not a stripe of it
+
+
+def test_in_a_quiet_only_folder_a_close_does_not_start_a_slide(tmp_path: Path) -> None:
+    target = tmp_path / "reopens.svs"
+    with running(tmp_path, observer="native", quiet_period_s=3.0, settle_timeout_s=60.0, close_settle_s=0.3,
+                 quiet_only_folders=(str(tmp_path) + "/",), scan_on_start=False) as (watcher, rec):  # fmt: skip
+        assert not watcher.trusts_close_events(target)
+        _write_and_close(target)
+        time.sleep(1.0)  # a pause longer than the settle time, then the scanner reopens and writes on
+        assert rec.ready == []
+        last_write = _write_and_close(target)
+        assert wait_until(lambda: len(rec.ready) == 1, timeout=15.0)
+    assert rec.ready_at[0] - last_write >= 3.0  # the quiet period after the last write
+
+
+def test_with_the_polling_observer_the_quiet_period_stays_the_rule(tmp_path: Path) -> None:
+    with running(tmp_path, observer="polling", quiet_period_s=2.0, settle_timeout_s=60.0, close_settle_s=0.2,
+                 scan_on_start=False) as (watcher, rec):  # fmt: skip
+        assert not watcher.trusts_close_events(tmp_path / "p.svs")
+        last_write = _write_and_close(tmp_path / "p.svs")
+        assert wait_until(lambda: len(rec.ready) == 1, timeout=15.0)
+    assert rec.ready_at[0] - last_write >= 2.0
+
+
+def test_a_dicom_folder_waits_for_its_quiet_period_whatever_closes(tmp_path: Path) -> None:
+    watcher, _rec, _clock = gated(tmp_path, observer="native")
+    watcher.observer_kinds[str(tmp_path)] = "native"
+    assert watcher.trusts_close_events(tmp_path / "a.svs")
+    assert not watcher.trusts_close_events(tmp_path / "dicom1")
+    assert not watcher.trusts_close_events(tmp_path / "x.mrxs")
+
+
 def measure_pickup_latency(slides: int = 20, quiet_period_s: float = 1.0, observer: str = "native") -> list[float]:
     """Seconds from (last write + quiet period) to on_ready, for slides written one after another."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,7 +37,7 @@ DETECTION_CLASS_UNCERTAIN: DetectionClass
 DETECTION_CLASS_NON_MITOTIC: DetectionClass
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "slide_path", "fingerprint", "source", "priority", "mpp_override", "bundle", "attempts", "error", "created_at", "started_at", "finished_at", "not_before", "submitted_by", "cancelled_by", "retryable")
+    __slots__ = ("job_id", "state", "slide_path", "fingerprint", "source", "priority", "mpp_override", "bundle", "attempts", "error", "created_at", "started_at", "finished_at", "not_before", "submitted_by", "cancelled_by", "retryable", "accession", "labels")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,8 @@ class Job(_message.Message):
     SUBMITTED_BY_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     state: JobState
     slide_path: str
@@ -72,21 +74,27 @@ class Job(_message.Message):
     submitted_by: str
     cancelled_by: str
     retryable: bool
-    def __init__(self, job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., source: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., not_before: _Optional[float] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
+    accession: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., source: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., not_before: _Optional[float] = ..., submitted_by: _Optional[str] = ..., cancelled_by: _Optional[str] = ..., retryable: _Optional[bool] = ..., accession: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitSlideRequest(_message.Message):
-    __slots__ = ("slide_path", "priority", "mpp_override", "bundle", "request_id")
+    __slots__ = ("slide_path", "priority", "mpp_override", "bundle", "request_id", "accession", "labels")
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MPP_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     slide_path: str
     priority: int
     mpp_override: float
     bundle: str
     request_id: str
-    def __init__(self, slide_path: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    accession: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slide_path: _Optional[str] = ..., priority: _Optional[int] = ..., mpp_override: _Optional[float] = ..., bundle: _Optional[str] = ..., request_id: _Optional[str] = ..., accession: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitSlideResponse(_message.Message):
     __slots__ = ("job",)
@@ -107,18 +115,20 @@ class GetJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("states", "slide_path_contains", "page_size", "page_token", "newest_first")
+    __slots__ = ("states", "slide_path_contains", "page_size", "page_token", "newest_first", "accession")
     STATES_FIELD_NUMBER: _ClassVar[int]
     SLIDE_PATH_CONTAINS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NEWEST_FIRST_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[JobState]
     slide_path_contains: str
     page_size: int
     page_token: str
     newest_first: bool
-    def __init__(self, states: _Optional[_Iterable[_Union[JobState, str]]] = ..., slide_path_contains: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., newest_first: _Optional[bool] = ...) -> None: ...
+    accession: str
+    def __init__(self, states: _Optional[_Iterable[_Union[JobState, str]]] = ..., slide_path_contains: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., newest_first: _Optional[bool] = ..., accession: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "next_page_token")
@@ -219,20 +229,54 @@ class Scores(_message.Message):
     def __init__(self, mitotic_count: _Optional[int] = ..., hotspot: _Optional[_Union[Hotspot, _Mapping]] = ..., totals: _Optional[_Union[SubtypeCounts, _Mapping]] = ..., candidates: _Optional[int] = ..., tissue_area_mm2: _Optional[float] = ..., mitotic_density_per_mm2: _Optional[float] = ..., mitotic_score_hint: _Optional[_Union[MitoticScoreHint, _Mapping]] = ...) -> None: ...
 
 class SlideInfo(_message.Message):
-    __slots__ = ("width", "height", "mpp_x", "mpp_y", "format", "vendor")
+    __slots__ = ("width", "height", "mpp_x", "mpp_y", "format", "vendor", "scanner")
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MPP_X_FIELD_NUMBER: _ClassVar[int]
     MPP_Y_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     VENDOR_FIELD_NUMBER: _ClassVar[int]
+    SCANNER_FIELD_NUMBER: _ClassVar[int]
     width: int
     height: int
     mpp_x: float
     mpp_y: float
     format: str
     vendor: str
-    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., mpp_x: _Optional[float] = ..., mpp_y: _Optional[float] = ..., format: _Optional[str] = ..., vendor: _Optional[str] = ...) -> None: ...
+    scanner: str
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., mpp_x: _Optional[float] = ..., mpp_y: _Optional[float] = ..., format: _Optional[str] = ..., vendor: _Optional[str] = ..., scanner: _Optional[str] = ...) -> None: ...
+
+class QcSummary(_message.Message):
+    __slots__ = ("verdict", "reasons", "out_of_focus_fraction", "fold_fraction", "pen_fraction", "saturated_fraction", "focus_median", "hotspot_out_of_focus_fraction", "hotspot_fold_fraction", "hematoxylin_od", "eosin_od", "sharp_hotspot_mitotic_count", "drift", "outside_baseline")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_FOCUS_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    FOLD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    PEN_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SATURATED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    FOCUS_MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    HOTSPOT_OUT_OF_FOCUS_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    HOTSPOT_FOLD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    HEMATOXYLIN_OD_FIELD_NUMBER: _ClassVar[int]
+    EOSIN_OD_FIELD_NUMBER: _ClassVar[int]
+    SHARP_HOTSPOT_MITOTIC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    OUTSIDE_BASELINE_FIELD_NUMBER: _ClassVar[int]
+    verdict: str
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    out_of_focus_fraction: float
+    fold_fraction: float
+    pen_fraction: float
+    saturated_fraction: float
+    focus_median: float
+    hotspot_out_of_focus_fraction: float
+    hotspot_fold_fraction: float
+    hematoxylin_od: _containers.RepeatedScalarFieldContainer[float]
+    eosin_od: _containers.RepeatedScalarFieldContainer[float]
+    sharp_hotspot_mitotic_count: int
+    drift: bool
+    outside_baseline: bool
+    def __init__(self, verdict: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., out_of_focus_fraction: _Optional[float] = ..., fold_fraction: _Optional[float] = ..., pen_fraction: _Optional[float] = ..., saturated_fraction: _Optional[float] = ..., focus_median: _Optional[float] = ..., hotspot_out_of_focus_fraction: _Optional[float] = ..., hotspot_fold_fraction: _Optional[float] = ..., hematoxylin_od: _Optional[_Iterable[float]] = ..., eosin_od: _Optional[_Iterable[float]] = ..., sharp_hotspot_mitotic_count: _Optional[int] = ..., drift: _Optional[bool] = ..., outside_baseline: _Optional[bool] = ...) -> None: ...
 
 class Provenance(_message.Message):
     __slots__ = ("package_version", "bundle_name", "bundle_version", "backend", "created_at", "json")
@@ -251,7 +295,7 @@ class Provenance(_message.Message):
     def __init__(self, package_version: _Optional[str] = ..., bundle_name: _Optional[str] = ..., bundle_version: _Optional[str] = ..., backend: _Optional[str] = ..., created_at: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("job_id", "slide_path", "fingerprint", "scores", "slide", "provenance", "exports", "detections", "created_at", "summary_json", "review")
+    __slots__ = ("job_id", "slide_path", "fingerprint", "scores", "slide", "provenance", "exports", "detections", "created_at", "summary_json", "notice", "flags", "accession", "qc", "review")
     class ExportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +313,10 @@ class Result(_message.Message):
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
+    QC_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     slide_path: str
@@ -280,8 +328,12 @@ class Result(_message.Message):
     detections: int
     created_at: float
     summary_json: str
+    notice: str
+    flags: _containers.RepeatedCompositeFieldContainer[ResultFlag]
+    accession: str
+    qc: QcSummary
     review: ReviewRecord
-    def __init__(self, job_id: _Optional[int] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., slide: _Optional[_Union[SlideInfo, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., exports: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., created_at: _Optional[float] = ..., summary_json: _Optional[str] = ..., review: _Optional[_Union[ReviewRecord, _Mapping]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[int] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., slide: _Optional[_Union[SlideInfo, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., exports: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., created_at: _Optional[float] = ..., summary_json: _Optional[str] = ..., notice: _Optional[str] = ..., flags: _Optional[_Iterable[_Union[ResultFlag, _Mapping]]] = ..., accession: _Optional[str] = ..., qc: _Optional[_Union[QcSummary, _Mapping]] = ..., review: _Optional[_Union[ReviewRecord, _Mapping]] = ...) -> None: ...
 
 class ReviewRecord(_message.Message):
     __slots__ = ("review_id", "reviewer", "signed_at", "mitotic_count", "atypical_count", "normal_count", "uncertain_count", "atypical_ratio", "automatic_mitotic_count", "current", "superseded_by_job_id", "changes_json", "exports")
@@ -319,6 +371,16 @@ class ReviewRecord(_message.Message):
     changes_json: str
     exports: _containers.ScalarMap[str, str]
     def __init__(self, review_id: _Optional[int] = ..., reviewer: _Optional[str] = ..., signed_at: _Optional[float] = ..., mitotic_count: _Optional[int] = ..., atypical_count: _Optional[int] = ..., normal_count: _Optional[int] = ..., uncertain_count: _Optional[int] = ..., atypical_ratio: _Optional[float] = ..., automatic_mitotic_count: _Optional[int] = ..., current: _Optional[bool] = ..., superseded_by_job_id: _Optional[int] = ..., changes_json: _Optional[str] = ..., exports: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ResultFlag(_message.Message):
+    __slots__ = ("code", "message", "value")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    value: float
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ListDetectionsRequest(_message.Message):
     __slots__ = ("job_id", "classes", "min_p_mitotic", "offset")
@@ -380,7 +442,7 @@ class WatchEventsRequest(_message.Message):
     def __init__(self, after_sequence: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("sequence", "type", "job_id", "state", "slide_path", "created_at", "mitotic_count", "atypical_ratio", "total_mitotic", "error", "attempts", "payload_json")
+    __slots__ = ("sequence", "type", "job_id", "state", "slide_path", "created_at", "mitotic_count", "atypical_ratio", "total_mitotic", "error", "attempts", "payload_json", "accession", "qc_verdict", "qc_reasons", "scanner", "drift_message")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -393,6 +455,11 @@ class Event(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    ACCESSION_FIELD_NUMBER: _ClassVar[int]
+    QC_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    QC_REASONS_FIELD_NUMBER: _ClassVar[int]
+    SCANNER_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     type: str
     job_id: int
@@ -405,7 +472,12 @@ class Event(_message.Message):
     error: str
     attempts: int
     payload_json: str
-    def __init__(self, sequence: _Optional[int] = ..., type: _Optional[str] = ..., job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., created_at: _Optional[float] = ..., mitotic_count: _Optional[int] = ..., atypical_ratio: _Optional[float] = ..., total_mitotic: _Optional[int] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., payload_json: _Optional[str] = ...) -> None: ...
+    accession: str
+    qc_verdict: str
+    qc_reasons: _containers.RepeatedScalarFieldContainer[str]
+    scanner: str
+    drift_message: str
+    def __init__(self, sequence: _Optional[int] = ..., type: _Optional[str] = ..., job_id: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., slide_path: _Optional[str] = ..., created_at: _Optional[float] = ..., mitotic_count: _Optional[int] = ..., atypical_ratio: _Optional[float] = ..., total_mitotic: _Optional[int] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., payload_json: _Optional[str] = ..., accession: _Optional[str] = ..., qc_verdict: _Optional[str] = ..., qc_reasons: _Optional[_Iterable[str]] = ..., scanner: _Optional[str] = ..., drift_message: _Optional[str] = ...) -> None: ...
 
 class WatchEventsResponse(_message.Message):
     __slots__ = ("event",)
@@ -428,7 +500,7 @@ class Engine(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., cache_key: _Optional[str] = ...) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence", "engine_error", "not_ready_reason", "waiting_slides")
+    __slots__ = ("version", "backend", "gpu", "engines", "bundle", "ready", "queue_depth", "running", "uptime_s", "watch_folders", "jobs_by_state", "last_sequence", "engine_error", "intended_use", "not_ready_reason", "waiting_slides")
     class JobsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -449,6 +521,7 @@ class GetServerStatusResponse(_message.Message):
     JOBS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    INTENDED_USE_FIELD_NUMBER: _ClassVar[int]
     NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
     WAITING_SLIDES_FIELD_NUMBER: _ClassVar[int]
     version: str
@@ -464,9 +537,10 @@ class GetServerStatusResponse(_message.Message):
     jobs_by_state: _containers.ScalarMap[str, int]
     last_sequence: int
     engine_error: str
+    intended_use: str
     not_ready_reason: str
     waiting_slides: _containers.RepeatedCompositeFieldContainer[DaemonWaitingSlide]
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ..., engine_error: _Optional[str] = ..., not_ready_reason: _Optional[str] = ..., waiting_slides: _Optional[_Iterable[_Union[DaemonWaitingSlide, _Mapping]]] = ...) -> None: ...
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ..., bundle: _Optional[str] = ..., ready: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., uptime_s: _Optional[float] = ..., watch_folders: _Optional[_Iterable[str]] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ..., last_sequence: _Optional[int] = ..., engine_error: _Optional[str] = ..., intended_use: _Optional[str] = ..., not_ready_reason: _Optional[str] = ..., waiting_slides: _Optional[_Iterable[_Union[DaemonWaitingSlide, _Mapping]]] = ...) -> None: ...
 
 class DaemonWaitingSlide(_message.Message):
     __slots__ = ("slide_path", "reason", "waiting_s", "fails_in_s")
@@ -479,3 +553,21 @@ class DaemonWaitingSlide(_message.Message):
     waiting_s: float
     fails_in_s: float
     def __init__(self, slide_path: _Optional[str] = ..., reason: _Optional[str] = ..., waiting_s: _Optional[float] = ..., fails_in_s: _Optional[float] = ...) -> None: ...
+
+class GetExportRequest(_message.Message):
+    __slots__ = ("job_id", "name")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    job_id: int
+    name: str
+    def __init__(self, job_id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class GetExportResponse(_message.Message):
+    __slots__ = ("file_name", "size", "chunk")
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    file_name: str
+    size: int
+    chunk: bytes
+    def __init__(self, file_name: _Optional[str] = ..., size: _Optional[int] = ..., chunk: _Optional[bytes] = ...) -> None: ...

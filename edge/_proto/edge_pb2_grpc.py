@@ -78,6 +78,11 @@ class EdgeServiceStub:
                 request_serializer=mitosis_dot_edge_dot_v1_dot_edge__pb2.GetServerStatusRequest.SerializeToString,
                 response_deserializer=mitosis_dot_edge_dot_v1_dot_edge__pb2.GetServerStatusResponse.FromString,
                 _registered_method=True)
+        self.GetExport = channel.unary_stream(
+                '/mitosis.edge.v1.EdgeService/GetExport',
+                request_serializer=mitosis_dot_edge_dot_v1_dot_edge__pb2.GetExportRequest.SerializeToString,
+                response_deserializer=mitosis_dot_edge_dot_v1_dot_edge__pb2.GetExportResponse.FromString,
+                _registered_method=True)
 
 
 class EdgeServiceServicer:
@@ -147,6 +152,16 @@ class EdgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExport(self, request, context):
+        """One export file of a finished job (result.json, detections.geojson, ...), streamed in chunks, so
+        a workstation gets the file without access to the daemon's disk. Only the files the job wrote
+        (by kind or file name, never a path); NOT_FOUND when the job has no such file (or its exports
+        were pruned), RESOURCE_EXHAUSTED when the file is larger than server.max_export_mb. Read token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +204,11 @@ def add_EdgeServiceServicer_to_server(servicer, server):
                     servicer.GetServerStatus,
                     request_deserializer=mitosis_dot_edge_dot_v1_dot_edge__pb2.GetServerStatusRequest.FromString,
                     response_serializer=mitosis_dot_edge_dot_v1_dot_edge__pb2.GetServerStatusResponse.SerializeToString,
+            ),
+            'GetExport': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetExport,
+                    request_deserializer=mitosis_dot_edge_dot_v1_dot_edge__pb2.GetExportRequest.FromString,
+                    response_serializer=mitosis_dot_edge_dot_v1_dot_edge__pb2.GetExportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +428,33 @@ class EdgeService:
             '/mitosis.edge.v1.EdgeService/GetServerStatus',
             mitosis_dot_edge_dot_v1_dot_edge__pb2.GetServerStatusRequest.SerializeToString,
             mitosis_dot_edge_dot_v1_dot_edge__pb2.GetServerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mitosis.edge.v1.EdgeService/GetExport',
+            mitosis_dot_edge_dot_v1_dot_edge__pb2.GetExportRequest.SerializeToString,
+            mitosis_dot_edge_dot_v1_dot_edge__pb2.GetExportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -325,9 +325,10 @@ def plan_recipe(model: ModelSpec, options: BuildOptions, major: int) -> PlanReci
     if source is None:
         raise EngineError(
             f"int8 for model {model.name!r} needs a Q/DQ (explicitly quantized) ONNX, and neither "
-            f"{int8_onnx_path(model)} nor {model.path} has QuantizeLinear/DequantizeLinear nodes; mitosis-edge "
-            f"does not calibrate. Quantize it offline with ModelOpt: {int8_recipe_command(model)}; "
-            "or build with --precision fp16"
+            f"{int8_onnx_path(model)} nor {model.path} has QuantizeLinear/DequantizeLinear nodes; the TensorRT "
+            "build does not calibrate. Make an INT8 bundle version first: mitosis-edge engines quantize --bundle "
+            f"{model.path.parent} --calibration-slide SLIDE --target tensorrt --out NEWDIR (then build NEWDIR), "
+            f"or quantize offline with ModelOpt: {int8_recipe_command(model)}; or build with --precision fp16"
         )
     label = "int8-onnx" if source != model.path else "model"
     sha = model.sha256 if source == model.path else _file_sha256(source)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from edge.engines.base import TensorSpec
-from edge.errors import ManifestError
+from edge.errors import ConfigError, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ Layout = Literal["NCHW", "NHWC"]
 ChannelOrder = Literal["RGB", "BGR"]
 DetectorFormat = Literal["yolo_raw", "yolov8", "boxes"]
 ScoreKind = Literal["probabilities", "logits"]
+ClassRule = Literal["candidate_score", "argmax"]
 
 MANIFEST_NAME = "manifest.toml"
 DEMO_BUNDLE = "demo"
@@ -37,6 +39,7 @@ _LAYOUTS = ("NCHW", "NHWC")
 _ORDERS = ("RGB", "BGR")
 _FORMATS = ("yolo_raw", "yolov8", "boxes")
 _SCORES = ("probabilities", "logits")
+_CLASS_RULES = ("candidate_score", "argmax")
 _FLOAT_TYPES = ("float32", "float16")
 
 
@@ -100,6 +103,8 @@ class DetectorSpec(ModelSpec):
     output_format: DetectorFormat = "yolo_raw"
     classes: tuple[str, ...] = ("mitotic_figure",)
     candidate_classes: tuple[str, ...] = ("mitotic_figure",)  # classes that propose MF candidates
+    # candidate_score: a row's score is its best candidate-class score; argmax: its best class must be a candidate
+    class_rule: ClassRule = "candidate_score"
     scores: ScoreKind = "probabilities"
     score_threshold: float = 0.25
     nms_iou: float = 0.45
@@ -129,16 +134,24 @@ class HeadSpec:
 
 @dataclass(frozen=True)
 class ClassifierSpec(ModelSpec):
-    """One member of the classifier ensemble, with a mitotic-figure head and an optional atypical head."""
+    """One member of the classifier ensemble: a mitotic-figure (MF) head, an atypical head, or both.
 
-    weight: float = 1.0
-    mitotic: HeadSpec = field(default_factory=lambda: HeadSpec("mitotic"))
+    An atypical-only member (the paper's subtyping network) never votes on MF and has weight 0.
+    """
+
+    weight: float = 1.0  # MF ensemble weight; 0 for a member without an MF head
+    mitotic: HeadSpec | None = field(default_factory=lambda: HeadSpec("mitotic"))
     atypical: HeadSpec | None = None
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        heads = [self.mitotic.output] + ([self.atypical.output] if self.atypical else [])
+        heads = [h.output for h in (self.mitotic, self.atypical) if h is not None]
         return tuple(dict.fromkeys(heads))
+
+    @property
+    def votes_on_mitotic(self) -> bool:
+        """True when this member's MF head counts in the ensemble (it has one, with a positive weight)."""
+        return self.mitotic is not None and self.weight > 0
 
 
 @dataclass(frozen=True)
@@ -184,8 +197,34 @@ class Bundle:
 
     @property
     def atypical_classifiers(self) -> tuple[ClassifierSpec, ...]:
+        """The subtypers: members whose atypical head is in use (``decision.atypical_heads``, or all)."""
         chosen = self.decision.atypical_heads
         return tuple(c for c in self.classifiers if c.atypical and (not chosen or c.name in chosen))
+
+    @property
+    def mitotic_voters(self) -> tuple[ClassifierSpec, ...]:
+        """Members whose MF head votes in the ensemble (MF head and weight > 0); they run on every candidate."""
+        return tuple(c for c in self.classifiers if c.votes_on_mitotic)
+
+    @property
+    def subtype_only(self) -> tuple[ClassifierSpec, ...]:
+        """Subtypers that do not vote on MF: they run only on candidates that passed the MF threshold."""
+        return tuple(c for c in self.atypical_classifiers if not c.votes_on_mitotic)
+
+    @property
+    def unused_classifiers(self) -> tuple[ClassifierSpec, ...]:
+        """Members that are never run: MF weight 0 (or no MF head) and no atypical head in use."""
+        subtypers = {c.name for c in self.atypical_classifiers}
+        return tuple(c for c in self.classifiers if not c.votes_on_mitotic and c.name not in subtypers)
+
+    def ensemble_roles(self) -> dict[str, Any]:
+        """Which members voted on MF (with their weights), which subtyped, and which were not run (provenance)."""
+        return {
+            "mitotic_voters": {c.name: c.weight for c in self.mitotic_voters},
+            "subtypers": [c.name for c in self.atypical_classifiers],
+            "subtype_only": [c.name for c in self.subtype_only],
+            "not_run": [c.name for c in self.unused_classifiers],
+        }
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -231,20 +270,95 @@ def find_bundle(name_or_path: str | Path | None) -> Path:
             if (folder / str(name_or_path) / MANIFEST_NAME).is_file():
                 return folder / str(name_or_path)
     searched = ", ".join(str(p) for p in bundle_search_path())
+    env = os.environ.get(BUNDLES_ENV)
     raise ManifestError(
         str(name_or_path),
-        [f"no {MANIFEST_NAME} there; give a bundle folder or the name of an installed bundle (searched {searched})"],
+        [
+            f"bundle not found: no {MANIFEST_NAME} there; give a bundle folder or the name of an installed bundle."
+            f" Folders searched: {searched} (${BUNDLES_ENV} is {repr(env) if env else 'not set'}; set it to the"
+            " folder that holds your bundles)"
+        ],
     )
 
 
-def list_bundles() -> list[Path]:
-    """Every bundle folder found on the search path (first one wins for a name)."""
+def list_bundles(*, every_copy: bool = False) -> list[Path]:
+    """Every bundle folder found on the search path (first one wins for a folder name, unless ``every_copy``)."""
     seen: dict[str, Path] = {}
     for folder in bundle_search_path():
         if folder.is_dir():
             for manifest in sorted(folder.glob(f"*/{MANIFEST_NAME}")):
-                seen.setdefault(manifest.parent.name, manifest.parent)
+                key = str(manifest.parent.resolve()) if every_copy else manifest.parent.name
+                seen.setdefault(key, manifest.parent)
     return list(seen.values())
+
+
+def duplicate_bundles(bundles: list[Bundle]) -> dict[Path, str]:
+    """A problem per bundle folder whose name and version another (different) bundle also has.
+
+    Results, provenance and the plan cache tell bundles apart by name and version, so two different
+    bundles that share both are an error; the same bundle installed twice (same manifest) is not.
+    """
+    by_key: dict[tuple[str, str], list[Bundle]] = {}
+    for b in bundles:
+        by_key.setdefault((b.name, b.version), []).append(b)
+    problems: dict[Path, str] = {}
+    for (name, version), group in by_key.items():
+        if len({b.manifest_sha256 for b in group}) > 1:
+            paths = ", ".join(str(b.path) for b in group)
+            for b in group:
+                problems[b.path] = (
+                    f"bundle {name} {version} is defined twice, differently: {paths}; give one of them a new"
+                    " [bundle] name or version"
+                )
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# editing a manifest's text (comments and order kept)
+
+
+def set_toml_key(block: str, key: str, value: str) -> str:
+    r"""One TOML table's text with ``key = value`` set (replaced in place, else added under the header).
+
+    >>> set_toml_key('[bundle]\nversion = "1"  # kept\n', "version", '"2"')
+    '[bundle]\nversion = "2"  # kept\n'
+    """
+    pattern = re.compile(rf"(?m)^(\s*){re.escape(key)}\s*=\s*[^\n#]*?(\s*(#.*)?)$")
+    if pattern.search(block):
+        return pattern.sub(lambda m: f"{m.group(1)}{key} = {value}{m.group(2) or ''}", block, count=1)
+    head, _, rest = block.partition("\n")
+    return f"{head}\n{key} = {value}\n{rest}"
+
+
+def manifest_tables(text: str) -> list[tuple[str, str | None, str]]:
+    """The manifest text cut into tables: (header, the table's ``name`` or None, text); joined they give it back."""
+    tables = []
+    for block in re.split(r"(?m)^(?=\s*\[)", text):
+        header = block.lstrip().split("\n", 1)[0].strip()
+        name = re.search(r'(?m)^\s*name\s*=\s*"([^"]*)"', block)
+        tables.append((header, name.group(1) if name else None, block))
+    return tables
+
+
+def new_bundle_folder(bundle: Bundle, out: str | Path, what: str) -> Path:
+    """The resolved folder for a new bundle version made from ``bundle``: never the bundle, never a full folder."""
+    target = Path(out).resolve()
+    if target == bundle.path.resolve():
+        raise ConfigError(f"--out {out} is the bundle itself; {what} writes a new bundle, never in place")
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
+    return target
+
+
+def set_model_sha256(manifest_path: Path, model: str, sha: str) -> None:
+    """Write ``sha256`` of one model (``detector`` or a classifier name) into the manifest file."""
+    out = []
+    for header, name, block in manifest_tables(manifest_path.read_text(encoding="utf-8")):
+        mine = (header == "[detector]" and model == "detector") or (header == "[[classifier]]" and name == model)
+        out.append(set_toml_key(block, "sha256", f'"{sha}"') if mine else block)
+    tmp = manifest_path.with_name(manifest_path.name + ".partial")
+    tmp.write_text("".join(out), encoding="utf-8")
+    tmp.replace(manifest_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +557,7 @@ def _parse_detector(folder: Path, table: Any, problems: list[str]) -> DetectorSp
         output_format=cast(DetectorFormat, f.text("output_format", "yolo_raw", required=True, choices=_FORMATS)),
         classes=classes,
         candidate_classes=tuple(c for c in candidates if c in classes),
+        class_rule=cast(ClassRule, f.text("class_rule", "candidate_score", choices=_CLASS_RULES)),
         scores=cast(ScoreKind, f.text("scores", "probabilities", choices=_SCORES)),
         score_threshold=float(f.num("score_threshold", 0.25, lo=0.0, hi=1.0)),
         nms_iou=float(f.num("nms_iou", 0.45, lo=0.0, hi=1.0)),
@@ -469,13 +584,21 @@ def _parse_classifier(folder: Path, i: int, table: Any, problems: list[str]) -> 
     name = f.text("name", f"classifier{i}", required=True)
     common = _model_common(folder, f)
     scores = cast(ScoreKind, f.text("scores", "logits", choices=_SCORES))
+    mitotic = _head(f, "mitotic", scores, False)
+    atypical = _head(f, "atypical", scores, False)
+    if mitotic is None and atypical is None:
+        problems.append(
+            f"[classifier {label}] has no head: set mitotic_output (the MF head), atypical_output"
+            " (the atypical-vs-normal head) or both"
+        )
+    weight = float(f.num("weight", 1.0 if mitotic else 0.0, lo=0.0))
+    if mitotic is None and weight > 0:
+        problems.append(
+            f"[classifier {label}] weight={weight:g} but it has no mitotic_output: an atypical-only member never"
+            " votes on MF; remove weight (or set it to 0)"
+        )
     spec = ClassifierSpec(
-        name=name,
-        role="classifier",
-        **common,
-        weight=float(f.num("weight", 1.0, lo=0.0)),
-        mitotic=_head(f, "mitotic", scores, True) or HeadSpec("mitotic"),
-        atypical=_head(f, "atypical", scores, False),
+        name=name, role="classifier", **common, weight=weight, mitotic=mitotic, atypical=atypical
     )
     f.finish()
     return spec
@@ -502,8 +625,10 @@ def _parse_decision(table: Any, classifiers: tuple[ClassifierSpec, ...], problem
                 f"[decision] atypical_heads names {name!r}, which is not a classifier with an atypical_output"
                 f" (those are: {', '.join(sorted(with_heads)) or 'none'})"
             )
-    if classifiers and sum(c.weight for c in classifiers) <= 0:
-        problems.append("[[classifier]] weights sum to 0; give at least one classifier a positive weight")
+    if classifiers and not any(c.votes_on_mitotic for c in classifiers):
+        problems.append(
+            "[[classifier]] no member votes on MF: give at least one classifier with a mitotic_output a positive weight"
+        )
     return spec
 
 
@@ -545,7 +670,11 @@ def check_model_file(model: ModelSpec) -> list[str]:
                 "not read"]
     problems: list[str] = []
     found_sha = sha256_file(model.path)
-    if found_sha != model.sha256:
+    if not model.sha256:
+        problems.append(
+            f"{where}: sha256 is empty; run sha256sum {model.path} and put the hash in the manifest"
+        )  # the hash is not echoed here either (see below)
+    elif found_sha != model.sha256:
         # The hash found is not echoed: the message may reach someone who cannot read the file.
         log.info("%s: sha256 found %s, the manifest says %s", model.path, found_sha, model.sha256)
         problems.append(

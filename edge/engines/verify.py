@@ -25,6 +25,7 @@ DEFAULT_ATOL = 1e-3
 DEFAULT_RTOL = 1e-3
 FP16_TOLERANCE = 2e-2  # atol and rtol suggested for fp16 / int8 plans
 MIN_DETECTION_AGREEMENT = 0.98
+INT8_MIN_DETECTION_AGREEMENT = 0.9  # an INT8 bundle against its FP32 source: F1 on slides with truth decides
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,37 @@ class DetectionReport:
         return self.agreed / most if most else 1.0
 
 
+@dataclass(frozen=True)
+class F1Report:
+    """MF detection F1 (MIDOG matching, counts summed over the slides) of the reference and the candidate."""
+
+    slides: tuple[str, ...]
+    reference: tuple[int, int, int]  # TP, FP, FN
+    candidate: tuple[int, int, int]
+
+    @staticmethod
+    def _f1(counts: tuple[int, int, int]) -> float:
+        tp, fp, fn = counts
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+    @property
+    def reference_f1(self) -> float:
+        return self._f1(self.reference)
+
+    @property
+    def candidate_f1(self) -> float:
+        return self._f1(self.candidate)
+
+    @property
+    def change(self) -> float:
+        """Candidate F1 minus reference F1 (negative: the candidate finds fewer figures correctly)."""
+        return self.candidate_f1 - self.reference_f1
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "reference_f1": self.reference_f1, "candidate_f1": self.candidate_f1,
+                "f1_change": self.change}
+
+
 @dataclass
 class VerifyReport:
     bundle: str
@@ -68,22 +100,33 @@ class VerifyReport:
     rtol: float
     outputs: list[OutputReport] = field(default_factory=list)
     detections: list[DetectionReport] = field(default_factory=list)
+    reference: str = "onnxruntime (CPU)"  # what the candidate was compared with
+    judge_outputs: bool = True  # False: output errors are reported, detections and F1 decide (INT8 against FP32)
+    min_agreement: float = MIN_DETECTION_AGREEMENT
+    f1: F1Report | None = None
+    max_f1_drop: float = 0.01
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs) and all(
-            d.agreement >= MIN_DETECTION_AGREEMENT for d in self.detections
+        return (
+            (not self.judge_outputs or all(o.passed for o in self.outputs))
+            and all(d.agreement >= self.min_agreement for d in self.detections)
+            and (self.f1 is None or self.f1.change >= -self.max_f1_drop)
         )
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
             "bundle": self.bundle,
             "backend": self.backend,
+            "reference": self.reference,
             "atol": self.atol,
             "rtol": self.rtol,
             "passed": self.passed,
+            "outputs_judged": self.judge_outputs,
+            "min_detection_agreement": self.min_agreement,
             "outputs": [{**asdict(o), "passed": o.passed} for o in self.outputs],
             "detections": [{**asdict(d), "agreement": d.agreement} for d in self.detections],
+            "f1": None if self.f1 is None else {**self.f1.to_json_dict(), "max_f1_drop": self.max_f1_drop},
         }
 
 
@@ -112,15 +155,18 @@ def compare_outputs(
 AGREE_RADIUS_PX = 1.0  # two backends' detections of one figure lie this close in tile px
 
 
-def detections_agree(reference: np.ndarray, candidate: np.ndarray, spec: DetectorSpec, inputs: str) -> DetectionReport:
-    """Decode both outputs tile by tile with the pipeline's own decoder and match the candidates one to one."""
+def detections_agree(
+    reference: np.ndarray, candidate: np.ndarray, spec: DetectorSpec, inputs: str, radius_px: float = AGREE_RADIUS_PX
+) -> DetectionReport:
+    """Decode both outputs tile by tile with the pipeline's own decoder and match the candidates one to one
+    (within ``radius_px``)."""
     from edge.detect import decode
     from edge.evaluate import match_points
 
     counts = [0, 0, 0]
     for ref_tile, got_tile in zip(reference, candidate, strict=True):
         ref, got = decode(ref_tile, spec), decode(got_tile, spec)
-        matched = match_points(np.column_stack([ref.cx, ref.cy]), np.column_stack([got.cx, got.cy]), AGREE_RADIUS_PX)
+        matched = match_points(np.column_stack([ref.cx, ref.cy]), np.column_stack([got.cx, got.cy]), radius_px)
         counts = [counts[0] + len(ref), counts[1] + len(got), counts[2] + matched.tp]
     return DetectionReport(inputs, *counts)
 
@@ -170,6 +216,7 @@ def verify_engines(
     *,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
+    agree_radius_px: float = AGREE_RADIUS_PX,
 ) -> VerifyReport:
     """Run ``inputs[kind][model]`` batches through both engine sets and compare every output."""
     bundle = reference.bundle
@@ -201,7 +248,7 @@ def verify_engines(
                         prev[3] + int(ref_value.size),
                     )
                 if isinstance(model, DetectorSpec) and model.output in got_out:
-                    d = detections_agree(ref_out[model.output], got_out[model.output], model, kind)
+                    d = detections_agree(ref_out[model.output], got_out[model.output], model, kind, agree_radius_px)
                     agreement = [agreement[0] + d.reference, agreement[1] + d.candidate, agreement[2] + d.agreed]
             for name, (abs_err, rel_err, excess, n) in worst.items():
                 report.outputs.append(OutputReport(model.name, name, kind, abs_err, rel_err, excess, n))
@@ -224,6 +271,7 @@ def verify_bundle(
     random_count: int = 2,
     slide_tiles: int = 4,
     seed: int = 7,
+    agree_radius_px: float = AGREE_RADIUS_PX,
 ) -> VerifyReport:
     """Random batches and synthetic-slide tiles and crops through both engine sets (0 tiles: random only)."""
     inputs: dict[str, dict[str, list[np.ndarray]]] = {"random": {}}
@@ -233,4 +281,23 @@ def verify_bundle(
     if slide_tiles:
         with tempfile.TemporaryDirectory(prefix="mitosis-edge-verify-") as tmp:
             inputs["slide"] = slide_inputs(bundle, Path(tmp), seed, slide_tiles)
-    return verify_engines(reference, candidate, inputs, atol=atol, rtol=rtol)
+    return verify_engines(reference, candidate, inputs, atol=atol, rtol=rtol, agree_radius_px=agree_radius_px)
+
+
+def f1_on_slides(
+    reference: EngineSet, candidate: EngineSet, slides: list[tuple[str, str]], config: Any
+) -> F1Report:
+    """Analyze each (slide, truth) with both engine sets through the whole pipeline; F1 of each against truth."""
+    from edge.evaluate import DEFAULT_MATCH_RADIUS_UM, match_points, read_truth
+    from edge.pipeline import analyze_slide
+
+    counts = {"reference": [0, 0, 0], "candidate": [0, 0, 0]}
+    for slide, truth_path in slides:
+        truth = read_truth(truth_path)  # read first: a bad truth file fails before minutes of inference
+        for label, engines in (("reference", reference), ("candidate", candidate)):
+            figures = analyze_slide(slide, config, engines=engines).result.figures
+            points = np.array([(f.x_um, f.y_um) for f in figures if f.is_mitotic], np.float64).reshape(-1, 2)
+            m = match_points(points, truth.points_um, DEFAULT_MATCH_RADIUS_UM)
+            counts[label] = [counts[label][0] + m.tp, counts[label][1] + m.fp, counts[label][2] + m.fn]
+    ref, got = counts["reference"], counts["candidate"]
+    return F1Report(tuple(s for s, _ in slides), (ref[0], ref[1], ref[2]), (got[0], got[1], got[2]))

@@ -113,6 +113,13 @@ def wrap_model(
             if out.name == old.name:
                 raise ManifestError(where, [f"input {old.name} is also a graph output; cannot wrap it in place"])
     batch = dims[0].dim_param or "batch"
+    if dims[0].HasField("dim_value"):  # a fixed batch: declare it dynamic; wrap_file then checks the graph agrees
+        fixed = dims[0].dim_value
+        for out in graph.output:
+            out_dims = out.type.tensor_type.shape.dim
+            if out_dims and out_dims[0].HasField("dim_value") and out_dims[0].dim_value == fixed:
+                out_dims[0].dim_param = batch
+        del graph.value_info[:]  # intermediate shapes recorded for the fixed batch would contradict it
     new_input = helper.make_tensor_value_info(input_name, TensorProto.UINT8, [batch, size, size, 3])
     graph.input.remove(old)
     graph.input.insert(0, new_input)
@@ -145,9 +152,54 @@ def wrap_file(source: str | Path, model: ModelSpec, out: str | Path | None = Non
         channel_order=model.channel_order,
         normalisation=model.normalisation,
     )
+    fixed = _fixed_batch(float_model)
+    if fixed is not None:
+        _check_dynamic_batch(wrapped, model, fixed)
     target = Path(out) if out is not None else model.path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
     onnx.save(wrapped, str(tmp))
     tmp.replace(target)
     return target, sha256_file(target)
+
+
+DYNAMIC_BATCH_EXPORT = (
+    "re-export with a dynamic batch axis: Ultralytics `yolo export ... dynamic=True`; "
+    "torch.onnx.export(..., dynamic_axes={'<input>': {0: 'batch'}, '<output>': {0: 'batch'}}); "
+    "tf2onnx --inputs <input>[-1,H,W,3] (or a TensorSpec with a None batch)"
+)
+
+
+def _fixed_batch(model: Any) -> int | None:
+    """The fixed batch size of a model's (single float) input, None when it is dynamic."""
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name not in initializers:
+            dims = value.type.tensor_type.shape.dim
+            return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    return None
+
+
+def _check_dynamic_batch(wrapped: Any, model: ModelSpec, fixed: int) -> None:
+    """Run the wrapped graph on a batch other than ``fixed``; refuse when the graph keeps the fixed batch inside."""
+    import onnxruntime as ort
+
+    batch = 2 if fixed != 2 else 3
+    where = f"wrap {model.name}"
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(wrapped.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {model.input_name: np.zeros((batch, model.size, model.size, 3), np.uint8)})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for shape errors
+        reason = str(exc).splitlines()[0][:300]
+        raise ManifestError(
+            where, [f"the model was exported with a fixed batch of {fixed} and fails on a batch of {batch} ({reason});"
+                    f" {DYNAMIC_BATCH_EXPORT}"]
+        ) from None
+    wrong = [list(np.shape(o)) for o in outputs if np.ndim(o) == 0 or np.shape(o)[0] != batch]
+    if wrong:
+        raise ManifestError(
+            where, [f"the model was exported with a fixed batch of {fixed}: a batch of {batch} gives outputs of shape"
+                    f" {wrong}; {DYNAMIC_BATCH_EXPORT}"]
+        )

@@ -1,0 +1,228 @@
+"""Scan QC: focus, folds, pen and stain measured in the tile stream, the verdict and its reasons, what the
+result, the exports and the CLI show, and QC off leaving the scores as they were."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from edge.config import Config, QcConfig
+from edge.errors import ConfigError, QcError
+from edge.qc import (
+    REFERENCE_STAINS,
+    QcAccumulator,
+    angle_deg,
+    crete_blur,
+    focus_sums,
+    macenko,
+    optical_density,
+    pen_mask,
+    verdict_of,
+)
+from edge.synth import load_truth
+from edge.synth_faults import PEN_INKS, disc_mask, shift_eosin
+from tests.conftest import SynthFactory, data_file
+from tests.test_cli import run_cli
+
+SIDE = 3072  # px at 0.25 µm/px: 0.77 mm, a few tiles
+
+
+# --- the measures ----------------------------------------------------------------------------------
+
+
+def test_focus_reads_blur_whatever_the_contrast() -> None:
+    rng = np.random.default_rng(0)
+    sharp = ndimage.gaussian_filter(rng.uniform(0, 255, (256, 256)), 0.7).astype(np.float32)
+    blurs = [float(crete_blur(focus_sums(ndimage.gaussian_filter(sharp, s), 256))[0, 0]) for s in (0, 1, 2, 4)]
+    assert blurs == sorted(blurs) and blurs[0] < 0.3 < 0.6 < blurs[-1]
+    faint = (sharp - sharp.mean()) * 0.2 + 200  # the same texture at a fifth of the contrast: not blurrier
+    assert float(crete_blur(focus_sums(faint.astype(np.float32), 256))[0, 0]) == pytest.approx(blurs[0], abs=0.02)
+
+
+def test_macenko_recovers_known_stain_vectors() -> None:
+    rng = np.random.default_rng(1)
+    h, e = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11])
+    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
+    amounts = rng.gamma(2.0, 0.4, (20000, 2))
+    amounts[:3000, 1] = amounts[3000:6000, 0] = 0.0  # pure nuclei and pure stroma, as a slide has
+    od = amounts[:, :1] * h + amounts[:, 1:] * e
+    found = macenko(od)
+    assert angle_deg(found.hematoxylin, h) < 2.0 and angle_deg(found.eosin, e) < 2.0
+    with pytest.raises(QcError, match="stained pixels"):
+        macenko(od[:10])
+
+
+def test_macenko_on_a_real_h_and_e_image_finds_haematoxylin_and_eosin() -> None:
+    image = np.asarray(Image.open(data_file("he/tiatoolbox_target_image.png")).convert("RGB"))
+    found = macenko(optical_density(image, 245.0))
+    assert angle_deg(found.hematoxylin, REFERENCE_STAINS[0]) < 15  # Ruifrok & Johnston's vectors
+    assert angle_deg(found.eosin, REFERENCE_STAINS[1]) < 30  # eosin varies more between labs
+    assert found.hematoxylin[0] > found.eosin[0]  # haematoxylin absorbs more red
+
+
+def test_pen_ink_is_told_from_stain() -> None:
+    stains = REFERENCE_STAINS
+    inks = np.array([PEN_INKS[c] for c in ("green", "blue", "black")], np.float32)
+    mixes = np.array([0.8 * stains[0] + 0.3 * stains[1], 0.2 * stains[0] + 1.0 * stains[1], 1.2 * stains[0]])
+    od = np.concatenate([inks, mixes]).astype(np.float32).reshape(2, 3, 3)
+    assert pen_mask(od, stains, QcConfig()).ravel().tolist() == [True, True, True, False, False, False]
+
+
+def test_the_verdict_says_why() -> None:
+    cfg = QcConfig()
+    assert verdict_of({"out_of_focus_fraction": 0.0, "hotspot": {"out_of_focus_fraction": 0.0}}, cfg) == ("pass", [])
+    verdict, reasons = verdict_of({"out_of_focus_fraction": 0.03, "hotspot": {"out_of_focus_fraction": 0.5}}, cfg)
+    assert verdict == "rescan" and reasons == ["the hotspot is 50% out of focus", "3.0% of the tissue is out of focus"]
+    verdict, reasons = verdict_of({"pen_fraction": 0.01, "next_fields": [{"out_of_focus_fraction": 0.3}]}, cfg)
+    assert verdict == "review" and reasons == ["the next-best field 1 is 30% out of focus",
+                                               "pen marks or dirt on 1.0% of the tissue"]
+    rescan = verdict_of({"out_of_focus_fraction": 0.12}, cfg)
+    assert rescan == ("rescan", ["12.0% of the tissue is out of focus (rescan at 10%)"])
+
+
+def test_qc_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"qc\.review_out_of_focus_fraction=0\.2 must not exceed"):
+        Config().with_overrides({"qc.review_out_of_focus_fraction": 0.2})
+    with pytest.raises(ConfigError, match=r"qc\.focus_threshold=1\.5"):
+        Config().with_overrides({"qc.focus_threshold": 1.5})
+
+
+def test_an_out_of_focus_field_is_found_tile_by_tile() -> None:
+    rng = np.random.default_rng(2)
+    texture = ndimage.gaussian_filter(rng.uniform(0, 1, (1024, 1024)), 2.0)  # nucleus-sized detail
+    texture = np.clip((texture - texture.mean()) / texture.std() * 0.25 + 0.5, 0, 1)
+    rgb = np.stack([240 - 120 * texture, 240 - 200 * texture, 240 - 60 * texture], axis=2)
+    blurred = rgb.copy()
+    blurred[:, 512:] = ndimage.gaussian_filter(rgb, (6, 6, 0))[:, 512:]  # the right half out of focus
+    acc = QcAccumulator(1024, 1024, 0.25, QcConfig(), np.full(3, 245.0, np.float32))
+    acc.add_tile(0, 0, np.clip(blurred, 0, 255).astype(np.uint8))
+    tissue, oof, _ = acc.out_of_focus_map()
+    assert tissue.all()
+    assert oof[:, 5:].all() and not oof[:, :4].any()  # 8 cells of 32 µm a side; the border cell may go either way
+
+
+# --- synthetic faults with truth, through `mitosis-edge analyze` -------------------------------------
+
+
+def _analyze(slide: Path, out: Path, *extra: str) -> dict[str, Any]:
+    result = run_cli("analyze", str(slide), "--out", str(out), *extra)
+    assert result.returncode == 0, result.stderr
+    assert "scan QC" in result.stdout
+    return dict(json.loads((out / "result.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory, synth_slide: SynthFactory) -> tuple[Path, Path, dict[str, Any]]:
+    slide = synth_slide(width=SIDE, height=SIDE, seed=7106, blur_regions=1, folds=1, pen_strokes=2)
+    out = tmp_path_factory.mktemp("qc") / "faulty"
+    return slide, out, _analyze(slide, out)
+
+
+def test_planted_blur_folds_and_pen_are_found(faulty: tuple[Path, Path, dict[str, Any]]) -> None:
+    slide, out, result = faulty
+    truth = load_truth(slide.with_name(slide.stem + ".truth.json"))
+    assert len(truth.faults.blur) == 1 and len(truth.faults.folds) == 1 and len(truth.faults.pen) == 2
+    qc = result["qc"]
+    assert qc["out_of_focus_fraction"] > 0.05 and qc["fold_regions"] >= 1 and qc["pen_regions"] >= 2
+    assert qc["verdict"] in ("review", "rescan") and any("out of focus" in r for r in qc["reasons"])
+    assert any("pen" in r for r in qc["reasons"])
+    geojson = json.loads((out / "detections.geojson").read_text())
+    regions = {f["properties"]["classification"]["name"] for f in geojson["features"]
+               if f["geometry"]["type"] == "Polygon"}
+    assert {"QC: out of focus", "QC: tissue fold", "QC: pen or dirt"} <= regions
+    overlay = np.asarray(Image.open(out / "overlay.png").convert("RGB"))
+    assert overlay.shape[0] > 100
+
+
+def test_the_planted_blur_is_where_qc_says(faulty: tuple[Path, Path, dict[str, Any]]) -> None:
+    slide, out, _ = faulty
+    truth = load_truth(slide.with_name(slide.stem + ".truth.json"))
+    blur = truth.faults.blur[0]
+    geojson = json.loads((out / "detections.geojson").read_text())
+    rings = [np.array(f["geometry"]["coordinates"][0]) for f in geojson["features"]
+             if f["properties"]["classification"]["name"] == "QC: out of focus"]
+    centre = np.concatenate(rings).mean(axis=0)
+    assert math.hypot(centre[0] - blur.x_px, centre[1] - blur.y_px) < blur.radius_px
+
+
+def test_a_blurred_hotspot_means_rescan(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    slide = synth_slide(width=SIDE, height=SIDE, seed=7102, blur_hotspot=True)
+    qc = _analyze(slide, tmp_path / "out")["qc"]
+    assert qc["verdict"] == "rescan", qc["reasons"]
+
+
+def test_clean_slides_pass_and_qc_off_gives_the_same_scores(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    slide = synth_slide(width=SIDE, height=SIDE, seed=7103)
+    with_qc = _analyze(slide, tmp_path / "on")
+    assert with_qc["qc"]["verdict"] == "pass", with_qc["qc"]["reasons"]
+    config = tmp_path / "off.toml"
+    config.write_text("[qc]\nenabled = false\n")
+    result = run_cli("--config", str(config), "analyze", str(slide), "--out", str(tmp_path / "off"))
+    assert result.returncode == 0, result.stderr
+    assert "scan QC" not in result.stdout
+    without = json.loads((tmp_path / "off" / "result.json").read_text())
+    assert "qc" not in without
+    assert without["scores"] == with_qc["scores"] and without["figures"] == with_qc["figures"]
+
+
+def test_the_sharp_tissue_hotspot_is_reported_beside_the_plain_one(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    slide = synth_slide(width=SIDE, height=SIDE, seed=7102, blur_hotspot=True)
+    config = tmp_path / "sharp.toml"
+    config.write_text("[qc]\nhotspot_excludes_blur = true\n")
+    result = run_cli("--config", str(config), "analyze", str(slide), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    qc = json.loads((tmp_path / "out" / "result.json").read_text())["qc"]
+    sharp = qc["sharp_hotspot"]
+    assert sharp["out_of_focus_fraction"] < qc["hotspot"]["out_of_focus_fraction"]
+    assert "best field among sharp tissue" in result.stdout
+
+
+def test_synth_records_a_stain_shift_in_its_truth(synth_slide: SynthFactory) -> None:
+    plain = load_truth(synth_slide(width=1024, height=1024, seed=9).with_suffix(".truth.json"))
+    shifted = load_truth(synth_slide(width=1024, height=1024, seed=9, stain_shift=10.0).with_suffix(".truth.json"))
+    assert shifted.faults.stain_shift_deg == 10.0
+    assert angle_deg(plain.faults.eosin_od, shifted.faults.eosin_od) == pytest.approx(10.0, abs=0.5)
+    assert plain.faults.hematoxylin_od == shifted.faults.hematoxylin_od
+
+
+def test_shift_eosin_and_disc_mask_are_exact() -> None:
+    h, e = np.array([0.6, 0.8, 0.3]), np.array([0.1, 0.9, 0.4])
+    assert angle_deg(e, shift_eosin(h, e, 12.0)) == pytest.approx(12.0)
+    from edge.synth_faults import BlurRegion
+
+    mask = disc_mask((BlurRegion(0, 50.0, 50.0, 20.0, 2.0),), (10, 10), (10.0, 10.0))
+    assert mask[5, 5] and not mask[0, 0] and mask.sum() == 12
+
+
+# --- real slides ---------------------------------------------------------------------------------
+
+
+def test_a_real_slide_in_focus_passes_and_names_its_scanner(tmp_path: Path) -> None:
+    result = _analyze(data_file("wsi/CMU-1-Small-Region.svs"), tmp_path / "out")
+    qc = result["qc"]
+    assert qc["verdict"] == "pass", qc["reasons"]
+    assert qc["out_of_focus_fraction"] < 0.01 and qc["focus_median"] < 0.4
+    assert result["slide"]["scanner"] == {"vendor": "aperio", "model": "unknown", "serial": "CPAPERIOCS",
+                                          "id": "aperio/-/CPAPERIOCS"}
+
+
+def test_qc_overhead_is_reported_by_bench_analyze(synth_slide: SynthFactory) -> None:
+    slide = synth_slide(width=2048, height=2048, seed=7104)
+    result = run_cli("bench", "analyze", str(slide), "--json", "--detector-seconds", "0.5")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["qc_seconds"] > 0 and 0 < report["qc_share"] < 1
+    assert report["end_to_end_seconds_without_qc"] > 0 and report["qc_overhead"] is not None
+
+
+def test_config_section_is_complete() -> None:
+    names = {f.name for f in dataclasses.fields(QcConfig)}
+    assert {"enabled", "hotspot_excludes_blur", "focus_threshold", "baseline_slides", "drift_run"} <= names

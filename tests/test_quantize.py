@@ -1,0 +1,152 @@
+"""`engines quantize` and `engines verify --reference`: an INT8 copy of a bundle that loads, runs int8 kernels
+and finds the same figures as its FP32 source."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge.engines import load_bundle
+from edge.engines.manifest import Normalisation
+from edge.engines.quantize import dequantize_preprocessing, fold_preprocessing, quantize_model
+from edge.engines.wrap import wrap_model
+from edge.errors import ConfigError
+from tests.conftest import SynthFactory
+from tests.test_cli import run_cli
+from tests.tiny_bundle import make_tiny_bundle
+
+IMAGENET = Normalisation(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def conv_model(size: int = 16) -> onnx.ModelProto:
+    """Float NCHW [B,3,size,size] -> a padded 3x3 conv (4 channels) -> ReLU -> global mean: ``[B, 4]``."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (4,)).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["out"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, output: str | None = None) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run([output] if output else None, {"crops": x})[0])
+
+
+def spec_for(folder: Path, name: str = "a") -> object:
+    return load_bundle(folder).model(name)
+
+
+def wrapped_conv(tmp_path: Path, order: str = "RGB") -> tuple[Any, onnx.ModelProto]:
+    """A classifier spec with ImageNet normalisation and ``conv_model`` wrapped to match it."""
+    spec = dataclasses.replace(spec_for(make_tiny_bundle(tmp_path / "t", crop_size=16)),  # type: ignore[type-var]
+                               normalisation=IMAGENET, channel_order=order)
+    wrapped = wrap_model(conv_model(), input_name="crops", size=16, layout="NCHW", channel_order=order,  # type: ignore[arg-type]
+                         normalisation=IMAGENET)
+    return spec, wrapped
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_folding_the_normalisation_into_the_first_conv_keeps_its_interior_exact(order: str, tmp_path: Path) -> None:
+    spec, wrapped = wrapped_conv(tmp_path, order)
+    wrapped.graph.output.append(helper.make_tensor_value_info("conv", TensorProto.FLOAT, ["batch", 4, 16, 16]))
+    folded = fold_preprocessing(wrapped, spec)  # type: ignore[arg-type]
+    assert folded is not None
+    assert not {n.name for n in folded.graph.node} & {"mitosis_edge_wrap_Mul", "mitosis_edge_wrap_Add"}
+    x = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    exact, got = run(wrapped, x, "conv"), run(folded, x, "conv")
+    np.testing.assert_allclose(got[:, :, 1:-1, 1:-1], exact[:, :, 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_whose_pixels_feed_no_conv_keeps_its_preprocessing_as_one_dequantize(tmp_path: Path) -> None:
+    folder = make_tiny_bundle(tmp_path / "t")
+    spec = spec_for(folder)
+    wrapped = onnx.load(str(folder / "clf_a.onnx"))
+    assert fold_preprocessing(wrapped, spec) is None  # type: ignore[arg-type]  # the pixels feed ReduceMean
+    dq = dequantize_preprocessing(wrapped, spec)  # type: ignore[arg-type]
+    assert [n.op_type for n in dq.graph.node][:2] == ["Transpose", "DequantizeLinear"]
+    x = np.random.default_rng(2).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    # the mean becomes a whole grey level: at most half a level, 0.5 / 255 / 0.25 in normalised units
+    np.testing.assert_allclose(run(dq, x, "atypical"), run(wrapped, x, "atypical"), atol=0.5 / 255 / 0.25 + 1e-6)
+
+
+def test_a_quantized_conv_reads_uint8_pixels_and_stays_close(tmp_path: Path) -> None:
+    spec, wrapped = wrapped_conv(tmp_path)
+    x = np.random.default_rng(3).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    quantized = quantize_model(wrapped, spec, x, tmp_path)  # type: ignore[arg-type]
+    ops = [n.op_type for n in quantized.graph.node]
+    assert "Cast" not in ops and ops.count("QuantizeLinear") >= 1
+    dequantized = {n.input[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    assert "mitosis_edge_wrap_nchw" in dequantized  # the convolution's input is the uint8 pixels themselves
+    folded = fold_preprocessing(wrapped, spec)  # type: ignore[arg-type]  # the same padding as the INT8 model
+    assert folded is not None
+    exact, got = run(folded, x), run(quantized, x)
+    assert np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
+
+
+def test_quantize_refuses_without_calibration_inputs(tmp_path: Path) -> None:
+    folder = make_tiny_bundle(tmp_path / "t")
+    spec = spec_for(folder)
+    with pytest.raises(ConfigError, match="no calibration inputs"):
+        quantize_model(onnx.load(str(folder / "clf_a.onnx")), spec, np.empty((0, 16, 16, 3), np.uint8), tmp_path)  # type: ignore[arg-type]
+
+
+def test_quantize_the_demo_bundle_then_verify_it_against_fp32(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    calibration = synth_slide(width=4096, height=4096, seed=5101, mitoses=12, imposters=12)
+    unseen = synth_slide(width=4096, height=4096, seed=5102, mitoses=12, imposters=12)
+    out = tmp_path / "demo-int8"
+    result = run_cli("engines", "quantize", "--bundle", "demo", "--calibration-slide", str(calibration),
+                     "--out", str(out), "--tiles", "8", "--crops", "64")
+    assert result.returncode == 0, result.stderr
+    assert "INT8 QDQ" in result.stdout
+    bundle = load_bundle(out)
+    assert "+int8." in bundle.version and bundle.name == "demo"
+    report = json.loads((out / "quantization.json").read_text())
+    assert bundle.detector.path.name == "detector.int8.onnx"  # the demo detector is faster in INT8
+    for m in bundle.models:  # a model INT8 would slow down here stays FP32, and the report says so
+        assert m.path.name.endswith(".int8.onnx") != report["models"][m.name]["kept_fp32"]
+    ops = {n.op_type for n in onnx.load(str(bundle.detector.path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert report["source_bundle"]["name"] == "demo" and report["calibration_slides"] == [str(calibration)]
+    assert report["models"]["detector"]["calibration_inputs"] == 8
+    assert run_cli("engines", "check", "--bundle", str(out)).returncode == 0
+    verify = run_cli("engines", "verify", "--bundle", str(out), "--reference", "demo", "--slide", str(unseen),
+                     "--tiles", "2", "--random", "1", "--json")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    found = json.loads(verify.stdout)
+    assert found["passed"] and not found["outputs_judged"]
+    assert found["f1"]["f1_change"] >= -0.01 and found["f1"]["reference_f1"] >= 0.9  # a loss fails, a gain not
+    assert all(d["agreement"] >= 0.9 for d in found["detections"])
+    again = run_cli("engines", "quantize", "--bundle", "demo", "--calibration-slide", str(calibration),
+                    "--out", str(out))
+    assert again.returncode != 0 and "not empty" in again.stderr
+
+
+def test_the_tensorrt_target_quantizes_symmetric_int8_and_keeps_float_preprocessing(tmp_path: Path) -> None:
+    spec, wrapped = wrapped_conv(tmp_path)
+    x = np.random.default_rng(4).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    quantized = quantize_model(wrapped, spec, x, tmp_path, "tensorrt")  # type: ignore[arg-type]
+    inits = {t.name: t for t in quantized.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in quantized.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.data_type == TensorProto.INT8 and not numpy_helper.to_array(z).any()
+                               for z in zero_points)
+    assert {"Cast", "Mul", "Add"} <= {n.op_type for n in quantized.graph.node}
+    assert np.abs(run(quantized, x) - run(wrapped, x)).max() < 0.05 * np.abs(run(wrapped, x)).max()
