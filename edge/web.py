@@ -347,7 +347,9 @@ def _qc_verdict(summary: Mapping[str, Any]) -> str:
 
 def _intended_use(summary: Mapping[str, Any]) -> str:
     provenance = summary.get("provenance") or {}
-    return str(summary.get("intended_use") or provenance.get("intended_use") or
+    bundle = provenance.get("bundle")
+    bundle = bundle if isinstance(bundle, Mapping) else {}
+    return str(summary.get("intended_use") or provenance.get("intended_use") or bundle.get("intended_use") or
                "Research use: an assisted mitotic count that a pathologist checks and signs.")
 
 

@@ -77,14 +77,15 @@ def site(tmp_path_factory: pytest.TempPathFactory, synth_slide: SynthFactory) ->
     tokens = tmp / "tokens"
     tokens.write_text(f"{READ_TOKEN} read viewer\n{REVIEW_TOKEN} review dr-smith\n")
     tokens.chmod(0o600)
-    config = daemon_config(tmp, **{"web.listen": "127.0.0.1:0", "server.tokens_file": str(tokens)})
+    config = daemon_config(tmp, **{"web.listen": "127.0.0.1:0", "server.tokens_file": str(tokens),
+                                   "watch.accession_pattern": r"(?P<accession>S\d{2}-\d+)"})
     logs: list[str] = []
     handler = _Capture(logs)
     logging.getLogger("edge").addHandler(handler)
     logging.getLogger("edge").setLevel(logging.DEBUG)
     daemon = Daemon(config).start()
     try:
-        shutil.copy(synth_slide(width=3072, height=2560, seed=1), tmp / "inbox" / "case-7.tiff")
+        shutil.copy(synth_slide(width=3072, height=2560, seed=1), tmp / "inbox" / "S26-0007_case-7.tiff")
         wait_for(lambda: any(j.state == "done" for j in daemon.store.list_jobs()), what="the slide analysed")
         job_id = daemon.store.list_jobs()[0].job_id
         yield Site(daemon, job_id, daemon.web_address(), tmp, logs)
@@ -188,7 +189,8 @@ def test_the_slide_page_shows_the_numbers_the_field_the_crops_and_links_every_ex
     spot = result.summary["scores"]["hotspot"]
     _, _, page = request(site, "GET", f"/jobs/{site.job_id}", headers={"Cookie": cookie})
     text = page.decode()
-    assert f'<dd id="auto-mc">{spot["mitotic"]}</dd>' in text and "Research use" in text
+    assert f'<dd id="auto-mc">{spot["mitotic"]}</dd>' in text and "accession S26-0007" in text
+    assert "<dt>Scan QC</dt><dd>pass</dd>" in text and "NOT for diagnosis" in text  # the bundle's intended use
     for kind in result.exports:
         status, _, data = request(site, "GET", f"/jobs/{site.job_id}/exports/{kind}", headers={"Cookie": cookie})
         assert status == 200 and data == Path(result.exports[kind]).read_bytes()
@@ -275,7 +277,8 @@ def test_a_reviewer_confirms_rejects_and_adds_figures_in_the_browser_and_the_cli
         WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, f'tr[data-job="{site.job_id}"]'))
         assert REVIEW_TOKEN not in browser.current_url
         row = browser.find_element(By.CSS_SELECTOR, f'tr[data-job="{site.job_id}"]')
-        assert "done" in row.text and "case-7.tiff" in row.text
+        assert "done" in row.text and "S26-0007_case-7.tiff" in row.text
+        assert row.find_element(By.CSS_SELECTOR, ".qc").text == "pass" and "S26-0007" in row.text  # QC, accession
         browser.save_screenshot(str(shots / "list.png"))
         row.find_element(By.TAG_NAME, "a").click()
         WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.ID, "gallery"))

@@ -67,14 +67,14 @@
     if (m) m.className = "marker m-" + now + (d ? " decided" : "");
   }
 
-  function focus(i) {
+  function focus(i, scroll = true) {
     if (!figs.length) return;
     current = (i + figs.length) % figs.length;
     figs.forEach((f) => f.classList.remove("current"));
     field && field.querySelectorAll(".marker.current").forEach((m) => m.classList.remove("current"));
     const fig = figs[current];
     fig.classList.add("current");
-    fig.focus({preventScroll: false});
+    fig.focus({preventScroll: !scroll});
     const m = marker(fig.dataset.id);
     if (m) m.classList.add("current");
   }
@@ -157,6 +157,6 @@
       } catch (e) { status.textContent = "Not signed: " + e; sign.disabled = false; }
     });
   }
-  if (figs.length) focus(0);
+  if (figs.length) focus(0, false);  // the page opens at its top: numbers, field, then the gallery
   tally();
 })();
