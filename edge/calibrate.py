@@ -107,6 +107,48 @@ class Calibration:
         return list(rows.values())
 
 
+def slides_from_reviews(store: Any, models: Sequence[str]) -> list[CachedSlide]:
+    """Signed reviews (the newest of each job) as validation slides: no inference, the stored candidates are cached.
+
+    Each reviewed hotspot is one "slide": its candidates with their stored per-model p(MF) and detector
+    score; the truth is every figure the pathologist left mitotic, changed subtype, accepted or added.
+    Rejected candidates are the negatives. Raises ConfigError when no review exists or a model's scores
+    are missing (the results came from another bundle).
+    """
+    from edge.review import reviewed_class
+    from edge.store import result_mpp
+
+    newest: dict[int, Any] = {}
+    for review in store.list_reviews():
+        newest.setdefault(review.job_id, review)  # newest first
+    if not newest:
+        raise ConfigError(f"no signed review in {store.path}; sign reviews on the review page first")
+    slides = []
+    for job_id, review in sorted(newest.items()):
+        result = store.get_result(job_id)
+        decisions = {c.get("detection_id"): c.get("decision") for c in review.changes if "detection_id" in c}
+        candidates = store.hotspot_detections(result)
+        missing = sorted({m for _, _, f in candidates for m in models if f"mitotic:{m}" not in f.scores})
+        if missing:
+            raise ConfigError(
+                f"job {job_id}'s detections have no scores of model(s) {', '.join(missing)}: they came from another "
+                "bundle; calibrate the bundle that produced the reviewed results"
+            )
+        mpp_x, mpp_y = result_mpp(result)
+        truth = [[f.x_um, f.y_um] for i, kind, f in candidates
+                 if reviewed_class(kind, decisions.get(i)) != "non_mitotic"]
+        truth += [[float(c["x_px"]) * mpp_x, float(c["y_px"]) * mpp_y] for c in review.changes
+                  if c["decision"] == "add"]
+        slides.append(CachedSlide(
+            name=f"job {job_id} ({Path(result.slide_path).name}, review {review.review_id} by {review.reviewer})",
+            points_um=np.array([[f.x_um, f.y_um] for _, _, f in candidates], dtype=float).reshape(-1, 2),
+            p_mitotic={m: np.array([f.scores[f"mitotic:{m}"] for _, _, f in candidates], dtype=float) for m in models},
+            truth_um=np.array(truth, dtype=float).reshape(-1, 2),
+            detector_score=np.array([f.detector_score for _, _, f in candidates], dtype=float),
+        ))
+    return slides
+
+
 def detector_threshold_grid(current: float, *, step: float = 0.05, highest: float = 0.6) -> list[float]:
     """The bundle's detector threshold and every multiple of ``step`` above it up to ``highest``.
 

@@ -38,8 +38,10 @@ def register(sub: Any, bench_sub: Any) -> None:
 
     c = sub.add_parser("calibrate", help="choose ensemble weights and the MF threshold on validation slides (F1)")
     c.add_argument("--bundle", metavar="DIR", help="bundle to calibrate (default: the demo bundle)")
-    c.add_argument("--slide", action="append", required=True, help="a validation slide (repeat, paired with --truth)")
-    c.add_argument("--truth", action="append", required=True, help="its truth: synth truth JSON or MIDOG++ COCO JSON")
+    c.add_argument("--slide", action="append", default=[], help="a validation slide (repeat, paired with --truth)")
+    c.add_argument("--truth", action="append", default=[], help="its truth: synth truth JSON or MIDOG++ COCO JSON")
+    c.add_argument("--reviews", metavar="DATA_DIR", help="also use the pathologists' signed reviews in this daemon "
+                   "data folder (or store file) as truth: confirmed and added figures true, rejected ones false")
     c.add_argument("--out", required=True, metavar="NEWDIR", help="folder for the new bundle version (must be new)")
     c.add_argument("--version", help="version of the new bundle (default: <version>+cal.<date>)")
     c.add_argument("--weight-step", type=float, default=0.05, help="ensemble weight grid step (default 0.05)")
@@ -183,6 +185,19 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reviewed_slides(path: Path, models: list[str]) -> list[Any]:
+    from edge.calibrate import slides_from_reviews
+    from edge.daemon import STORE_NAME
+    from edge.errors import ConfigError
+    from edge.store import Store
+
+    store_path = path / STORE_NAME if path.is_dir() else path
+    if not store_path.is_file():
+        raise ConfigError(f"--reviews {path}: no store there; give the daemon's data folder (daemon.data_dir)")
+    with Store.open(store_path) as store:
+        slides = slides_from_reviews(store, models)
+    print(f"{len(slides)} signed review(s) from {store_path}", file=sys.stderr)
+    return slides
 def format_plan_efficiency(e: dict[str, Any]) -> str:
     """One line on a plan's efficiency (``PlanEfficiency.to_json_dict()``)."""
     return (
@@ -203,6 +218,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if len(args.slide) != len(args.truth):
         raise ConfigError(f"give one --truth per --slide: {len(args.slide)} slides, {len(args.truth)} truths")
+    if not args.slide and not args.reviews:
+        raise ConfigError("give validation slides (--slide with --truth), signed reviews (--reviews DATA_DIR), or both")
     config = config_from_args(args)
     bundle = load_bundle(config.engines.bundle)
     # only members with an MF head are weighed (an atypical-only member never gets MF weight); each is run,
@@ -227,6 +244,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                     detector_score=np.array([f.detector_score for f in figures]),
                 )
             )
+    if args.reviews:
+        cached += _reviewed_slides(Path(args.reviews), models)
     own = bundle.detector.score_threshold
     detector_thresholds = detector_threshold_grid(own, highest=args.detector_up_to) if args.detector_up_to > own else []
     calibration = grid_search(cached, models, weight_step=args.weight_step, detector_thresholds=detector_thresholds)

@@ -192,7 +192,15 @@ def result_lines(result: dict[str, Any]) -> list[str]:
         from edge.qc import summary_lines
 
         lines.extend(summary_lines(result["qc"], (result.get("slide") or {}).get("scanner", {}).get("id")))
-    for kind, path in sorted(result["exports"].items()):
+    review = result.get("review")
+    if review:
+        counts = review["counts"]
+        lines.append(
+            f"signed review          MC {counts['mitotic']} (atypical {counts['atypical']}, normal {counts['normal']}, "
+            f"ratio {_ratio(counts['atypical_ratio'])}) by {review['reviewer']}, {_when(review['signed_at'])}"
+            + ("" if review["current"] else f"; refers to this earlier result (job {review['superseded_by']} is newer)")
+        )
+    for kind, path in sorted({**result["exports"], **(review["exports"] if review else {})}.items()):
         lines.append(f"export {kind:<16}{path}")
     return lines
 
@@ -341,6 +349,11 @@ def _event_line(event: dict[str, Any]) -> str:
     if event["type"] == "job_done":
         ratio = payload.get("atypical_ratio")
         extra = f"  hotspot mitotic count {payload.get('mitotic_count')}, atypical ratio {_ratio(ratio)}"
+    elif event["type"] == "result_reviewed":
+        ratio = payload.get("atypical_ratio")
+        extra = (f"  reviewed hotspot mitotic count {payload.get('mitotic_count')} (automatic "
+                 f"{payload.get('automatic_mitotic_count')}), atypical ratio {_ratio(ratio)}, "
+                 f"by {payload.get('reviewer')}")
     elif event["type"] == "qc_flagged":
         extra = f"  {payload.get('verdict')}: {'; '.join(payload.get('reasons') or [])}"
     elif event["type"] == "drift":

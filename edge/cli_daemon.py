@@ -36,6 +36,7 @@ def register(sub: Any) -> None:
                    help="serve gRPC in plain text, without TLS (keep it on localhost)")
     p.add_argument("--workers", type=int, help="slides analysed at once (daemon.workers, default 1)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus /metrics address; '' turns it off")
+    p.add_argument("--web", metavar="HOST:PORT", help="the pathologists' review page (web.listen); '' turns it off")
     p.add_argument("--check", action="store_true",
                    help="check everything serve needs (TLS, tokens, folders, bundle, ports, disk), list every "
                         "problem and exit: 0 when all is well, 2 otherwise")
@@ -127,6 +128,8 @@ def serve_config(args: argparse.Namespace) -> Any:
         overrides["watch.polling_folders"] = [*config.watch.polling_folders, *args.watch_polling]
     if args.metrics is not None:
         overrides["daemon.metrics_listen"] = args.metrics
+    if args.web is not None:
+        overrides["web.listen"] = args.web
     return config.with_overrides(overrides)
 
 

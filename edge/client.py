@@ -230,6 +230,28 @@ def result_dict(result: Any) -> dict[str, Any]:
         "detections": result.detections,
         "created_at": result.created_at,
         "qc": summary.get("qc") or (qc_dict(result.qc) if result.HasField("qc") else None),
+        "review": review_dict(result.review) if result.HasField("review") else None,
+    }
+
+
+def review_dict(review: Any) -> dict[str, Any]:
+    """A ReviewRecord as a dict with the store's keys (`edge.store.StoredReview.to_json_dict`)."""
+    return {
+        "review_id": review.review_id,
+        "reviewer": review.reviewer,
+        "signed_at": review.signed_at,
+        "counts": {
+            "mitotic": review.mitotic_count,
+            "atypical": review.atypical_count,
+            "normal": review.normal_count,
+            "uncertain": review.uncertain_count,
+            "atypical_ratio": review.atypical_ratio if review.HasField("atypical_ratio") else None,
+        },
+        "automatic_mitotic_count": review.automatic_mitotic_count,
+        "current": review.current,
+        "superseded_by": review.superseded_by_job_id or None,
+        "changes": json.loads(review.changes_json) if review.changes_json else [],
+        "exports": dict(review.exports),
     }
 
 

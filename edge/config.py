@@ -362,7 +362,8 @@ class ServerConfig:
     tls_cert: str = ""  # server certificate chain (PEM)
     tls_key: str = ""  # its private key (PEM)
     tls_client_ca: str = ""  # set = mutual TLS: clients must present a certificate signed by this CA
-    tokens_file: str = ""  # bearer tokens, one "TOKEN ROLE [NAME]" per line, ROLE = read | submit; "" = no auth
+    # bearer tokens, one "TOKEN ROLE [NAME]" per line, ROLE = read | submit | review | admin; "" = no auth
+    tokens_file: str = ""
     allowed_roots: tuple[str, ...] = ()  # SubmitSlide accepts paths under these; () = the watched folders
     max_workers: int = 16  # RPC threads for unary calls
     max_streams: int = 128  # WatchEvents/ListDetections streams at once, each on a thread of its own
@@ -388,6 +389,28 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The pathologist's review page (issue 19): served by `mitosis-edge serve` beside the gRPC API.
+
+    TLS (and client certificates) from [server]; tokens from server.tokens_file (read views, review signs).
+    """
+
+    listen: str = ""  # HOST:PORT, e.g. 127.0.0.1:8443; "" = no review page
+    session_hours: float = 8.0  # a login lasts this long
+    field_mpp: float = 0.5  # µm/px of the rendered hotspot field
+    crop_px: int = 96  # gallery crops: px at 0.25 µm/px (the classifier's view)
+    review_subjects: tuple[str, ...] = ()  # client-certificate subjects that may sign (mutual TLS); others view
+
+    def validate(self) -> None:
+        if self.listen:
+            _host_port("web.listen", self.listen)
+        _positive("web.session_hours", self.session_hours)
+        _positive("web.field_mpp", self.field_mpp)
+        if not 16 <= self.crop_px <= 512:
+            raise ConfigError(f"web.crop_px={self.crop_px} must be between 16 and 512")
 
 
 @dataclass(frozen=True)
@@ -461,6 +484,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     qc: QcConfig = field(default_factory=QcConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     def validate(self) -> Config:
         for f in fields(self):

@@ -116,6 +116,7 @@ class Daemon:
         self.server: Any = None
         self.watcher: Any = None
         self._metrics_server: Any = None
+        self._web_server: Any = None  # (ThreadingHTTPServer, thread) of the review page, when [web] listen is set
         self._engines = EngineCache()  # "thread" isolation: the engines live in this process
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -157,6 +158,7 @@ class Daemon:
         try:
             self._start_metrics()
             self._start_server()
+            self._start_web()
             if not self._isolated:
                 self._spawn("engines", self._load_default_engines)
             self._start_watcher()
@@ -171,7 +173,8 @@ class Daemon:
         self._log_bundle()
         log.info("mitosis-edge %s serving: watching %s, data in %s%s", __version__,
                  ", ".join(self.config.watch.all_folders) or "no folder", self.data_dir,
-                 f", gRPC on {self.server.address}" if self.server else "")
+                 (f", gRPC on {self.server.address}" if self.server else "")
+                 + (f", review page on {self.web_address()}" if self._web_server else ""))
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -195,11 +198,12 @@ class Daemon:
             t.join(timeout=30.0)
         if self.server is not None:
             self.server.stop(grace=min(grace, 5.0))
-        if self._metrics_server is not None:
-            httpd, thread = self._metrics_server
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(timeout=5.0)
+        for http_server in (self._metrics_server, self._web_server):
+            if http_server is not None:
+                httpd, thread = http_server
+                httpd.shutdown()
+                httpd.server_close()
+                thread.join(timeout=5.0)
         self._engines.close()
         self.store.close()
         self._stopped.set()
@@ -730,6 +734,20 @@ class Daemon:
                 f"cannot serve metrics on daemon.metrics_listen={listen!r} (--metrics): {exc.strerror or exc}; "
                 "is another daemon or program using the port? choose another one, or \"\" to turn metrics off"
             ) from None
+
+    def _start_web(self) -> None:
+        if not self.config.web.listen:
+            return
+        from edge.web import start_web
+
+        self._web_server = start_web(self.config, self.store, self.results_dir, on_review=self.metrics.reviewed)
+
+    def web_address(self) -> str:
+        """HOST:PORT of the review page; "" when [web] listen is not set."""
+        if self._web_server is None:
+            return ""
+        host, port = self._web_server[0].server_address[:2]
+        return f"{host}:{port}"
 
     def metrics_address(self) -> str:
         if self._metrics_server is None:

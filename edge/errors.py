@@ -228,6 +228,10 @@ class StoreCorruptError(StoreError):
     retryable = False
 
 
+class ReviewError(EdgeError, ValueError):
+    """A pathologist's review that cannot be stored: an unknown figure, an unknown decision, a job with no result."""
+
+
 class DiskFullError(EdgeError, OSError):
     """Too little free space where the exports are written, or writing them failed."""
 

@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,9 @@ __all__ = [
     "midog_dict",
     "overlay_image",
     "result_dict",
+    "review_geojson_dict",
     "write_exports",
+    "write_json_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -522,6 +524,36 @@ def _qc_layer(
 def _json_bytes(data: Mapping[str, Any]) -> bytes:
     # allow_nan=False: NaN is not JSON and QuPath and other readers reject it.
     return (json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def review_geojson_dict(
+    slide_path: str, review_id: int, figures: Sequence[tuple[float, float, str, str]]
+) -> dict[str, Any]:
+    """QuPath GeoJSON of a signed review: one Point per hotspot figure, classified as the pathologist decided.
+
+    `figures` holds (x_px, y_px, reviewed class, model class or "added"); reviewed class "non_mitotic" is
+    exported as a look-alike, so a rejection stays visible in QuPath.
+    """
+    features = []
+    for index, (x, y, reviewed, model) in enumerate(figures):
+        kind = "lookalike" if reviewed == "non_mitotic" else reviewed
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(_ID_NAMESPACE, f"{slide_path}#review{review_id}#{index}")),
+            "geometry": {"type": "Point", "coordinates": [x, y]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": CLASS_NAMES[kind], "color": list(CLASS_COLOURS[kind])},
+                "measurements": {"Reviewed": 1.0, "Added by reviewer": float(model == "added"),
+                                 "Changed by reviewer": float(model not in (reviewed, "added"))},
+            },
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_json_file(path: Path, data: Mapping[str, Any]) -> None:
+    """One JSON export, written atomically (NaN refused)."""
+    atomic_write(path, _json_bytes(data))
 
 
 def write_exports(

@@ -37,6 +37,24 @@ class _StoreCollector(Collector):
             jobs.add_metric([state], n)
         yield jobs
         yield GaugeMetricFamily("mitosis_edge_queue_depth", "Jobs waiting to run", value=counts.get("queued", 0))
+        try:
+            stats = self.store.review_agreement()
+        except EdgeError:
+            return
+        yield GaugeMetricFamily("mitosis_edge_reviewed_jobs", "Jobs with a signed review (the newest per job)",
+                                value=stats["reviews"])
+        if stats["reviews"]:
+            yield GaugeMetricFamily(
+                "mitosis_edge_review_count_agreement",
+                "Share of signed reviews whose hotspot mitotic count equals the automatic one",
+                value=stats["count_agreement"],
+            )
+        if stats["figures_judged"]:
+            yield GaugeMetricFamily(
+                "mitosis_edge_review_figure_agreement",
+                "Share of hotspot figures (added ones included) the reviewers left as the model classed them",
+                value=stats["figures_agreed"] / stats["figures_judged"],
+            )
 
 
 class DaemonMetrics:
@@ -46,6 +64,8 @@ class DaemonMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.slides_done = Counter("mitosis_edge_slides_done", "Slides analysed and stored", registry=r)
+        self.reviews_signed = Counter("mitosis_edge_reviews_signed", "Reviews signed on the review page",
+                                      registry=r)
         self.tiles = Counter("mitosis_edge_tiles", "Tiles through the detector", registry=r)
         self.failures = Counter("mitosis_edge_failures", "Failed attempts by reason", ["reason"], registry=r)
         self.tiles_per_s = Gauge("mitosis_edge_tiles_per_second", "End-to-end tiles/s of the last slide", registry=r)
@@ -93,6 +113,9 @@ class DaemonMetrics:
 
     def picked_up(self, seconds: float) -> None:
         self.pickup_seconds.observe(max(0.0, seconds))
+
+    def reviewed(self, review: Any) -> None:
+        self.reviews_signed.inc()
 
     def failed(self, error: str) -> None:
         self.failures.labels(failure_reason(error)).inc()

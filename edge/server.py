@@ -50,7 +50,7 @@ from edge.server_auth import (
     resolve_submit_path,
 )
 from edge.slide import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
-from edge.store import Event, Job, Store, StoredResult
+from edge.store import Event, Job, Store, StoredResult, StoredReview
 
 try:
     import grpc
@@ -427,6 +427,28 @@ def detection_to_pb(figure: Figure) -> Any:
     return msg
 
 
+def review_to_pb(review: StoredReview) -> Any:
+    counts = review.counts
+    msg = pb.ReviewRecord(
+        review_id=review.review_id,
+        reviewer=review.reviewer,
+        signed_at=review.signed_at,
+        mitotic_count=int(counts.get("mitotic") or 0),
+        atypical_count=int(counts.get("atypical") or 0),
+        normal_count=int(counts.get("normal") or 0),
+        uncertain_count=int(counts.get("uncertain") or 0),
+        automatic_mitotic_count=int(review.automatic.get("mitotic") or 0),
+        current=review.current,
+        superseded_by_job_id=review.superseded_by or 0,
+        changes_json=json.dumps(review.changes),
+        exports={str(k): str(v) for k, v in review.exports.items()},
+    )
+    ratio = _finite(counts.get("atypical_ratio"))
+    if ratio is not None:
+        msg.atypical_ratio = ratio
+    return msg
+
+
 def event_to_pb(event: Event) -> Any:
     payload = event.payload
     msg = pb.Event(
@@ -730,14 +752,25 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             cached = self._results.get(job_id)
             if cached is not None:
                 self._results.move_to_end(job_id)
-                return cached
+        if cached is not None:
+            return self._with_review(cached, job_id)
         stored = self.store.get_result(job_id)
         reply = pb.GetResultResponse(result=result_to_pb(stored, self.store.get_job(job_id).accession))
         with self._results_lock:
             self._results[job_id] = reply
             while len(self._results) > RESULTS_CACHED:
                 self._results.popitem(last=False)
-        return reply
+        return self._with_review(reply, job_id)
+
+    def _with_review(self, reply: Any, job_id: int) -> Any:
+        """The cached result plus its newest signed review (a review may come any time after the result)."""
+        reviews = self.store.list_reviews(job_id=job_id, limit=1)
+        if not reviews:
+            return reply
+        answer = pb.GetResultResponse()
+        answer.CopyFrom(reply)
+        answer.result.review.CopyFrom(review_to_pb(reviews[0]))
+        return answer
 
     def ListDetections(self, request: Any, context: Any) -> Iterator[Any]:
         try:

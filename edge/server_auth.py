@@ -46,8 +46,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Role = Literal["read", "submit", "admin"]
-ROLES: tuple[Role, ...] = ("read", "submit", "admin")
+# "review" (issue 19): view and sign reviews on the review page (edge.web); admin implies every role.
+Role = Literal["read", "submit", "review", "admin"]
+ROLES: tuple[Role, ...] = ("read", "submit", "review", "admin")
+SUBMIT_ROLES: tuple[Role, ...] = ("submit", "admin")
+REVIEW_ROLES: tuple[Role, ...] = ("review", "admin")
 MIN_TOKEN_CHARS = 16  # shorter tokens are guessable; `python -c "import secrets; print(secrets.token_hex(20))"`
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_NAME_BYTES = 255  # NAME_MAX: the longest file or folder name in a path
@@ -132,6 +135,15 @@ class TokenTable:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    def identify(self, token: str) -> tuple[str, Role] | None:
+        """The (name, role) of a bearer token, in constant time over the table; None for an unknown token."""
+        digest = _digest(token.strip())
+        found: _Token | None = None
+        for entry in self._tokens:
+            if hmac.compare_digest(entry.digest, digest):
+                found = entry
+        return None if found is None else (found.name, found.role)
+
     def check(self, authorization: str | None, method: str) -> AuthDecision:
         """Decide on a call to `method` with this ``authorization`` metadata value."""
         need = required_role(method)
@@ -155,11 +167,11 @@ class TokenTable:
                 found = entry
         if found is None:
             return AuthDecision("UNAUTHENTICATED", "unknown bearer token; check the token file the client uses")
-        if need == "submit" and found.role == "read":
+        if need == "submit" and found.role not in SUBMIT_ROLES:
             name = method.rsplit("/", 1)[-1]
             return AuthDecision(
                 "PERMISSION_DENIED",
-                f"token {found.name!r} has role read; {name} needs a token with role submit",
+                f"token {found.name!r} has role {found.role}; {name} needs a token with role submit",
                 found.name,
             )
         return AuthDecision("", "", found.name, found.role)
@@ -189,7 +201,7 @@ def parse_tokens(text: str, source: str = "tokens file") -> TokenTable:
         token, role = parts[0], parts[1]
         name = parts[2] if len(parts) == 3 else f"line {number}"
         if role not in ROLES:
-            problems.append(f"line {number}: role {role!r} must be 'read', 'submit' or 'admin'")
+            problems.append(f"line {number}: role {role!r} must be 'read', 'submit', 'review' or 'admin'")
             continue
         if len(token) < MIN_TOKEN_CHARS:
             problems.append(

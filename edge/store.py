@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sqlite3
 import threading
@@ -40,7 +41,9 @@ __all__ = [
     "StoreCorruptError",
     "StoreError",
     "StoredResult",
+    "StoredReview",
     "failure_reason",
+    "result_mpp",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ EVENT_TYPES = (
     "job_failed",
     "job_cancelled",
     "job_requeued",
+    "result_reviewed",
     "qc_flagged",  # the slide's scan QC verdict is review or rescan (before its job_done)
     "drift",  # a run of a scanner's slides left its baseline (stain, focus or MF density)
 )
@@ -156,7 +160,24 @@ _V_I18 = (
     )""",
     "CREATE INDEX qc_history_by_scanner ON qc_history (scanner, created_at)",
 )
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I11A, _V_I12, _V_I15, _V_I18)
+# issue 19: pathologists' signed reviews, kept beside (never over) the automatic result; a job may be
+# signed again (the newest signature is current). result_created_at ties a review to the result it saw.
+_V_I19 = (
+    """CREATE TABLE reviews (
+        review_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL REFERENCES jobs (job_id),
+        result_created_at REAL NOT NULL,
+        reviewer TEXT NOT NULL,
+        signed_at REAL NOT NULL,
+        counts TEXT NOT NULL,
+        automatic TEXT NOT NULL,
+        changes TEXT NOT NULL,
+        exports TEXT NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX reviews_by_job ON reviews (job_id, review_id)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V_I11A, _V_I12, _V_I15, _V_I18, _V_I19)
 QC_HISTORY_READ = 500  # rows of a scanner's history read to find its baseline and the current run
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -210,6 +231,34 @@ class StoredResult:
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class StoredReview:
+    """A pathologist's signed review of a done job (issue 19); the automatic result is never changed.
+
+    `counts` and `automatic` hold mitotic, atypical, normal, uncertain, atypical_ratio (hotspot);
+    `changes` the reviewer's decisions (edge.review). `superseded_by` is the newer done job of the same
+    slide when the slide was analysed again: the review then refers to this earlier result.
+    """
+
+    review_id: int
+    job_id: int
+    reviewer: str
+    signed_at: float
+    counts: dict[str, Any]
+    automatic: dict[str, Any]
+    changes: list[dict[str, Any]]
+    result_created_at: float
+    exports: dict[str, str]
+    superseded_by: int | None = None
+
+    @property
+    def current(self) -> bool:
+        return self.superseded_by is None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "current": self.current}
 
 
 @dataclass(frozen=True)
@@ -698,6 +747,133 @@ class Store:
 
     # --- events --------------------------------------------------------------------------------
 
+    def add_review(
+        self,
+        job_id: int,
+        *,
+        reviewer: str,
+        counts: Mapping[str, Any],
+        automatic: Mapping[str, Any],
+        changes: Sequence[Mapping[str, Any]],
+        result_created_at: float,
+    ) -> StoredReview:
+        """Store a signed review and its "result_reviewed" event in one transaction.
+
+        Raises ResultNotFoundError for a job with no stored result, and JobStateError when the result
+        signed for (`result_created_at`) is not the job's stored result any more.
+        """
+        now = self._clock()
+        with self._write() as conn:
+            job = _job_in(conn, self.path, job_id)
+            row = _one(conn, "SELECT created_at FROM results WHERE job_id = ?", (job_id,))
+            if row is None:
+                raise _no_result(conn, self.path, job_id)
+            if abs(float(row[0]) - result_created_at) > 1e-6:
+                raise JobStateError(
+                    f"job {job_id}'s result changed while it was reviewed; reload the page and sign again"
+                )
+            cursor = conn.execute(
+                "INSERT INTO reviews (job_id, result_created_at, reviewer, signed_at, counts, automatic, changes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, result_created_at, reviewer, now, json.dumps(dict(counts)), json.dumps(dict(automatic)),
+                 json.dumps([dict(c) for c in changes])),
+            )
+            review_id = int(cursor.lastrowid or 0)
+            payload = {
+                "review_id": review_id,
+                "reviewer": reviewer,
+                "mitotic_count": counts.get("mitotic"),
+                "atypical_count": counts.get("atypical"),
+                "normal_count": counts.get("normal"),
+                "atypical_ratio": counts.get("atypical_ratio"),
+                "automatic_mitotic_count": automatic.get("mitotic"),
+                "changes": len(changes),
+            }
+            _append_event(conn, "result_reviewed", job, now, payload)
+        return self.get_review(job_id)
+
+    def set_review_exports(self, review_id: int, exports: Mapping[str, str | Path]) -> None:
+        """Record where a review's export files (review.json, reviewed GeoJSON) were written."""
+        exports_json = json.dumps({str(kind): str(Path(p).absolute()) for kind, p in exports.items()})
+        with self._write() as conn:
+            conn.execute("UPDATE reviews SET exports = ? WHERE review_id = ?", (exports_json, review_id))
+
+    def get_review(self, job_id: int) -> StoredReview:
+        """The newest signed review of a job; ResultNotFoundError when it has none."""
+        reviews = self.list_reviews(job_id=job_id, limit=1)
+        if not reviews:
+            raise ResultNotFoundError(f"job {job_id} has no signed review in {self.path}")
+        return reviews[0]
+
+    def list_reviews(self, *, job_id: int | None = None, limit: int = MAX_PAGE) -> list[StoredReview]:
+        """Signed reviews, newest first (all jobs, or one), each marked when a newer result replaced its job's."""
+        _check_page(limit)
+        where, params = ("WHERE v.job_id = ?", [job_id]) if job_id is not None else ("", [])
+        sql = f"""SELECT v.review_id, v.job_id, v.reviewer, v.signed_at, v.counts, v.automatic, v.changes,
+            v.result_created_at, v.exports,
+            (SELECT MAX(j2.job_id) FROM jobs j2 JOIN slides s2 ON s2.slide_id = j2.slide_id
+             WHERE j2.state = 'done' AND j2.job_id > v.job_id
+               AND (s2.path = s.path OR (s.fingerprint IS NOT NULL AND s2.fingerprint = s.fingerprint)))
+            FROM reviews v JOIN jobs j ON j.job_id = v.job_id JOIN slides s ON s.slide_id = j.slide_id
+            {where} ORDER BY v.review_id DESC LIMIT ?"""
+        with self._read() as conn:
+            rows = conn.execute(sql, (*params, limit)).fetchall()
+        return [
+            StoredReview(
+                review_id=r[0], job_id=r[1], reviewer=r[2], signed_at=r[3], counts=json.loads(r[4]),
+                automatic=json.loads(r[5]), changes=json.loads(r[6]), result_created_at=r[7],
+                exports=json.loads(r[8]), superseded_by=r[9],
+            )
+            for r in rows
+        ]
+
+    def hotspot_detections(self, result: StoredResult) -> list[tuple[int, str, Figure]]:
+        """(detection_id, class, figure) of every candidate inside a result's hotspot circle: what a review judges."""
+        spot = (result.summary.get("scores") or {}).get("hotspot") or {}
+        cx, cy, radius = spot.get("center_x_um"), spot.get("center_y_um"), spot.get("radius_um")
+        if cx is None or cy is None or not radius:
+            return []
+        mpp_x, mpp_y = result_mpp(result)
+        near = self.detections_near(result.job_id, cx / mpp_x, cy / mpp_y, radius / min(mpp_x, mpp_y))
+        return [(i, kind, f) for i, kind, f in near if math.hypot(f.x_um - cx, f.y_um - cy) <= radius * (1 + 1e-9)]
+
+    def review_agreement(self) -> dict[str, Any]:
+        """Agreement of the newest signed review of each job with the automatic result (metrics)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT counts, automatic FROM reviews WHERE review_id IN (SELECT MAX(review_id) FROM reviews"
+                " GROUP BY job_id)"
+            ).fetchall()
+        pairs = [(json.loads(r[0]), json.loads(r[1])) for r in rows]
+        same = sum(1 for counts, auto in pairs if counts.get("mitotic") == auto.get("mitotic"))
+        return {
+            "reviews": len(pairs),
+            "count_agreement": same / len(pairs) if pairs else None,
+            "figures_agreed": sum(int(c.get("figures_agreed") or 0) for c, _ in pairs),
+            "figures_judged": sum(int(c.get("figures_judged") or 0) for c, _ in pairs),
+        }
+
+    def get_detection(self, job_id: int, detection_id: int) -> tuple[str, Figure]:
+        """One stored detection of a job: (class, figure); ResultNotFoundError when the job has no such row."""
+        with self._read() as conn:
+            row = _one(conn, "SELECT class, figure FROM detections WHERE job_id = ? AND detection_id = ?",
+                       (job_id, detection_id))
+        if row is None:
+            raise ResultNotFoundError(f"job {job_id} has no detection {detection_id}")
+        return str(row[0]), Figure.from_json_dict(json.loads(row[1]))
+
+    def detections_near(
+        self, job_id: int, x_px: float, y_px: float, radius_px: float
+    ) -> list[tuple[int, str, Figure]]:
+        """(detection_id, class, figure) of a job's detections whose centre lies in the square around a point."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT detection_id, class, figure FROM detections WHERE job_id = ? AND x_px BETWEEN ? AND ?"
+                " AND y_px BETWEEN ? AND ? ORDER BY detection_id",
+                (job_id, x_px - radius_px, x_px + radius_px, y_px - radius_px, y_px + radius_px),
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), Figure.from_json_dict(json.loads(r[2]))) for r in rows]
+
     def events_after(self, sequence: int, limit: int = 1000) -> list[Event]:
         """Events with a sequence above `sequence`, oldest first."""
         _check_page(limit)
@@ -948,6 +1124,15 @@ def _merge_slide_meta(conn: sqlite3.Connection, job_id: int, meta: str) -> None:
     )
     merged = json.loads(row[1]) | json.loads(meta)
     conn.execute("UPDATE slides SET meta = ? WHERE slide_id = ?", (json.dumps(merged), row[0]))
+
+
+def result_mpp(result: StoredResult) -> tuple[float, float]:
+    """The slide's level-0 (x, y) µm/px as the result recorded it."""
+    slide = result.summary.get("slide") or {}
+    mpp_x, mpp_y = slide.get("mpp_x"), slide.get("mpp_y")
+    if isinstance(mpp_x, int | float) and isinstance(mpp_y, int | float) and mpp_x > 0 and mpp_y > 0:
+        return float(mpp_x), float(mpp_y)
+    return 0.25, 0.25  # the analysis mpp: a summary without the slide's (never written by this version)
 
 
 def _detection_class(figure: Figure) -> str:

@@ -569,3 +569,38 @@ def test_submitter_and_canceller_are_stored_with_the_job(tmp_path: Path) -> None
         cancelled = store.cancel_job(job.job_id, cancelled_by="admin-desk")
         assert cancelled.cancelled_by == "admin-desk" == store.get_job(job.job_id).cancelled_by
         assert store.events_after(0)[-1].payload["cancelled_by"] == "admin-desk"
+
+
+def test_a_signed_review_is_kept_beside_the_result_and_marked_once_the_slide_is_analysed_again(store: Store) -> None:
+    job_id = running_job(store)
+    store.complete_job(job_id, slide_result(), EXPORTS)
+    result = store.get_result(job_id)
+    in_hotspot = store.hotspot_detections(result)
+    assert {kind for _, kind, _ in in_hotspot} >= {"normal", "atypical"}
+    counts = {"mitotic": 3, "atypical": 1, "normal": 2, "uncertain": 0, "atypical_ratio": 0.5}
+    with pytest.raises(JobStateError, match="result changed while it was reviewed"):
+        store.add_review(job_id, reviewer="dr-a", counts=counts, automatic={}, changes=[],
+                         result_created_at=result.created_at - 10)
+    review = store.add_review(job_id, reviewer="dr-a", counts=counts, automatic={"mitotic": 4},
+                              changes=[{"decision": "reject", "detection_id": in_hotspot[0][0]}],
+                              result_created_at=result.created_at)
+    assert review.current and review.counts == counts and store.get_result(job_id).summary == result.summary
+    event = store.events_after(0)[-1]
+    assert event.type == "result_reviewed" and event.payload["mitotic_count"] == 3
+    assert event.payload["reviewer"] == "dr-a" and event.payload["automatic_mitotic_count"] == 4
+    rerun, _ = store.add_job("/scans/a.svs", fingerprint="sha256:a", source="submit", dedupe=False)  # analysed again
+    again = rerun.job_id
+    assert store.claim_next_job() is not None
+    store.complete_job(again, slide_result(), EXPORTS)
+    kept = store.get_review(job_id)
+    assert kept.review_id == review.review_id and not kept.current and kept.superseded_by == again
+    assert store.review_agreement()["reviews"] == 1 and store.review_agreement()["count_agreement"] == 0.0
+    with pytest.raises(ResultNotFoundError, match="no signed review"):
+        store.get_review(again)
+
+
+def test_a_review_of_a_job_without_a_result_is_refused(store: Store) -> None:
+    job_id = running_job(store)
+    with pytest.raises(ResultNotFoundError):
+        store.add_review(job_id, reviewer="dr-a", counts={}, automatic={}, changes=[], result_created_at=0.0)
+    assert store.list_reviews() == []

@@ -295,7 +295,7 @@ class Provenance(_message.Message):
     def __init__(self, package_version: _Optional[str] = ..., bundle_name: _Optional[str] = ..., bundle_version: _Optional[str] = ..., backend: _Optional[str] = ..., created_at: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("job_id", "slide_path", "fingerprint", "scores", "slide", "provenance", "exports", "detections", "created_at", "summary_json", "notice", "flags", "accession", "qc")
+    __slots__ = ("job_id", "slide_path", "fingerprint", "scores", "slide", "provenance", "exports", "detections", "created_at", "summary_json", "notice", "flags", "accession", "qc", "review")
     class ExportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +317,7 @@ class Result(_message.Message):
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     ACCESSION_FIELD_NUMBER: _ClassVar[int]
     QC_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     slide_path: str
     fingerprint: str
@@ -331,7 +332,45 @@ class Result(_message.Message):
     flags: _containers.RepeatedCompositeFieldContainer[ResultFlag]
     accession: str
     qc: QcSummary
-    def __init__(self, job_id: _Optional[int] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., slide: _Optional[_Union[SlideInfo, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., exports: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., created_at: _Optional[float] = ..., summary_json: _Optional[str] = ..., notice: _Optional[str] = ..., flags: _Optional[_Iterable[_Union[ResultFlag, _Mapping]]] = ..., accession: _Optional[str] = ..., qc: _Optional[_Union[QcSummary, _Mapping]] = ...) -> None: ...
+    review: ReviewRecord
+    def __init__(self, job_id: _Optional[int] = ..., slide_path: _Optional[str] = ..., fingerprint: _Optional[str] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., slide: _Optional[_Union[SlideInfo, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., exports: _Optional[_Mapping[str, str]] = ..., detections: _Optional[int] = ..., created_at: _Optional[float] = ..., summary_json: _Optional[str] = ..., notice: _Optional[str] = ..., flags: _Optional[_Iterable[_Union[ResultFlag, _Mapping]]] = ..., accession: _Optional[str] = ..., qc: _Optional[_Union[QcSummary, _Mapping]] = ..., review: _Optional[_Union[ReviewRecord, _Mapping]] = ...) -> None: ...
+
+class ReviewRecord(_message.Message):
+    __slots__ = ("review_id", "reviewer", "signed_at", "mitotic_count", "atypical_count", "normal_count", "uncertain_count", "atypical_ratio", "automatic_mitotic_count", "current", "superseded_by_job_id", "changes_json", "exports")
+    class ExportsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_FIELD_NUMBER: _ClassVar[int]
+    MITOTIC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ATYPICAL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NORMAL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ATYPICAL_RATIO_FIELD_NUMBER: _ClassVar[int]
+    AUTOMATIC_MITOTIC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_BY_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_JSON_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
+    review_id: int
+    reviewer: str
+    signed_at: float
+    mitotic_count: int
+    atypical_count: int
+    normal_count: int
+    uncertain_count: int
+    atypical_ratio: float
+    automatic_mitotic_count: int
+    current: bool
+    superseded_by_job_id: int
+    changes_json: str
+    exports: _containers.ScalarMap[str, str]
+    def __init__(self, review_id: _Optional[int] = ..., reviewer: _Optional[str] = ..., signed_at: _Optional[float] = ..., mitotic_count: _Optional[int] = ..., atypical_count: _Optional[int] = ..., normal_count: _Optional[int] = ..., uncertain_count: _Optional[int] = ..., atypical_ratio: _Optional[float] = ..., automatic_mitotic_count: _Optional[int] = ..., current: _Optional[bool] = ..., superseded_by_job_id: _Optional[int] = ..., changes_json: _Optional[str] = ..., exports: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ResultFlag(_message.Message):
     __slots__ = ("code", "message", "value")
