@@ -16,7 +16,6 @@ import datetime as _dt
 import itertools
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from edge.engines.manifest import MANIFEST_NAME, Bundle, load_bundle, manifest_tables, new_bundle_folder, set_toml_key
+from edge.engines.manifest import (
+    MANIFEST_NAME,
+    Bundle,
+    load_bundle,
+    manifest_tables,
+    new_bundle_folder,
+    set_toml_key,
+    source_bundle_json,
+    writing_bundle_version,
+)
 from edge.errors import ConfigError
 from edge.evaluate import DEFAULT_MATCH_RADIUS_UM, DetectionMetrics, match_points
 
@@ -294,29 +302,23 @@ def write_calibrated_bundle(
     stamp = _dt.datetime.now(_dt.UTC)
     version = version or f"{bundle.version}+cal.{stamp:%Y%m%d.%H%M%S}"  # unique: two calibrations never clash
     weights = dict(zip(calibration.models, calibration.best.weights, strict=True))
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(bundle.path, partial, ignore=shutil.ignore_patterns(REPORT_NAME, "*.partial"))
-    manifest = partial / MANIFEST_NAME
-    manifest.write_text(
-        calibrated_manifest(
-            manifest.read_text(encoding="utf-8"), weights, calibration.best.threshold, version,
-            calibration.best.detector_threshold,
-        ),
-        encoding="utf-8",
-    )
-    report = {
-        "source_bundle": {"name": bundle.name, "version": bundle.version, "path": str(bundle.path),
-                          "manifest_sha256": bundle.manifest_sha256},
-        "version": version,
-        "created_at": stamp.isoformat(timespec="seconds"),
-        "matching_radius_um": DEFAULT_MATCH_RADIUS_UM,
-        **calibration.to_json_dict(),
-    }
-    (partial / REPORT_NAME).write_text(json.dumps(report, indent=1), encoding="utf-8")
-    loaded = load_bundle(partial)  # the new manifest must be as valid as the old one
-    if target.exists():
-        target.rmdir()
-    partial.rename(target)
+    with writing_bundle_version(bundle, target, REPORT_NAME) as partial:
+        manifest = partial / MANIFEST_NAME
+        manifest.write_text(
+            calibrated_manifest(
+                manifest.read_text(encoding="utf-8"), weights, calibration.best.threshold, version,
+                calibration.best.detector_threshold,
+            ),
+            encoding="utf-8",
+        )
+        report = {
+            "source_bundle": source_bundle_json(bundle),
+            "version": version,
+            "created_at": stamp.isoformat(timespec="seconds"),
+            "matching_radius_um": DEFAULT_MATCH_RADIUS_UM,
+            **calibration.to_json_dict(),
+        }
+        (partial / REPORT_NAME).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    loaded = load_bundle(target)
     log.info("calibrated bundle %s %s written to %s (F1 %.3f)", loaded.name, version, target, calibration.best.score)
-    return load_bundle(target)
+    return loaded

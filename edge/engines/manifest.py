@@ -12,8 +12,11 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -348,6 +351,27 @@ def new_bundle_folder(bundle: Bundle, out: str | Path, what: str) -> Path:
     if target.exists() and any(target.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
     return target
+
+
+@contextmanager
+def writing_bundle_version(bundle: Bundle, target: Path, report_name: str) -> Iterator[Path]:
+    """A ``<target>.partial`` copy of ``bundle`` (without its ``report_name`` and any ``*.partial``) for the
+    block to change (models, manifest, report); when the block ends the copy must load as a bundle, and only
+    then does it take ``target``'s name: a half-written bundle never stands under the final name."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(bundle.path, partial, ignore=shutil.ignore_patterns(report_name, "*.partial"))
+    yield partial
+    load_bundle(partial)  # the new manifest must be as valid as the old one
+    if target.exists():
+        target.rmdir()
+    partial.rename(target)
+
+
+def source_bundle_json(bundle: Bundle) -> dict[str, str]:
+    """What a derived bundle's report records of the bundle it was made from."""
+    return {"name": bundle.name, "version": bundle.version, "path": str(bundle.path),
+            "manifest_sha256": bundle.manifest_sha256}
 
 
 def set_model_sha256(manifest_path: Path, model: str, sha: str) -> None:

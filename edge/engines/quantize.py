@@ -37,6 +37,8 @@ from edge.engines.manifest import (
     new_bundle_folder,
     set_toml_key,
     sha256_file,
+    source_bundle_json,
+    writing_bundle_version,
 )
 from edge.errors import ConfigError, ManifestError
 
@@ -363,59 +365,52 @@ def quantize_bundle(
     stamp = _dt.datetime.now(_dt.UTC)
     suffix = "int8" if target == "onnxruntime" else "int8-tensorrt"
     version = version or f"{bundle.version}+{suffix}.{stamp:%Y%m%d.%H%M%S}"
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(bundle.path, partial, ignore=shutil.ignore_patterns("*.partial", REPORT_NAME))
-    unused = {c.name for c in bundle.unused_classifiers}
-    files: dict[str, tuple[str, str]] = {}
-    report_models: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="mitosis-edge-quantize-") as tmp:
-        for model in bundle.models:
-            if model.name in unused:
-                continue
-            log.info("quantizing %s on %d calibration inputs", model.name, len(calibration.inputs[model.name]))
-            quantized = quantize_model(
-                onnx.load(str(model.path)), model, calibration.inputs[model.name], Path(tmp), target
-            )
-            entry: dict[str, Any] = {
-                "source_file": model.path.name, "source_sha256": model.sha256,
-                "calibration_inputs": len(calibration.inputs[model.name]),
-                "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quantized.graph.node),
-            }
-            if target == "onnxruntime":  # on a CPU an INT8 graph can be slower (e.g. SiLU between every conv)
-                fp32_rate, int8_rate = int8_speed(model, quantized, calibration.inputs[model.name])
-                entry.update(fp32_items_per_s=round(fp32_rate, 1), int8_items_per_s=round(int8_rate, 1))
-                if int8_rate < fp32_rate:
-                    log.warning("%s: INT8 %.1f/s is slower than FP32 %.1f/s here; kept FP32", model.name,
-                                int8_rate, fp32_rate)
-                    report_models[model.name] = {**entry, "file": model.path.name, "kept_fp32": True}
+    with writing_bundle_version(bundle, folder, REPORT_NAME) as partial:
+        unused = {c.name for c in bundle.unused_classifiers}
+        files: dict[str, tuple[str, str]] = {}
+        report_models: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix="mitosis-edge-quantize-") as tmp:
+            for model in bundle.models:
+                if model.name in unused:
                     continue
-            name = f"{model.path.stem}.int8.onnx"
-            onnx.save(quantized, str(partial / name))
-            (partial / model.path.name).unlink(missing_ok=True)
-            files[model.name] = (name, sha256_file(partial / name))
-            report_models[model.name] = {**entry, "file": name, "kept_fp32": False}
-    manifest = partial / MANIFEST_NAME
-    manifest.write_text(_quantized_manifest(manifest.read_text(encoding="utf-8"), files, version), encoding="utf-8")
-    report = {
-        "source_bundle": {"name": bundle.name, "version": bundle.version, "path": str(bundle.path),
-                          "manifest_sha256": bundle.manifest_sha256},
-        "version": version,
-        "created_at": stamp.isoformat(timespec="seconds"),
-        "method": {"format": "QDQ", "target": target,
-                   "activations": f"{'int8 symmetric' if target == 'tensorrt' else 'uint8'}, per tensor (MinMax)",
-                   "weights": "int8, per channel",
-                   "ops": list(COMPUTE_OPS + BETWEEN_OPS),
-                   "tool": f"onnxruntime.quantization {onnxruntime.__version__}"},
-        "calibration_slides": list(calibration.slides),
-        "models": report_models,
-        "not_quantized": sorted(unused),
-    }
-    (partial / REPORT_NAME).write_text(json.dumps(report, indent=1), encoding="utf-8")
-    load_bundle(partial)  # the new manifest must be as valid as the old one
-    if folder.exists():
-        folder.rmdir()
-    partial.rename(folder)
+                log.info("quantizing %s on %d calibration inputs", model.name, len(calibration.inputs[model.name]))
+                quantized = quantize_model(
+                    onnx.load(str(model.path)), model, calibration.inputs[model.name], Path(tmp), target
+                )
+                entry: dict[str, Any] = {
+                    "source_file": model.path.name, "source_sha256": model.sha256,
+                    "calibration_inputs": len(calibration.inputs[model.name]),
+                    "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quantized.graph.node),
+                }
+                if target == "onnxruntime":  # on a CPU an INT8 graph can be slower (e.g. SiLU between every conv)
+                    fp32_rate, int8_rate = int8_speed(model, quantized, calibration.inputs[model.name])
+                    entry.update(fp32_items_per_s=round(fp32_rate, 1), int8_items_per_s=round(int8_rate, 1))
+                    if int8_rate < fp32_rate:
+                        log.warning("%s: INT8 %.1f/s is slower than FP32 %.1f/s here; kept FP32", model.name,
+                                    int8_rate, fp32_rate)
+                        report_models[model.name] = {**entry, "file": model.path.name, "kept_fp32": True}
+                        continue
+                name = f"{model.path.stem}.int8.onnx"
+                onnx.save(quantized, str(partial / name))
+                (partial / model.path.name).unlink(missing_ok=True)
+                files[model.name] = (name, sha256_file(partial / name))
+                report_models[model.name] = {**entry, "file": name, "kept_fp32": False}
+        manifest = partial / MANIFEST_NAME
+        manifest.write_text(_quantized_manifest(manifest.read_text(encoding="utf-8"), files, version), encoding="utf-8")
+        report = {
+            "source_bundle": source_bundle_json(bundle),
+            "version": version,
+            "created_at": stamp.isoformat(timespec="seconds"),
+            "method": {"format": "QDQ", "target": target,
+                       "activations": f"{'int8 symmetric' if target == 'tensorrt' else 'uint8'}, per tensor (MinMax)",
+                       "weights": "int8, per channel",
+                       "ops": list(COMPUTE_OPS + BETWEEN_OPS),
+                       "tool": f"onnxruntime.quantization {onnxruntime.__version__}"},
+            "calibration_slides": list(calibration.slides),
+            "models": report_models,
+            "not_quantized": sorted(unused),
+        }
+        (partial / REPORT_NAME).write_text(json.dumps(report, indent=1), encoding="utf-8")
     log.info("INT8 bundle %s %s written to %s", bundle.name, version, folder)
     return load_bundle(folder)
 
