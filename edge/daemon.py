@@ -48,7 +48,7 @@ from edge.errors import (
     StreamCancelled,
     is_retryable,
 )
-from edge.exports import export_folder_name
+from edge.exports import export_folder_name, is_export_folder
 from edge.fileio import real_path_inside
 from edge.fingerprint import Fingerprint, fingerprint_slide, slide_files
 from edge.logsafe import untrusted
@@ -851,7 +851,7 @@ def _refuse_lost_store(path: Path, results_dir: Path, *, store: Store | None = N
     elif store.list_jobs(limit=1):
         return
     try:
-        exports = sorted(p.name for p in results_dir.iterdir() if re.match(r"\d+(?:[-.]|$)", p.name))
+        exports = sorted(p.name for p in results_dir.iterdir() if is_export_folder(p.name))
     except FileNotFoundError:
         return
     if not exports:

@@ -37,6 +37,7 @@ __all__ = [
     "csv_text",
     "export_folder_name",
     "geojson_dict",
+    "is_export_folder",
     "midog_dict",
     "overlay_image",
     "result_dict",
@@ -99,6 +100,16 @@ def export_folder_name(job_id: int, slide_path: str) -> str:
     """
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(slide_path).stem).strip("._-")[:EXPORT_STEM_CHARS]
     return f"{job_id}-{stem}" if stem else str(job_id)
+
+
+def is_export_folder(name: str) -> bool:
+    """Whether ``name`` is a job's export folder (``<job>-<stem>``, the older ``<job>``, or either with a
+    suffix such as ``.partial``), as ``export_folder_name`` writes them.
+
+    >>> [is_export_folder(n) for n in ("12-S24_042_HE.ome", "12", "12.partial", "notes", "x12")]
+    [True, True, True, False, False]
+    """
+    return re.match(r"\d+(?:[-.]|$)", name) is not None
 
 
 def _figure_class(figure: Figure) -> str:
