@@ -354,9 +354,12 @@ class Daemon:
         return status
 
     def _log_bundle(self) -> None:
-        """Name, version and intended use of the configured bundle, in the log and in server_status."""
+        """Name, version and intended use of the configured bundle, in the log and in server_status.
+
+        The manifest alone says these; hashing and checking every model file is the engine loader's job
+        (it reports a broken model as engine_error), so start-up does not read the models twice."""
         try:
-            bundle = load_bundle(self.config.engines.bundle)
+            bundle = load_bundle(self.config.engines.bundle, check_graphs=False)
         except EdgeError as exc:  # the engines' loader reports it too, as engine_error
             log.error("model bundle %r cannot be read: %s", self.config.engines.bundle or "demo", exc)
             return
