@@ -137,7 +137,7 @@ def _opt(msg: Any, name: str) -> Any:
 
 
 def job_dict(job: Any) -> dict[str, Any]:
-    """A Job message as a dict with the store's keys (`edge.store.Job.to_json_dict`)."""
+    """A Job message as a dict with the store's keys (`edge.service.store.Job.to_json_dict`)."""
     return {
         "job_id": job.job_id,
         "state": _STATE_NAMES.get(job.state, "unknown"),
@@ -235,7 +235,7 @@ def result_dict(result: Any) -> dict[str, Any]:
 
 
 def review_dict(review: Any) -> dict[str, Any]:
-    """A ReviewRecord as a dict with the store's keys (`edge.store.StoredReview.to_json_dict`)."""
+    """A ReviewRecord as a dict with the store's keys (`edge.service.store.StoredReview.to_json_dict`)."""
     return {
         "review_id": review.review_id,
         "reviewer": review.reviewer,
@@ -293,7 +293,7 @@ def detection_dict(detection: Any) -> dict[str, Any]:
 
 
 def event_dict(event: Any) -> dict[str, Any]:
-    """An Event message as a dict with the store's keys (`edge.store.Event.to_json_dict`) plus the state."""
+    """An Event message as a dict with the store's keys (`edge.service.store.Event.to_json_dict`) plus the state."""
     return {
         "sequence": event.sequence,
         "type": event.type,

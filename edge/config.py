@@ -415,7 +415,10 @@ class WebConfig:
 
 @dataclass(frozen=True)
 class QcConfig:
-    """[qc]: scan quality measured in the tile stream, the verdict's thresholds and drift per scanner (edge.qc)."""
+    """[qc]: scan quality measured in the tile stream, the verdict's thresholds and drift per scanner.
+
+    Used by edge.analysis.qc.
+    """
 
     enabled: bool = True  # off: no qc section, the scores are exactly as without QC
     focus_mpp: float = 0.5  # µm/px focus is measured at (tiles binned): above JPEG and sensor noise

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.store import Store
+from edge.service.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MITOSIS_EDGE_TEST_DATA", ROOT.parent / "shared" / "data"))
@@ -55,7 +55,7 @@ SynthFactory = Callable[..., Path]
 @pytest.fixture(scope="session")
 def synth_slide(tmp_path_factory: pytest.TempPathFactory) -> SynthFactory:
     """make(width=, height=, mpp=, seed=, fmt=, **params) -> path of a cached synthetic slide."""
-    from edge.synth import SynthParams, default_truth_path, generate_slide
+    from edge.devtools.synth import SynthParams, default_truth_path, generate_slide
 
     cache: dict[tuple[object, ...], Path] = {}
     folder = tmp_path_factory.mktemp("synth")

@@ -9,17 +9,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edge.analysis.scoring import Figure, SlideResult, score_slide
 from edge.config import ServerConfig
-from edge.scoring import Figure, SlideResult, score_slide
-from edge.server import RunningServer, start_server
-from edge.store import Job, Store
+from edge.service.server import RunningServer, start_server
+from edge.service.store import Job, Store
 
 READ_TOKEN = "read-token-0123456789abcdef"
 SUBMIT_TOKEN = "submit-token-0123456789abcdef"
 
 
 class FakeControl:
-    """What edge.daemon.Daemon offers the server, over a real store; no engines, no workers."""
+    """What edge.service.daemon.Daemon offers the server, over a real store; no engines, no workers."""
 
     def __init__(self, store: Store, *, ready: bool = True, watch_folders: Sequence[str] = ()) -> None:
         self.store = store

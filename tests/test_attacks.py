@@ -152,7 +152,7 @@ def test_junk_without_a_token_gives_one_warning_line_and_no_traceback(box: Box) 
 
 
 def test_a_file_name_with_a_newline_cannot_forge_a_log_line(box: Box) -> None:
-    forged = "2026-11-29 10:00:00,000 ERROR edge.daemon: job 1 done: hotspot mitotic count 0"
+    forged = "2026-11-29 10:00:00,000 ERROR edge.service.daemon: job 1 done: hotspot mitotic count 0"
     (box.inbox / f"evil\n{forged}.tiff").write_bytes(b"II*\x00 not really a slide")
     deadline = time.monotonic() + 30
     while "evil\\n2026" not in box.log_text() and time.monotonic() < deadline:

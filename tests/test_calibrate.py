@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.calibrate import CachedSlide, calibrated_manifest, grid_search, weight_grid, write_calibrated_bundle
+from edge.devtools.calibrate import CachedSlide, calibrated_manifest, grid_search, weight_grid, write_calibrated_bundle
 from edge.engines import load_bundle
 from edge.errors import ConfigError
 from tests.tiny_bundle import make_tiny_bundle
@@ -78,7 +78,7 @@ def test_a_calibrated_bundle_is_a_new_folder_with_a_report(tmp_path: Path) -> No
 
 
 def test_ties_go_to_the_middle_of_the_widest_best_plateau() -> None:
-    from edge.calibrate import GridPoint, choose_best
+    from edge.devtools.calibrate import GridPoint, choose_best
 
     def point(w: float, t: float, tp: int) -> GridPoint:
         return GridPoint((w, 1 - w), t, tp, 10 - tp, 10 - tp)

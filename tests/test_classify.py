@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.classify import (
+from edge.analysis.classify import (
     atypical_probability,
     classifier_outputs_to_probabilities,
     crop_origins,

@@ -259,7 +259,7 @@ def test_a_metrics_port_in_use_is_a_configuration_error_with_exit_2(tmp_path: Pa
 
 
 def test_every_option_of_every_command_has_help() -> None:
-    from edge.cli import _subcommands, build_parser
+    from edge.cli.main import _subcommands, build_parser
 
     parser = build_parser()
     missing = [

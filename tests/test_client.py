@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from edge.cli_client import add_client_parser
+from edge.cli.client import add_client_parser
 from edge.client import EdgeClient, EdgeClientError, ServerUnavailableError, read_token_file
 from edge.config import ServerConfig
 from edge.errors import ConfigError
-from edge.server import RunningServer, start_server
-from edge.store import Store
+from edge.service.server import RunningServer, start_server
+from edge.service.store import Store
 from tests.grpc_fakes import (
     READ_TOKEN,
     SUBMIT_TOKEN,
@@ -351,10 +351,10 @@ def test_cli_errors_say_what_and_where(server: RunningServer, capsys: pytest.Cap
 
 
 def test_a_result_without_a_hotspot_says_why_over_grpc_and_in_the_cli() -> None:
-    from edge.cli_client import result_lines
+    from edge.analysis.scoring import score_slide
+    from edge.cli.client import result_lines
     from edge.client import scores_dict
-    from edge.scoring import score_slide
-    from edge.server import scores_to_pb
+    from edge.service.server import scores_to_pb
 
     scores = scores_dict(scores_to_pb(score_slide([], tissue_area_mm2=0.0).to_json_dict()))
     assert scores["hotspot"]["null_reason"] == "no tissue found on the slide"

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from edge.cli import main
-from edge.cohort import (
+from edge.config import Config
+from edge.errors import ConfigError
+from edge.study.cohort import (
     BundleKey,
     CohortSlide,
     PlannedSlide,
@@ -19,8 +21,6 @@ from edge.cohort import (
     plan_run,
     run_cohort,
 )
-from edge.config import Config
-from edge.errors import ConfigError
 from tests.conftest import SynthFactory
 
 KEY = BundleKey("demo", "1", "ab")
@@ -222,7 +222,7 @@ class _FakeActor:
 
 
 def test_a_worker_killed_mid_slide_costs_that_slide_one_retry_and_nothing_else(tmp_path: Path) -> None:
-    from edge.cohort import CohortSummary, _schedule
+    from edge.study.cohort import CohortSummary, _schedule
 
     fake = _FakeRay({"b.svs": 1, "c.svs": 5})  # b's worker is killed once; c kills every worker it meets
     names = ("a.svs", "b.svs", "c.svs", "d.svs")

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from edge.config import Config, load_config
-from edge.daemon import Daemon
 from edge.engines.manifest import find_bundle
 from edge.errors import EngineError, SlideReadError, StoreError, StreamCancelled
-from edge.server_auth import RequestRefused
-from edge.store import Store
+from edge.service.auth import RequestRefused
+from edge.service.daemon import Daemon
+from edge.service.store import Store
 from tests.conftest import SynthFactory, data_file
 from tests.tiny_bundle import make_tiny_bundle
 
@@ -358,8 +358,8 @@ def test_engines_that_cannot_load_keep_the_daemon_up_and_say_why_over_grpc(
 
 
 def test_server_status_names_the_gpu_or_says_why_there_is_none() -> None:
-    from edge.daemon import _gpu_name
     from edge.engines.probe import GpuDevice, GpuProbe
+    from edge.service.daemon import _gpu_name
 
     h100 = GpuProbe(ok=True, devices=(GpuDevice(0, "NVIDIA H100 80GB HBM3", "9.0", 81559),))
     assert _gpu_name("tensorrt", h100) == "NVIDIA H100 80GB HBM3"
@@ -371,7 +371,7 @@ def test_server_status_names_the_gpu_or_says_why_there_is_none() -> None:
 def test_the_duplicate_policy_decides_whether_the_same_bytes_under_a_new_path_are_a_new_job(
     tmp_path: Path, policy: str, jobs: int
 ) -> None:
-    from edge.fingerprint import Fingerprint
+    from edge.wsi.fingerprint import Fingerprint
 
     daemon = Daemon(daemon_config(tmp_path, **{"watch.on_duplicate": policy}))
     try:
@@ -595,7 +595,7 @@ def test_a_really_full_data_disk_turns_health_not_serving_and_scoring_resumes_on
 def test_an_export_folder_left_by_an_earlier_store_is_set_aside_never_overwritten(
     tmp_path: Path, synth_slide: SynthFactory, start_daemon: Callable[..., Daemon]
 ) -> None:
-    from edge.exports import export_folder_name
+    from edge.analysis.exports import export_folder_name
 
     daemon = start_daemon(daemon_config(tmp_path, **{"watch.folders": [], "daemon.isolation": "thread"}))
     slide = synth_slide(width=2048, height=1536, seed=3)

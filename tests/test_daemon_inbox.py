@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edge.store import Store
+from edge.service.store import Store
 from tests.conftest import SynthFactory, data_file
 from tests.test_analyze import blank_tiff
 from tests.test_daemon import wait_for

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from edge import worker
 from edge.client import job_dict
-from edge.daemon import Daemon, _analyze_slide
 from edge.errors import CorruptSlideError, EngineError, TileDecodeError
-from edge.fingerprint import fingerprint_slide
-from edge.server import job_to_pb
-from edge.store import Store
+from edge.service import worker
+from edge.service.daemon import Daemon, _analyze_slide
+from edge.service.server import job_to_pb
+from edge.service.store import Store
+from edge.wsi.fingerprint import fingerprint_slide
 from tests.conftest import SynthFactory
 from tests.test_analyze import blank_tiff
 from tests.test_daemon import QUIET_S, daemon_config, start_daemon, states, wait_for  # noqa: F401 - start_daemon: a fixture

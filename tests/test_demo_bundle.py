@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.detect import decode
+from edge.analysis.detect import decode
+from edge.devtools.synth import default_truth_path, load_truth
 from edge.engines.manifest import Bundle, load_bundle
-from edge.slide import open_slide
-from edge.synth import default_truth_path, load_truth
+from edge.wsi.slide import open_slide
 
 from .conftest import SynthFactory
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.cli import build_parser
-from edge.cli_daemon import cmd_serve
+from edge.cli.daemon import cmd_serve
+from edge.cli.main import build_parser
 from edge.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge.analysis.detect import (
+    Boxes,
+    TileOwnership,
+    decode,
+    keep_owned,
+    merge_across_tiles,
+    nms,
+    owner_tiles,
+    to_slide,
+)
 from edge.config import TilingConfig
-from edge.detect import Boxes, TileOwnership, decode, keep_owned, merge_across_tiles, nms, owner_tiles, to_slide
 from edge.engines.manifest import DetectorSpec
 from edge.errors import EngineError
-from edge.tiling import Tile, TilePlan, plan_tiles
+from edge.wsi.tiling import Tile, TilePlan, plan_tiles
 
 
 def detector(**overrides: Any) -> DetectorSpec:

@@ -18,15 +18,15 @@ from PIL import Image
 
 from edge._proto import edge_pb2 as pb
 from edge._proto import edge_pb2_grpc as pb_grpc
+from edge.analysis.drift import HistoryPoint, assess
+from edge.analysis.scoring import SlideResult
 from edge.client import EdgeClient
 from edge.config import QcConfig
-from edge.daemon import Daemon
-from edge.drift import HistoryPoint, assess
-from edge.metrics import DaemonMetrics
-from edge.scoring import SlideResult
-from edge.server import RunningServer, start_server
-from edge.store import Store
-from edge.synth_faults import shift_eosin
+from edge.devtools.synth_faults import shift_eosin
+from edge.service.daemon import Daemon
+from edge.service.metrics import DaemonMetrics
+from edge.service.server import RunningServer, start_server
+from edge.service.store import Store
 from tests.conftest import SynthFactory
 from tests.grpc_fakes import FakeControl, insecure_config, slide_result
 from tests.test_cli import run_cli

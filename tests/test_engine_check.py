@@ -80,7 +80,7 @@ def test_the_ultralytics_export_wraps_checks_and_decodes(yolo: Path) -> None:
     assert report["probe"]["shapes"]["detector"] == {"output0": [2, 6, ANCHORS]}
     assert report["probe"]["problems"] == [] and report["probe"]["warnings"] == []
     bundle = load_bundle(yolo)  # wrap wrote the sha256 itself
-    from edge.detect import decode
+    from edge.analysis.detect import decode
     from edge.engines.check import synthetic_image
 
     with OnnxRuntimeEngine(bundle.detector.path, max_batch=2) as engine:

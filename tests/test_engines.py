@@ -12,10 +12,10 @@ import onnx
 import pytest
 
 from edge.config import EnginesConfig
+from edge.devtools.verify import compare_outputs, detections_agree, verify_bundle, verify_engines
 from edge.engines import Engine, EngineSet, FakeEngine, TensorSpec, find_bundle, load_bundle, open_engines
 from edge.engines.manifest import BUNDLES_ENV, Normalisation, sha256_file
 from edge.engines.onnxrt import OnnxRuntimeEngine
-from edge.engines.verify import compare_outputs, detections_agree, verify_bundle, verify_engines
 from edge.engines.wrap import wrap_file, wrap_model
 from edge.errors import BackendUnavailableError, EngineError, EngineInputError, ManifestError
 from tests.tiny_bundle import NORMALISATION, float_classifier, float_detector, make_tiny_bundle, reference_classifier

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge import cli_results
-from edge.errors import ConfigError
-from edge.evaluate import (
+from edge.analysis.exports import write_exports
+from edge.analysis.scoring import Figure, SlideResult, score_slide
+from edge.cli import results as cli_results
+from edge.devtools.evaluate import (
     PointSet,
     evaluate,
     match_points,
@@ -19,8 +20,7 @@ from edge.evaluate import (
     read_predictions,
     read_truth,
 )
-from edge.exports import write_exports
-from edge.scoring import Figure, SlideResult, score_slide
+from edge.errors import ConfigError
 from tests.conftest import data_file
 
 
@@ -181,7 +181,7 @@ def test_result_json_and_its_midog_export_read_back(tmp_path: Path) -> None:
 
 
 def test_synth_truth_reader_and_a_perfect_prediction(synth_slide: object, tmp_path: Path) -> None:
-    from edge.synth import default_truth_path, load_truth
+    from edge.devtools.synth import default_truth_path, load_truth
 
     slide = synth_slide(width=2048, height=2048, mitoses=10, imposters=4, seed=11)  # type: ignore[operator]
     truth_path = default_truth_path(slide)
@@ -235,7 +235,7 @@ def test_coco_image_is_found_from_the_prediction_file_name() -> None:
             {"image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50]},
         ],
     }
-    from edge.evaluate import truth_from_json
+    from edge.devtools.evaluate import truth_from_json
 
     truth = truth_from_json(coco, image_hint="b.tiff")
     assert truth.image == "b.tiff"
@@ -275,8 +275,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def write_truth(tmp_path: Path) -> Path:
-    from edge.scoring import find_hotspot
-    from edge.synth import PlantedObject, SynthParams, SynthTruth
+    from edge.analysis.scoring import find_hotspot
+    from edge.devtools.synth import PlantedObject, SynthParams, SynthTruth
 
     objects = (
         PlantedObject(0, "normal", "metaphase", 400.0, 400.0, 100.0, 100.0, 6.0),

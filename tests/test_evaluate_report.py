@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from edge.cli import main
+from edge.devtools.evaluate import PointSet
+from edge.devtools.evaluate_report import ReportImage, collect_images, pr_auc, read_groups, threshold_curve
 from edge.errors import ConfigError
-from edge.evaluate import PointSet
-from edge.evaluate_report import ReportImage, collect_images, pr_auc, read_groups, threshold_curve
 from tests.conftest import SynthFactory, data_file
 
 pytest.importorskip("matplotlib", reason='matplotlib is not installed: pip install "mitosis-edge[cohort]"')

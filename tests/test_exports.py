@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.errors import ConfigError
-from edge.exports import (
+from edge.analysis.exports import (
     CLASS_COLOURS,
     CSV_COLUMNS,
     HOTSPOT_POLYGON_VERTICES,
@@ -24,7 +23,8 @@ from edge.exports import (
     result_dict,
     write_exports,
 )
-from edge.scoring import Figure, SlideResult, score_slide
+from edge.analysis.scoring import Figure, SlideResult, score_slide
+from edge.errors import ConfigError
 
 MPP = 0.25
 
@@ -229,7 +229,7 @@ def test_result_json_says_not_for_diagnosis_for_a_demo_bundle(result: SlideResul
 def test_overlay_has_a_title_legend_scale_bar_and_a_finer_inset_of_the_hotspot(result: SlideResult) -> None:
     from types import SimpleNamespace
 
-    from edge.exports import overlay_image
+    from edge.analysis.exports import overlay_image
 
     thumbnail = np.full((1000, 1250, 3), 235, dtype=np.uint8)
     spot = result.scores.hotspot.hotspot

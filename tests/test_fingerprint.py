@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge.errors import SlideNotFoundError, SlideReadError
-from edge.fingerprint import Fingerprint, fingerprint_slide, slide_files
+from edge.wsi.fingerprint import Fingerprint, fingerprint_slide, slide_files
 
 BLOCK = 16  # small blocks so that tiny files have a middle the quick fingerprint does not read
 

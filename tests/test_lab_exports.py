@@ -14,7 +14,7 @@ import pytest
 from edge.cli import main
 from edge.client import EdgeClient, EdgeClientError
 from edge.config import Config
-from edge.daemon import Daemon
+from edge.service.daemon import Daemon
 from tests import test_daemon
 from tests.conftest import SynthFactory, data_file
 from tests.test_daemon import daemon_config, states, wait_for

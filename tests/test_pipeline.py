@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tifffile
 
+from edge.analysis.pipeline import analyze_slide
 from edge.config import Config, StreamConfig
 from edge.engines import EngineSet, FakeEngine, load_bundle
 from edge.errors import EngineError, SlideReadError, StreamCancelled, TileDecodeError
-from edge.pipeline import analyze_slide
 from tests.conftest import SynthFactory
 from tests.tiny_bundle import make_tiny_bundle
 
@@ -128,7 +128,7 @@ def test_crops_cut_from_the_tile_in_memory_match_crops_read_from_the_slide(
     bundle_dir: Path, synth_slide: SynthFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The classifiers see the same pixels whether a crop is cut from the detector's tile or read again."""
-    import edge.pipeline as pipeline
+    import edge.analysis.pipeline as pipeline
 
     path = synth_slide(width=2048, height=1536, seed=3)
     seen: dict[bool, list[np.ndarray]] = {True: [], False: []}

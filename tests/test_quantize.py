@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edge.devtools.quantize import dequantize_preprocessing, fold_preprocessing, quantize_model
 from edge.engines import load_bundle
 from edge.engines.manifest import Normalisation
-from edge.engines.quantize import dequantize_preprocessing, fold_preprocessing, quantize_model
 from edge.engines.wrap import wrap_model
 from edge.errors import ConfigError
 from tests.conftest import SynthFactory

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.errors import ConfigError
-from edge.scoring import (
+from edge.analysis.scoring import (
     BOUNDARY_TOLERANCE,
     NOTTINGHAM_FIELD_AREA_MM2,
     SCORE_HINT_NOTE,
@@ -25,6 +24,7 @@ from edge.scoring import (
     score_slide,
     tissue_fraction_in_circles,
 )
+from edge.errors import ConfigError
 
 Points = np.ndarray
 

@@ -22,9 +22,9 @@ from edge._proto import edge_pb2 as pb
 from edge._proto import edge_pb2_grpc as pb_grpc
 from edge.config import ServerConfig
 from edge.errors import ConfigError
-from edge.server import LAST_SEQUENCE_KEY, SERVICE_NAME, RunningServer, start_server
-from edge.server_auth import RequestRefused, parse_tokens, required_role, resolve_submit_path
-from edge.store import Store
+from edge.service.auth import RequestRefused, parse_tokens, required_role, resolve_submit_path
+from edge.service.server import LAST_SEQUENCE_KEY, SERVICE_NAME, RunningServer, start_server
+from edge.service.store import Store
 from tests.grpc_fakes import (
     READ_TOKEN,
     SUBMIT_TOKEN,
@@ -144,7 +144,7 @@ def test_missing_tls_files_and_bad_tokens_files_name_the_setting(tmp_path: Path,
 
 
 def test_insecure_on_a_network_address_warns(make_server: Maker, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="edge.server"):
+    with caplog.at_level(logging.WARNING, logger="edge.service.server"):
         running = make_server(insecure_config(listen="0.0.0.0:0"))
     assert running.port > 0
     assert any("without TLS" in r.getMessage() for r in caplog.records)
@@ -725,6 +725,6 @@ def test_a_certificate_close_to_expiry_is_warned_about_at_start(
 ) -> None:
     files = TestCA(tmp_path).issue("localhost", server=True, valid_days=10)
     config = ServerConfig(listen="127.0.0.1:0", tls_cert=str(files.cert), tls_key=str(files.key))
-    with caplog.at_level(logging.WARNING, logger="edge.server"):
+    with caplog.at_level(logging.WARNING, logger="edge.service.server"):
         start_server(config, control).stop()
     assert re.search(r"the server certificate .* expires on .* UTC, in [89] day\(s\): renew it", caplog.text)

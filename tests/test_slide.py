@@ -24,7 +24,7 @@ from edge.errors import (
     TileDecodeError,
     UnsupportedFormatError,
 )
-from edge.slide import _resolution_mpp, choose_read_scale, open_slide, resolve_mpp
+from edge.wsi.slide import _resolution_mpp, choose_read_scale, open_slide, resolve_mpp
 
 from .conftest import SynthFactory, data_file
 

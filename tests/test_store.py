@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from edge import store as store_module
+from edge.analysis.scoring import Figure, SlideResult, score_slide
 from edge.errors import JobNotFoundError, JobStateError, ResultNotFoundError, StoreCorruptError, StoreError
-from edge.scoring import Figure, SlideResult, score_slide
-from edge.store import SCHEMA_VERSION, Store
+from edge.service import store as store_module
+from edge.service.store import SCHEMA_VERSION, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 MPP = 0.25
@@ -501,8 +501,8 @@ def test_many_threads_adding_and_claiming_never_claim_a_job_twice(store: Store) 
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from edge.scoring import Figure, SlideResult, score_slide
-    from edge.store import Store
+    from edge.analysis.scoring import Figure, SlideResult, score_slide
+    from edge.service.store import Store
 
     class Killer(Figure):
         def to_json_dict(self):

@@ -12,9 +12,9 @@ import pytest
 
 from edge.config import Config, SlideConfig, TilingConfig
 from edge.errors import StreamCancelled, TileDecodeError
-from edge.slide import Level, Slide, SlideInfo, open_slide
-from edge.stream import TileStream, open_stream, plan_slide
-from edge.tiling import plan_tiles
+from edge.wsi.slide import Level, Slide, SlideInfo, open_slide
+from edge.wsi.stream import TileStream, open_stream, plan_slide
+from edge.wsi.tiling import plan_tiles
 
 from .conftest import SynthFactory
 

@@ -13,7 +13,7 @@ import pytest
 
 from edge.cli import main
 from edge.errors import ConfigError
-from edge.survival import (
+from edge.study.survival import (
     DAYS_PER_YEAR,
     aggregate,
     analyze_variable,

@@ -13,9 +13,8 @@ import pytest
 import tifffile
 import tiffslide
 
-from edge.errors import ConfigError
-from edge.scoring import find_hotspot, hotspot_radius_um
-from edge.synth import (
+from edge.analysis.scoring import find_hotspot, hotspot_radius_um
+from edge.devtools.synth import (
     ATYPICAL_SHAPES,
     IMPOSTER_SHAPES,
     NORMAL_SHAPES,
@@ -28,6 +27,7 @@ from edge.synth import (
     load_truth,
     pyramid_shapes,
 )
+from edge.errors import ConfigError
 
 SMALL = {"width": 2048, "height": 1536}
 

@@ -12,9 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from edge.analysis.detect import TileOwnership
 from edge.config import TilingConfig, TissueConfig
-from edge.detect import TileOwnership
-from edge.tiling import TilePlan, dilated_mask, grid_starts, plan_efficiency, plan_tiles, tissue_area_mm2, tissue_mask
+from edge.wsi.tiling import (
+    TilePlan,
+    dilated_mask,
+    grid_starts,
+    plan_efficiency,
+    plan_tiles,
+    tissue_area_mm2,
+    tissue_mask,
+)
 
 from .conftest import SynthFactory, data_file
 
@@ -41,7 +49,7 @@ def test_real_he_on_white_glass_is_found_and_the_glass_is_not() -> None:
 
 
 def test_real_dicom_slide_with_greyish_glass() -> None:
-    from edge.slide import open_slide
+    from edge.wsi.slide import open_slide
 
     with open_slide(data_file("wsi/camelyon-multiframe.dcm")) as slide:  # glass at about (226, 221, 228)
         image = slide.read_level(0, 0, 0, *slide.info.dimensions)
@@ -151,9 +159,9 @@ def test_empty_mask_gives_no_tiles() -> None:
 
 def test_tissue_of_a_synthetic_slide_holds_every_planted_object(synth_slide: SynthFactory) -> None:
     from edge.config import Config
-    from edge.slide import open_slide
-    from edge.stream import plan_slide
-    from edge.synth import default_truth_path, load_truth
+    from edge.devtools.synth import default_truth_path, load_truth
+    from edge.wsi.slide import open_slide
+    from edge.wsi.stream import plan_slide
 
     path = synth_slide(width=6144, height=4096, seed=4)
     truth = load_truth(default_truth_path(path))
@@ -305,9 +313,9 @@ def test_without_mask_the_fit_layout_is_the_grid() -> None:
 
 def test_fit_plan_on_a_synthetic_slide_owns_every_planted_figure_in_a_core(synth_slide: SynthFactory) -> None:
     from edge.config import Config
-    from edge.slide import open_slide
-    from edge.stream import plan_slide
-    from edge.synth import default_truth_path, load_truth
+    from edge.devtools.synth import default_truth_path, load_truth
+    from edge.wsi.slide import open_slide
+    from edge.wsi.stream import plan_slide
 
     path = synth_slide(width=6144, height=4096, seed=4)
     truth = load_truth(default_truth_path(path))

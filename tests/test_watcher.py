@@ -22,8 +22,7 @@ import pytest
 
 from edge.config import WatchConfig
 from edge.errors import ConfigError, CorruptSlideError, NotASlideError
-from edge.fingerprint import Fingerprint, fingerprint_slide
-from edge.watcher import (
+from edge.service.watcher import (
     SlideWatcher,
     StabilityGate,
     choose_observer,
@@ -33,6 +32,7 @@ from edge.watcher import (
     slide_unit,
     unit_snapshot,
 )
+from edge.wsi.fingerprint import Fingerprint, fingerprint_slide
 from tests.conftest import data_file
 
 MAGIC = b"SLIDE"  # what the fake opener wants at the start of a slide file
@@ -461,7 +461,7 @@ def test_callbacks_that_raise_are_logged_and_the_slide_is_retried(
 
     clock = FakeClock()
     watcher = SlideWatcher(_config(tmp_path), on_ready, Recorder().on_failed, opener=fake_opener, clock=clock)
-    with caplog.at_level(logging.ERROR, logger="edge.watcher"):
+    with caplog.at_level(logging.ERROR, logger="edge.service.watcher"):
         look(watcher, clock, 0.0, 1.0, 1.5, 2.0, 3.0)
     assert calls == [slide, slide]
     assert any(str(slide) in r.getMessage() and r.exc_info for r in caplog.records)
@@ -475,7 +475,7 @@ def test_an_on_failed_that_raises_is_logged(tmp_path: Path, caplog: pytest.LogCa
 
     clock = FakeClock()
     watcher = SlideWatcher(_config(tmp_path), Recorder().on_ready, on_failed, opener=fake_opener, clock=clock)
-    with caplog.at_level(logging.ERROR, logger="edge.watcher"):
+    with caplog.at_level(logging.ERROR, logger="edge.service.watcher"):
         look(watcher, clock, 0.0, 1.0, 6.0)
     assert any("broken.svs" in r.getMessage() and r.exc_info for r in caplog.records)
 
@@ -698,7 +698,7 @@ def test_a_stable_unreadable_file_shows_up_at_once_and_fails_after_the_unreadabl
     broken = tmp_path / "broken.svs"
     broken.write_bytes(b"GARBAGE" * 10)
     watcher, rec, clock = gated(tmp_path, settle_timeout_s=3600.0, unreadable_timeout_s=10.0)
-    with caplog.at_level(logging.INFO, logger="edge.watcher"):
+    with caplog.at_level(logging.INFO, logger="edge.service.watcher"):
         look(watcher, clock, 0.0, 1.0)
     [waiting] = watcher.waiting()
     assert waiting["slide_path"] == str(broken) and "bad magic" in waiting["reason"]

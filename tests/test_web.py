@@ -25,9 +25,9 @@ from PIL import Image
 from prometheus_client import generate_latest
 
 from edge.client import EdgeClient
-from edge.daemon import Daemon
-from edge.metrics import DaemonMetrics
-from edge.store import Store
+from edge.service.daemon import Daemon
+from edge.service.metrics import DaemonMetrics
+from edge.service.store import Store
 from tests.conftest import LIBRARY_THREADS, SynthFactory
 from tests.test_daemon import daemon_config, wait_for
 
@@ -134,7 +134,7 @@ def sign(site: Site, cookie: str, changes: list[dict[str, Any]], *, origin: str 
 
 
 def hotspot_ids(site: Site) -> dict[int, str]:
-    from edge.web import WebApp
+    from edge.service.web import WebApp
 
     app = WebApp(site.daemon.config, site.store(), site.daemon.results_dir)
     return {f.detection_id: f.kind for f in app.hotspot_figures(site.store().get_result(site.job_id))}
@@ -392,7 +392,7 @@ def test_get_result_returns_the_review_beside_the_automatic_numbers_and_a_rerun_
 
 
 def test_calibrate_uses_the_signed_reviews_as_truth(site: Site, tmp_path: Path) -> None:
-    from edge.calibrate import slides_from_reviews
+    from edge.devtools.calibrate import slides_from_reviews
     from edge.engines.manifest import load_bundle
 
     bundle = load_bundle(site.daemon.config.engines.bundle)
@@ -443,7 +443,7 @@ def test_over_tls_a_listed_client_certificate_signs_and_the_cookie_is_secure(tmp
     import ssl
 
     from edge.config import load_config
-    from edge.web import start_web
+    from edge.service.web import start_web
     from tests.tls_certs import TestCA
 
     ca = TestCA(tmp_path / "ca")

@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from edge.config import SlideConfig
-from edge.slide import direct_reader, open_slide
-from edge.tiling import grid_starts
+from edge.wsi.slide import direct_reader, open_slide
+from edge.wsi.tiling import grid_starts
 
 
 def timed(fn: Callable[[Any], Any], items: list[Any], threads: int) -> float:

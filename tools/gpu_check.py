@@ -272,10 +272,10 @@ def check_pipeline(report: Report, bundle_name: str, cache_dir: Path, side: int)
     """The whole pipeline and the daemon on TensorRT: `bench analyze` on a synthetic slide (the issue's
     end-to-end target: >= 0.8 of the slower of read-only and detector-only) with ONNX Runtime on the CPU
     beside it for reference, then `bench daemon` with a few slides (each processed exactly once)."""
-    from edge.bench import bench_analyze, bench_daemon
     from edge.config import load_config
+    from edge.devtools.bench import bench_analyze, bench_daemon
+    from edge.devtools.synth import SynthParams, generate_slide
     from edge.engines import load_bundle, open_engines
-    from edge.synth import SynthParams, generate_slide
 
     settings = {"engines.bundle": bundle_name, "engines.plan_cache": str(cache_dir)}
     config = load_config(None, {**settings, "engines.backend": "tensorrt"})

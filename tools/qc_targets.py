@@ -24,11 +24,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edge.analysis.pipeline import analyze_slide  # noqa: E402
 from edge.config import Config  # noqa: E402
+from edge.devtools.synth import SynthParams, default_truth_path, generate_slide, load_truth  # noqa: E402
+from edge.devtools.synth_faults import disc_mask, segment_distance  # noqa: E402
 from edge.engines import load_bundle, open_engines  # noqa: E402
-from edge.pipeline import analyze_slide  # noqa: E402
-from edge.synth import SynthParams, default_truth_path, generate_slide, load_truth  # noqa: E402
-from edge.synth_faults import disc_mask, segment_distance  # noqa: E402
 
 FAULT_SEEDS = (6101, 6102, 6103, 6104, 6105)  # never used to choose the thresholds (those: 101-103, 201-203)
 CLEAN_SEEDS = (6201, 6202, 6203, 6204, 6205)
@@ -99,7 +99,7 @@ def faults(out: Path) -> dict[str, Any]:
 
 
 def drift(out: Path, slides: int = 30, change_after: int = 20, shift_deg: float = 8.0) -> dict[str, Any]:
-    from edge.store import Store
+    from edge.service.store import Store
 
     config = Config()
     bundle = load_bundle(config.engines.bundle)

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from edge.survival import DAYS_PER_YEAR, analyze_variable, censor_at, simulated_cohort
+from edge.study.survival import DAYS_PER_YEAR, analyze_variable, censor_at, simulated_cohort
 
 
 def arrays(seed: int, hr: float, cases: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

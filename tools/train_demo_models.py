@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the demo bundle (``engines/demo``): a tiny YOLO-style detector and two tiny classifiers.
 
-For demonstration and tests only: the models learn the figures that ``edge.synth`` draws, never
+For demonstration and tests only: the models learn the figures that ``edge.devtools.synth`` draws, never
 real tissue, and must not be used for diagnosis.
 
     pip install -e ".[train]"
@@ -18,7 +18,7 @@ Steps, all seeded:
 5. export each to ONNX (float NCHW, dynamic batch, opset 17) and wrap it with
    ``edge.engines.wrap.wrap_model`` so the bundle's files take uint8 NHWC RGB;
 6. run the wrapped files with ONNX Runtime over the held-out slides, tile by tile as the pipeline
-   reads them (``edge.stream``), and choose there the detector's score threshold, the ensemble
+   reads them (``edge.wsi.stream``), and choose there the detector's score threshold, the ensemble
    weights and the mitotic threshold (as the paper does); measure the test slide with them;
 7. write ``manifest.toml``, ``MODEL_CARD.md`` and ``training_report.json``; check the bundle
    with ``edge.engines.manifest.load_bundle``.
@@ -62,10 +62,10 @@ from scipy.spatial import cKDTree
 from scipy.stats import rankdata
 
 from edge.config import Config
+from edge.devtools.synth import SynthParams, default_truth_path, generate_slide, load_truth
 from edge.engines.manifest import Normalisation, load_bundle, sha256_file
-from edge.slide import BACKGROUND, open_slide
-from edge.stream import open_stream, plan_slide
-from edge.synth import SynthParams, default_truth_path, generate_slide, load_truth
+from edge.wsi.slide import BACKGROUND, open_slide
+from edge.wsi.stream import open_stream, plan_slide
 
 log = logging.getLogger("train_demo_models")
 
@@ -1190,7 +1190,7 @@ def write_model_card(out: Path, report: dict[str, Any]) -> None:
         "# Model card: the `demo` bundle",
         "",
         "**Trained on synthetic data only. For demonstration and tests - NOT for diagnosis.** These models",
-        "have never seen a real slide. They learnt the figures that `edge.synth` draws (metaphase, anaphase,",
+        "have never seen a real slide. They learnt the figures that `edge.devtools.synth` draws (metaphase, anaphase,",
         "prophase; tripolar, lagging, ring, asymmetric; apoptotic bodies and pyknotic nuclei as imposters)",
         "and say nothing meaningful about real tissue. They exist so that the pipeline, the engines, the",
         "exports and the tests run end to end on any machine.",
@@ -1223,7 +1223,7 @@ def write_model_card(out: Path, report: dict[str, Any]) -> None:
         "",
         "## Training data",
         "",
-        "Synthetic slides from `edge.synth.generate_slide` (0.25 µm/px, JPEG-tiled pyramidal TIFF). Seeds",
+        "Synthetic slides from `edge.devtools.synth.generate_slide` (0.25 µm/px, JPEG-tiled pyramidal TIFF). Seeds",
         "1001+ train, 2001+ validate (the operating point is chosen there), 3001+ test (measured once, with",
         "the chosen values). Training slides hold far more figures per mm² than a real slide and vary stain",
         "strength, blur, noise, JPEG quality and scanner resolution (slides at 0.5 and 0.23 µm/px are read",
@@ -1271,7 +1271,7 @@ def write_model_card(out: Path, report: dict[str, Any]) -> None:
         "",
         "## Limitations",
         "",
-        "- Synthetic data only: the figures, imposters and tissue are drawn by `edge.synth`; real mitoses,",
+        "- Synthetic data only: the figures, imposters and tissue are drawn by `edge.devtools.synth`; real mitoses,",
         "  staining, scanners and artefacts were never seen.",
         "- The false candidates that remain are mostly pairs of parallel stromal nuclei (which look like an",
         "  anaphase) and overlapping nuclei, more so on slides read upsampled from 0.5 µm/px.",
@@ -1389,7 +1389,7 @@ def run(out: Path, work: Path, seed: int, quick: bool, target_recall: float = TA
             "intended_use": "demonstration and tests only; trained on synthetic slides; NOT for diagnosis",
             "description": ("Tiny YOLO-style detector (stride 16, anchor-free) and a two-model classifier ensemble "
                             "(DenseNet-like + EfficientNet-like, mitotic and atypical heads), trained by "
-                            f"tools/train_demo_models.py (seed {seed}) on edge.synth slides."
+                            f"tools/train_demo_models.py (seed {seed}) on edge.devtools.synth slides."
                             + (" QUICK SMOKE RUN: not a usable model." if quick else "")),
             "model_card": "MODEL_CARD.md",
         },

@@ -1,0 +1,616 @@
+"""Scan QC at scan time: focus, folds, pen and dirt, over-exposure and stain vectors; a verdict per slide.
+
+Computed from what the pipeline already has in memory: each decoded tile (fed to a
+:class:`QcAccumulator`, no second read of the slide) and the thumbnail the tissue mask came from.
+
+Focus: the no-reference blur measure of Crete et al. (2007, "The blur effect: perception and
+estimation with a new no-reference perceptual blur metric", SPIE 6492; also
+``skimage.measure.blur_effect``): re-blur the image with a 9-px box and see how much of each
+neighbour difference survives. It is a ratio, so faint or sparse tissue does not read as blurred
+the way an absolute sharpness (Laplacian variance, Tenengrad) does; 0 = sharp, 1 = flat. It is
+measured at ``focus_mpp`` (0.5 µm/px: 2x2 binned 0.25 µm/px tiles), which also suppresses JPEG and
+sensor noise, and per cell of ``cell_um`` (32 µm), pooled over 3x3 cells. Unlike Crete, the
+smaller of the horizontal and vertical blur is kept: defocus blurs both, fibres only one.
+
+Folds: tissue whose optical density is ``fold_od_ratio`` times the slide's median tissue density
+(doubled tissue), on the thumbnail. Pen and dirt: dense pixels whose colour is not a mix of the
+slide's own stains (far from the H-E plane, outside the H-E cone, or dark grey). Over-exposure:
+tissue pixels with two or more channels clipped at 255 (or any at 0). Stains: Macenko et al.
+(2009, "A method for normalizing histology slides for quantitative analysis", ISBI) on optical
+density pixels sampled from every tile; see :func:`macenko`.
+
+Everything here is pure numpy/scipy except the accumulator's running state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from edge.analysis.scoring import Figure, find_hotspot, hotspot_radius_um, points_in_hotspot
+from edge.config import QcConfig
+from edge.errors import QcError
+
+__all__ = [
+    "REFERENCE_STAINS",
+    "VERDICTS",
+    "QcAccumulator",
+    "QcMaps",
+    "StainVectors",
+    "angle_deg",
+    "crete_blur",
+    "focus_sums",
+    "fold_mask",
+    "line_focus_sums",
+    "macenko",
+    "optical_density",
+    "pen_mask",
+    "summary_lines",
+    "verdict_of",
+]
+
+Verdict = Literal["pass", "review", "rescan"]
+VERDICTS: tuple[Verdict, ...] = ("pass", "review", "rescan")
+CRETE_WINDOW = 9  # px of the re-blurring box filter (Crete et al.)
+MIN_STAIN_OD = 0.15  # Macenko's beta: optical density below this per channel is glass or noise
+MACENKO_PERCENTILE = 1.0  # Macenko's alpha: robust extremes of the angle distribution
+MIN_STAIN_PIXELS = 200
+FOCUS_LINE_STEP = 8  # focus from every 8th row (horizontal) and column (vertical) at focus_mpp
+COLOUR_STEP = 16  # colour measures from every 16th pixel of each 16th row (4 µm apart at 0.25 µm/px)
+POOL_CELLS = 3  # focus sums pooled over 3x3 cells: a decision per cell from ~100 µm of tissue
+# Ruifrok & Johnston (2001) H&E optical density vectors: the fallback when a slide has too little stain.
+REFERENCE_STAINS = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])
+REFERENCE_STAINS = REFERENCE_STAINS / np.linalg.norm(REFERENCE_STAINS, axis=1, keepdims=True)
+
+
+# --- pure cores ----------------------------------------------------------------------------------
+
+
+def optical_density(rgb: NDArray[Any], glass: NDArray[Any] | float = 255.0) -> NDArray[np.float32]:
+    """Per-channel optical density -ln(I / I0) against the glass colour, I floored at 1 grey level.
+
+    >>> [round(float(v), 3) for v in optical_density(np.array([[255.0, 25.5, 2.55]]))[0]]
+    [0.0, 2.303, 4.605]
+    """
+    i0 = np.asarray(glass, np.float32)
+    ratio = np.clip(np.asarray(rgb, np.float32), 1.0, None) / i0
+    return np.asarray(-np.log(np.clip(ratio, 1e-3, 1.0)) + 0.0, np.float32)  # + 0.0: no -0.0
+
+
+def focus_sums(grey: NDArray[np.float32], cell: int) -> NDArray[np.float32]:
+    """Crete's sums per cell: (4, rows, cols) = [D_h, V_h, D_v, V_v].
+
+    D is the absolute neighbour difference of the image, V how much of it the re-blurred image
+    lost (max(0, D - D_blurred)); the image is cut into cells of ``cell`` px (a remainder is dropped).
+    """
+    rows, cols = grey.shape[0] // cell, grey.shape[1] // cell
+    g = grey[: rows * cell, : cols * cell]
+    return line_focus_sums(g, g, (cell, cell), (cell, cell))
+
+
+def line_focus_sums(
+    rows: NDArray[np.float32], columns: NDArray[np.float32], row_cell: tuple[int, int], column_cell: tuple[int, int]
+) -> NDArray[np.float32]:
+    """:func:`focus_sums` from a sample of lines: horizontal differences along ``rows`` (some of the image's
+    rows, cells of ``row_cell`` (rows, px)), vertical ones along ``columns`` (cells of ``column_cell``).
+    Crete's ratio from every n-th line is the ratio of the whole cell, at 1/n of the cost."""
+    n_rows, n_cols = rows.shape[0] // row_cell[0], rows.shape[1] // row_cell[1]
+    out = np.zeros((4, n_rows, n_cols), np.float32)
+    if n_rows == 0 or n_cols == 0:
+        return out
+    for k, (lines, axis, cell) in enumerate(((rows, 1, row_cell), (columns, 0, column_cell))):
+        blurred = ndimage.uniform_filter1d(lines, CRETE_WINDOW, axis=axis, mode="reflect")
+        d = np.abs(np.diff(lines, axis=axis))
+        v = np.maximum(d - np.abs(np.diff(blurred, axis=axis)), 0.0)
+        # The last column (row) has no right (lower) neighbour: pad with zeros, as Crete's sums skip it.
+        pad = ((0, 0), (0, 1)) if axis == 1 else ((0, 1), (0, 0))
+        out[2 * k] = _cell_sum(np.pad(d, pad), cell)
+        out[2 * k + 1] = _cell_sum(np.pad(v, pad), cell)
+    return out
+
+
+def crete_blur(sums: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Crete's blur from :func:`focus_sums` (summed over any cells first): (D - V) / D per axis, 0 sharp,
+    1 flat, and the smaller of the two. Crete takes the larger; but defocus blurs every direction, while
+    oriented texture (collagen fibres, muscle) is smooth along one axis only and would read as blurred.
+
+    >>> rng = np.random.default_rng(0)
+    >>> sharp = rng.uniform(0, 255, (64, 64)).astype(np.float32)
+    >>> soft = ndimage.gaussian_filter(sharp, 3)
+    >>> float(crete_blur(focus_sums(sharp, 64))[0, 0]) < float(crete_blur(focus_sums(soft, 64))[0, 0])
+    True
+    """
+    d_h, v_h, d_v, v_v = sums
+    blur_h = 1.0 - v_h / np.maximum(d_h, 1e-6)
+    blur_v = 1.0 - v_v / np.maximum(d_v, 1e-6)
+    return np.asarray(np.minimum(blur_h, blur_v), np.float32)
+
+
+@dataclass(frozen=True)
+class StainVectors:
+    """Unit optical-density vectors of haematoxylin and eosin (RGB order) and their 99th-percentile amounts."""
+
+    hematoxylin: tuple[float, float, float]
+    eosin: tuple[float, float, float]
+    hematoxylin_max: float
+    eosin_max: float
+    pixels: int
+
+    def matrix(self) -> NDArray[np.float64]:
+        return np.array([self.hematoxylin, self.eosin], np.float64)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "hematoxylin": [round(v, 5) for v in self.hematoxylin],
+            "eosin": [round(v, 5) for v in self.eosin],
+            "hematoxylin_max": round(self.hematoxylin_max, 4),
+            "eosin_max": round(self.eosin_max, 4),
+            "pixels": self.pixels,
+            "method": "macenko",
+        }
+
+
+def macenko(od: NDArray[Any], *, beta: float = MIN_STAIN_OD, alpha: float = MACENKO_PERCENTILE) -> StainVectors:
+    """Macenko's stain vectors from optical-density pixels (N, 3).
+
+    Pixels with every channel above ``beta`` are projected on the plane of the two largest
+    eigenvectors of their covariance; the robust extremes (``alpha`` and 100 - ``alpha``
+    percentiles) of their angle in that plane are the two stains. Haematoxylin is the one that
+    absorbs more red. Amounts are least-squares concentrations, reported as 99th percentiles.
+    Raises QcError with fewer than MIN_STAIN_PIXELS stained pixels.
+    """
+    od = np.asarray(od, np.float64).reshape(-1, 3)
+    od = od[np.all(od > beta, axis=1)]
+    if len(od) < MIN_STAIN_PIXELS:
+        raise QcError(f"only {len(od)} stained pixels (at least {MIN_STAIN_PIXELS} needed) to estimate stain vectors")
+    _, vectors = np.linalg.eigh(np.cov(od, rowvar=False))
+    plane = vectors[:, 1:3]
+    plane = plane * np.where(plane.sum(axis=0) < 0, -1.0, 1.0)  # point both into positive OD
+    proj = od @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [alpha, 100.0 - alpha])
+    v1 = plane @ np.array([math.cos(lo), math.sin(lo)])
+    v2 = plane @ np.array([math.cos(hi), math.sin(hi)])
+    h, e = (v1, v2) if v1[0] > v2[0] else (v2, v1)
+    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
+    amounts, *_ = np.linalg.lstsq(np.stack([h, e], axis=1), od.T, rcond=None)
+    h_max, e_max = np.percentile(amounts, 99, axis=1)
+    return StainVectors(
+        tuple(float(v) for v in h), tuple(float(v) for v in e), float(h_max), float(e_max), len(od)  # type: ignore[arg-type]
+    )
+
+
+def angle_deg(a: Sequence[float] | NDArray[Any], b: Sequence[float] | NDArray[Any]) -> float:
+    """Angle in degrees between two vectors.
+
+    >>> angle_deg([1, 0, 0], [0, 1, 0])
+    90.0
+    """
+    va, vb = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb) + 1e-12))
+    return round(math.degrees(math.acos(max(-1.0, min(1.0, cos)))), 6)
+
+
+def pen_mask(od: NDArray[np.float32], stains: NDArray[np.float64], config: QcConfig) -> NDArray[np.bool_]:
+    """Dense pixels whose colour is no mix of the two stains: marker ink, dirt, dark debris.
+
+    Each pixel's OD is compared with the plane and the cone the slide's two stain vectors span:
+    more than ``pen_off_plane_deg`` off the plane (green ink, grey or black), more than
+    ``pen_outside_cone_deg`` outside the cone within it (blue ink absorbs more red than
+    haematoxylin), or dark in every channel (black ink, dirt).
+    """
+    h, e = (v / np.linalg.norm(v) for v in stains)
+    normal = np.cross(h, e)
+    normal /= np.linalg.norm(normal)
+    u = e - (e @ h) * h  # in-plane axis orthogonal to H, towards E
+    u /= np.linalg.norm(u)
+    flat = od.reshape(-1, 3).astype(np.float64)
+    length = np.linalg.norm(flat, axis=1) + 1e-9
+    off_plane = np.degrees(np.arcsin(np.clip(np.abs(flat @ normal) / length, 0.0, 1.0)))
+    phi = np.degrees(np.arctan2(flat @ u, flat @ h))  # 0 at H, angle(H, E) at E
+    cone = math.degrees(math.acos(float(np.clip(h @ e, -1.0, 1.0))))
+    margin = config.pen_outside_cone_deg
+    outside = (phi < -margin) | (phi > cone + margin)
+    dark = flat.min(axis=1) > config.dark_od
+    dense = flat.sum(axis=1) > config.pen_min_od
+    return np.asarray((dense & ((off_plane > config.pen_off_plane_deg) | outside | dark)).reshape(od.shape[:2]), bool)
+
+
+def fold_mask(od: NDArray[np.float32], tissue: NDArray[np.bool_], stains: NDArray[np.float64], config: QcConfig,
+              mpp: tuple[float, float]) -> NDArray[np.bool_]:
+    """Tissue lying doubled: its optical density *and its eosin* at least ``fold_od_ratio`` times both the
+    slide's median and the tissue around it (``fold_window_um``).
+
+    A fold doubles the section wherever it lies, so both stains double; a dense cellular area or an
+    epidermis is dense in haematoxylin against its own surroundings, not in eosin, and a dense area is
+    not dense against itself.
+    """
+    if not tissue.any():
+        return np.zeros(tissue.shape, bool)
+    total = ndimage.gaussian_filter(od.sum(axis=2), 1.0)
+    amounts, *_ = np.linalg.lstsq(stains.T, od.reshape(-1, 3).T.astype(np.float64), rcond=None)
+    eosin = ndimage.gaussian_filter(amounts[1].reshape(tissue.shape).astype(np.float32), 1.0)
+    size = max(3, round(config.fold_window_um / ((mpp[0] + mpp[1]) / 2)))
+    weight = np.maximum(ndimage.uniform_filter(tissue.astype(np.float32), size), 1e-6)
+    folded = tissue.copy()
+    for measure in (total, eosin):
+        local = ndimage.uniform_filter(np.where(tissue, measure, 0.0).astype(np.float32), size) / weight
+        reference = np.maximum(local, float(np.median(measure[tissue])))
+        folded &= measure > config.fold_od_ratio * reference
+    return folded
+
+
+def _remove_small(mask: NDArray[np.bool_], min_pixels: float) -> NDArray[np.bool_]:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    keep = np.concatenate([[False], sizes >= min_pixels])
+    return np.asarray(keep[labels], bool)
+
+
+# --- per-slide maps and the verdict --------------------------------------------------------------
+
+
+@dataclass
+class QcMaps:
+    """Where the faults are: out-of-focus cells (cell grid) and fold / pen pixels (thumbnail grid),
+    each with its level-0 px per cell or pixel (x, y). For the overlay and the GeoJSON regions."""
+
+    out_of_focus: NDArray[np.bool_]
+    cell_px0: tuple[float, float]
+    fold: NDArray[np.bool_]
+    pen: NDArray[np.bool_]
+    thumb_px0: tuple[float, float]
+    tissue_cells: NDArray[np.bool_] | None = None  # the cells focus was judged on (same grid as out_of_focus)
+
+    def regions(self) -> list[tuple[str, list[list[tuple[float, float]]]]]:
+        """(class, outer rings in level-0 px) of each out-of-focus, fold and pen region."""
+        out: list[tuple[str, list[list[tuple[float, float]]]]] = []
+        for name, mask, scale in (
+            ("out_of_focus", self.out_of_focus, self.cell_px0),
+            ("fold", self.fold, self.thumb_px0),
+            ("pen", self.pen, self.thumb_px0),
+        ):
+            for ring in _outlines(mask):
+                out.append((name, [[(float(x * scale[0]), float(y * scale[1])) for x, y in ring]]))
+        return out
+
+
+def _outlines(mask: NDArray[np.bool_]) -> list[NDArray[np.float64]]:
+    """Closed outlines (x, y in mask px, pixel edges) of each region, via contourpy (matplotlib's)."""
+    if not mask.any():
+        return []
+    import contourpy
+
+    padded = np.pad(mask.astype(np.float64), 1)
+    # Upsample 2x with nearest so the 0.5 contour follows the pixel edges instead of cutting corners.
+    z = np.repeat(np.repeat(padded, 2, axis=0), 2, axis=1)
+    gen = contourpy.contour_generator(z=z, line_type=contourpy.LineType.Separate)
+    rings = []
+    for line in gen.lines(0.5):
+        pts = (np.asarray(line, np.float64) + 0.5) / 2.0 - 1.0
+        if len(pts) >= 4:
+            rings.append(pts)
+    return rings
+
+
+def verdict_of(measures: Mapping[str, Any], config: QcConfig) -> tuple[Verdict, list[str]]:
+    """pass | review | rescan and the reasons in words, from a qc section's measures.
+
+    >>> from edge.config import QcConfig
+    >>> verdict_of({"out_of_focus_fraction": 0.14, "hotspot": {"out_of_focus_fraction": 0.6}}, QcConfig())[0]
+    'rescan'
+    """
+    rescan: list[str] = []
+    review: list[str] = []
+    oof = float(measures.get("out_of_focus_fraction") or 0.0)
+    if oof >= config.rescan_out_of_focus_fraction:
+        rescan.append(f"{oof:.1%} of the tissue is out of focus (rescan at {config.rescan_out_of_focus_fraction:.0%})")
+    elif oof >= config.review_out_of_focus_fraction:
+        review.append(f"{oof:.1%} of the tissue is out of focus")
+    # A blurred next-best field may be the true hotspot with its figures hidden: worth a look. A fold
+    # matters in the hotspot only (doubled tissue doubles its count).
+    for i, spot in enumerate([measures.get("hotspot") or {}, *(measures.get("next_fields") or [])]):
+        name = "the hotspot" if i == 0 else f"the next-best field {i}"
+        spot_oof = float(spot.get("out_of_focus_fraction") or 0.0)
+        if spot_oof >= config.hotspot_out_of_focus_fraction:
+            (rescan if i == 0 else review).append(f"{name} is {spot_oof:.0%} out of focus")
+    spot_fold = float((measures.get("hotspot") or {}).get("fold_fraction") or 0.0)
+    if spot_fold >= config.hotspot_fold_fraction:
+        review.append(f"the hotspot is {spot_fold:.0%} folded")
+    fold = float(measures.get("fold_fraction") or 0.0)
+    if fold >= config.review_fold_fraction:
+        review.append(f"folds on {fold:.1%} of the tissue")
+    pen = float(measures.get("pen_fraction") or 0.0)
+    if pen >= config.review_pen_fraction:
+        review.append(f"pen marks or dirt on {pen:.1%} of the tissue")
+    saturated = float(measures.get("saturated_fraction") or 0.0)
+    if saturated >= config.review_saturated_fraction:
+        review.append(f"{saturated:.1%} of the tissue pixels are clipped (over-exposed)")
+    if rescan:
+        return "rescan", rescan + review
+    return ("review", review) if review else ("pass", [])
+
+
+# --- the accumulator fed by the pipeline ---------------------------------------------------------
+
+
+@dataclass
+class _Grid:
+    sums: NDArray[np.float32]
+    tissue: NDArray[np.float32]
+    clipped: NDArray[np.float32]
+    seen: NDArray[np.bool_]
+
+
+@dataclass
+class QcAccumulator:
+    """Per-tile quality, gathered on a slide-wide grid of ``cell_um`` cells while the tiles stream by.
+
+    ``width``/``height`` are the slide in tile px (at ``mpp``); ``glass`` the empty glass's RGB.
+    Not thread-safe: feed it from the loop that consumes the tile stream.
+    """
+
+    width: int
+    height: int
+    mpp: float
+    config: QcConfig
+    glass: NDArray[np.float32]
+    seconds: float = 0.0
+    _samples: list[NDArray[np.float32]] = field(default_factory=list)
+    _sampled: int = 0
+
+    def __post_init__(self) -> None:
+        self.bin = max(1, round(self.config.focus_mpp / self.mpp))
+        self.cell = max(self.bin, round(self.config.cell_um / self.mpp) // self.bin * self.bin)
+        rows, cols = -(-self.height // self.cell), -(-self.width // self.cell)
+        self.grid = _Grid(
+            np.zeros((4, rows, cols), np.float32), np.zeros((rows, cols), np.float32),
+            np.zeros((rows, cols), np.float32), np.zeros((rows, cols), bool),
+        )
+        self._rng = np.random.default_rng(0)
+
+    def add_tile(self, x: int, y: int, pixels: NDArray[np.uint8]) -> None:
+        """One tile's pixels (h, w, 3) whose top-left is (x, y) in tile px."""
+        t0 = time.perf_counter()
+        cell, b = self.cell, self.bin
+        n_rows, n_cols = pixels.shape[0] // cell, pixels.shape[1] // cell
+        if n_rows and n_cols:
+            self._add(x, y, pixels[: n_rows * cell, : n_cols * cell], n_rows, n_cols, cell // b)
+        self.seconds += time.perf_counter() - t0
+
+    def _add(self, x: int, y: int, block: NDArray[np.uint8], n_rows: int, n_cols: int, c: int) -> None:
+        # Focus on the green channel binned to focus_mpp: green carries most of the contrast of both
+        # stains. Only every FOCUS_LINE_STEP-th binned row (for horizontal differences) and column (for
+        # vertical ones) is binned and measured: Crete's ratio from a sample of lines, at a fraction of the cost.
+        b = self.bin
+        step = FOCUS_LINE_STEP if c % FOCUS_LINE_STEP == 0 else 1
+        green = block[:, :, 1]
+        rows = _bin_lines(green, b, step, axis=0)
+        columns = _bin_lines(green, b, step, axis=1)
+        sums = line_focus_sums(rows, columns, (c // step, c), (c, c // step))
+        # Colour (tissue, clipping, stains) from a sparse grid of single pixels: enough per cell for a
+        # fraction, and unmixed pixels are what Macenko wants.
+        k = COLOUR_STEP if (c * b) % COLOUR_STEP == 0 else 1
+        colour = block[::k, ::k].astype(np.float32)
+        ck = c * b // k
+        od = optical_density(colour, self.glass)
+        stained = od.sum(axis=2) > self.config.tissue_od
+        clipped = stained & (((colour >= 254.5).sum(axis=2) >= 2) | (colour <= 0.5).any(axis=2))
+        tissue = _cell_sum(stained.astype(np.float32), ck) / (ck * ck)
+        clip = _cell_sum(clipped.astype(np.float32), ck) / (ck * ck)
+        # Each cell lands on the slide-wide cell its centre falls in (at most half a cell off).
+        rows = np.clip((y + (np.arange(n_rows) + 0.5) * self.cell) // self.cell, 0, self.grid.tissue.shape[0] - 1)
+        cols = np.clip((x + (np.arange(n_cols) + 0.5) * self.cell) // self.cell, 0, self.grid.tissue.shape[1] - 1)
+        index = np.ix_(rows.astype(np.intp), cols.astype(np.intp))
+        g = self.grid
+        g.sums[(slice(None), *index)] = sums
+        g.tissue[index] = tissue
+        g.clipped[index] = clip
+        g.seen[index] = True
+        dense = od[np.all(od > MIN_STAIN_OD, axis=2)]
+        # Only colours a mix of H and E can make: both absorb green most (or nearly); blue and green ink,
+        # black ink and dirt would otherwise become the robust extremes Macenko takes as the stains.
+        dense = dense[(dense[:, 1] >= 0.9 * dense[:, 0]) & (dense[:, 1] >= 0.9 * dense[:, 2])
+                      & (dense.min(axis=1) < self.config.dark_od)]
+        if len(dense):
+            n = min(len(dense), self.config.stain_samples_per_tile)
+            self._samples.append(dense[self._rng.integers(0, len(dense), n)])
+            self._sampled += len(self._samples[-1])
+            if self._sampled > 2 * self.config.stain_samples_max:
+                pooled = np.concatenate(self._samples)
+                pooled = pooled[self._rng.integers(0, len(pooled), self.config.stain_samples_max)]
+                self._samples, self._sampled = [pooled], len(pooled)
+
+    # --- the slide ------------------------------------------------------------------------------
+
+    def out_of_focus_map(self) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.float32]]:
+        """(tissue cells, out-of-focus cells, pooled blur per cell)."""
+        g = self.grid
+        tissue = g.seen & (g.tissue >= self.config.min_cell_tissue)
+        pooled = np.stack([ndimage.uniform_filter(s * tissue, POOL_CELLS, mode="constant") for s in g.sums])
+        blur = crete_blur(pooled)
+        # Hysteresis (as in Canny's edges): cells above focus_threshold seed a region that grows
+        # through neighbours above focus_grow_threshold, so a region's rim, where pooling mixes sharp
+        # and blurred cells, is kept without lowering the bar for isolated soft cells.
+        seeds = tissue & (blur > self.config.focus_threshold)
+        grow = tissue & (blur > self.config.focus_grow_threshold)
+        labels, _ = ndimage.label(grow)
+        kept = np.unique(labels[seeds])
+        return tissue, np.isin(labels, kept[kept > 0]), blur
+
+    def stains(self) -> StainVectors | None:
+        if not self._samples:
+            return None
+        try:
+            return macenko(np.concatenate(self._samples))
+        except QcError:
+            return None
+
+    def finish(
+        self,
+        *,
+        thumbnail: NDArray[np.uint8] | None,
+        mask: NDArray[np.bool_],
+        mask_mpp: tuple[float, float],
+        px0_per_tile_px: tuple[float, float],
+        mpp0: tuple[float, float],
+        figures: Sequence[Figure],
+        hotspot_area_mm2: float,
+        plain_hotspot: tuple[float, float] | None,
+    ) -> tuple[dict[str, Any], QcMaps]:
+        """The slide's qc section (docs/results.md) and its maps."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        tissue, oof, blur = self.out_of_focus_map()
+        stains = self.stains()
+        stain_matrix = stains.matrix() if stains is not None else REFERENCE_STAINS
+        thumb_scale = (mask_mpp[0] / mpp0[0], mask_mpp[1] / mpp0[1])
+        fold = np.zeros(mask.shape, bool)
+        pen = np.zeros(mask.shape, bool)
+        if thumbnail is not None and mask.any():
+            od = optical_density(thumbnail[:, :, :3], self.glass)
+            min_px = cfg.min_region_mm2 * 1e6 / (mask_mpp[0] * mask_mpp[1])
+            pen = _remove_small(pen_mask(od, stain_matrix, cfg), min_px)
+            tissue_not_pen = mask & ~ndimage.binary_dilation(pen, iterations=2)
+            fold = _remove_small(fold_mask(od, tissue_not_pen, stain_matrix, cfg, mask_mpp), min_px)
+        tissue_px = max(int(mask.sum()), 1)
+        near_tissue = ndimage.binary_dilation(mask, iterations=2)
+        n_tissue = int(tissue.sum())
+        cell_px0 = (self.cell * px0_per_tile_px[0], self.cell * px0_per_tile_px[1])
+        maps = QcMaps(oof, cell_px0, fold, pen, thumb_scale, tissue)
+        radius_um = hotspot_radius_um(hotspot_area_mm2)
+        cell_um = (cell_px0[0] * mpp0[0], cell_px0[1] * mpp0[1])
+        thumb_um = mask_mpp
+
+        def field_of(centre: tuple[float, float] | None, count: int | None = None) -> dict[str, Any]:
+            if centre is None or not all(math.isfinite(c) for c in centre):
+                return {"center_x_um": None, "center_y_um": None, "out_of_focus_fraction": None, "fold_fraction": None}
+            in_cells = _circle(tissue.shape, cell_um, centre, radius_um) & tissue
+            in_thumb = _circle(mask.shape, thumb_um, centre, radius_um) & mask
+            spot: dict[str, Any] = {
+                "center_x_um": round(centre[0], 2), "center_y_um": round(centre[1], 2),
+                "out_of_focus_fraction": _ratio(int((in_cells & oof).sum()), int(in_cells.sum())),
+                "fold_fraction": _ratio(int((in_thumb & fold).sum()), int(in_thumb.sum())),
+            }
+            if count is not None:
+                spot["mitotic_count"] = count
+            return spot
+
+        mitotic = [f for f in figures if f.is_mitotic]
+        points = np.array([(f.x_um, f.y_um) for f in mitotic], np.float64).reshape(-1, 2)
+        next_fields = []
+        rest = points
+        if plain_hotspot is not None and len(rest):
+            rest = rest[~points_in_hotspot(find_hotspot(np.array([plain_hotspot]), radius_um), rest)]
+        for _ in range(cfg.next_fields):
+            if not len(rest):
+                break
+            spot = find_hotspot(rest, radius_um)
+            next_fields.append(field_of((spot.center_x_um, spot.center_y_um), spot.mitotic_count))
+            rest = rest[~points_in_hotspot(spot, rest)]
+        section: dict[str, Any] = {
+            "schema": "mitosis-edge/qc/1",
+            "tissue_cells": n_tissue,
+            "cell_um": round(cell_um[0], 3),
+            "focus_mpp": round(self.mpp * self.bin, 4),
+            "focus_median": round(float(np.median(blur[tissue])), 4) if n_tissue else None,
+            "focus_p90": round(float(np.percentile(blur[tissue], 90)), 4) if n_tissue else None,
+            "out_of_focus_fraction": _ratio(int(oof.sum()), n_tissue),
+            "fold_fraction": _ratio(int(fold.sum()), tissue_px),
+            "pen_fraction": _ratio(int((pen & near_tissue).sum()), tissue_px),
+            "pen_regions": int(ndimage.label(pen)[1]),
+            "fold_regions": int(ndimage.label(fold)[1]),
+            "saturated_fraction": round(float(self.grid.clipped[tissue].mean()), 5) if n_tissue else 0.0,
+            "stains": stains.to_json_dict() if stains is not None else None,
+            "hotspot": field_of(plain_hotspot),
+            "next_fields": next_fields,
+        }
+        if cfg.hotspot_excludes_blur:
+            rows = np.clip((points[:, 1] // cell_um[1]).astype(np.intp), 0, oof.shape[0] - 1)
+            cols = np.clip((points[:, 0] // cell_um[0]).astype(np.intp), 0, oof.shape[1] - 1)
+            spot = find_hotspot(points[~oof[rows, cols]], radius_um)
+            section["sharp_hotspot"] = field_of((spot.center_x_um, spot.center_y_um), spot.mitotic_count)
+        verdict, reasons = verdict_of(section, cfg)
+        section["verdict"] = verdict
+        section["reasons"] = reasons
+        self.seconds += time.perf_counter() - t0
+        section["seconds"] = round(self.seconds, 4)
+        return section, maps
+
+
+def _bin_lines(image: NDArray[np.uint8], b: int, step: int, axis: int) -> NDArray[np.float32]:
+    """Every ``step``-th line (row for axis 0, column for axis 1) of the image binned b x b, as float32 means."""
+    stride = b * step
+    take = [slice(None), slice(None)]
+    total: NDArray[Any] | None = None
+    for offset in range(b):
+        take[axis] = slice(offset, None, stride)
+        part = image[tuple(take)].astype(np.uint16)
+        total = part if total is None else total + part
+    assert total is not None
+    along = [slice(None), slice(None)]  # then bin along the line by adding neighbours (strided slices)
+    binned: NDArray[Any] | None = None
+    for offset in range(b):
+        along[1 - axis] = slice(offset, None, b)
+        part = total[tuple(along)]
+        binned = part.astype(np.float32) if binned is None else binned + part
+    assert binned is not None
+    binned *= np.float32(1.0 / (b * b))
+    return binned
+
+
+def _cell_sum(a: NDArray[np.float32], cell: tuple[int, int] | int) -> NDArray[np.float32]:
+    """Sums over cells (h, w) of a 2-D array whose sides are multiples of them (last axis first: contiguous)."""
+    ch, cw = (cell, cell) if isinstance(cell, int) else cell
+    rows, cols = a.shape[0] // ch, a.shape[1] // cw
+    return np.asarray(a.reshape(rows, ch, cols, cw).sum(axis=3).sum(axis=1), np.float32)
+
+
+def summary_lines(qc: Mapping[str, Any], scanner: str | None = None) -> list[str]:
+    """The qc section for a person: verdict and reasons, the fractions, the sharp-tissue hotspot, drift.
+
+    >>> summary_lines({"verdict": "pass", "reasons": [], "out_of_focus_fraction": 0.0, "focus_median": 0.3})[0]
+    'scan QC    pass'
+    """
+    reasons = "; ".join(qc.get("reasons") or [])
+    lines = [f"scan QC    {qc.get('verdict')}" + (f": {reasons}" if reasons else "")]
+    focus = qc.get("focus_median")
+    lines.append(
+        f"           out of focus {float(qc.get('out_of_focus_fraction') or 0):.1%}, "
+        f"folds {float(qc.get('fold_fraction') or 0):.1%}, pen/dirt {float(qc.get('pen_fraction') or 0):.1%}, "
+        f"clipped {float(qc.get('saturated_fraction') or 0):.1%}; "
+        f"focus {'n/a' if focus is None else f'{focus:.2f}'} (Crete blur, 0 sharp)"
+        + (f"; scanner {scanner}" if scanner else "")
+    )
+    spot = qc.get("hotspot") or {}
+    if spot.get("out_of_focus_fraction") is not None:
+        lines.append(f"           hotspot {spot['out_of_focus_fraction']:.0%} out of focus, "
+                     f"{float(spot.get('fold_fraction') or 0):.0%} folded")
+    sharp = qc.get("sharp_hotspot")
+    if sharp and sharp.get("mitotic_count") is not None:
+        lines.append(f"           best field among sharp tissue: mitotic count {sharp['mitotic_count']}")
+    baseline = qc.get("baseline") or {}
+    if baseline.get("message"):
+        lines.append(f"           {'drift' if baseline.get('drift') else 'outside baseline'}: {baseline['message']}")
+    return lines
+
+
+def _ratio(part: int, whole: int) -> float:
+    return round(part / whole, 5) if whole else 0.0
+
+
+def _circle(
+    shape: tuple[int, ...], um_per_px: tuple[float, float], centre: tuple[float, float], radius: float
+) -> NDArray[np.bool_]:
+    ys = (np.arange(shape[0]) + 0.5)[:, None] * um_per_px[1]
+    xs = (np.arange(shape[1]) + 0.5)[None, :] * um_per_px[0]
+    return np.asarray(np.hypot(xs - centre[0], ys - centre[1]) <= radius, bool)
