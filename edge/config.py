@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from edge.errors import ConfigError
+from edge.vocab import SLIDE_EXTENSIONS
 
 ReaderName = Literal["auto", "tiffslide", "openslide"]
 RegionReaderName = Literal["auto", "tiles", "pyvips", "library"]
@@ -188,9 +189,7 @@ class EnginesConfig:
         return Path(self.plan_cache or default_plan_cache()).expanduser()
 
 
-DEFAULT_SLIDE_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".qptiff", ".dcm",
-)
+DEFAULT_SLIDE_EXTENSIONS = SLIDE_EXTENSIONS
 # names scanners and copy tools write before the final rename: never a job
 DEFAULT_IGNORE_PATTERNS = (
     "*.tmp", "*.temp", "*.part", "*.partial", "*.crdownload", "*.filepart", "*.copying", "~*", ".*", "*~",

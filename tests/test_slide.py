@@ -24,7 +24,8 @@ from edge.errors import (
     TileDecodeError,
     UnsupportedFormatError,
 )
-from edge.wsi.slide import _resolution_mpp, choose_read_scale, open_slide, resolve_mpp
+from edge.vocab import SLIDE_EXTENSIONS
+from edge.wsi.slide import OPENSLIDE_ONLY_EXTENSIONS, _resolution_mpp, choose_read_scale, open_slide, resolve_mpp
 
 from .conftest import SynthFactory, data_file
 
@@ -403,3 +404,53 @@ def test_thumbnail_of_a_coarse_slide_is_never_enlarged() -> None:
     with open_slide(data_file("wsi/camelyon-multiframe.dcm")) as slide:  # 29 µm/px, coarser than 8
         thumb, (mx, _my) = slide.thumbnail(8.0)
     assert thumb.shape[:2] == (700, 1152) and mx == pytest.approx(28.969, rel=1e-3)
+
+
+# --- every slide extension the watcher queues is one the opener reads -------------------------------
+
+# Read by tifffile; a plain pyramidal TIFF is a valid file under each name but .ndpi (tifffile reads NDPI's
+# own 64-bit offsets by its name; the damaged-file test below covers it, real NDPI files are not redistributable)
+TIFF_EXTENSIONS = sorted(set(SLIDE_EXTENSIONS) - OPENSLIDE_ONLY_EXTENSIONS - {".ndpi"})
+
+
+def test_the_opener_and_the_watcher_know_one_list_of_extensions() -> None:
+    from edge.config import WatchConfig
+
+    assert WatchConfig().extensions == SLIDE_EXTENSIONS
+    assert set(SLIDE_EXTENSIONS) >= OPENSLIDE_ONLY_EXTENSIONS
+    assert {".qptiff", ".czi"} <= set(SLIDE_EXTENSIONS)  # the two lists disagreed on these
+
+
+@pytest.mark.parametrize("ext", TIFF_EXTENSIONS)
+def test_a_tiff_slide_under_each_tiff_extension_opens_and_reads(
+    synth_slide: SynthFactory, tmp_path: Path, ext: str
+) -> None:
+    path = tmp_path / f"slide{ext}"
+    shutil.copy(synth_slide(width=2048, height=1536), path)
+    with open_slide(path) as slide:
+        assert (slide.info.width, slide.info.height) == (2048, 1536)
+        assert slide.read_level(0, 0, 0, 64, 64).shape == (64, 64, 3)
+
+
+def test_a_dicom_file_opens_under_its_extension(tmp_path: Path) -> None:
+    path = tmp_path / "slide.dcm"
+    shutil.copy(data_file("wsi/camelyon-multiframe.dcm"), path)
+    with open_slide(path) as slide:
+        assert slide.info.width == 1152
+
+
+@pytest.mark.parametrize("ext", SLIDE_EXTENSIONS)
+def test_a_damaged_file_under_each_slide_extension_is_called_damaged_not_foreign(tmp_path: Path, ext: str) -> None:
+    path = tmp_path / f"slide{ext}"
+    path.write_bytes(b"not the header of any slide format" * 8)
+    with pytest.raises(CorruptSlideError, match=f"has a \\{ext} name"):
+        open_slide(path)
+
+
+def test_openslide_reads_the_formats_listed_for_it() -> None:
+    import openslide_bin  # the OpenSlide build the package installs (openslide-bin)
+
+    library = (Path(openslide_bin.__file__).parent / "libopenslide.so.1").read_bytes()
+    # one vendor driver per OpenSlide-only format: Zeiss CZI came with OpenSlide 4
+    for vendor in (b"zeiss", b"mirax", b"hamamatsu", b"sakura", b"dicom"):
+        assert vendor in library

@@ -32,6 +32,7 @@ from edge.service.watcher import (
     slide_unit,
     unit_snapshot,
 )
+from edge.vocab import SLIDE_EXTENSIONS
 from edge.wsi.fingerprint import Fingerprint, fingerprint_slide
 from tests.conftest import data_file
 
@@ -164,6 +165,17 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 def test_a_changed_path_maps_to_its_slide(name: str, unit: str | None) -> None:
     root = Path("/scans")
     assert slide_unit(root / name) == (root / unit if unit else None)
+
+
+@pytest.mark.parametrize("ext", SLIDE_EXTENSIONS)
+def test_every_slide_extension_is_watched_by_default(ext: str) -> None:
+    extensions = WatchConfig().extensions
+    if ext == ".dcm":  # a DICOM slide is its folder, or a single file directly in a watched folder
+        assert slide_unit(Path("/scans/d1/0001.dcm"), extensions=extensions) == Path("/scans/d1")
+        assert slide_unit(Path("/scans/0001.dcm"), extensions=extensions, roots=("/scans",)) == Path("/scans/0001.dcm")
+    else:
+        assert slide_unit(Path(f"/scans/a{ext}"), extensions=extensions) == Path(f"/scans/a{ext}")
+        assert slide_unit(Path(f"/scans/A{ext.upper()}"), extensions=extensions) == Path(f"/scans/A{ext.upper()}")
 
 
 def test_the_extension_allow_list_and_ignore_patterns_are_configurable() -> None:

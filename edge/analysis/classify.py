@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy.special import expit, softmax
 
 from edge.errors import ConfigError, EngineError
+from edge.vocab import SUBTYPES, Subtype
 
 if TYPE_CHECKING:
     from edge.engines.manifest import ClassifierSpec, DecisionSpec, HeadSpec
@@ -31,8 +32,6 @@ __all__ = [
     "head_probability",
 ]
 
-Subtype = Literal["normal", "atypical", "uncertain"]
-SUBTYPES: tuple[Subtype, ...] = ("normal", "atypical", "uncertain")
 FloatArray = NDArray[np.float64]
 
 

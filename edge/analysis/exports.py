@@ -26,6 +26,7 @@ from edge.analysis.qc import QcMaps
 from edge.analysis.scoring import Figure, SlideResult, points_in_hotspot
 from edge.errors import ConfigError
 from edge.fileio import atomic_write
+from edge.vocab import DetectionClass
 
 __all__ = [
     "CLASS_COLOURS",
@@ -70,7 +71,7 @@ CLASS_NAMES = {
     "normal": "Mitotic figure (normal)",
     "atypical": "Mitotic figure (atypical)",
     "uncertain": "Mitotic figure (uncertain subtype)",
-    "lookalike": "Mitotic figure look-alike",
+    DetectionClass.NON_MITOTIC: "Mitotic figure look-alike",
     "hotspot": "Hotspot",
     "out_of_focus": "QC: out of focus",
     "fold": "QC: tissue fold",
@@ -80,7 +81,7 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "normal": (0, 190, 0),
     "atypical": (230, 0, 0),
     "uncertain": (240, 200, 0),
-    "lookalike": (150, 150, 150),
+    DetectionClass.NON_MITOTIC: (150, 150, 150),
     "hotspot": (0, 110, 255),
     "out_of_focus": (255, 140, 0),
     "fold": (120, 0, 160),
@@ -110,12 +111,6 @@ def is_export_folder(name: str) -> bool:
     [True, True, True, False, False]
     """
     return re.match(r"\d+(?:[-.]|$)", name) is not None
-
-
-def _figure_class(figure: Figure) -> str:
-    if not figure.is_mitotic:
-        return "lookalike"
-    return figure.subtype if figure.subtype in ("normal", "atypical") else "uncertain"
 
 
 def _slide_mpp(result: SlideResult) -> tuple[float, float]:
@@ -165,8 +160,8 @@ def geojson_dict(
     """
     features: list[dict[str, Any]] = []
     for index, figure in enumerate(result.figures):
-        kind = _figure_class(figure)
-        if kind == "lookalike" and not include_lookalikes:
+        kind = figure.detection_class
+        if kind == DetectionClass.NON_MITOTIC and not include_lookalikes:
             continue
         features.append(
             {
@@ -349,7 +344,7 @@ _LEGEND = (
     ("normal", "mitotic figure, normal"),
     ("atypical", "mitotic figure, atypical"),
     ("uncertain", "mitotic figure, subtype uncertain"),
-    ("lookalike", "look-alike (not mitotic)"),
+    (DetectionClass.NON_MITOTIC, "look-alike (not mitotic)"),
     ("hotspot", "hotspot field"),
 )
 
@@ -421,11 +416,11 @@ def _mark_figures(
 ) -> None:
     """A ring per candidate at (µm - origin) * px_per_um; mitotic figures drawn last, on top."""
     for figure in sorted(result.figures, key=lambda f: f.is_mitotic):
-        kind = _figure_class(figure)
+        kind = figure.detection_class
         x = (figure.x_um - origin_um[0]) * px_per_um[0]
         y = (figure.y_um - origin_um[1]) * px_per_um[1]
         colour = CLASS_COLOURS[kind]
-        if kind == "lookalike":
+        if kind == DetectionClass.NON_MITOTIC:
             draw.ellipse((x - r * 0.7, y - r * 0.7, x + r * 0.7, y + r * 0.7), outline=(*colour, 160), width=1)
         else:
             draw.ellipse((x - r, y - r, x + r, y + r), outline=(*colour, 255), width=max(2, round(r / 4)))
@@ -493,7 +488,8 @@ def _legend(
     for kind, text in _LEGEND:
         colour = CLASS_COLOURS[kind]
         cy = y + step // 2
-        draw.ellipse((x, cy - r, x + 2 * r, cy + r), outline=colour, width=1 if kind == "lookalike" else 3)
+        width = 1 if kind == DetectionClass.NON_MITOTIC else 3
+        draw.ellipse((x, cy - r, x + 2 * r, cy + r), outline=colour, width=width)
         label = f"{text}: {in_hotspot[kind]} in hotspot" if kind in in_hotspot else text
         draw.text((x + 3 * r, cy - round(14 * unit)), label, fill=(0, 0, 0), font=font)
         y += step
@@ -543,12 +539,11 @@ def review_geojson_dict(
 ) -> dict[str, Any]:
     """QuPath GeoJSON of a signed review: one Point per hotspot figure, classified as the pathologist decided.
 
-    `figures` holds (x_px, y_px, reviewed class, model class or "added"); reviewed class "non_mitotic" is
-    exported as a look-alike, so a rejection stays visible in QuPath.
+    `figures` holds (x_px, y_px, reviewed class, model class or "added"); a rejected figure (reviewed class
+    "non_mitotic") is exported as a look-alike, so a rejection stays visible in QuPath.
     """
     features = []
-    for index, (x, y, reviewed, model) in enumerate(figures):
-        kind = "lookalike" if reviewed == "non_mitotic" else reviewed
+    for index, (x, y, kind, model) in enumerate(figures):
         features.append({
             "type": "Feature",
             "id": str(uuid.uuid5(_ID_NAMESPACE, f"{slide_path}#review{review_id}#{index}")),
@@ -557,7 +552,7 @@ def review_geojson_dict(
                 "objectType": "detection",
                 "classification": {"name": CLASS_NAMES[kind], "color": list(CLASS_COLOURS[kind])},
                 "measurements": {"Reviewed": 1.0, "Added by reviewer": float(model == "added"),
-                                 "Changed by reviewer": float(model not in (reviewed, "added"))},
+                                 "Changed by reviewer": float(model not in (kind, "added"))},
             },
         })
     return {"type": "FeatureCollection", "features": features}

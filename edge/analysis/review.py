@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.errors import ReviewError
+from edge.vocab import DetectionClass
 
 __all__ = ["DECISIONS", "MAX_CHANGES", "Change", "agreement", "parse_changes", "reviewed_class", "reviewed_counts"]
 
 DECISIONS = ("confirm", "reject", "normal", "atypical", "add")
-MITOTIC = ("normal", "atypical", "uncertain")
+MITOTIC = tuple(c.value for c in DetectionClass if c is not DetectionClass.NON_MITOTIC)  # MF subtypes
 MAX_CHANGES = 5000
 
 
@@ -86,7 +87,7 @@ def reviewed_class(model_class: str, decision: str | None) -> str:
     if decision in (None, "confirm"):
         return model_class
     if decision == "reject":
-        return "non_mitotic"
+        return DetectionClass.NON_MITOTIC.value
     return str(decision)
 
 

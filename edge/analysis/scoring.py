@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 
 from edge.errors import ConfigError
+from edge.vocab import SUBTYPES, DetectionClass, Subtype, detection_class
 
 __all__ = [
     "BOUNDARY_TOLERANCE",
@@ -357,8 +358,6 @@ def tissue_fraction_in_circles(
 
 # --- classified figures and their counts ---------------------------------------------------------
 
-Subtype = Literal["normal", "atypical", "uncertain"]
-_SUBTYPES: tuple[str, ...] = ("normal", "atypical", "uncertain")
 
 
 @dataclass(frozen=True)
@@ -383,6 +382,11 @@ class Figure:
     subtype: Subtype | None
     scores: Mapping[str, float] = field(default_factory=dict)
 
+    @property
+    def detection_class(self) -> DetectionClass:
+        """What the store, exports, gRPC and the review page call this candidate (vocab.detection_class)."""
+        return detection_class(self.is_mitotic, self.subtype)
+
     def to_json_dict(self) -> dict[str, Any]:
         return {
             "x_px": self.x_px,
@@ -402,8 +406,8 @@ class Figure:
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> Figure:
         subtype = data.get("subtype")
-        if subtype is not None and subtype not in _SUBTYPES:
-            raise ValueError(f"figure subtype={subtype!r} must be one of {_SUBTYPES} or null")
+        if subtype is not None and subtype not in SUBTYPES:
+            raise ValueError(f"figure subtype={subtype!r} must be one of {SUBTYPES} or null")
         p_atypical = data.get("p_atypical")
         return cls(
             x_px=float(data["x_px"]),
@@ -447,12 +451,12 @@ class SubtypeCounts:
 
         A mitotic figure without a subtype (no atypical head) counts as uncertain.
         """
-        mitotic = [f for f in figures if f.is_mitotic]
+        kinds = [f.detection_class for f in figures if f.is_mitotic]
         return cls(
-            mitotic=len(mitotic),
-            atypical=sum(1 for f in mitotic if f.subtype == "atypical"),
-            normal=sum(1 for f in mitotic if f.subtype == "normal"),
-            uncertain=sum(1 for f in mitotic if f.subtype not in ("atypical", "normal")),
+            mitotic=len(kinds),
+            atypical=kinds.count(DetectionClass.ATYPICAL),
+            normal=kinds.count(DetectionClass.NORMAL),
+            uncertain=kinds.count(DetectionClass.UNCERTAIN),
         )
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""Command-line flags to settings: one table for every subcommand, so a flag means the same everywhere."""
+"""Internal to the CLI: command-line flags to settings (one table for every subcommand, so a flag means the
+same everywhere) and the help a command group prints when no subcommand was given."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from edge.config import Config, load_config
+from edge.vocab import ExitCode
 
 # argparse destination -> dotted setting; a subcommand without the flag leaves the setting alone
 FLAG_SETTINGS = {
@@ -33,3 +36,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The ``--config`` file (or the defaults) with every flag the user gave applied on top."""
     overrides = {setting: getattr(args, dest, None) for dest, setting in FLAG_SETTINGS.items()}
     return load_config(getattr(args, "config", None), overrides)
+
+
+def usage_handler(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], ExitCode]:
+    """The handler of a command group called without a subcommand: print its help, exit with USAGE."""
+
+    def handler(args: argparse.Namespace) -> ExitCode:
+        parser.print_help()
+        return ExitCode.USAGE
+
+    return handler

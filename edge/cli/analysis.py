@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.cli._common import config_from_args
-
-EXIT_OK = 0
+from edge.vocab import ExitCode
 
 
 def register(sub: Any, bench_sub: Any) -> None:
@@ -104,11 +103,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     paths = analysis.write_exports(out)
     if args.json:
         print(json.dumps(analysis.result.to_json_dict(), indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     for line in summary_lines(analysis.result, analysis.tiles, analysis.times.total):
         print(line)
     print("exports    " + "\n           ".join(str(p) for p in paths.values()))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _ratio(value: float | None) -> str:
@@ -167,7 +166,7 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(f"slide          {result['slide']}: {result['tiles']} tiles, {result['candidates']} candidates, "
           f"backend {result['backend']}")
     print(f"tile plan      {result['tile_layout']}: {format_plan_efficiency(result['tile_plan'])}")
@@ -182,7 +181,7 @@ def cmd_bench_analyze(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in result["stage_seconds"].items())
     print(f"stages (s)     {stages}")
     print(f"peak RSS       {result['peak_rss_mb']:.0f} MiB")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _reviewed_slides(path: Path, models: list[str]) -> list[Any]:
@@ -252,7 +251,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     new = write_calibrated_bundle(bundle, calibration, args.out, version=args.version)
     if args.json:
         print(json.dumps(calibration.to_json_dict(), indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     best = calibration.best
     weights = ", ".join(f"{m} {w:g}" for m, w in zip(calibration.models, best.weights, strict=True))
     print(f"best of {len(calibration.grid)} grid points on {len(cached)} slide(s): F1 {best.score:.3f} "
@@ -263,4 +262,4 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"detector   score_threshold = {best.detector_threshold:g} ({best.candidates} candidates to classify, "
               f"{sum(len(c.points_um) for c in cached)} at the bundle's {own:g})")
     print(f"wrote      bundle {new.name} {new.version} to {new.path} (report: {new.path / 'calibration.json'})")
-    return EXIT_OK
+    return ExitCode.OK

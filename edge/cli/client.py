@@ -13,15 +13,15 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from edge.cli._common import usage_handler
 from edge.errors import ConfigError
+from edge.vocab import DetectionClass, ExitCode
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # `submit --wait` / `wait`: the job ended failed or cancelled
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "MITOSIS_EDGE_SERVER"
 TOKEN_ENV = "MITOSIS_EDGE_TOKEN"
 STATES = ("queued", "running", "done", "failed", "cancelled")
-CLASSES = ("normal", "atypical", "uncertain", "non_mitotic")
+CLASSES = tuple(c.value for c in DetectionClass)  # plain strings: argparse quotes them in its errors
 
 
 def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--retries", type=int, default=3, metavar="N",
         help="tries again N times, with backoff, while the server is unreachable (default 3)",
     )
-    p.set_defaults(handler=lambda args: _usage(p))
+    p.set_defaults(handler=usage_handler(p))
     sub = p.add_subparsers(title="client commands", metavar="WHAT")
 
     c = sub.add_parser("status", help="server version, backend, GPU, engines, queue depth, uptime")
@@ -121,10 +121,6 @@ def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _json_flag(p: argparse.ArgumentParser, text: str = "print one JSON object") -> None:
     p.add_argument("--json", action="store_true", help=text)
 
-
-def _usage(p: argparse.ArgumentParser) -> int:
-    p.print_help()
-    return 2
 
 
 def connect(args: argparse.Namespace) -> Any:
@@ -210,7 +206,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = client.status()
     if args.json:
         _print_json(status)
-        return EXIT_OK
+        return ExitCode.OK
     why = status["engine_error"] or status["not_ready_reason"]
     ready = "ready" if status["ready"] else (f"NOT READY: {why}" if why else "NOT READY (engines loading)")
     print(f"server        {client.address}: mitosis-edge {status['version']}, {ready}")
@@ -228,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"watching      {folder}")
     for line in waiting_lines(status["waiting_slides"]):
         print(line)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -242,7 +238,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 _print_json(job)
             else:
                 print(f"job {job['job_id']} queued: {job['slide_path']}")
-            return EXIT_OK
+            return ExitCode.OK
         if not args.json:
             print(f"job {job['job_id']} queued: {job['slide_path']}; waiting ...", flush=True)
         job = client.wait_for_job(job["job_id"], timeout=args.wait_timeout)
@@ -275,7 +271,7 @@ def _print_job_and_result(client: Any, job: dict[str, Any], as_json: bool) -> in
             print(f"error: {job['error']}")
         for line in result_lines(result) if result else ():
             print(f"  {line}")
-    return EXIT_OK if job["state"] in ("done", "queued", "running") else EXIT_FAILED
+    return ExitCode.OK if job["state"] in ("done", "queued", "running") else ExitCode.ERROR
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -287,14 +283,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         status = client.status()
     if args.json:
         _print_json(jobs)
-        return EXIT_OK
+        return ExitCode.OK
     if not jobs:
         print("no jobs")
     for job in jobs:
         print(_job_line(job))
     for line in waiting_lines(status["waiting_slides"]):
         print(line)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def waiting_lines(waiting: list[dict[str, Any]]) -> list[str]:
@@ -312,7 +308,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         _print_json(job)
     else:
         print(f"job {job['job_id']} cancelled")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -340,7 +336,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 raise
         finally:
             stream.cancel()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _event_line(event: dict[str, Any]) -> str:
@@ -369,12 +365,12 @@ def cmd_detections(args: argparse.Namespace) -> int:
         detections = client.detections(args.job, classes=args.classes or (), min_p_mitotic=args.min_p)
         if args.json:
             _print_json_array(detections)
-            return EXIT_OK
+            return ExitCode.OK
         print(f"{'x_px':>10} {'y_px':>10} {'p_mitotic':>9} {'p_atypical':>10}  class")
         for d in detections:
             p_atyp = "-" if d["p_atypical"] is None else f"{d['p_atypical']:.3f}"
             print(f"{d['x_px']:>10.1f} {d['y_px']:>10.1f} {d['p_mitotic']:>9.3f} {p_atyp:>10}  {d['class']}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -394,7 +390,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         for kind, path in written.items():
             print(f"{kind:<8} {path}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _with_hints(handler: Any) -> Any:

@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge.cli._common import config_from_args
+from edge.cli._common import config_from_args, usage_handler
 from edge.errors import ConfigError
-
-EXIT_OK = 0
-EXIT_ERROR = 1
+from edge.vocab import ExitCode
 
 
 def register_bench(bench_sub: Any) -> None:
@@ -42,7 +40,7 @@ def cmd_bench_cohort(args: argparse.Namespace) -> int:
                           cpus_per_slide=args.cpus_per_slide, ray_address=args.ray_address)
     if args.json:
         print(json.dumps(result, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(f"slides       {result['slides']} ({result['hostile']} hostile), sizes {result['sizes_px']} px")
     before, after = result["sequential_before_after_s"]
     print(f"sequential   {result['sequential_s']:.1f} s in one warm process, mean of {before:.1f} s before and "
@@ -57,7 +55,7 @@ def cmd_bench_cohort(args: argparse.Namespace) -> int:
         print(f"worker RSS   {worker}: {first:.0f} MiB after its first slide, {last:.0f} MiB after its last "
               f"(peak {peak:.0f})")
     print(f"re-run       {result['rerun_analysed']} analysed, {result['rerun_skipped']} skipped")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def register(sub: Any) -> None:
@@ -100,11 +98,7 @@ def register(sub: Any) -> None:
                    "density; default: the breast mitotic-score cutoffs rescaled to the hotspot area)")
     s.set_defaults(handler=cmd_cohort_survival)
 
-    def usage(args: argparse.Namespace) -> int:
-        p.print_help()
-        return 2
-
-    p.set_defaults(handler=usage)
+    p.set_defaults(handler=usage_handler(p))
 
 
 def _progress_printer() -> Any:
@@ -159,8 +153,8 @@ def cmd_cohort_run(args: argparse.Namespace) -> int:
     if summary.failed_total:
         print(f"mitosis-edge: {summary.failed_total} slide(s) failed; see the reasons above and in slides.csv",
               file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_OK
+        return ExitCode.ERROR
+    return ExitCode.OK
 
 
 def cmd_cohort_survival(args: argparse.Namespace) -> int:
@@ -186,7 +180,7 @@ def cmd_cohort_survival(args: argparse.Namespace) -> int:
         if items:
             print(f"left out      {reason}: {len(items)} (listed in the report)")
     print(f"report        {Path(args.out) / 'report.html'} (and report.md, survival.json, km_*.png/svg)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _p(value: float | None) -> str:

@@ -14,10 +14,8 @@ from typing import Any
 from edge.cli._common import config_from_args
 from edge.cli.analysis import progress_printer
 from edge.errors import EdgeError
+from edge.vocab import ExitCode
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2  # a configuration problem (serve --check found one)
 DEMO_QUIET_PERIOD_S = 2.0  # the demo's stability gate: short, so the demo is quick; a lab's default is 10 s
 DEMO_COPY_SECONDS = 3.0  # the demo copies its slide into the inbox in chunks over this long
 DEMO_TIMEOUT_S = 600.0
@@ -92,7 +90,7 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
         print(f"memory         RSS (daemon and its analysis processes) {result['rss_mb_after_quarter']:.0f} MiB "
               f"after a quarter, {result['rss_mb_at_end']:.0f} MiB at the end")
     ok = result["finished_in_time"] and result["slides_with_one_job"] == result["slides"]
-    return EXIT_OK if ok else EXIT_ERROR
+    return ExitCode.OK if ok else ExitCode.ERROR
 
 
 def _bench_daemon_latency(args: argparse.Namespace) -> int:
@@ -115,7 +113,7 @@ def _bench_daemon_latency(args: argparse.Namespace) -> int:
         print(f"median         start {result['median_to_start_s']:.2f} s, result {result['median_to_result_s']:.2f} s "
               f"after the last byte; analyze {result['analyze_seconds']:.2f} s "
               "(analysis and exports, same engines, this run)")
-    return EXIT_OK if result["done"] == result["slides"] else EXIT_ERROR
+    return ExitCode.OK if result["done"] == result["slides"] else ExitCode.ERROR
 
 
 def serve_config(args: argparse.Namespace) -> Any:
@@ -154,9 +152,9 @@ def _check(config: Any) -> int:
     problems = sum(not c.ok for c in checks)
     if problems:
         print(f"{problems} problem(s): fix them, then run serve --check again", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     print("serve would start with this configuration")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -193,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if job["state"] != "done":
                 print(f"mitosis-edge demo: the daemon's job ended {job['state']}: {job.get('error', '')}",
                       file=sys.stderr)
-                return EXIT_ERROR
+                return ExitCode.ERROR
             result = client.get_result(job["job_id"])
             _print_result(job, result, truth_path, folder)
     finally:
@@ -201,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     if not args.keep:
         print("(the demo's temporary folder was removed; pass --keep DIR to keep the slide, store and exports)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _copy_and_wait(client: Any, source: Path, target: Path) -> dict[str, Any]:

@@ -14,9 +14,7 @@ from typing import Any
 
 from edge.cli._common import config_from_args
 from edge.errors import ConfigError
-
-EXIT_OK = 0
-EXIT_FAILED = 1
+from edge.vocab import ExitCode
 
 
 def register(sub: Any, bench_sub: Any) -> None:
@@ -170,7 +168,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{bundle.manifest_path}: bundle {bundle.name} {bundle.version} is consistent ({checked})")
         for line in _model_lines(bundle):
             print(line)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _bundle_summary(bundle: Any) -> dict[str, Any]:
@@ -252,7 +250,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(result, indent=2, default=str))
-        return EXIT_FAILED if duplicates else EXIT_OK
+        return ExitCode.ERROR if duplicates else ExitCode.OK
     if not bundles:
         print("no bundles found")
     for b in bundles:
@@ -273,7 +271,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
     if machine is None:
         print(f"this machine: {why_not}")
-    return EXIT_FAILED if duplicates else EXIT_OK
+    return ExitCode.ERROR if duplicates else ExitCode.OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -342,7 +340,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                   f"({'/'.join(map(str, f.candidate))}), change {f.change:+.4f} (a loss of at most "
                   f"{report.max_f1_drop:g} passes)")
         print("PASSED" if report.passed else "FAILED: see the lines above")
-    return EXIT_OK if report.passed else EXIT_FAILED
+    return ExitCode.OK if report.passed else ExitCode.ERROR
 
 
 def _slides_with_truth(slides: list[str], truths: list[str]) -> list[tuple[str, str]]:
@@ -375,7 +373,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     new = quantize_bundle(bundle, calibration, args.out, version=args.version, target=args.target)
     print(f"wrote bundle {new.name} {new.version} to {new.path} (INT8 QDQ; report: {new.path / REPORT_NAME})")
     print(f"next: mitosis-edge engines verify --bundle {new.path} --reference {bundle.path} --slide SLIDE ...")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_wrap(args: argparse.Namespace) -> int:
@@ -399,7 +397,7 @@ def cmd_wrap(args: argparse.Namespace) -> int:
         print(f'sha256 = "{sha}"   # written to {table} of {bundle.manifest_path}')
     else:
         print(f'sha256 = "{sha}"   # put this in {table} of {bundle.manifest_path} when {path} becomes its file')
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -414,14 +412,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     records = build_bundle(bundle, options, config.engines.plan_cache_dir)
     if args.json:
         print(json.dumps([r.sidecar for r in records], indent=2, default=str))
-        return EXIT_OK
+        return ExitCode.OK
     for r in records:
         s = r.sidecar
         print(
             f"built {s['model']}: {r.plan_path} ({s['precision']}, batch 1..{s['max_batch']}, "
             f"{s['build_seconds']:.0f} s, TensorRT {s['tensorrt_version']} on {s['gpu_name']})"
         )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
@@ -431,7 +429,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     result = bench_engine(config.engines.bundle, config, batches=args.batches, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(f"bundle {result['bundle']} on {result['backend']}")
     for m in result["models"]:
         line = f"  {m['role']:10} {m['model']:14} batch {m['batch_size']:3}  {m['items_per_s']:9.1f} /s"
@@ -442,4 +440,4 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
             )
         print(line)
     print(f"peak RSS {result['peak_rss_mb']:.0f} MiB")
-    return EXIT_OK
+    return ExitCode.OK

@@ -24,13 +24,10 @@ from edge.cli._common import config_from_args
 from edge.config import load_config
 from edge.errors import ConfigError, EdgeError
 from edge.logs import configure as configure_logs
+from edge.vocab import ExitCode
 
 log = logging.getLogger("edge.cli")
 
-EXIT_OK = 0
-EXIT_ERROR = 1  # the slide or the work failed; the message says why
-EXIT_USAGE = 2  # bad arguments or configuration
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a Unix tool reports when its reader closed the pipe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,21 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args, config_file=getattr(args, "config", None))
     if not hasattr(args, "handler"):
         parser.print_help()
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         return int(args.handler(args))
     except ConfigError as exc:
         print(f"mitosis-edge: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except EdgeError as exc:
         print(f"mitosis-edge: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.ERROR
     except KeyboardInterrupt:
         print("mitosis-edge: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:  # `... | head`: the reader has gone; stop quietly like a Unix tool
         _silence_stdout()
-        return EXIT_BROKEN_PIPE
+        return ExitCode.BROKEN_PIPE
 
 
 def _silence_stdout() -> None:
@@ -197,9 +194,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             data["tile_plan"] = sp.efficiency.to_json_dict()
     if args.json:
         print(json.dumps(data, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(_format_info(data))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _format_info(d: dict[str, Any]) -> str:
@@ -253,14 +250,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
         params.validate()
     except ConfigError as exc:  # a bad flag of this command, not a problem of the configuration file
         print(f"mitosis-edge synth: bad option: {exc} (see mitosis-edge synth --help)", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     truth_path = Path(args.truth) if args.truth else default_truth_path(args.out)
     t0 = time.perf_counter()
     truth = generate_slide(args.out, params, truth_path, progress=cli_analysis.progress_printer("synth"))
     elapsed = time.perf_counter() - t0
     print(f"wrote {args.out} ({args.width} x {args.height} px at {args.mpp} µm/px) in {elapsed:.1f} s")
     print(f"truth {truth_path}: {json.dumps(truth.counts())}, hotspot {truth.hotspot.mitotic_count} mitotic figures")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _synth_params(args: argparse.Namespace) -> Any:
@@ -297,7 +294,7 @@ def cmd_bench_read(args: argparse.Namespace) -> int:
     result = bench_read(args.slide, config_from_args(args), repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(
         f"slide         {result['slide']}: {result['tiles']} tiles of {result['tile_size']} px, "
         f"reader {result['region_reader']}, {result['threads']} threads"
@@ -312,7 +309,7 @@ def cmd_bench_read(args: argparse.Namespace) -> int:
     else:
         print(f"decode floor  n/a: {result['floor_note']}")
     print(f"peak RSS      {result['peak_rss_mb']:.0f} MiB")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # --- logging -------------------------------------------------------------------------------------

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edge.cli._common import config_from_args
+from edge.cli._common import config_from_args, usage_handler
 from edge.errors import ConfigError
-
-EXIT_OK = 0
+from edge.vocab import ExitCode
 
 
 def register(sub: Any) -> None:
@@ -29,12 +28,8 @@ def register(sub: Any) -> None:
     r.add_argument("--out", required=True, metavar="DIR", help="where the PNGs and qc_report.json go")
     r.add_argument("--json", action="store_true", help="print the report as one JSON object")
     r.set_defaults(handler=cmd_qc_report)
-    p.set_defaults(handler=lambda args: _usage(p))
+    p.set_defaults(handler=usage_handler(p))
 
-
-def _usage(p: argparse.ArgumentParser) -> int:
-    p.print_help()
-    return 2
 
 
 def cmd_qc_report(args: argparse.Namespace) -> int:
@@ -50,11 +45,11 @@ def cmd_qc_report(args: argparse.Namespace) -> int:
         report = write_report(store, Path(args.out), config.qc, scanner=args.scanner, since=parse_since(args.since))
     if args.json:
         print(json.dumps(report, indent=1))
-        return EXIT_OK
+        return ExitCode.OK
     for name, entry in report["scanners"].items():
         verdicts = ", ".join(f"{v} {n}" for v, n in entry["verdicts"].items())
         print(f"scanner {name}: {entry['slides']} slides ({verdicts}); plot {entry['plot']}")
         for message in entry["drift_events"]:
             print(f"  drift: {message}")
     print(f"report {Path(args.out) / 'qc_report.json'}")
-    return EXIT_OK
+    return ExitCode.OK

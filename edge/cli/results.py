@@ -18,8 +18,7 @@ from edge.devtools.evaluate import (
     read_truth,
 )
 from edge.errors import ConfigError
-
-EXIT_OK = 0
+from edge.vocab import ExitCode
 
 
 def register(sub: Any) -> None:
@@ -82,7 +81,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=1, allow_nan=False))
     else:
         print(format_report(report))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -96,7 +95,7 @@ def _report(args: argparse.Namespace) -> int:
                         radius_um=args.radius_um)
     if args.json:
         print(json.dumps(data, indent=1, allow_nan=False))
-        return EXIT_OK
+        return ExitCode.OK
     print(f"images      {data['images']} with truth ({len(unmatched)} results without truth left out); "
           f"calibrated threshold {data['calibrated_threshold']:g}")
     for dim, members in data["groups"].items():
@@ -104,7 +103,7 @@ def _report(args: argparse.Namespace) -> int:
             print(f"{dim + ': ' + name:<40} F1 {_num(c['f1_at_chosen'])} at the calibrated threshold, best "
                   f"{_num(c['best_f1'])} at {c['best_threshold']:g}, PR-AUC {_num(c['pr_auc'])} ({c['images']} images)")
     print(f"report      {args.report}/report.html (and report.md, report.json, " + ", ".join(data["figures"]) + ")")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _num(value: float | None) -> str:

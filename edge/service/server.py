@@ -405,10 +405,7 @@ def qc_to_pb(qc: Mapping[str, Any] | None) -> Any:
 
 
 def detection_to_pb(figure: Figure) -> Any:
-    if not figure.is_mitotic:
-        kind = pb.DETECTION_CLASS_NON_MITOTIC
-    else:
-        kind = _CLASS_TO_PB.get(figure.subtype or "uncertain", pb.DETECTION_CLASS_UNCERTAIN)
+    kind = _CLASS_TO_PB[figure.detection_class]
     msg = pb.Detection(
         x_px=figure.x_px,
         y_px=figure.y_px,

@@ -1136,9 +1136,7 @@ def result_mpp(result: StoredResult) -> tuple[float, float]:
 
 
 def _detection_class(figure: Figure) -> str:
-    if not figure.is_mitotic:
-        return "non_mitotic"
-    return figure.subtype if figure.subtype in ("normal", "atypical") else "uncertain"
+    return figure.detection_class.value
 
 
 def _detection_row(job_id: int, figure: Figure) -> tuple[Any, ...]:

@@ -42,6 +42,7 @@ from edge.errors import (
     UnsupportedFormatError,
 )
 from edge.fileio import special_file_kind
+from edge.vocab import SLIDE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,8 @@ THUMBNAIL_CHUNK = 2048  # level px per side read at once when building a thumbna
 MIN_BYTES_PER_MEGAPIXEL = 1000
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-SLIDE_EXTENSIONS = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vms", ".vmu", ".dcm", ".svslide", ".czi"}
-)
+# Formats only OpenSlide reads: a file with one of these names goes to OpenSlide even when it starts like
+# a TIFF (e.g. Sakura .svslide). vocab.SLIDE_EXTENSIONS lists every name the opener and the watcher know.
 OPENSLIDE_ONLY_EXTENSIONS = frozenset({".mrxs", ".vms", ".vmu", ".dcm", ".svslide", ".czi"})
 MPP_HINT = (
     "pass --mpp MICRONS_PER_PIXEL (for example --mpp 0.25) "
