@@ -280,6 +280,16 @@ def test_overlap_band_is_owned_when_the_other_tile_has_no_tissue() -> None:
     assert keep_owned(boxes((60, 10, 8, 8, 0.9)), tile, plan).tolist() == [True]
 
 
+def test_a_box_in_the_padding_of_a_tile_smaller_than_the_input_is_dropped() -> None:
+    plan = small_plan(40, 30)  # a slide smaller than one 64 px tile: the batch pads it with white to 64 x 64
+    (tile,) = plan.tiles
+    assert (tile.width, tile.height) == (40, 30)
+    seen = boxes((20, 10, 8, 8, 0.9), (50, 10, 8, 8, 0.9), (20, 40, 8, 8, 0.9), (39.5, 29.5, 8, 8, 0.9))
+    # the tile is the nearest centre for all four; only the centres on the slide's pixels are kept
+    assert owner_tiles(tile.x + seen.cx, tile.y + seen.cy, plan).tolist() == [0, 0, 0, 0]
+    assert keep_owned(seen, tile, plan).tolist() == [True, False, False, True]
+
+
 def test_ownership_of_an_empty_plan_and_bad_points() -> None:
     empty = small_plan(112, 64, np.zeros((64, 112), bool))
     assert len(empty) == 0

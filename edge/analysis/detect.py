@@ -321,12 +321,19 @@ def owner_tiles(cx_out: np.ndarray, cy_out: np.ndarray, plan: TilePlan) -> IntAr
 
 
 def keep_owned(boxes: Boxes, tile: Tile, plan: TilePlan | TileOwnership) -> NDArray[np.bool_]:
-    """Mask of the boxes (in ``tile``'s px) whose centre ``tile`` owns.
+    """Mask of the boxes (in ``tile``'s px) that ``tile`` keeps: the centre lies in the tile's pixels and
+    the tile owns it (:class:`TileOwnership`).
 
-    Pass a :class:`TileOwnership` built once per plan to avoid rebuilding its k-d tree per tile.
+    The first clause matters for a tile smaller than the detector's input (a slide smaller than one
+    tile): the batch pads it with white, and a box in that padding lies off the slide, though the
+    nearest tile centre is still this tile's. Pass a :class:`TileOwnership` built once per plan to avoid
+    rebuilding its k-d tree per tile.
     """
     ownership = plan if isinstance(plan, TileOwnership) else TileOwnership(plan)
-    return ownership.owned_by(tile.index, tile.x + boxes.cx.astype(np.float64), tile.y + boxes.cy.astype(np.float64))
+    cx_out = tile.x + boxes.cx.astype(np.float64)
+    cy_out = tile.y + boxes.cy.astype(np.float64)
+    in_tile = (boxes.cx < tile.width) & (boxes.cy < tile.height)
+    return ownership.owned_by(tile.index, cx_out, cy_out) & in_tile
 
 
 # --- merge across tiles --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from edge.analysis.classify import (
     decide,
     ensemble_mitotic,
 )
-from edge.analysis.detect import Boxes, TileOwnership, decode, merge_indices, nms, to_slide
+from edge.analysis.detect import Boxes, TileOwnership, decode, keep_owned, merge_indices, nms, to_slide
 from edge.analysis.qc import QcAccumulator, QcMaps
 from edge.analysis.scoring import (
     Figure,
@@ -323,9 +323,7 @@ def _detect(
             candidates.raw += len(boxes)
             if len(boxes) == 0:
                 continue
-            cx_out = tile.x + boxes.cx
-            cy_out = tile.y + boxes.cy
-            keep = ownership.owned_by(tile.index, cx_out, cy_out) & (boxes.cx < tile.width) & (boxes.cy < tile.height)
+            keep = keep_owned(boxes, tile, ownership)
             if keep.any():
                 local = boxes.take(keep)
                 times.decode += time.perf_counter() - t0
