@@ -68,7 +68,12 @@ def test_every_tile_figure_is_found_once_classified_and_scored(bundle_dir: Path,
     assert result.scores.totals.atypical_ratio is None  # no normal figures: undefined, not a division error
     assert stages["detect"] == (len(plan), len(plan)) and stages["classify"][0] == stages["classify"][1]
     assert result.provenance["backend"] == "fake" and result.provenance["bundle"]["name"] == "tiny"
-    assert set(result.provenance["timings_s"]) >= {"read", "detect", "classify", "total"}
+    timings = result.provenance["timings_s"]
+    assert list(timings) == ["plan", "read", "read_wait", "detect", "decode", "crops", "classify", "score", "total"]
+    assert timings == analysis.times.to_dict() and all(v >= 0 for v in timings.values())
+    assert timings["total"] > 0 and timings["detect"] + timings["classify"] <= timings["total"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        analysis.times.total = 0.0  # type: ignore[misc]
     assert all(f.scores.keys() == {"mitotic:a", "mitotic:b", "atypical:a", "atypical:b"} for f in result.figures)
 
 

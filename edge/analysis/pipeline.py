@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -66,9 +66,11 @@ class HotspotView:
     mpp: tuple[float, float]
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageTimes:
-    """Wall seconds per stage (``read`` is summed over reader threads, so it can exceed the wall time)."""
+    """Wall seconds per stage of one slide (``read`` is summed over reader threads, so it can exceed the
+    wall time). Built once, when the slide is done (:meth:`_StageClock.stage_times`); ``to_dict`` is the one
+    JSON form (result.json's ``provenance.timings_s``, ``bench analyze``, the daemon's metrics)."""
 
     plan: float = 0.0
     read: float = 0.0
@@ -82,6 +84,28 @@ class StageTimes:
 
     def to_dict(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in dataclasses.asdict(self).items()}
+
+
+_Stage = Literal["plan", "read", "read_wait", "detect", "decode", "crops", "classify", "score"]
+
+
+class _StageClock:
+    """Seconds summed per stage while a slide is analysed; frozen into :class:`StageTimes` at the end."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[_Stage, float] = {}
+
+    def add(self, stage: _Stage, seconds: float) -> None:
+        self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
+
+    def since(self, stage: _Stage, t0: float) -> float:
+        """Add the seconds from ``t0`` (a ``time.perf_counter()``) to now; return now."""
+        now = time.perf_counter()
+        self.add(stage, now - t0)
+        return now
+
+    def stage_times(self, total: float) -> StageTimes:
+        return StageTimes(**self._seconds, total=total)
 
 
 @dataclass
@@ -153,23 +177,23 @@ def _analyze(
     t_start: float,
 ) -> Analysis:
     bundle = engines.bundle
-    times = StageTimes()
+    clock = _StageClock()
     report = progress or (lambda stage, done, total: None)
     with open_slide(path, config.slide) as slide:
         t0 = time.perf_counter()
         sp = plan_slide(slide, config)
         _check_scale(slide, sp, bundle)
         _check_tile_count(slide, sp, config)
-        times.plan = time.perf_counter() - t0
+        clock.since("plan", t0)
         total = len(sp.plan)
         report("detect", 0, total)
         qc = _qc_accumulator(sp, config)
-        candidates = _detect(slide, sp, config, engines, cancel_event, times, report, qc)
+        candidates = _detect(slide, sp, config, engines, cancel_event, clock, report, qc)
         t0 = time.perf_counter()
         mpp0 = slide.info.level_mpp(0)
         boxes, p_mitotic, p_atypical = candidates.merged(bundle.detector.merge_radius_um / mpp0[0])
         figures = _figures(boxes, p_mitotic, p_atypical, bundle, mpp0)
-        times.decode += time.perf_counter() - t0
+        clock.since("decode", t0)
         report("classify", len(figures), len(figures))
         t0 = time.perf_counter()
         radius_um = hotspot_radius_um(bundle.decision.hotspot_area_mm2)
@@ -183,14 +207,14 @@ def _analyze(
             hotspot_area_mm2=bundle.decision.hotspot_area_mm2,
             tissue_fraction=tissue_fraction,
         )
-        times.score = time.perf_counter() - t0
+        clock.since("score", t0)
         info = slide.info
         qc_section, qc_maps = _finish_qc(qc, sp, mpp0, figures, bundle.decision.hotspot_area_mm2, scores)
         overview, overview_mpp = slide.thumbnail(
             max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
         )
         hotspot_view = _hotspot_view(slide, _hotspot_center(scores), radius_um)
-        times.total = time.perf_counter() - t_start
+        times = clock.stage_times(total=time.perf_counter() - t_start)
         slide_meta = {
             "width": info.width, "height": info.height, "mpp_x": mpp0[0], "mpp_y": mpp0[1],
             "mpp_source": info.mpp_source, "format": info.format, "vendor": info.vendor,
@@ -291,7 +315,7 @@ def _detect(
     config: Config,
     engines: EngineSet,
     cancel_event: threading.Event | None,
-    times: StageTimes,
+    clock: _StageClock,
     report: Progress,
     qc: QcAccumulator | None = None,
 ) -> _Candidates:
@@ -305,7 +329,7 @@ def _detect(
     spec = engines.bundle.detector
     ownership = TileOwnership(sp.plan)
     px0_per_out = (sp.plan.px0_per_out_x, sp.plan.px0_per_out_y)
-    candidates = _Candidates(slide, sp, config, engines, times)
+    candidates = _Candidates(slide, sp, config, engines, clock)
     detector = engines.detector
     in_flight: list[tuple[TileBatch, Pending]] = []
 
@@ -313,8 +337,7 @@ def _detect(
         batch, pending = entry
         t0 = time.perf_counter()
         outputs = pending.result()
-        times.detect += time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0 = clock.since("detect", t0)
         raw = outputs[spec.output]
         for i, tile in enumerate(batch.tiles):
             if qc is not None:
@@ -326,10 +349,10 @@ def _detect(
             keep = keep_owned(boxes, tile, ownership)
             if keep.any():
                 local = boxes.take(keep)
-                times.decode += time.perf_counter() - t0
+                clock.since("decode", t0)
                 candidates.add(tile, batch.pixels[i], local, to_slide(local, tile, px0_per_out))
                 t0 = time.perf_counter()
-        times.decode += time.perf_counter() - t0
+        clock.since("decode", t0)
         candidates.classify_ready()
 
     done = 0
@@ -347,8 +370,8 @@ def _detect(
                 collect(first)
                 done += len(first[0].tiles)
                 report("detect", done, len(sp.plan))
-            times.read = stream.stats.read_seconds
-            times.read_wait = stream.stats.wait_seconds
+            clock.add("read", stream.stats.read_seconds)
+            clock.add("read_wait", stream.stats.wait_seconds)
         candidates.classify_rest()
     finally:
         for _batch, pending in in_flight:  # an error mid-way: wait for the engine before leaving
@@ -373,10 +396,10 @@ class _CropGroup:
 class _Candidates:
     """Every candidate kept so far (level-0 boxes) and each classifier's probabilities for it."""
 
-    def __init__(self, slide: Slide, sp: SlidePlan, config: Config, engines: EngineSet, times: StageTimes) -> None:
+    def __init__(self, slide: Slide, sp: SlidePlan, config: Config, engines: EngineSet, clock: _StageClock) -> None:
         self.slide = slide
         self.engines = engines
-        self.times = times
+        self.clock = clock
         self.raw = 0  # detections before ownership and merging
         self.boxes: list[Boxes] = []
         bundle = engines.bundle
@@ -416,7 +439,7 @@ class _Candidates:
             group.pending.append(self._crops(group, tile, pixels, local, boxes))
         self.boxes.append(boxes)
         self.waiting += len(boxes)
-        self.times.crops += time.perf_counter() - t0
+        self.clock.since("crops", t0)
 
     def classify_ready(self) -> None:
         while self.waiting >= self.batch_size:
@@ -483,7 +506,7 @@ class _Candidates:
                 self.passed_waiting += passed.size
         self.batches += 1
         self.waiting -= n
-        self.times.classify += time.perf_counter() - t0
+        self.clock.since("classify", t0)
         if self.passed_waiting >= self.batch_size:
             self._subtype()
 
@@ -509,7 +532,7 @@ class _Candidates:
                     offset += rows.size
         self.passed_slots = []
         self.passed_waiting = 0
-        self.times.classify += time.perf_counter() - t0
+        self.clock.since("classify", t0)
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
