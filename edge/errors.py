@@ -1,4 +1,4 @@
-"""The one error hierarchy of mitosis-edge.
+"""The one error hierarchy of mitosis-edge; ``edge`` exports every class (``from edge import ConfigError``).
 
 Every error a user can cause says what was wrong, with the value, and what to do.
 
@@ -25,10 +25,12 @@ Every error a user can cause says what was wrong, with the value, and what to do
     │   ├── ResultNotFoundError (KeyError)  no result (yet) for that job or fingerprint
     │   ├── JobStateError                   the job is in a state that does not allow the change
     │   └── StoreCorruptError               not a mitosis-edge store, or a newer schema than this version
+    ├── ReviewError (ValueError)            a pathologist's review that cannot be stored (unknown figure or decision)
     ├── QcError                             scan QC could not measure something (too little stain, ...)
     ├── DiskFullError (OSError)             too little free space where the daemon writes exports
     ├── AnalysisCrashed (RuntimeError)      the daemon's analysis process died on a slide
-    └── MissingExtraError (ImportError)     an optional extra (cohort: Ray, lifelines) is not installed
+    ├── MissingExtraError (ImportError)     an optional extra (cohort: Ray, lifelines) is not installed
+    └── (service/client errors below: RequestRefused, EdgeClientError ...)
 
 Retryable or deterministic: each class says whether the same work may succeed later (``retryable``,
 see :func:`is_retryable`). The daemon retries only retryable failures (an engine or store hiccup,
