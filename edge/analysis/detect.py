@@ -2,7 +2,9 @@
 
 Pure numpy/scipy. Frames: *tile px* are the detector's input pixels of one tile (output mpp, origin at
 the tile's top-left); *output px* add the tile's (x, y); *level-0 px* are the slide file's pixels.
-The pipeline runs ``decode -> nms -> keep_owned -> to_slide`` per tile, then ``merge_across_tiles``.
+The pipeline runs ``decode -> nms -> keep_owned -> to_slide`` per tile, then merges across tiles with
+``merge_indices`` (the index form of ``merge_across_tiles``, so each candidate's classifier probabilities
+follow the merge).
 """
 
 from __future__ import annotations
