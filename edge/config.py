@@ -89,7 +89,7 @@ class TissueConfig:
         >>> round(TissueConfig().thumbnail_mpp_for(25_000, 50_000), 1)  # a whole 25 x 50 mm scan area
         17.7
         """
-        floor = (width_um * height_um / (self.max_thumbnail_megapixels * 1e6)) ** 0.5
+        floor = float((width_um * height_um / (self.max_thumbnail_megapixels * 1e6)) ** 0.5)
         return max(self.thumbnail_mpp, floor)
 
     def validate(self) -> None:

@@ -302,19 +302,20 @@ class TileOwnership:
         gap = np.abs(points[:, None, :] - self.centres[nearest]).max(axis=2)
         best = gap.min(axis=1)
         tied = gap == best[:, None]
-        owners = np.where(tied, nearest, n_tiles).min(axis=1)
+        owners: IntArray = np.where(tied, nearest, n_tiles).min(axis=1)
         for i in np.flatnonzero(tied.all(axis=1) & (k < n_tiles)):
             # Every fetched candidate is tied: more may be, beyond the k fetched.
             ball = np.asarray(self._tree.query_ball_point(points[i], best[i] * (1 + 1e-9) + 1e-9, p=np.inf))
             ball_gap = np.abs(points[i] - self.centres[ball]).max(axis=1)
             owners[i] = ball[ball_gap == ball_gap.min()].min()
-        return owners.astype(np.int64)
+        return owners
 
     def owned_by(self, tile_index: int, cx_out: np.ndarray, cy_out: np.ndarray) -> NDArray[np.bool_]:
         """Mask of the points (output px) that tile ``tile_index`` owns."""
         if not 0 <= tile_index < len(self.centres):
             raise IndexError(f"tile_index={tile_index} out of range for a plan of {len(self.centres)} tiles")
-        return self.owner(cx_out, cy_out) == tile_index
+        owned: NDArray[np.bool_] = self.owner(cx_out, cy_out) == tile_index
+        return owned
 
 
 def owner_tiles(cx_out: np.ndarray, cy_out: np.ndarray, plan: TilePlan) -> IntArray:

@@ -344,7 +344,7 @@ def tissue_fraction_in_circles(
     pixels = spans.sum(axis=1)
     counted = tissue_in_row.sum(axis=1)
 
-    fractions = np.divide(counted, pixels, out=np.zeros(len(centres)), where=pixels > 0)
+    fractions: NDArray[np.float64] = np.divide(counted, pixels, out=np.zeros(len(centres)), where=pixels > 0)
     tiny = pixels == 0
     if np.any(tiny):
         col = np.floor(cx[tiny] / mpp_x).astype(np.int64)

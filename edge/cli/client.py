@@ -26,7 +26,7 @@ CLASSES = tuple(c.value for c in DetectionClass)  # plain strings: argparse quot
 
 def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``client`` and its subcommands on the top-level parser's subparsers."""
-    p = subparsers.add_parser(
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "client",
         help="talk to a running mitosis-edge daemon over gRPC: status, submit, get, list, watch, detections, export",
         description="Talk to a running mitosis-edge daemon over its gRPC API.",

@@ -65,7 +65,8 @@ def glass_colour(thumbnail: np.ndarray) -> np.ndarray:
     sample = thumbnail[::2, ::2, :3].reshape(-1, 3)
     if sample.size == 0:
         return np.full(3, 255.0, np.float32)
-    return np.clip(np.percentile(sample, 99, axis=0), GLASS_MIN, 255.0).astype(np.float32)
+    glass: np.ndarray = np.clip(np.percentile(sample, 99, axis=0), GLASS_MIN, 255.0).astype(np.float32)
+    return glass
 
 
 def _stained(rgb_u8: np.ndarray, glass: np.ndarray, p: TissueConfig) -> np.ndarray:
