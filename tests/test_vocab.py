@@ -3,6 +3,9 @@ against, that one place: detection classes, subtypes, slide extensions, exit cod
 
 from __future__ import annotations
 
+from contextlib import closing
+from pathlib import Path
+
 import pytest
 
 from edge.analysis.exports import CLASS_NAMES
@@ -47,6 +50,21 @@ def test_the_store_the_proto_the_client_and_the_review_page_use_the_same_classes
     assert words == web.GROUPS
     proto = [n.removeprefix("DETECTION_CLASS_").lower() for n in (v.name for v in pb.DetectionClass.DESCRIPTOR.values)]
     assert proto == ["unspecified", *words]
+
+
+def test_the_stores_sql_check_allows_exactly_the_classes(tmp_path: Path) -> None:
+    import re
+    import sqlite3
+
+    from edge.service.store import Store
+
+    with Store.open(tmp_path / "edge.db"):
+        pass
+    with closing(sqlite3.connect(tmp_path / "edge.db")) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'detections'").fetchone()
+    checked = re.search(r"CHECK \(class IN \(([^)]*)\)\)", sql)
+    assert checked is not None
+    assert [w.strip(" '") for w in checked.group(1).split(",")] == [c.value for c in DetectionClass]
 
 
 @pytest.mark.parametrize(("decisions", "expected"), CASES)

@@ -34,7 +34,8 @@ from edge.service.watcher import (
 )
 from edge.vocab import SLIDE_EXTENSIONS
 from edge.wsi.fingerprint import Fingerprint, fingerprint_slide
-from tests.conftest import data_file
+from edge.wsi.slide import OPENSLIDE_ONLY_EXTENSIONS
+from tests.conftest import SynthFactory, data_file
 
 MAGIC = b"SLIDE"  # what the fake opener wants at the start of a slide file
 
@@ -176,6 +177,20 @@ def test_every_slide_extension_is_watched_by_default(ext: str) -> None:
     else:
         assert slide_unit(Path(f"/scans/a{ext}"), extensions=extensions) == Path(f"/scans/a{ext}")
         assert slide_unit(Path(f"/scans/A{ext.upper()}"), extensions=extensions) == Path(f"/scans/A{ext.upper()}")
+
+
+def test_a_real_slide_under_each_readable_extension_becomes_ready(tmp_path: Path, synth_slide: SynthFactory) -> None:
+    """The watcher with its real opener (edge.wsi.slide): every name the vocabulary lists that a plain TIFF or
+    a DICOM file can carry is picked up, opened and handed on (.ndpi and the OpenSlide-only formats need files
+    of their own kind: tests/test_slide.py checks the opener knows their names)."""
+    source = synth_slide(width=2048, height=1536)
+    names = {f"s{ext}": source for ext in SLIDE_EXTENSIONS if ext not in OPENSLIDE_ONLY_EXTENSIONS | {".ndpi", ".dcm"}}
+    names["0001.dcm"] = data_file("wsi/camelyon-multiframe.dcm")  # directly in the watched folder: one file
+    for name, src in names.items():
+        shutil.copy(src, tmp_path / name)
+    watcher, rec, clock = gated(tmp_path, opener=default_opener, extensions=WatchConfig().extensions)
+    look(watcher, clock, 0.0, 1.5, 3.0)
+    assert sorted(p.name for p, _ in rec.ready) == sorted(names) and rec.failed == []
 
 
 def test_the_extension_allow_list_and_ignore_patterns_are_configurable() -> None:
