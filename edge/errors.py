@@ -249,3 +249,45 @@ class AnalysisCrashed(EdgeError, RuntimeError):
 
 class MissingExtraError(EdgeError, ImportError):
     """A command needs an optional extra that is not installed; the message says what to install."""
+
+
+class StoreBusyError(StoreError):
+    """Another process (a CLI command, a second daemon) held the store's write lock longer than the busy
+    timeout; the same call succeeds once it lets go."""
+
+    retryable = True
+
+
+class RequestRefused(EdgeError):
+    """A request the gRPC server refuses; `code` is the gRPC status code's name, e.g. "PERMISSION_DENIED".
+
+    `message` goes to the caller; `detail` (what a path resolved to, why a bundle does not load) only to
+    the server's log.
+    """
+
+    def __init__(self, code: str, message: str, detail: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.detail = detail
+        super().__init__(code, message, detail)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class EdgeClientError(EdgeError):
+    """A call of the Python client (edge.client) failed. `code` is the gRPC status name ("NOT_FOUND", ...),
+    `address` the server."""
+
+    def __init__(self, code: str, message: str, address: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.address = address
+        super().__init__(code, message, address)
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code} from {self.address})" if self.address else f"{self.message} ({self.code})"
+
+
+class ServerUnavailableError(EdgeClientError, ConnectionError):
+    """The client could not reach the server (or it is stopping) after every retry."""

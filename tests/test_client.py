@@ -354,7 +354,7 @@ def test_a_result_without_a_hotspot_says_why_over_grpc_and_in_the_cli() -> None:
     from edge.analysis.scoring import score_slide
     from edge.cli.client import result_lines
     from edge.client import scores_dict
-    from edge.service.server import scores_to_pb
+    from edge.service.server.convert import scores_to_pb
 
     scores = scores_dict(scores_to_pb(score_slide([], tissue_area_mm2=0.0).to_json_dict()))
     assert scores["hotspot"]["null_reason"] == "no tissue found on the slide"

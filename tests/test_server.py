@@ -22,8 +22,8 @@ from edge._proto import edge_pb2 as pb
 from edge._proto import edge_pb2_grpc as pb_grpc
 from edge.config import ServerConfig
 from edge.errors import ConfigError
-from edge.service.auth import RequestRefused, parse_tokens, required_role, resolve_submit_path
 from edge.service.server import LAST_SEQUENCE_KEY, SERVICE_NAME, RunningServer, start_server
+from edge.service.server.auth import RequestRefused, parse_tokens, required_role, resolve_submit_path
 from edge.service.store import Store
 from tests.grpc_fakes import (
     READ_TOKEN,
