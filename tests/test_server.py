@@ -728,3 +728,28 @@ def test_a_certificate_close_to_expiry_is_warned_about_at_start(
     with caplog.at_level(logging.WARNING, logger="edge.service.server"):
         start_server(config, control).stop()
     assert re.search(r"the server certificate .* expires on .* UTC, in [89] day\(s\): renew it", caplog.text)
+
+
+def test_a_busy_store_is_unavailable_with_the_reason(
+    make_server: Maker, channels: Callable[..., grpc.Channel], scans: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    from edge.service import store as store_module
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
+    with Store.open(tmp_path / "busy" / "edge.db") as busy_store:
+        server = make_server(ctl=FakeControl(busy_store, watch_folders=[str(scans)]))
+        stub = pb_grpc.EdgeServiceStub(channels(server.address))
+        holder = sqlite3.connect(busy_store.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # e.g. `mitosis-edge daemon retry` in another process
+        try:
+            err = rpc_error(stub.SubmitSlide, pb.SubmitSlideRequest(slide_path=str(scans / "a.svs")))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "is busy: another process held its lock" in err.details() and "retry" in err.details()
+        assert stub.SubmitSlide(pb.SubmitSlideRequest(slide_path=str(scans / "a.svs"))).job.job_id == 1
+        server.stop(0.5)

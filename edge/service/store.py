@@ -971,7 +971,7 @@ def _busy_as_store_error(path: Path) -> Iterator[None]:
         if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY_CODES:  # extended codes keep the primary's low byte
             raise
         raise StoreBusyError(
-            f"the job store {path} is busy: another process held its lock for over {BUSY_TIMEOUT_MS // 1000} s "
+            f"the job store {path} is busy: another process held its lock for over {BUSY_TIMEOUT_MS / 1000:g} s "
             f"({exc}); retry"
         ) from exc
 
