@@ -366,7 +366,7 @@ class EdgeClient:
                 certificate_chain=_read_bytes("client certificate", cert),
             )
             self._channel = grpc.secure_channel(address, credentials, options=options)
-        self._stub = pb_grpc.EdgeServiceStub(self._channel)
+        self._stub = pb_grpc.EdgeServiceStub(self._channel)  # type: ignore[no-untyped-call, unused-ignore]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = threading.Event()
 
@@ -400,7 +400,7 @@ class EdgeClient:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1, 2, ...): exponential, with jitter."""
-        delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1))
+        delay = min(MAX_BACKOFF_S, BACKOFF_S * 2.0 ** (attempt - 1))
         return delay * (0.5 + random.random() / 2)
 
     def _call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:

@@ -614,9 +614,8 @@ def test_the_jobs_table_check_lists_exactly_the_job_states(tmp_path: Path) -> No
 
     from edge.vocab import JOB_STATES, JobState
 
-    with Store.open(tmp_path / "edge.db") as store:
-        with sqlite3.connect(store.path) as conn:
-            (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+    with Store.open(tmp_path / "edge.db") as store, sqlite3.connect(store.path) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
     match = re.search(r"CHECK \(state IN \(([^)]*)\)\)", sql)
     assert match is not None, sql
     in_check = [word.strip().strip("'") for word in match.group(1).split(",")]
@@ -635,7 +634,7 @@ def test_a_store_locked_by_another_process_raises_store_busy(tmp_path: Path, mon
         holder = sqlite3.connect(store.path, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
         try:
-            with pytest.raises(StoreBusyError, match="busy: another process held its lock for over 0.2 s") as info:
+            with pytest.raises(StoreBusyError, match=r"busy: another process held its lock for over 0\.2 s") as info:
                 store.add_job("/scans/a.svs")
             assert info.value.retryable and isinstance(info.value, StoreError)
         finally:

@@ -14,13 +14,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from edge.errors import ConfigError
+from edge.vocab import JOB_STATES
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # `submit --wait` / `wait`: the job ended failed or cancelled
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "MITOSIS_EDGE_SERVER"
 TOKEN_ENV = "MITOSIS_EDGE_TOKEN"
-STATES = ("queued", "running", "done", "failed", "cancelled")
+STATES = JOB_STATES
 CLASSES = ("normal", "atypical", "uncertain", "non_mitotic")
 
 

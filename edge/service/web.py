@@ -593,7 +593,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return False
             if isinstance(self.connection, ssl.SSLSocket):
                 return True  # TLS cannot peek; a browser sends nothing more on a long poll but its close
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
+            return bool(self.connection.recv(1, socket.MSG_PEEK) == b"")
         except (OSError, ValueError):
             return True
 

@@ -193,7 +193,7 @@ def start_server(
         config, control, broadcaster, roots, started_at=time.monotonic(), tokens=tokens, refusals=refusals,
         export_root=export_root,
     )
-    pb_grpc.add_EdgeServiceServicer_to_server(servicer, server)
+    pb_grpc.add_EdgeServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call, unused-ignore]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

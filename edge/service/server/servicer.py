@@ -747,7 +747,7 @@ def _ignore_body(data: bytes) -> bytes:
     return data
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unused-ignore]  # grpc ships no types
     """Bearer-token check before every call: UNAUTHENTICATED or PERMISSION_DENIED with the reason."""
 
     def __init__(self, tokens: TokenTable, refusals: RefusalLog) -> None:
