@@ -309,7 +309,7 @@ class Store:
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as folder, Store.open(Path(folder) / "edge.db") as store:
     ...     job, created = store.add_job("/scans/a.svs", fingerprint="sha256:ab")
-    ...     store.add_job("/scans/a-copy.svs", fingerprint="sha256:ab")[1], store.claim_next_job().state
+    ...     store.add_job("/scans/a-copy.svs", fingerprint="sha256:ab")[1], str(store.claim_next_job().state)
     (False, 'running')
     """
 
