@@ -36,7 +36,6 @@ __all__ = [
     "DETECTION_CLASSES",
     "EVENT_TYPES",
     "JOB_SOURCES",
-    "JOB_STATES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "Event",
