@@ -212,6 +212,7 @@ def test_get_result_by_job_and_by_fingerprint(stub: pb_grpc.EdgeServiceStub, sto
         assert scores.mitotic_score_hint.HasField("score") and len(scores.mitotic_score_hint.cutoffs) == 2
         assert result.slide.width == 4000 and result.slide.mpp_x == 0.25
         assert result.provenance.bundle_name == "demo" and result.provenance.backend == "onnxruntime"
+        assert result.provenance.package_version == "0.1.0" and result.provenance.bundle_version == "1.0.0"
         assert set(result.exports) == {"result", "csv"} and result.detections == 5
         import json
 
@@ -753,3 +754,25 @@ def test_a_busy_store_is_unavailable_with_the_reason(
         assert "is busy: another process held its lock" in err.details() and "retry" in err.details()
         assert stub.SubmitSlide(pb.SubmitSlideRequest(slide_path=str(scans / "a.svs"))).job.job_id == 1
         server.stop(0.5)
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        ({"package": "mitosis-edge", "version": "1.4.0", "bundle": {"name": "demo", "version": "2"},
+          "backend": "tensorrt", "created_at": "2026-05-01T10:00:00+00:00"},
+         ("1.4.0", "demo", "2", "tensorrt", "2026-05-01T10:00:00+00:00")),  # what result.json holds
+        ({"package_version": "0.9.0", "bundle": {"name": "demo"}, "backend": "onnxruntime"},
+         ("0.9.0", "demo", "", "onnxruntime", "")),  # the shape docs/results.md once showed
+        ({"version": "0.8.0", "bundle": "demo"}, ("0.8.0", "demo", "", "", "")),  # an early row: bundle by name
+        (None, ("", "", "", "", "")),
+    ],
+)
+def test_provenance_of_any_stored_result_reaches_its_typed_fields(stored: Any, expected: tuple[str, ...]) -> None:
+    import json
+
+    from edge.service.server.convert import provenance_to_pb
+
+    msg = provenance_to_pb(stored)
+    assert (msg.package_version, msg.bundle_name, msg.bundle_version, msg.backend, msg.created_at) == expected
+    assert json.loads(msg.json) == (stored or {})

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from edge.analysis.provenance import BundleProvenance, Provenance
 from edge.analysis.scoring import Figure, SlideResult, score_slide
 from edge.errors import JobNotFoundError, JobStateError, ResultNotFoundError, StoreCorruptError, StoreError
 from edge.service import store as store_module
@@ -68,7 +69,9 @@ FIGURES = (
 def slide_result(figures: tuple[Figure, ...] = FIGURES, path: str = "/scans/a.svs") -> SlideResult:
     scores = score_slide(figures, tissue_area_mm2=12.5)
     slide = {"width": 40000, "height": 32000, "mpp_x": MPP, "mpp_y": MPP, "format": "tiff", "vendor": "generic"}
-    return SlideResult(path, slide, scores, figures, {"package_version": "0.1.0", "backend": "onnxruntime"})
+    provenance = Provenance(version="0.1.0", created_at="2026-01-01T00:00:00+00:00",
+                            bundle=BundleProvenance("demo", "1"), backend="onnxruntime")
+    return SlideResult(path, slide, scores, figures, provenance.to_json_dict())
 
 
 EXPORTS = {"result": "/out/1/result.json", "csv": "/out/1/detections.csv"}
