@@ -29,6 +29,7 @@ from edge.errors import (
     ConfigError,
     CorruptSlideError,
     DiskFullError,
+    EdgeClientError,
     EdgeError,
     EngineError,
     EngineInputError,
@@ -41,12 +42,15 @@ from edge.errors import (
     NotASlideError,
     PlanError,
     QcError,
+    RequestRefused,
     ResultNotFoundError,
     ReviewError,
+    ServerUnavailableError,
     SlideChangedError,
     SlideNotFoundError,
     SlideReadError,
     SlideTimeLimitError,
+    StoreBusyError,
     StoreCorruptError,
     StoreError,
     StreamCancelled,
@@ -56,8 +60,7 @@ from edge.errors import (
 
 if TYPE_CHECKING:  # the lazy names, for type checkers and editors
     from edge.analysis.pipeline import analyze_slide
-    from edge.client import EdgeClient, EdgeClientError, ServerUnavailableError
-    from edge.service.auth import RequestRefused
+    from edge.client import EdgeClient
     from edge.wsi.slide import open_slide
 
 __version__ = "0.1.0"
@@ -67,9 +70,6 @@ _LAZY = {
     "analyze_slide": "edge.analysis.pipeline",
     "open_slide": "edge.wsi.slide",
     "EdgeClient": "edge.client",
-    "EdgeClientError": "edge.client",
-    "ServerUnavailableError": "edge.client",
-    "RequestRefused": "edge.service.auth",
 }
 
 __all__ = [
@@ -101,6 +101,7 @@ __all__ = [
     "SlideNotFoundError",
     "SlideReadError",
     "SlideTimeLimitError",
+    "StoreBusyError",
     "StoreCorruptError",
     "StoreError",
     "StreamCancelled",

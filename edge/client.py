@@ -26,8 +26,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.errors import ConfigError, EdgeError
+from edge.errors import ConfigError, EdgeClientError, ServerUnavailableError
 from edge.fileio import atomic_write
+from edge.vocab import JOB_STATES, TERMINAL_JOB_STATES, JobState
 
 try:
     import grpc
@@ -53,23 +54,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
-TERMINAL_STATES = ("done", "failed", "cancelled")
+TERMINAL_STATES = TERMINAL_JOB_STATES
 TERMINAL_EVENTS = ("job_done", "job_failed", "job_cancelled")
 DETECTION_CLASSES = ("normal", "atypical", "uncertain", "non_mitotic")
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_RETRIES = 5
 BACKOFF_S = 0.2  # first retry delay; doubled per retry, with jitter
 MAX_BACKOFF_S = 5.0
-LAST_SEQUENCE_KEY = "mitosis-edge-last-sequence"
 
-_STATE_NAMES = {
-    pb.JOB_STATE_QUEUED: "queued",
-    pb.JOB_STATE_RUNNING: "running",
-    pb.JOB_STATE_DONE: "done",
-    pb.JOB_STATE_FAILED: "failed",
-    pb.JOB_STATE_CANCELLED: "cancelled",
-}
+# JobState.QUEUED <-> pb.JOB_STATE_QUEUED, ...: the proto's enum names are the vocabulary's, upper-cased.
+_STATE_NAMES = {pb.JobState.Value(f"JOB_STATE_{state.name}"): str(state) for state in JobState}
 _STATE_VALUES = {v: k for k, v in _STATE_NAMES.items()}
 _CLASS_NAMES = {
     pb.DETECTION_CLASS_NORMAL: "normal",
@@ -78,23 +72,6 @@ _CLASS_NAMES = {
     pb.DETECTION_CLASS_NON_MITOTIC: "non_mitotic",
 }
 _CLASS_VALUES = {v: k for k, v in _CLASS_NAMES.items()}
-
-
-class EdgeClientError(EdgeError):
-    """A call to the server failed. `code` is the gRPC status name ("NOT_FOUND", ...), `address` the server."""
-
-    def __init__(self, code: str, message: str, address: str = "") -> None:
-        self.code = code
-        self.message = message
-        self.address = address
-        super().__init__(code, message, address)
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.code} from {self.address})" if self.address else f"{self.message} ({self.code})"
-
-
-class ServerUnavailableError(EdgeClientError, ConnectionError):
-    """The server could not be reached (or is stopping) after every retry."""
 
 
 def read_token_file(path: str | Path) -> str:
@@ -389,7 +366,7 @@ class EdgeClient:
                 certificate_chain=_read_bytes("client certificate", cert),
             )
             self._channel = grpc.secure_channel(address, credentials, options=options)
-        self._stub = pb_grpc.EdgeServiceStub(self._channel)
+        self._stub = pb_grpc.EdgeServiceStub(self._channel)  # type: ignore[no-untyped-call, unused-ignore]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = threading.Event()
 
@@ -423,7 +400,7 @@ class EdgeClient:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1, 2, ...): exponential, with jitter."""
-        delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1))
+        delay = min(MAX_BACKOFF_S, BACKOFF_S * 2.0 ** (attempt - 1))
         return delay * (0.5 + random.random() / 2)
 
     def _call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:

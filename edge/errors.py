@@ -24,13 +24,16 @@ Every error a user can cause says what was wrong, with the value, and what to do
     │   ├── JobNotFoundError (KeyError)     no job with that id
     │   ├── ResultNotFoundError (KeyError)  no result (yet) for that job or fingerprint
     │   ├── JobStateError                   the job is in a state that does not allow the change
-    │   └── StoreCorruptError               not a mitosis-edge store, or a newer schema than this version
+    │   ├── StoreCorruptError               not a mitosis-edge store, or a newer schema than this version
+    │   └── StoreBusyError      [retryable] another process held the store's lock past the busy timeout
     ├── ReviewError (ValueError)            a pathologist's review that cannot be stored (unknown figure or decision)
     ├── QcError                             scan QC could not measure something (too little stain, ...)
     ├── DiskFullError (OSError)             too little free space where the daemon writes exports
     ├── AnalysisCrashed (RuntimeError)      the daemon's analysis process died on a slide
     ├── MissingExtraError (ImportError)     an optional extra (cohort: Ray, lifelines) is not installed
-    └── (service/client errors below: RequestRefused, EdgeClientError ...)
+    ├── RequestRefused                      the gRPC server refuses a call (``code``: the gRPC status name)
+    └── EdgeClientError                     a call of the Python client failed (``code``, ``address``)
+        └── ServerUnavailableError (ConnectionError)  the server could not be reached after every retry
 
 Retryable or deterministic: each class says whether the same work may succeed later (``retryable``,
 see :func:`is_retryable`). The daemon retries only retryable failures (an engine or store hiccup,
@@ -251,3 +254,45 @@ class AnalysisCrashed(EdgeError, RuntimeError):
 
 class MissingExtraError(EdgeError, ImportError):
     """A command needs an optional extra that is not installed; the message says what to install."""
+
+
+class StoreBusyError(StoreError):
+    """Another process (a CLI command, a second daemon) held the store's write lock longer than the busy
+    timeout; the same call succeeds once it lets go."""
+
+    retryable = True
+
+
+class RequestRefused(EdgeError):
+    """A request the gRPC server refuses; `code` is the gRPC status code's name, e.g. "PERMISSION_DENIED".
+
+    `message` goes to the caller; `detail` (what a path resolved to, why a bundle does not load) only to
+    the server's log.
+    """
+
+    def __init__(self, code: str, message: str, detail: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.detail = detail
+        super().__init__(code, message, detail)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class EdgeClientError(EdgeError):
+    """A call of the Python client (edge.client) failed. `code` is the gRPC status name ("NOT_FOUND", ...),
+    `address` the server."""
+
+    def __init__(self, code: str, message: str, address: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.address = address
+        super().__init__(code, message, address)
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code} from {self.address})" if self.address else f"{self.message} ({self.code})"
+
+
+class ServerUnavailableError(EdgeClientError, ConnectionError):
+    """The client could not reach the server (or it is stopping) after every retry."""

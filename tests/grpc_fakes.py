@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edge.analysis.provenance import BundleProvenance, Provenance
 from edge.analysis.scoring import Figure, SlideResult, score_slide
 from edge.config import ServerConfig
 from edge.service.server import RunningServer, start_server
@@ -88,8 +89,10 @@ def slide_result(slide_path: str, figs: Sequence[Figure] | None = None) -> Slide
         slide={"width": 4000, "height": 3000, "mpp_x": 0.25, "mpp_y": 0.25, "format": "tiff", "vendor": "generic"},
         scores=score_slide(figs, tissue_area_mm2=4.0),
         figures=tuple(figs),
-        provenance={"package_version": "0.1.0", "bundle": {"name": "demo", "version": "1.0.0"},
-                    "backend": "onnxruntime", "created_at": "2026-01-01T00:00:00Z"},
+        provenance=Provenance(
+            version="0.1.0", created_at="2026-01-01T00:00:00Z", bundle=BundleProvenance("demo", "1.0.0"),
+            backend="onnxruntime",
+        ).to_json_dict(),
     )
 
 

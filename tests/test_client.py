@@ -20,6 +20,7 @@ from edge.config import ServerConfig
 from edge.errors import ConfigError
 from edge.service.server import RunningServer, start_server
 from edge.service.store import Store
+from tests.conftest import SynthFactory
 from tests.grpc_fakes import (
     READ_TOKEN,
     SUBMIT_TOKEN,
@@ -354,7 +355,7 @@ def test_a_result_without_a_hotspot_says_why_over_grpc_and_in_the_cli() -> None:
     from edge.analysis.scoring import score_slide
     from edge.cli.client import result_lines
     from edge.client import scores_dict
-    from edge.service.server import scores_to_pb
+    from edge.service.server.convert import scores_to_pb
 
     scores = scores_dict(scores_to_pb(score_slide([], tissue_area_mm2=0.0).to_json_dict()))
     assert scores["hotspot"]["null_reason"] == "no tissue found on the slide"
@@ -400,3 +401,78 @@ def test_connection_errors_say_which_option_fixes_them(
     assert "the server speaks plain text (no TLS): pass --insecure" in tls_to_plain
     for stderr in (without_ca, insecure, no_token, tls_to_plain):
         assert all(line.startswith(("mitosis-edge: error:", "  ")) for line in stderr.splitlines()), stderr
+
+
+# --- a real analysis, field for field ----------------------------------------------------------------
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def test_a_real_analysis_reaches_the_client_field_for_field(
+    store: Store, scans: Path, clients: Callable[..., EdgeClient], synth_slide: SynthFactory
+) -> None:
+    """analyze_slide (demo bundle) -> the store -> result_to_pb -> the client: every field the client
+    returns is the pipeline's, provenance included, so a key one side spells differently shows up here."""
+    import grpc
+
+    from edge import __version__
+    from edge._proto import edge_pb2 as pb
+    from edge._proto import edge_pb2_grpc as pb_grpc
+    from edge.analysis.caveats import diagnostic_notice, plausibility_flags
+    from edge.analysis.pipeline import analyze_slide
+    from edge.analysis.provenance import Provenance
+    from edge.config import Config
+
+    slide = synth_slide(width=3072, height=2048, seed=11, mitoses=6, imposters=4)
+    expected = analyze_slide(slide, Config()).result
+    job, _ = store.add_job(str(slide), fingerprint="sha256:real", accession="S26-0042")
+    running = store.claim_next_job()
+    assert running is not None and running.job_id == job.job_id
+    exports = {"result": str(store.path.parent / "results" / "result.json")}
+    store.complete_job(job.job_id, expected, exports, Config().qc)
+
+    running_server = start_server(insecure_config([scans]), FakeControl(store, watch_folders=[str(scans)]))
+    try:
+        client = clients(running_server.address)
+        result = client.get_result(job.job_id)
+        summary = {"slide": expected.slide, "provenance": expected.provenance, "scores": expected.scores.to_json_dict()}
+        flags = [{"code": f.code, "message": f.message, "value": f.value} for f in plausibility_flags(_json(summary))]
+        notice = diagnostic_notice(_json(summary))
+        assert result == {
+            "job_id": job.job_id,
+            "accession": "S26-0042",
+            **({"notice": notice} if notice else {}),
+            "flags": flags,
+            "slide_path": expected.slide_path,
+            "fingerprint": "sha256:real",
+            "slide": _json(expected.slide),
+            "scores": _json(expected.scores.to_json_dict()),
+            "provenance": _json(expected.provenance),
+            "exports": {"result": str(Path(exports["result"]).absolute())},
+            "detections": len(expected.figures),
+            "created_at": result["created_at"],
+            "qc": {**_json(expected.qc), "baseline": result["qc"]["baseline"]},  # the store adds the drift check
+            "review": None,
+        }
+        assert result["qc"]["baseline"]["in_band"] is True
+        assert len(expected.figures) > 0
+        figures = list(client.detections(job.job_id))
+        assert [{k: v for k, v in f.items() if k != "class"} for f in figures] == [
+            _json(f.to_json_dict()) for f in expected.figures
+        ]
+
+        # The typed Provenance message: every field from the pipeline's own provenance.
+        typed = Provenance.from_json_dict(expected.provenance)
+        with grpc.insecure_channel(running_server.address) as channel:
+            reply = pb_grpc.EdgeServiceStub(channel).GetResult(pb.GetResultRequest(job_id=job.job_id))
+        provenance = reply.result.provenance
+        assert provenance.package_version == __version__ == typed.package_version
+        assert (provenance.bundle_name, provenance.bundle_version) == ("demo", typed.bundle.version) != ("demo", "")
+        assert provenance.backend == "onnxruntime" == expected.provenance["backend"]
+        assert provenance.created_at == expected.provenance["created_at"] != ""
+        assert json.loads(provenance.json) == _json(expected.provenance)
+        assert typed.to_json_dict() == expected.provenance  # result.json's keys, unchanged
+    finally:
+        running_server.stop(0.5)

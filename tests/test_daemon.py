@@ -20,8 +20,7 @@ import pytest
 
 from edge.config import Config, load_config
 from edge.engines.manifest import find_bundle
-from edge.errors import EngineError, SlideReadError, StoreError, StreamCancelled
-from edge.service.auth import RequestRefused
+from edge.errors import EngineError, RequestRefused, SlideReadError, StoreError, StreamCancelled
 from edge.service.daemon import Daemon
 from edge.service.store import Store
 from tests.conftest import SynthFactory, data_file

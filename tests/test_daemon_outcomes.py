@@ -17,7 +17,7 @@ from edge.client import job_dict
 from edge.errors import CorruptSlideError, EngineError, TileDecodeError
 from edge.service import worker
 from edge.service.daemon import Daemon, _analyze_slide
-from edge.service.server import job_to_pb
+from edge.service.server.convert import job_to_pb
 from edge.service.store import Store
 from edge.wsi.fingerprint import fingerprint_slide
 from tests.conftest import SynthFactory

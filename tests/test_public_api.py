@@ -48,6 +48,7 @@ INTENDED = {
     "ResultNotFoundError",
     "JobStateError",
     "StoreCorruptError",
+    "StoreBusyError",
     "ReviewError",
     "DiskFullError",
     "AnalysisCrashed",

@@ -22,8 +22,8 @@ from edge._proto import edge_pb2 as pb
 from edge._proto import edge_pb2_grpc as pb_grpc
 from edge.config import ServerConfig
 from edge.errors import ConfigError
-from edge.service.auth import RequestRefused, parse_tokens, required_role, resolve_submit_path
 from edge.service.server import LAST_SEQUENCE_KEY, SERVICE_NAME, RunningServer, start_server
+from edge.service.server.auth import RequestRefused, parse_tokens, required_role, resolve_submit_path
 from edge.service.store import Store
 from tests.grpc_fakes import (
     READ_TOKEN,
@@ -212,6 +212,7 @@ def test_get_result_by_job_and_by_fingerprint(stub: pb_grpc.EdgeServiceStub, sto
         assert scores.mitotic_score_hint.HasField("score") and len(scores.mitotic_score_hint.cutoffs) == 2
         assert result.slide.width == 4000 and result.slide.mpp_x == 0.25
         assert result.provenance.bundle_name == "demo" and result.provenance.backend == "onnxruntime"
+        assert result.provenance.package_version == "0.1.0" and result.provenance.bundle_version == "1.0.0"
         assert set(result.exports) == {"result", "csv"} and result.detections == 5
         import json
 
@@ -728,3 +729,50 @@ def test_a_certificate_close_to_expiry_is_warned_about_at_start(
     with caplog.at_level(logging.WARNING, logger="edge.service.server"):
         start_server(config, control).stop()
     assert re.search(r"the server certificate .* expires on .* UTC, in [89] day\(s\): renew it", caplog.text)
+
+
+def test_a_busy_store_is_unavailable_with_the_reason(
+    make_server: Maker, channels: Callable[..., grpc.Channel], scans: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    from edge.service import store as store_module
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
+    with Store.open(tmp_path / "busy" / "edge.db") as busy_store:
+        server = make_server(ctl=FakeControl(busy_store, watch_folders=[str(scans)]))
+        stub = pb_grpc.EdgeServiceStub(channels(server.address))
+        holder = sqlite3.connect(busy_store.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # e.g. `mitosis-edge daemon retry` in another process
+        try:
+            err = rpc_error(stub.SubmitSlide, pb.SubmitSlideRequest(slide_path=str(scans / "a.svs")))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "is busy: another process held its lock" in err.details() and "retry" in err.details()
+        assert stub.SubmitSlide(pb.SubmitSlideRequest(slide_path=str(scans / "a.svs"))).job.job_id == 1
+        server.stop(0.5)
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        ({"package": "mitosis-edge", "version": "1.4.0", "bundle": {"name": "demo", "version": "2"},
+          "backend": "tensorrt", "created_at": "2026-05-01T10:00:00+00:00"},
+         ("1.4.0", "demo", "2", "tensorrt", "2026-05-01T10:00:00+00:00")),  # what result.json holds
+        ({"package_version": "0.9.0", "bundle": {"name": "demo"}, "backend": "onnxruntime"},
+         ("0.9.0", "demo", "", "onnxruntime", "")),  # the shape docs/results.md once showed
+        ({"version": "0.8.0", "bundle": "demo"}, ("0.8.0", "demo", "", "", "")),  # an early row: bundle by name
+        (None, ("", "", "", "", "")),
+    ],
+)
+def test_provenance_of_any_stored_result_reaches_its_typed_fields(stored: Any, expected: tuple[str, ...]) -> None:
+    import json
+
+    from edge.service.server.convert import provenance_to_pb
+
+    msg = provenance_to_pb(stored)
+    assert (msg.package_version, msg.bundle_name, msg.bundle_version, msg.backend, msg.created_at) == expected
+    assert json.loads(msg.json) == (stored or {})

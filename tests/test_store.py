@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from edge.analysis.provenance import BundleProvenance, Provenance
 from edge.analysis.scoring import Figure, SlideResult, score_slide
 from edge.errors import JobNotFoundError, JobStateError, ResultNotFoundError, StoreCorruptError, StoreError
 from edge.service import store as store_module
@@ -68,7 +69,9 @@ FIGURES = (
 def slide_result(figures: tuple[Figure, ...] = FIGURES, path: str = "/scans/a.svs") -> SlideResult:
     scores = score_slide(figures, tissue_area_mm2=12.5)
     slide = {"width": 40000, "height": 32000, "mpp_x": MPP, "mpp_y": MPP, "format": "tiff", "vendor": "generic"}
-    return SlideResult(path, slide, scores, figures, {"package_version": "0.1.0", "backend": "onnxruntime"})
+    provenance = Provenance(version="0.1.0", created_at="2026-01-01T00:00:00+00:00",
+                            bundle=BundleProvenance("demo", "1"), backend="onnxruntime")
+    return SlideResult(path, slide, scores, figures, provenance.to_json_dict())
 
 
 EXPORTS = {"result": "/out/1/result.json", "csv": "/out/1/detections.csv"}
@@ -604,3 +607,40 @@ def test_a_review_of_a_job_without_a_result_is_refused(store: Store) -> None:
     with pytest.raises(ResultNotFoundError):
         store.add_review(job_id, reviewer="dr-a", counts={}, automatic={}, changes=[], result_created_at=0.0)
     assert store.list_reviews() == []
+
+
+# --- the job-state vocabulary and a busy store ----------------------------------------------------------
+
+
+def test_the_jobs_table_check_lists_exactly_the_job_states(tmp_path: Path) -> None:
+    import re
+
+    from edge.vocab import JOB_STATES, JobState
+
+    with Store.open(tmp_path / "edge.db") as store, sqlite3.connect(store.path) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+    match = re.search(r"CHECK \(state IN \(([^)]*)\)\)", sql)
+    assert match is not None, sql
+    in_check = [word.strip().strip("'") for word in match.group(1).split(",")]
+    assert in_check == list(JOB_STATES) == [str(s) for s in JobState]
+    with Store.open(tmp_path / "edge.db") as store:
+        job, _ = store.add_job("/scans/a.svs")
+        assert job.state is JobState.QUEUED and job.to_json_dict()["state"] == "queued"
+        assert type(job.to_json_dict()["state"]) is str  # JSON and the CLI see plain text
+
+
+def test_a_store_locked_by_another_process_raises_store_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge.errors import StoreBusyError
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
+    with Store.open(tmp_path / "edge.db") as store:
+        holder = sqlite3.connect(store.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
+        try:
+            with pytest.raises(StoreBusyError, match=r"busy: another process held its lock for over 0\.2 s") as info:
+                store.add_job("/scans/a.svs")
+            assert info.value.retryable and isinstance(info.value, StoreError)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert store.add_job("/scans/a.svs")[1]  # the lock is gone: the same call succeeds

@@ -72,7 +72,7 @@ def test_store_grpc_and_exports_classify_a_figure_alike(
     decisions: tuple[bool, str | None], expected: DetectionClass
 ) -> None:
     from edge.client import _CLASS_NAMES
-    from edge.service.server import detection_to_pb
+    from edge.service.server.convert import detection_to_pb
     from edge.service.store import _detection_row
 
     figure = _figure(*decisions)

@@ -31,6 +31,7 @@ from edge.analysis.classify import (
     ensemble_mitotic,
 )
 from edge.analysis.detect import Boxes, TileOwnership, decode, keep_owned, merge_indices, nms, to_slide
+from edge.analysis.provenance import BundleProvenance, Provenance
 from edge.analysis.qc import QcAccumulator, QcMaps
 from edge.analysis.scoring import (
     Figure,
@@ -228,7 +229,7 @@ def _analyze(
             slide=slide_meta,
             scores=scores,
             figures=tuple(figures),
-            provenance=_provenance(config, engines, times),
+            provenance=_provenance(config, engines, times).to_json_dict(),
             qc=qc_section,
         )
         return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw, hotspot_view, qc_maps)
@@ -576,21 +577,20 @@ def _figures(
     return figures
 
 
-def _provenance(config: Config, engines: EngineSet, times: StageTimes) -> dict[str, Any]:
+def _provenance(config: Config, engines: EngineSet, times: StageTimes) -> Provenance:
     bundle = engines.bundle
-    return {
-        "package": "mitosis-edge",
-        "version": __version__,
-        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "bundle": {
-            "name": bundle.name, "version": bundle.version, "path": str(bundle.path),
-            "manifest_sha256": bundle.manifest_sha256,
-            "models": {m.name: {"file": m.path.name, "sha256": m.sha256} for m in bundle.models},
-            "intended_use": bundle.intended_use,
-            "ensemble": bundle.ensemble_roles(),
-        },
-        "backend": engines.backend,
-        "plan_keys": dict(engines.plan_keys),
-        "settings": config.to_dict(),
-        "timings_s": times.to_dict(),
-    }
+    return Provenance(
+        version=__version__,
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        bundle=BundleProvenance(
+            name=bundle.name, version=bundle.version, path=str(bundle.path),
+            manifest_sha256=bundle.manifest_sha256,
+            models={m.name: {"file": m.path.name, "sha256": m.sha256} for m in bundle.models},
+            intended_use=bundle.intended_use,
+            ensemble=bundle.ensemble_roles(),
+        ),
+        backend=engines.backend,
+        plan_keys=dict(engines.plan_keys),
+        settings=config.to_dict(),
+        timings_s=times.to_dict(),
+    )

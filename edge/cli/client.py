@@ -15,12 +15,12 @@ from typing import Any
 
 from edge.cli._common import usage_handler
 from edge.errors import ConfigError
-from edge.vocab import DetectionClass, ExitCode
+from edge.vocab import JOB_STATES, DetectionClass, ExitCode
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 SERVER_ENV = "MITOSIS_EDGE_SERVER"
 TOKEN_ENV = "MITOSIS_EDGE_TOKEN"
-STATES = ("queued", "running", "done", "failed", "cancelled")
+STATES = JOB_STATES
 CLASSES = tuple(c.value for c in DetectionClass)  # plain strings: argparse quotes them in its errors
 
 

@@ -186,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         })
         print(f"2/4 starting a daemon: bundle {bundle.name} {bundle.version} on {config.engines.backend}, "
               f"watching {inbox}")
-        with Daemon(config) as daemon, EdgeClient(daemon.server.address, insecure=True) as client:
+        with Daemon(config) as daemon, EdgeClient(daemon.grpc_address(), insecure=True) as client:
             job = _copy_and_wait(client, slide_path, inbox / slide_path.name)
             if job["state"] != "done":
                 print(f"mitosis-edge demo: the daemon's job ended {job['state']}: {job.get('error', '')}",

@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge import __version__
 from edge.analysis.exports import export_folder_name, is_export_folder
@@ -40,22 +40,32 @@ from edge.errors import (
     ConfigError,
     DiskFullError,
     EdgeError,
+    JobStateError,
     ManifestError,
     MissingMppError,
+    RequestRefused,
     SlideChangedError,
     SlideNotFoundError,
     SlideReadError,
+    StoreBusyError,
     StoreError,
     StreamCancelled,
     is_retryable,
 )
 from edge.fileio import real_path_inside
 from edge.logsafe import untrusted
-from edge.service.auth import RequestRefused
-from edge.service.metrics import DaemonMetrics
-from edge.service.store import Job, JobStateError, Store
+from edge.service.metrics import AnalysedSlide, DaemonMetrics
+from edge.service.status import EngineInfo, ServerStatus
+from edge.service.store import Job, Store
 from edge.service.worker import AnalysisProcess, EngineCache, TimeLimit
+from edge.vocab import JobState
 from edge.wsi.fingerprint import Fingerprint, fingerprint_slide, slide_files
+
+if TYPE_CHECKING:  # imported where used: grpc, the watcher and the pipeline load only when started
+    from edge.analysis.pipeline import Analysis, Progress
+    from edge.engines.probe import GpuProbe
+    from edge.service.server import RunningServer
+    from edge.service.watcher import SlideWatcher
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +108,7 @@ class Daemon:
         self.results_dir = self.data_dir / RESULTS_DIR
         self._analyze = analyze or _analyze_slide
         self._isolated = analyze is None and config.daemon.isolation == "process"
-        self._child_engine_info: list[dict[str, str]] = []  # what the analysis processes loaded
+        self._child_engine_info: list[EngineInfo] = []  # what the analysis processes loaded
         self._clock = clock
         self._started_at = time.monotonic()
         self._check_config()
@@ -113,10 +123,10 @@ class Daemon:
             self.store.close()
             raise
         self.metrics = DaemonMetrics()
-        self.server: Any = None
-        self.watcher: Any = None
-        self._metrics_server: Any = None
-        self._web_server: Any = None  # (ThreadingHTTPServer, thread) of the review page, when [web] listen is set
+        self.server: RunningServer | None = None
+        self.watcher: SlideWatcher | None = None
+        self._metrics_server: tuple[Any, threading.Thread] | None = None
+        self._web_server: tuple[ThreadingHTTPServer, threading.Thread] | None = None  # the review page ([web] listen)
         self._engines = EngineCache()  # "thread" isolation: the engines live in this process
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -274,7 +284,7 @@ class Daemon:
         reason and reaches the caller as a StoreError (gRPC UNAVAILABLE; the watcher tries again)."""
         try:
             yield
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreBusyError) as exc:
             reason = f"the store {self.store.path} cannot be written: {exc}"
             self._set_problem(STORE_PROBLEM, reason)
             raise StoreError(f"{reason}; free space in {self.data_dir}, then try again") from exc
@@ -330,28 +340,28 @@ class Daemon:
                 running.cancel.set()
         return job
 
-    def server_status(self) -> dict[str, Any]:
+    def server_status(self) -> ServerStatus:
         engines = self._child_engine_info + self._engines.info()
         counts = self.store.counts_by_state()
-        status: dict[str, Any] = {
-            "version": __version__,
-            "backend": self.config.engines.backend,
-            "gpu": _gpu_name(self.config.engines.backend),
-            "engines": engines,
-            "bundle": engines[0]["bundle"] if engines else "",
-            "queue_depth": counts.get("queued", 0),
-            "running": counts.get("running", 0),
-            "uptime_s": time.monotonic() - self._started_at,
-            "watch_folders": list(self.config.watch.all_folders),
-            "ready": self.is_ready(),
-            "engine_error": self.engine_error or "",
-            "not_ready_reason": self.not_ready_reason(),
-            "waiting_slides": self.watcher.waiting() if self.watcher is not None else [],
-            "intended_use": self._bundle[2],
-        }
-        if not status["bundle"] and self._bundle[0]:
-            status["bundle"] = f"{self._bundle[0]} {self._bundle[1]}"
-        return status
+        bundle = engines[0]["bundle"] if engines else ""
+        if not bundle and self._bundle[0]:
+            bundle = f"{self._bundle[0]} {self._bundle[1]}"
+        return ServerStatus(
+            version=__version__,
+            backend=self.config.engines.backend,
+            gpu=_gpu_name(self.config.engines.backend),
+            engines=engines,
+            bundle=bundle,
+            queue_depth=counts.get(JobState.QUEUED, 0),
+            running=counts.get(JobState.RUNNING, 0),
+            uptime_s=time.monotonic() - self._started_at,
+            watch_folders=list(self.config.watch.all_folders),
+            ready=self.is_ready(),
+            engine_error=self.engine_error or "",
+            not_ready_reason=self.not_ready_reason(),
+            waiting_slides=self.watcher.waiting() if self.watcher is not None else [],
+            intended_use=self._bundle[2],
+        )
 
     def _log_bundle(self) -> None:
         """Name, version and intended use of the configured bundle, in the log and in server_status.
@@ -422,7 +432,7 @@ class Daemon:
                     str(path), fingerprint=fingerprint.key, source="watch", dedupe=False, slide_meta=meta,
                     accession=accession, mpp_override=mpp,
                 )
-        if not created and job.state == "failed" and job.retryable:
+        if not created and job.state == JobState.FAILED and job.retryable:
             log.info("slide %s dropped again; its job %d failed for a transient reason (%s): queued again",
                      path, job.job_id, job.error)
             job, created = self.store.add_job(
@@ -440,7 +450,7 @@ class Daemon:
         """Whether the last job of this path and fingerprint failed for a transient reason: the watcher hands
         such a slide over again when it settles again (dropped again, or touched)."""
         jobs = [j for j in self.store.find_jobs_by_fingerprint(key) if j.slide_path == str(path)]
-        return bool(jobs) and jobs[-1].state == "failed" and bool(jobs[-1].retryable)
+        return bool(jobs) and jobs[-1].state == JobState.FAILED and bool(jobs[-1].retryable)
 
     def _seen_under_legacy_key(self, path: Path, fingerprint: Fingerprint) -> Job | None:
         """The newest job of this path stored under the key of a version that did not sample the middle of
@@ -548,7 +558,7 @@ class Daemon:
             with self.metrics.running(), self._exports_folder(job) as partial:
                 if process is not None:
                     outcome = process.analyze(slide, config, partial, running.cancel, limit)
-                    analysis = SimpleNamespace(result=outcome.result, tiles=outcome.tiles, times=outcome.times)
+                    analysis: AnalysedSlide = outcome
                     written = outcome.exports
                 else:
                     analysis = self._analyze(
@@ -745,12 +755,16 @@ class Daemon:
 
         self._web_server = start_web(self.config, self.store, self.results_dir, on_review=self.metrics.reviewed)
 
+    def grpc_address(self) -> str:
+        """HOST:PORT of the gRPC API; "" before the daemon started it."""
+        return self.server.address if self.server is not None else ""
+
     def web_address(self) -> str:
         """HOST:PORT of the review page; "" when [web] listen is not set."""
         if self._web_server is None:
             return ""
         host, port = self._web_server[0].server_address[:2]
-        return f"{host}:{port}"
+        return f"{host.decode() if isinstance(host, bytes) else host}:{port}"
 
     def metrics_address(self) -> str:
         if self._metrics_server is None:
@@ -818,7 +832,8 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             counts = self.store.counts_by_state()
-            if counts.get("queued", 0) == 0 and counts.get("running", 0) == 0 and not self._pending_watch():
+            idle = counts.get(JobState.QUEUED, 0) == 0 and counts.get(JobState.RUNNING, 0) == 0
+            if idle and not self._pending_watch():
                 return True
             time.sleep(0.1)
         return False
@@ -881,7 +896,9 @@ def _set_aside_foreign_exports(folder: Path, job: Job) -> None:
         log.warning("%s predates job %d (an earlier store's exports): kept as %s", folder, job.job_id, aside)
 
 
-def _analyze_slide(path: Path, config: Config, engines: EngineSet, cancel: threading.Event, progress: Any) -> Any:
+def _analyze_slide(
+    path: Path, config: Config, engines: EngineSet, cancel: threading.Event, progress: Progress
+) -> Analysis:
     from edge.analysis.pipeline import analyze_slide
 
     return analyze_slide(path, config, engines=engines, cancel_event=cancel, progress=progress)
@@ -987,7 +1004,7 @@ def _changed_meanwhile(path: Path, before: FileStates, exc: SlideReadError) -> S
     return SlideChangedError(path, f"its files changed while it was analysed ({exc.reason})")
 
 
-def _gpu_name(backend: str, probe: Any = None) -> str:
+def _gpu_name(backend: str, probe: GpuProbe | None = None) -> str:
     """The first CUDA device's name for a GPU backend, or why there is none ("" on the CPU backend)."""
     if backend == "onnxruntime":
         return ""

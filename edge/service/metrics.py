@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -18,13 +18,33 @@ from prometheus_client.registry import Collector
 
 from edge.errors import EdgeError
 from edge.service.store import failure_reason
+from edge.vocab import JobState
+
+if TYPE_CHECKING:
+    from edge.analysis.pipeline import StageTimes
+    from edge.analysis.scoring import SlideResult
+    from edge.service.store import QcRecord, Store, StoredReview
 
 FRACTION_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 PICKUP_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 HOUR_S = 3600.0
+class AnalysedSlide(Protocol):
+    """What the metrics read of one analysed slide: the pipeline's Analysis in the daemon's process, the
+    worker's Outcome from a child process."""
+
+    @property
+    def result(self) -> SlideResult: ...
+
+    @property
+    def tiles(self) -> int: ...
+
+    @property
+    def times(self) -> StageTimes: ...
+
+
 class _StoreCollector(Collector):
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -36,7 +56,7 @@ class _StoreCollector(Collector):
         for state, n in counts.items():
             jobs.add_metric([state], n)
         yield jobs
-        yield GaugeMetricFamily("mitosis_edge_queue_depth", "Jobs waiting to run", value=counts.get("queued", 0))
+        yield GaugeMetricFamily("mitosis_edge_queue_depth", "Jobs waiting to run", value=counts.get(JobState.QUEUED, 0))
         try:
             stats = self.store.review_agreement()
         except EdgeError:
@@ -95,7 +115,7 @@ class DaemonMetrics:
         self._finished: list[float] = []
         self._lock = threading.Lock()
 
-    def attach_store(self, store: Any) -> None:
+    def attach_store(self, store: Store) -> None:
         self.registry.register(_StoreCollector(store))
 
     def serve(self, host: str, port: int) -> tuple[Any, threading.Thread]:
@@ -114,13 +134,13 @@ class DaemonMetrics:
     def picked_up(self, seconds: float) -> None:
         self.pickup_seconds.observe(max(0.0, seconds))
 
-    def reviewed(self, review: Any) -> None:
+    def reviewed(self, review: StoredReview) -> None:
         self.reviews_signed.inc()
 
     def failed(self, error: str) -> None:
         self.failures.labels(failure_reason(error)).inc()
 
-    def qc(self, records: Any) -> None:
+    def qc(self, records: Iterable[QcRecord]) -> None:
         """Count one slide's stored scan QC (``Store.qc_history(job_id=...)``: zero or one record)."""
         for record in records:
             self.qc_verdicts.labels(record.verdict).inc()
@@ -133,7 +153,7 @@ class DaemonMetrics:
                 for measure in record.assessment.get("moved", {}):
                     self.qc_drift.labels(record.scanner, measure).inc()
 
-    def done(self, analysis: Any, seconds: float) -> None:
+    def done(self, analysis: AnalysedSlide, seconds: float) -> None:
         self.slides_done.inc()
         self.tiles.inc(analysis.tiles)
         self.slide_seconds.observe(seconds)

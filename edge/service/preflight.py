@@ -94,7 +94,7 @@ def _tls(config: Config) -> str:
 
 
 def _tokens(config: Config) -> str:
-    from edge.service.auth import load_tokens
+    from edge.service.server.auth import load_tokens
 
     path = config.server.tokens_file
     if not config.server.enabled:

@@ -21,25 +21,27 @@ from typing import Any
 from edge.analysis.drift import Assessment, HistoryPoint, assess, measures_of
 from edge.analysis.scoring import Figure, SlideResult
 from edge.config import QcConfig
-from edge.errors import JobNotFoundError, JobStateError, ResultNotFoundError, StoreCorruptError, StoreError
+from edge.errors import (
+    JobNotFoundError,
+    JobStateError,
+    ResultNotFoundError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreError,
+)
+from edge.vocab import JOB_STATES, JobState
 from edge.wsi.slide import UNKNOWN_SCANNER
 
 __all__ = [
     "DETECTION_CLASSES",
     "EVENT_TYPES",
     "JOB_SOURCES",
-    "JOB_STATES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "Event",
     "Job",
-    "JobNotFoundError",
-    "JobStateError",
     "QcRecord",
-    "ResultNotFoundError",
     "Store",
-    "StoreCorruptError",
-    "StoreError",
     "StoredResult",
     "StoredReview",
     "failure_reason",
@@ -48,7 +50,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_SOURCES = ("watch", "submit")
 EVENT_TYPES = (
     "job_queued",
@@ -187,7 +188,7 @@ class Job:
     """One slide to analyse and where it stands. Times are unix seconds."""
 
     job_id: int
-    state: str
+    state: JobState
     slide_path: str
     fingerprint: str | None
     source: str
@@ -207,11 +208,13 @@ class Job:
     labels: tuple[str, ...] = ()  # free labels given at submit
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "state", JobState(self.state))  # SQLite gives the text
         if self.retryable is not None:  # SQLite gives 0/1
             object.__setattr__(self, "retryable", bool(self.retryable))
 
     def to_json_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["state"] = self.state.value
         data["labels"] = list(self.labels)
         return data
 
@@ -305,7 +308,7 @@ class Store:
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as folder, Store.open(Path(folder) / "edge.db") as store:
     ...     job, created = store.add_job("/scans/a.svs", fingerprint="sha256:ab")
-    ...     store.add_job("/scans/a-copy.svs", fingerprint="sha256:ab")[1], store.claim_next_job().state
+    ...     store.add_job("/scans/a-copy.svs", fingerprint="sha256:ab")[1], str(store.claim_next_job().state)
     (False, 'running')
     """
 
@@ -368,7 +371,7 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT); rolled back on any exception."""
-        with self._write_lock:
+        with self._write_lock, _busy_as_store_error(self.path):
             self._check_open()
             conn = self._writer
             conn.execute("BEGIN IMMEDIATE")
@@ -389,9 +392,11 @@ class Store:
             self._check_open()
             conn = self._idle_readers.pop() if self._idle_readers else None
         if conn is None:
-            conn = _connect(self.path, reader=True)
+            with _busy_as_store_error(self.path):
+                conn = _connect(self.path, reader=True)
         try:
-            yield conn
+            with _busy_as_store_error(self.path):
+                yield conn
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -466,7 +471,7 @@ class Store:
         with self._write() as conn:
             slide_id = _slide_id(conn, str(slide_path), fingerprint, "{}", now)
             job = _insert_job(conn, self.path, slide_id, source, 0, None, None, now, case=(accession or None, ()))
-            failed = _save(conn, replace(job, state="failed", error=error, finished_at=now))
+            failed = _save(conn, replace(job, state=JobState.FAILED, error=error, finished_at=now))
             _append_event(conn, "job_failed", failed, now, {"error": error, "attempts": 0})
         return failed
 
@@ -483,7 +488,7 @@ class Store:
             if row is None:
                 return None
             job = _job_from_row(row)
-            running = _save(conn, replace(job, state="running", attempts=job.attempts + 1, started_at=moment))
+            running = _save(conn, replace(job, state=JobState.RUNNING, attempts=job.attempts + 1, started_at=moment))
             _append_event(conn, "job_running", running, moment, {"attempts": running.attempts})
         return running
 
@@ -511,7 +516,7 @@ class Store:
             if job.accession is None and barcode:  # no accession from the submit or the path: the slide's own
                 conn.execute("UPDATE jobs SET accession = ? WHERE job_id = ?", (str(barcode), job_id))
                 job = replace(job, accession=str(barcode))
-            done = _save(conn, replace(job, state="done", finished_at=now, error=None, retryable=None))
+            done = _save(conn, replace(job, state=JobState.DONE, finished_at=now, error=None, retryable=None))
             conn.execute(
                 "INSERT INTO results (job_id, summary, exports, detections, created_at) VALUES (?, ?, ?, ?, ?)",
                 (job_id, summary_json, exports_json, len(result.figures), now),
@@ -564,11 +569,12 @@ class Store:
         with self._write() as conn:
             job = _transition(conn, self.path, job_id, ("queued", "running"), "failed")
             if retry_at is None:
-                new = _save(conn, replace(job, state="failed", error=error, finished_at=now, retryable=retryable))
+                failed = replace(job, state=JobState.FAILED, error=error, finished_at=now, retryable=retryable)
+                new = _save(conn, failed)
                 _append_event(conn, "job_failed", new, now,
                               {"error": error, "attempts": new.attempts, "retryable": retryable})
             else:
-                new = _save(conn, replace(job, state="queued", error=error, started_at=None, not_before=retry_at,
+                new = _save(conn, replace(job, state=JobState.QUEUED, error=error, started_at=None, not_before=retry_at,
                                           retryable=retryable))
                 payload = {"error": error, "attempts": new.attempts, "retry_at": retry_at}
                 _append_event(conn, "job_retry", new, now, payload)
@@ -591,7 +597,7 @@ class Store:
         now = self._clock()
         with self._write() as conn:
             job = _transition(conn, self.path, job_id, ("queued", "running"), "cancelled")
-            cancelled = _save(conn, replace(job, state="cancelled", finished_at=now, cancelled_by=cancelled_by))
+            cancelled = _save(conn, replace(job, state=JobState.CANCELLED, finished_at=now, cancelled_by=cancelled_by))
             conn.execute("UPDATE jobs SET cancelled_by = ? WHERE job_id = ?", (cancelled_by, job_id))
             extra = {"cancelled_by": cancelled_by} if cancelled_by else None
             _append_event(conn, "job_cancelled", cancelled, now, extra)
@@ -951,6 +957,24 @@ def _check_identity(conn: sqlite3.Connection, path: Path, known: int) -> int:
     return version
 
 
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+@contextmanager
+def _busy_as_store_error(path: Path) -> Iterator[None]:
+    """SQLite's "database is locked" (another process held the lock past BUSY_TIMEOUT_MS) as StoreBusyError,
+    so callers tell it by class (the gRPC API answers UNAVAILABLE, retry); other SQLite errors pass as they are."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY_CODES:  # extended codes keep the primary's low byte
+            raise
+        raise StoreBusyError(
+            f"the job store {path} is busy: another process held its lock for over {BUSY_TIMEOUT_MS / 1000:g} s "
+            f"({exc}); retry"
+        ) from exc
+
+
 def _open_error(path: Path, exc: sqlite3.Error) -> StoreError:
     if isinstance(exc, sqlite3.OperationalError):  # cannot open, locked, read-only, disk I/O
         return StoreError(
@@ -1052,7 +1076,7 @@ def _insert_job(
 
 def _requeue(conn: sqlite3.Connection, job: Job, reason: str, now: float, *, count_attempt: bool = False) -> Job:
     attempts = job.attempts if count_attempt else max(job.attempts - 1, 0)
-    queued = _save(conn, replace(job, state="queued", attempts=attempts, started_at=None))
+    queued = _save(conn, replace(job, state=JobState.QUEUED, attempts=attempts, started_at=None))
     _append_event(conn, "job_requeued", queued, now, {"reason": reason})
     return queued
 

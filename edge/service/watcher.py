@@ -23,6 +23,7 @@ from typing import Any, Literal
 from edge.config import DEFAULT_IGNORE_PATTERNS, DEFAULT_SLIDE_EXTENSIONS, WatchConfig
 from edge.errors import ConfigError, NotASlideError, SlideReadError, UnsupportedFormatError
 from edge.fileio import real_path_inside, special_file_kind
+from edge.service.status import WaitingSlide
 from edge.wsi.dicom import DicomInstance, series_in_folder
 from edge.wsi.fingerprint import Fingerprint, fingerprint_slide, mrxs_companion, slide_files
 
@@ -419,7 +420,7 @@ class SlideWatcher:
         self._tick = min(config.poll_interval_s, DEFAULT_GATE_TICK)
         self._gate = StabilityGate(config.quiet_period_s, config.settle_timeout_s, config.unreadable_timeout_s,
                                    close_settle_s=config.close_settle_s)
-        self._waiting: list[dict[str, Any]] = []  # what waiting() shows; replaced whole after each look
+        self._waiting: list[WaitingSlide] = []  # what waiting() shows; replaced whole after each look
         self._opening: dict[Path, threading.Thread] = {}  # slide -> an open that outlived watch.open_timeout_s
         self._lock = threading.Lock()  # guards _incoming
         self._gate_lock = threading.Lock()  # one look at a time
@@ -495,7 +496,7 @@ class SlideWatcher:
         with self._lock:
             return len(self._gate) + len(self._incoming)
 
-    def waiting(self) -> list[dict[str, Any]]:
+    def waiting(self) -> list[WaitingSlide]:
         """Slides that stopped changing but do not open: slide_path, reason, waiting_s, fails_in_s."""
         return list(self._waiting)
 
@@ -590,7 +591,7 @@ class SlideWatcher:
     def _check(self, now: float) -> None:
         self._look(now)
         self._waiting = [
-            {"slide_path": str(u), "reason": r, "waiting_s": w, "fails_in_s": f}
+            WaitingSlide(slide_path=str(u), reason=r, waiting_s=w, fails_in_s=f)
             for u, r, w, f in self._gate.waiting(now)
         ]
 

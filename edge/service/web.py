@@ -39,8 +39,9 @@ from edge.analysis.review import Change, agreement, parse_changes, reviewed_clas
 from edge.config import Config
 from edge.errors import EdgeError, JobNotFoundError, JobStateError, ResultNotFoundError, ReviewError
 from edge.logsafe import untrusted
-from edge.service.auth import REVIEW_ROLES, Role, TokenTable, load_tokens
-from edge.service.store import JOB_STATES, Job, Store, StoredResult, StoredReview, result_mpp
+from edge.service.server.auth import REVIEW_ROLES, Role, TokenTable, load_tokens
+from edge.service.store import Job, Store, StoredResult, StoredReview, result_mpp
+from edge.vocab import JOB_STATES, JobState
 
 __all__ = ["WebApp", "start_web"]
 
@@ -386,7 +387,7 @@ def job_row_data(store: Store, job: Job) -> dict[str, Any]:
     data: dict[str, Any] = {"job_id": job.job_id, "state": job.state, "slide": Path(job.slide_path).name,
                             "accession": getattr(job, "accession", None) or "", "mc": "", "ratio": "", "qc": "",
                             "review": "", "created": _when(job.created_at)}
-    if job.state == "done":
+    if job.state == JobState.DONE:
         try:
             result = store.get_result(job.job_id)
         except ResultNotFoundError:
@@ -592,7 +593,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return False
             if isinstance(self.connection, ssl.SSLSocket):
                 return True  # TLS cannot peek; a browser sends nothing more on a long poll but its close
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
+            return bool(self.connection.recv(1, socket.MSG_PEEK) == b"")
         except (OSError, ValueError):
             return True
 

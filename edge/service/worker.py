@@ -20,11 +20,19 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge import logs
 from edge.config import Config, DaemonConfig
 from edge.errors import AnalysisCrashed, SlideTimeLimitError, StreamCancelled
+from edge.service.status import EngineInfo
+
+if TYPE_CHECKING:  # imported where used: the daemon starts without loading the engines' libraries
+    from multiprocessing.process import BaseProcess
+
+    from edge.analysis.pipeline import StageTimes
+    from edge.analysis.scoring import SlideResult
+    from edge.engines import EngineSet
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +100,20 @@ class TimeLimit:
 class Outcome:
     """What the child reports for one slide: the result, the export files, and figures for the metrics."""
 
-    result: Any  # SlideResult
+    result: SlideResult
     exports: dict[str, Path]
     tiles: int
-    times: Any  # pipeline.StageTimes
+    times: StageTimes
 
 
 class EngineCache:
     """Engine sets by bundle, opened on first use and kept until ``close``; thread-safe."""
 
     def __init__(self) -> None:
-        self._sets: dict[str, Any] = {}
+        self._sets: dict[str, EngineSet] = {}
         self._lock = threading.Lock()
 
-    def get(self, config: Config) -> Any:
+    def get(self, config: Config) -> EngineSet:
         """The engines of ``config.engines.bundle`` ("" = the demo bundle) with the config's engine settings."""
         from edge.engines import load_bundle, open_engines
 
@@ -116,7 +124,7 @@ class EngineCache:
                                                detector_batch=config.stream.batch_size)
             return self._sets[key]
 
-    def info(self) -> list[dict[str, str]]:
+    def info(self) -> list[EngineInfo]:
         """name, role, cache_key and bundle of every engine opened so far."""
         with self._lock:
             sets = list(self._sets.values())
@@ -129,15 +137,15 @@ class EngineCache:
             self._sets.clear()
 
 
-def engine_info(engines: Any) -> list[dict[str, str]]:
+def engine_info(engines: EngineSet) -> list[EngineInfo]:
     """What GetServerStatus shows of an engine set: name, role, cache key (a TensorRT plan's, or the ONNX
     file's sha256) and bundle."""
     bundle = engines.bundle
-    info = []
+    info: list[EngineInfo] = []
     for role, name in [("detector", "detector"), *[("classifier", n) for n in engines.classifiers]]:
         key = engines.plan_keys.get(name) or f"onnx-sha256:{bundle.model(name).sha256}"
-        info.append({"name": f"{bundle.name}/{name}", "role": role, "cache_key": key,
-                     "bundle": f"{bundle.name} {bundle.version}"})
+        info.append(EngineInfo(name=f"{bundle.name}/{name}", role=role, cache_key=key,
+                               bundle=f"{bundle.name} {bundle.version}"))
     return info
 
 
@@ -147,11 +155,11 @@ class AnalysisProcess:
     def __init__(self, config: Config, *, nice: int = 0) -> None:
         self.config = config
         self.nice = nice
-        self._process: Any = None
+        self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> list[dict[str, str]]:
+    def start(self) -> list[EngineInfo]:
         """Start the child and wait until its engines are open (returns their ``engine_info``); raises what
         the child raised."""
         ctx = multiprocessing.get_context("spawn")
@@ -167,7 +175,7 @@ class AnalysisProcess:
         if reply[0] == "error":
             self.close()
             raise reply[1]
-        info: list[dict[str, str]] = reply[1]
+        info: list[EngineInfo] = reply[1]
         return info
 
     @property

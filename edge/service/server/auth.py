@@ -1,7 +1,8 @@
 """Who may call the gRPC API and which slides it may submit: bearer tokens with roles, allowed roots.
 
-Pure Python (no grpc import): the interceptor in ``edge.service.server`` asks `TokenTable.check`, and
-SubmitSlide asks `resolve_submit_path`. Tokens file, one per line::
+Pure Python (no grpc import): the interceptor in ``edge.service.server.servicer`` asks `TokenTable.check`,
+SubmitSlide asks `resolve_submit_path`, and the web UI (edge.service.web) checks its tokens here too.
+Tokens file, one per line::
 
     # TOKEN                                      ROLE    NAME (optional, for the log)
     4f9c1e0b7d2a48c6a1f3e5d7b9c0a2e4f6b8d0c2     submit  lis
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edge.errors import ConfigError, EdgeError
+from edge.errors import ConfigError, RequestRefused
 from edge.fileio import real_path_inside
 from edge.logsafe import untrusted
 
@@ -71,23 +72,6 @@ SUBMIT_METHODS = frozenset({f"/{SERVICE}/SubmitSlide", f"/{SERVICE}/CancelJob"})
 # Probes and grpcurl's discovery work without a token: they reveal nothing about slides or jobs.
 PUBLIC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                    "/grpc.reflection.v1.ServerReflection/")
-
-
-class RequestRefused(EdgeError):
-    """A request the server refuses; `code` is the gRPC status code's name, e.g. "PERMISSION_DENIED".
-
-    `message` goes to the caller; `detail` (what a path resolved to, why a bundle does not load) only to
-    the server's log.
-    """
-
-    def __init__(self, code: str, message: str, detail: str = "") -> None:
-        self.code = code
-        self.message = message
-        self.detail = detail
-        super().__init__(code, message, detail)
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def required_role(method: str) -> Role | None:
