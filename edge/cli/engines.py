@@ -213,8 +213,9 @@ def _model_lines(bundle: Any) -> list[str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from edge.engines.build import list_plans, machine_info, plan_matches_machine
+    from edge.engines.build import machine_info
     from edge.engines.manifest import duplicate_bundles, list_bundles, load_bundle
+    from edge.engines.plans import list_plans, plan_matches_machine
     from edge.errors import EngineError
 
     config = config_from_args(args)

@@ -15,6 +15,10 @@ import numpy as np
 
 from edge.errors import EngineInputError
 
+# The largest batch an engine takes when none is configured, by model role: a detector tile is 1024², a crop ~64².
+DETECTOR_MAX_BATCH = 8
+CLASSIFIER_MAX_BATCH = 64
+
 Outputs = dict[str, np.ndarray]
 
 DEFAULT_IN_FLIGHT = 2  # batches an engine keeps in flight: one computing while the next is copied in
