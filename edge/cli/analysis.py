@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.cli._common import config_from_args
+from edge.vocab import BACKENDS
 
 EXIT_OK = 0
 
@@ -48,7 +49,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     c.add_argument("--detector-up-to", type=float, default=0.6, metavar="P",
                    help="also search detector score thresholds from the bundle's up to P in steps of 0.05 "
                    "(default 0.6; 0 keeps the bundle's)")
-    c.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    c.add_argument("--backend", choices=BACKENDS, help="inference backend")
     c.add_argument("--mpp", type=float, help="µm/px for slides that record none")
     c.add_argument("--json", action="store_true", help="print the calibration report as JSON")
     c.set_defaults(handler=cmd_calibrate)
@@ -56,7 +57,7 @@ def register(sub: Any, bench_sub: Any) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    p.add_argument("--backend", choices=BACKENDS, help="inference backend")
     p.add_argument("--mpp", type=float, help="µm/px to use when the slide records none (overrides the file)")
     p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"),
                    help="library that opens the slide (default auto: by format)")

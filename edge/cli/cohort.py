@@ -12,6 +12,7 @@ from typing import Any
 
 from edge.cli._common import config_from_args
 from edge.errors import ConfigError
+from edge.vocab import BACKENDS
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -24,7 +25,7 @@ def register_bench(bench_sub: Any) -> None:
     b.add_argument("--cpus-per-slide", type=float, default=1.0, help="CPUs per Ray worker (default 1)")
     b.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: Ray on this machine)")
     b.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    b.add_argument("--backend", choices=BACKENDS, help="inference backend")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(handler=cmd_bench_cohort)
 
@@ -69,7 +70,7 @@ def register(sub: Any) -> None:
                    help="a folder of slides (recursive) or a CSV with slide_path and optional case_id, mpp, ...")
     r.add_argument("--out", required=True, metavar="DIR", help="results folder: slides.csv and slides/<id>/ exports")
     r.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    r.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    r.add_argument("--backend", choices=BACKENDS, help="inference backend")
     r.add_argument("--ray-address", metavar="ADDR",
                    help="join this Ray cluster (default: $RAY_ADDRESS, else Ray started on this machine)")
     r.add_argument("--cpus-per-slide", type=float, default=None,

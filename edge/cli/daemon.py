@@ -14,6 +14,7 @@ from typing import Any
 from edge.cli._common import config_from_args
 from edge.cli.analysis import progress_printer
 from edge.errors import EdgeError
+from edge.vocab import BACKENDS
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -31,7 +32,7 @@ def register(sub: Any) -> None:
     p.add_argument("--data", metavar="DIR", help="store and exports (daemon.data_dir)")
     p.add_argument("--listen", metavar="HOST:PORT", help="gRPC address (server.listen, default 127.0.0.1:50051)")
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    p.add_argument("--backend", choices=BACKENDS, help="inference backend")
     p.add_argument("--insecure", dest="server_insecure", action="store_const", const=True,
                    help="serve gRPC in plain text, without TLS (keep it on localhost)")
     p.add_argument("--workers", type=int, help="slides analysed at once (daemon.workers, default 1)")
@@ -49,7 +50,7 @@ def register(sub: Any) -> None:
                    help="work in DIR and keep the slide, its truth, the store and the exports there "
                         "(default: a temporary folder, removed at the end)")
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    p.add_argument("--backend", choices=BACKENDS, help="inference backend")
     p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
     p.set_defaults(handler=cmd_demo)
 
@@ -64,7 +65,7 @@ def register_bench(bench_sub: Any) -> None:
                    "scanner (chunks, then close); last byte to job start and to result per slide, against analyze")
     b.add_argument("--observer", choices=("auto", "native", "polling"), help="watch.observer for the run")
     b.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    b.add_argument("--backend", choices=BACKENDS, help="inference backend")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(handler=cmd_bench_daemon)
 

@@ -22,12 +22,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from edge.engines.base import CLASSIFIER_MAX_BATCH, DETECTOR_MAX_BATCH
 from edge.engines.manifest import Bundle, ModelSpec, sha256_file
 from edge.engines.plans import (
-    AMPERE_PLUS,
     SIDECAR_FORMAT,
     MachineInfo,
     PlanRecord,
@@ -43,6 +42,15 @@ from edge.engines.probe import GpuProbe, probe_gpu, require_gpu
 from edge.engines.tensorrt import load_tensorrt, trt_logger, trt_major
 from edge.errors import BackendUnavailableError, ConfigError, EngineError, PlanError
 from edge.fileio import atomic_write
+from edge.vocab import (
+    AMPERE_PLUS,
+    HARDWARE_COMPAT,
+    ON_MISSING_PLAN,
+    PRECISIONS,
+    HardwareCompat,
+    OnMissingPlan,
+    PrecisionName,
+)
 
 if TYPE_CHECKING:
     from edge.config import EnginesConfig
@@ -50,12 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16", "int8"]
-HardwareCompat = Literal["none", "ampere+"]
-OnMissing = Literal["build", "fail"]
-
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
-HARDWARE_COMPAT: tuple[str, ...] = ("none", "ampere+")
 DEFAULT_MAX_BATCH = {"detector": DETECTOR_MAX_BATCH, "classifier": CLASSIFIER_MAX_BATCH}  # per model role
 DEFAULT_WORKSPACE_GB = 4.0
 FP16_SUFFIX = ".fp16.onnx"  # beside <model>.onnx: the autocast FP16 model TensorRT 11 needs for fp16
@@ -77,7 +79,7 @@ class BuildOptions:
     8
     """
 
-    precision: Precision = "fp16"
+    precision: PrecisionName = "fp16"
     max_batch: int = 0  # profile maximum; 0 = detector 8, classifiers 64
     opt_batch: int = 0  # the batch TensorRT tunes for; 0 = max_batch // 2 (at least 1)
     workspace_gb: float = DEFAULT_WORKSPACE_GB
@@ -561,13 +563,13 @@ def ensure_plans(
     options: BuildOptions | None = None,
     cache_dir: str | Path | None = None,
     *,
-    on_missing: OnMissing = "build",
+    on_missing: OnMissingPlan = "build",
     trt: Any | None = None,
     probe: GpuProbe | None = None,
     device: int = 0,
 ) -> list[PlanRecord]:
     """A plan for every model of the bundle on this machine: cached, else built ("build") or PlanError ("fail")."""
-    if on_missing not in ("build", "fail"):
+    if on_missing not in ON_MISSING_PLAN:
         raise ConfigError(f"on_missing={on_missing!r} must be 'build' or 'fail'")
     options = options or BuildOptions()
     found = require_gpu(probe)
@@ -593,7 +595,7 @@ def open_tensorrt_plans(
     options: BuildOptions | None = None,
     cache_dir: str | Path | None = None,
     *,
-    on_missing: OnMissing = "build",
+    on_missing: OnMissingPlan = "build",
     in_flight: int = 2,
     cuda_graphs: bool = False,
     device: int = 0,

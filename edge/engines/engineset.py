@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from edge.engines.base import CLASSIFIER_MAX_BATCH, DETECTOR_MAX_BATCH, Engine
 from edge.engines.manifest import Bundle, ModelSpec
 from edge.errors import ConfigError
+from edge.vocab import BACKENDS
 
 if TYPE_CHECKING:
     from edge.config import EnginesConfig
@@ -63,8 +64,8 @@ def open_engines(bundle: Bundle, config: EnginesConfig | None = None, *, detecto
     config = config or EnginesConfig()
     if config.backend == "tensorrt":
         return open_tensorrt_engines(bundle, config, detector_batch=detector_batch)
-    if config.backend not in ("onnxruntime", "onnxruntime-cuda"):
-        raise ConfigError(f"engines.backend={config.backend!r} is not one of onnxruntime, onnxruntime-cuda, tensorrt")
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"engines.backend={config.backend!r} is not one of {', '.join(BACKENDS)}")
     from edge.engines.onnxrt import Device, OnnxRuntimeEngine
 
     device: Device = "cuda" if config.backend == "onnxruntime-cuda" else "cpu"

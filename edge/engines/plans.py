@@ -19,16 +19,15 @@ from edge.config import default_plan_cache
 from edge.engines.manifest import Bundle, ModelSpec
 from edge.engines.probe import GpuProbe
 from edge.fileio import atomic_write
+from edge.vocab import AMPERE_PLUS
 
 log = logging.getLogger(__name__)
 
 PLAN_SUFFIX = ".plan"
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = 1
-AMPERE_PLUS = "ampere+"
 
 __all__ = [
-    "AMPERE_PLUS",
     "PLAN_SUFFIX",
     "SIDECAR_FORMAT",
     "SIDECAR_SUFFIX",
