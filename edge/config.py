@@ -112,6 +112,7 @@ class TilingConfig:
     strip_columns: int = 8  # tiles are read in vertical strips this many columns wide (decode-cache reuse)
     layout: Literal["fit", "grid"] = "fit"  # fit: tiles placed at the tissue's own edges; grid: fixed grid
 
+
     def validate(self) -> None:
         if self.tile_size < 16:
             raise ConfigError(f"tiling.tile_size={self.tile_size} must be at least 16 px")
@@ -185,31 +186,11 @@ class EnginesConfig:
 
 
 DEFAULT_SLIDE_EXTENSIONS = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".vms",
-    ".vmu",
-    ".scn",
-    ".mrxs",
-    ".bif",
-    ".svslide",
-    ".qptiff",
-    ".dcm",
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".qptiff", ".dcm",
 )
 # names scanners and copy tools write before the final rename: never a job
 DEFAULT_IGNORE_PATTERNS = (
-    "*.tmp",
-    "*.temp",
-    "*.part",
-    "*.partial",
-    "*.crdownload",
-    "*.filepart",
-    "*.copying",
-    "~*",
-    ".*",
-    "*~",
+    "*.tmp", "*.temp", "*.part", "*.partial", "*.crdownload", "*.filepart", "*.copying", "~*", ".*", "*~",
 )
 ObserverName = Literal["auto", "native", "polling"]
 
@@ -288,8 +269,8 @@ class WatchConfig:
                 mpp = math.nan
             if not sep or not folder.startswith("/") or not 0.01 <= mpp <= 100:
                 raise ConfigError(
-                    f'watch.folder_mpp entry {entry!r} must be "FOLDER=MPP" with an absolute folder and µm/px '
-                    'between 0.01 and 100, e.g. "/srv/scanner/out/old-20x=0.5"'
+                    f"watch.folder_mpp entry {entry!r} must be \"FOLDER=MPP\" with an absolute folder and µm/px "
+                    "between 0.01 and 100, e.g. \"/srv/scanner/out/old-20x=0.5\""
                 )
             rules.append((Path(folder), mpp))
         return tuple(sorted(rules, key=lambda rule: -len(rule[0].parts)))
@@ -363,7 +344,7 @@ class DaemonConfig:
         if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
             raise ConfigError(
                 f"daemon.export_mode={self.export_mode!r} must be octal permissions that let the daemon read "
-                'and write its files, e.g. "0640" (group may read) or "0644" (everyone may read)'
+                "and write its files, e.g. \"0640\" (group may read) or \"0644\" (everyone may read)"
             )
         return mode
 
@@ -397,15 +378,8 @@ class ServerConfig:
             raise ConfigError("server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key too")
         if self.insecure and self.tls_cert:
             raise ConfigError("server.insecure=true and server.tls_cert are contradictory; choose one")
-        for name in (
-            "max_workers",
-            "max_streams",
-            "max_streams_per_caller",
-            "max_message_mb",
-            "subscriber_buffer",
-            "max_page_size",
-            "max_export_mb",
-        ):
+        for name in ("max_workers", "max_streams", "max_streams_per_caller", "max_message_mb", "subscriber_buffer",
+                     "max_page_size", "max_export_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name}={getattr(self, name)} must be at least 1")
 
@@ -476,42 +450,18 @@ class QcConfig:
     drift_sigmas: float = 3.0  # the band: this many baseline standard deviations, if wider
 
     def validate(self) -> None:
-        for name in (
-            "focus_mpp",
-            "cell_um",
-            "fold_od_ratio",
-            "fold_window_um",
-            "pen_off_plane_deg",
-            "pen_outside_cone_deg",
-            "pen_min_od",
-            "dark_od",
-            "drift_stain_deg",
-            "drift_focus",
-            "drift_sigmas",
-            "tissue_od",
-        ):
+        for name in ("focus_mpp", "cell_um", "fold_od_ratio", "fold_window_um", "pen_off_plane_deg",
+                     "pen_outside_cone_deg", "pen_min_od", "dark_od", "drift_stain_deg", "drift_focus", "drift_sigmas",
+                     "tissue_od"):
             _positive(f"qc.{name}", getattr(self, name))
-        for name in (
-            "min_cell_tissue",
-            "focus_threshold",
-            "focus_grow_threshold",
-            "review_out_of_focus_fraction",
-            "rescan_out_of_focus_fraction",
-            "hotspot_out_of_focus_fraction",
-            "hotspot_fold_fraction",
-            "review_fold_fraction",
-            "review_pen_fraction",
-            "review_saturated_fraction",
-        ):
+        for name in ("min_cell_tissue", "focus_threshold", "focus_grow_threshold",
+                     "review_out_of_focus_fraction", "rescan_out_of_focus_fraction", "hotspot_out_of_focus_fraction",
+                     "hotspot_fold_fraction", "review_fold_fraction", "review_pen_fraction",
+                     "review_saturated_fraction"):
             _fraction(f"qc.{name}", getattr(self, name))
         _non_negative("qc.min_region_mm2", self.min_region_mm2)
-        for name in (
-            "stain_samples_per_tile",
-            "stain_samples_max",
-            "baseline_slides",
-            "baseline_min_slides",
-            "drift_run",
-        ):
+        for name in ("stain_samples_per_tile", "stain_samples_max", "baseline_slides", "baseline_min_slides",
+                     "drift_run"):
             _positive(f"qc.{name}", getattr(self, name))
         _non_negative("qc.next_fields", self.next_fields)
         if self.review_out_of_focus_fraction > self.rescan_out_of_focus_fraction:

@@ -75,20 +75,14 @@ def detector_output_problems(shape: tuple[int, ...], spec: DetectorSpec, batch: 
     axis, size = _expected_detector_shape(spec.output_format, c)
     if shape[axis] == size:
         return problems
-    label = {
-        "yolo_raw": f"[B, N, 5+C] = [{batch}, N, {5 + c}]",
-        "yolov8": f"[B, 4+C, N] = [{batch}, {4 + c}, N]",
-        "boxes": f"[B, K, 6] = [{batch}, K, 6]",
-    }[spec.output_format]
+    label = {"yolo_raw": f"[B, N, 5+C] = [{batch}, N, {5 + c}]", "yolov8": f"[B, 4+C, N] = [{batch}, {4 + c}, N]",
+             "boxes": f"[B, K, 6] = [{batch}, K, 6]"}[spec.output_format]
     message = (
         f"{where}: output {spec.output} is {list(shape)} for a probe batch of {batch}, but output_format ="
         f' "{spec.output_format}" expects {label} with C={c} classes {list(spec.classes)}'
     )
-    guesses = [
-        f
-        for f in ("yolov8", "yolo_raw", "boxes")
-        if f != spec.output_format and shape[_expected_detector_shape(f, c)[0]] == _expected_detector_shape(f, c)[1]
-    ]
+    guesses = [f for f in ("yolov8", "yolo_raw", "boxes") if f != spec.output_format
+               and shape[_expected_detector_shape(f, c)[0]] == _expected_detector_shape(f, c)[1]]
     if guesses:
         fmt = guesses[0]
         anchors = shape[2] if fmt == "yolov8" else shape[1]
@@ -168,8 +162,7 @@ def probe_bundle(bundle: Bundle, engines: dict[str, Engine]) -> ProbeReport:
             report.problems.extend(problems)
             if not problems:
                 found, warned = score_type_findings(
-                    detector_candidate_scores(out, model).astype(np.float64),
-                    model.scores,
+                    detector_candidate_scores(out, model).astype(np.float64), model.scores,
                     f"{model.path.name} (detector) output {model.output}",
                 )
                 report.problems.extend(found)

@@ -370,12 +370,8 @@ def writing_bundle_version(bundle: Bundle, target: Path, report_name: str) -> It
 
 def source_bundle_json(bundle: Bundle) -> dict[str, str]:
     """What a derived bundle's report records of the bundle it was made from."""
-    return {
-        "name": bundle.name,
-        "version": bundle.version,
-        "path": str(bundle.path),
-        "manifest_sha256": bundle.manifest_sha256,
-    }
+    return {"name": bundle.name, "version": bundle.version, "path": str(bundle.path),
+            "manifest_sha256": bundle.manifest_sha256}
 
 
 def set_model_sha256(manifest_path: Path, model: str, sha: str) -> None:
@@ -625,7 +621,9 @@ def _parse_classifier(folder: Path, i: int, table: Any, problems: list[str]) -> 
             f"[classifier {label}] weight={weight:g} but it has no mitotic_output: an atypical-only member never"
             " votes on MF; remove weight (or set it to 0)"
         )
-    spec = ClassifierSpec(name=name, role="classifier", **common, weight=weight, mitotic=mitotic, atypical=atypical)
+    spec = ClassifierSpec(
+        name=name, role="classifier", **common, weight=weight, mitotic=mitotic, atypical=atypical
+    )
     f.finish()
     return spec
 
@@ -692,9 +690,8 @@ def check_model_file(model: ModelSpec) -> list[str]:
         return [f"{where}: file {model.path} does not exist"]
     size = model.path.stat().st_size
     if size > MAX_MODEL_BYTES:
-        return [
-            f"{where}: {size / 2**30:.1f} GiB, more than an ONNX file can hold ({MAX_MODEL_BYTES >> 30} GiB); not read"
-        ]
+        return [f"{where}: {size / 2**30:.1f} GiB, more than an ONNX file can hold ({MAX_MODEL_BYTES >> 30} GiB); "
+                "not read"]
     problems: list[str] = []
     found_sha = sha256_file(model.path)
     if not model.sha256:

@@ -86,21 +86,15 @@ def wrap_model(
     nodes = []
     current = input_name
     if layout == "NCHW":
-        nodes.append(
-            helper.make_node("Transpose", [current], [f"{_PREFIX}nchw"], perm=[0, 3, 1, 2], name=f"{_PREFIX}Transpose")
-        )
+        nodes.append(helper.make_node("Transpose", [current], [f"{_PREFIX}nchw"], perm=[0, 3, 1, 2],
+                                      name=f"{_PREFIX}Transpose"))
         current = f"{_PREFIX}nchw"
     nodes.append(helper.make_node("Cast", [current], [f"{_PREFIX}cast"], to=elem, name=f"{_PREFIX}Cast"))
     current = f"{_PREFIX}cast"
     if channel_order == "BGR":
-        nodes.append(
-            helper.make_node(
-                "Slice",
-                [current, f"{_PREFIX}bgr_start", f"{_PREFIX}bgr_end", f"{_PREFIX}bgr_axes", f"{_PREFIX}bgr_steps"],
-                [f"{_PREFIX}bgr"],
-                name=f"{_PREFIX}ReverseChannels",
-            )
-        )
+        nodes.append(helper.make_node("Slice", [current, f"{_PREFIX}bgr_start", f"{_PREFIX}bgr_end",
+                                                f"{_PREFIX}bgr_axes", f"{_PREFIX}bgr_steps"],
+                                      [f"{_PREFIX}bgr"], name=f"{_PREFIX}ReverseChannels"))
         current = f"{_PREFIX}bgr"
     nodes.append(helper.make_node("Mul", [current, f"{_PREFIX}mul"], [f"{_PREFIX}scaled"], name=f"{_PREFIX}Mul"))
     nodes.append(helper.make_node("Add", [f"{_PREFIX}scaled", f"{_PREFIX}add"], [internal], name=f"{_PREFIX}Add"))
@@ -200,18 +194,12 @@ def _check_dynamic_batch(wrapped: Any, model: ModelSpec, fixed: int) -> None:
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for shape errors
         reason = str(exc).splitlines()[0][:300]
         raise ManifestError(
-            where,
-            [
-                f"the model was exported with a fixed batch of {fixed} and fails on a batch of {batch} ({reason});"
-                f" {DYNAMIC_BATCH_EXPORT}"
-            ],
+            where, [f"the model was exported with a fixed batch of {fixed} and fails on a batch of {batch} ({reason});"
+                    f" {DYNAMIC_BATCH_EXPORT}"]
         ) from None
     wrong = [list(np.shape(o)) for o in outputs if np.ndim(o) == 0 or np.shape(o)[0] != batch]
     if wrong:
         raise ManifestError(
-            where,
-            [
-                f"the model was exported with a fixed batch of {fixed}: a batch of {batch} gives outputs of shape"
-                f" {wrong}; {DYNAMIC_BATCH_EXPORT}"
-            ],
+            where, [f"the model was exported with a fixed batch of {fixed}: a batch of {batch} gives outputs of shape"
+                    f" {wrong}; {DYNAMIC_BATCH_EXPORT}"]
         )
