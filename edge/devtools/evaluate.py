@@ -54,7 +54,6 @@ DEFAULT_MATCH_RADIUS_UM = 7.5  # MIDOG: 30 px at 0.25 µm/px
 DEFAULT_TRUTH_MPP = 0.25  # µm/px of MIDOG++ images (roughly; scanners differ a little)
 RESULT_SCHEMA = "mitosis-edge/result/1"
 SYNTH_TRUTH_SCHEMA = "mitosis-edge/synth-truth/1"
-_AREA_RTOL = 1e-6
 
 FloatArray = NDArray[np.float64]
 

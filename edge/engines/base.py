@@ -7,7 +7,6 @@ never views into buffers the engine reuses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -126,10 +125,3 @@ def split_batches(items: np.ndarray, max_batch: int) -> list[np.ndarray]:
     [4, 4, 2]
     """
     return [items[i : i + max_batch] for i in range(0, len(items), max_batch)]
-
-
-def concat_outputs(parts: list[Mapping[str, np.ndarray]]) -> Outputs:
-    """Join the outputs of consecutive batches along the batch axis."""
-    if not parts:
-        return {}
-    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
