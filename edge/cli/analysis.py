@@ -160,12 +160,12 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
 
 
 def cmd_bench_analyze(args: argparse.Namespace) -> int:
-    from edge.devtools.bench import bench_analyze
+    from edge.devtools.bench import bench_analyze, to_json
 
     config = config_from_args(args)
-    result = bench_analyze(
+    result = to_json(bench_analyze(
         args.slide, config, detector_batches=args.detector_batches, detector_seconds=args.detector_seconds
-    )
+    ))
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK

@@ -33,14 +33,14 @@ def register_bench(bench_sub: Any) -> None:
 def cmd_bench_cohort(args: argparse.Namespace) -> int:
     import json
 
-    from edge.devtools.bench import bench_cohort
+    from edge.devtools.bench import bench_cohort, to_json
 
     try:
         sizes = tuple(int(v) for v in args.sizes.split(","))
     except ValueError:
         raise ConfigError(f"--sizes {args.sizes!r}: give sides in px separated by commas, e.g. 2048,3072") from None
-    result = bench_cohort(config_from_args(args), slides=args.slides, sizes=sizes,
-                          cpus_per_slide=args.cpus_per_slide, ray_address=args.ray_address)
+    result = to_json(bench_cohort(config_from_args(args), slides=args.slides, sizes=sizes,
+                                  cpus_per_slide=args.cpus_per_slide, ray_address=args.ray_address))
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK

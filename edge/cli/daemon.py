@@ -71,7 +71,7 @@ def register_bench(bench_sub: Any) -> None:
 
 
 def cmd_bench_daemon(args: argparse.Namespace) -> int:
-    from edge.devtools.bench import bench_daemon
+    from edge.devtools.bench import bench_daemon, to_json
 
     if args.latency:
         return _bench_daemon_latency(args)
@@ -80,7 +80,7 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
         config = config.with_overrides({"watch.observer": args.observer})
     quiet = 1.0 if args.quiet_period is None else args.quiet_period
     slides = 200 if args.slides is None else args.slides
-    result = bench_daemon(config, slides=slides, size=args.size, quiet_period_s=quiet)
+    result = to_json(bench_daemon(config, slides=slides, size=args.size, quiet_period_s=quiet))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -97,11 +97,11 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
 
 
 def _bench_daemon_latency(args: argparse.Namespace) -> int:
-    from edge.devtools.bench import bench_daemon_latency
+    from edge.devtools.bench import bench_daemon_latency, to_json
 
     slides = 20 if args.slides is None else args.slides
-    result = bench_daemon_latency(config_from_args(args), slides=slides, size=args.size,
-                                  quiet_period_s=args.quiet_period, observer=args.observer)
+    result = to_json(bench_daemon_latency(config_from_args(args), slides=slides, size=args.size,
+                                          quiet_period_s=args.quiet_period, observer=args.observer))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -427,10 +427,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
-    from edge.devtools.bench import bench_engine
+    from edge.devtools.bench import bench_engine, to_json
 
     config = config_from_args(args)
-    result = bench_engine(config.engines.bundle, config, batches=args.batches, repeats=args.repeats)
+    result = to_json(bench_engine(config.engines.bundle, config, batches=args.batches, repeats=args.repeats))
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
