@@ -272,7 +272,7 @@ def quantize_model(
     onnx.save(prepared_model, str(prepared))
     chosen = nodes_to_quantize(prepared_model.graph)
 
-    class Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):  # type: ignore[misc, unused-ignore]  # no stubs
         def __init__(self) -> None:
             self.items: Iterator[np.ndarray] = iter(calibration)
 

@@ -138,7 +138,7 @@ def trt_logger(trt: Any) -> tuple[Any, TrtLog]:
         if entry is None or entry[0] is not trt:
             relay = TrtLog()
 
-            class _Logger(trt.ILogger):
+            class _Logger(trt.ILogger):  # type: ignore[misc, unused-ignore]  # tensorrt: no stubs
                 def __init__(self) -> None:
                     trt.ILogger.__init__(self)
 

@@ -262,7 +262,8 @@ def pen_block(rgb: NDArray[np.uint8], strokes: tuple[PenStroke, ...], y: int, x:
         coverage = layer if coverage is None else coverage * layer
     if coverage is None:
         return rgb
-    return np.clip(np.rint(rgb * coverage), 0, 255).astype(np.uint8)
+    inked: NDArray[np.uint8] = np.clip(np.rint(rgb * coverage), 0, 255).astype(np.uint8)
+    return inked
 
 
 def disc_mask(

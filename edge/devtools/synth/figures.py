@@ -44,11 +44,11 @@ class PlantedSprite:
 
     @property
     def bottom(self) -> int:
-        return self.top + self.hematoxylin.shape[0]
+        return self.top + int(self.hematoxylin.shape[0])
 
     @property
     def right(self) -> int:
-        return self.left + self.hematoxylin.shape[1]
+        return self.left + int(self.hematoxylin.shape[1])
 
 
 def plan_objects(section: Section) -> list[PlantedSprite]:

@@ -147,8 +147,9 @@ class Section:
 
         def smooth(sigma_um: float) -> Float64Array:
             sigma = max(sigma_um / _COARSE_CELL_UM, 0.8)
-            f = ndimage.gaussian_filter(rng.standard_normal((ny, nx)), sigma, mode="reflect")
-            return (f - f.mean()) / (f.std() + 1e-12)
+            f: Float64Array = ndimage.gaussian_filter(rng.standard_normal((ny, nx)), sigma, mode="reflect")
+            standard: Float64Array = (f - f.mean()) / (f.std() + 1e-12)
+            return standard
 
         # Tissue: blobs of about a millimetre with irregular, lobulated borders.
         blob_um = min(700.0, extent_um / 5.0)

@@ -29,8 +29,9 @@ def local_grid(half_um: float, mpp: float) -> tuple[Float32Array, Float32Array]:
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_um: float, mpp: float) -> Float32Array:
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape), max(sigma_um / mpp, 0.5), mode="wrap")
-    return ((noise - noise.mean()) / (noise.std() + 1e-12)).astype(np.float32)
+    noise: Float64Array = ndimage.gaussian_filter(rng.standard_normal(shape), max(sigma_um / mpp, 0.5), mode="wrap")
+    standard: Float32Array = ((noise - noise.mean()) / (noise.std() + 1e-12)).astype(np.float32)
+    return standard
 
 
 def nucleus_sprite(rng: np.random.Generator, mpp: float, kind: str, angle: float) -> tuple[Float32Array, Float32Array]:
@@ -287,7 +288,8 @@ def _irregular_disc(
     outline = np.full_like(u, radius)
     for k in range(2, 5):
         outline += radius * rng.normal(0, wobble) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
-    return np.clip((outline - np.hypot(u, v)) / edge + 0.5, 0.0, 1.0).astype(np.float32)
+    disc: Float32Array = np.clip((outline - np.hypot(u, v)) / edge + 0.5, 0.0, 1.0).astype(np.float32)
+    return disc
 
 
 def _draw_imposter(
