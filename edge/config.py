@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from edge.errors import ConfigError
-from edge.vocab import SLIDE_EXTENSIONS
+from edge.vocab import SLIDE_EXTENSIONS, BackendName, OnMissingPlan, PrecisionName
 
 ReaderName = Literal["auto", "tiffslide", "openslide"]
 RegionReaderName = Literal["auto", "tiles", "pyvips", "library"]
@@ -144,10 +144,6 @@ class StreamConfig:
         return self.reader_threads or (os.cpu_count() or 1)
 
 
-BackendName = Literal["onnxruntime", "onnxruntime-cuda", "tensorrt"]
-PrecisionName = Literal["fp32", "fp16", "int8"]
-
-
 def default_plan_cache() -> str:
     """Where TensorRT plans are kept: ``$XDG_CACHE_HOME/mitosis-edge/plans`` (``~/.cache/...``)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -168,7 +164,7 @@ class EnginesConfig:
     max_batch: int = 0  # TensorRT profile maximum; 0 = detector 8, classifiers 64
     workspace_gb: float = 4.0  # TensorRT builder workspace
     timing_cache: str = ""  # TensorRT timing cache file reused across builds; "" = inside plan_cache
-    on_missing_plan: Literal["build", "fail"] = "build"  # at start: build a missing plan, or stop and say how
+    on_missing_plan: OnMissingPlan = "build"  # at start: build a missing plan, or stop and say how
     cuda_graphs: bool = False  # capture one CUDA graph per batch shape (TensorRT)
     # Bundle names SubmitSlide may choose (never a path); () = every bundle on the search path and engines.bundle
     allowed_bundles: tuple[str, ...] = ()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -31,6 +33,43 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary path beside ``path`` for a writer that needs a file name (and too much data to
+    hold in memory for :func:`atomic_write`); when the block ends it is synced and renamed onto ``path``,
+    and removed if the block raises. Created like ``open(path, "w")`` would (mode 0o666 less the umask).
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "slide.tiff"
+    >>> with atomic_file(target) as tmp:
+    ...     _ = tmp.write_bytes(b"pixels")
+    ...     (tmp.name.startswith(".slide.tiff."), target.exists())
+    (True, False)
+    >>> target.read_bytes(), sorted(p.name for p in target.parent.iterdir())
+    (b'pixels', ['slide.tiff'])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 def real_path_inside(path: str | Path, roots: Iterable[str | Path]) -> Path | None:
     """The real path of ``path`` (symlinks and ``..`` resolved) if it lies under one of ``roots``

@@ -18,19 +18,24 @@ from onnx import TensorProto, helper
 from edge import __version__
 from edge.engines.build import (
     BuildOptions,
-    MachineInfo,
     build_bundle,
     build_command,
     build_options,
     build_plan,
-    cache_key,
     ensure_plans,
     find_plan,
-    list_plans,
     machine_info,
-    plan_matches_machine,
 )
 from edge.engines.manifest import Bundle, load_bundle
+from edge.engines.plans import (
+    MachineInfo,
+    cache_key,
+    list_plans,
+    plan_matches_machine,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
 from edge.engines.probe import GpuProbe
 from edge.errors import BackendUnavailableError, ConfigError, EngineError, PlanError
 from tests.fake_tensorrt import fake_plan_header, fake_probe, make_fake_trt, write_fp16_detector, write_qdq_detector
@@ -504,3 +509,20 @@ def test_plan_matches_machine_names_every_difference(
     ok, why = plan_matches_machine(sidecar, machine)
     assert ok is (reason == "")
     assert why.startswith(reason) if reason else why == ""
+
+
+def test_one_sidecar_reader_skips_a_missing_one_quietly_and_names_a_damaged_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plan = tmp_path / "detector-0123456789abcdef.plan"
+    with caplog.at_level(logging.WARNING, logger="edge.engines.plans"):
+        assert read_sidecar(sidecar_path(plan)) is None
+        assert caplog.text == ""
+        write_sidecar(plan, {"key": "k", "model": "detector"})
+        assert read_sidecar(sidecar_path(plan)) == {"key": "k", "model": "detector"}
+        sidecar_path(plan).write_text("{not json")
+        assert read_sidecar(sidecar_path(plan)) is None
+        sidecar_path(plan).write_text("[1, 2]")
+        assert read_sidecar(sidecar_path(plan)) is None
+    assert caplog.text.count(str(sidecar_path(plan))) == 2
+    assert "not a JSON object" in caplog.text

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Any, get_args, get_type_hints
 
 import onnx
+import pytest
 
+from edge.cli.main import build_parser
+from edge.config import EnginesConfig, load_config
 from edge.engines.manifest import sha256_file
+from edge.errors import ConfigError
+from edge.vocab import BACKENDS, HARDWARE_COMPAT, PRECISIONS, QUANTIZE_TARGETS
 from tests.test_cli import run_cli
 from tests.tiny_bundle import float_classifier, make_tiny_bundle
 
@@ -97,3 +104,37 @@ def test_bench_engine_reports_overhead_against_bare_session_run(tmp_path: Path) 
     assert bench["detector_tiles_per_s"] > 0
     assert {m["model"] for m in bench["models"]} == {"detector", "a", "b"}
     assert all("overhead" in m and "bare_items_per_s" in m for m in bench["models"])
+
+
+def _options_named(parser: argparse.ArgumentParser, flag: str, where: str = "mitosis-edge") -> list[tuple[str, Any]]:
+    found = []
+    for action in parser._actions:
+        if flag in action.option_strings:
+            found.append((where, action.choices))
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _options_named(sub, flag, f"{where} {name}")
+    return found
+
+
+def test_every_backend_option_and_the_config_take_the_one_backend_vocabulary() -> None:
+    backends = _options_named(build_parser(), "--backend")
+    assert len(backends) >= 8  # analyze, run, calibrate, daemon, bench, cohort ...: all the same list
+    assert {choices for _, choices in backends} == {BACKENDS}, backends
+    assert BACKENDS == ("onnxruntime", "onnxruntime-cuda", "tensorrt")
+    hints = get_type_hints(EnginesConfig, include_extras=True)
+    assert get_args(hints["backend"]) == BACKENDS and get_args(hints["precision"]) == PRECISIONS
+    for flag, words in (
+        ("--precision", PRECISIONS),
+        ("--target", QUANTIZE_TARGETS),
+        ("--hardware-compat", HARDWARE_COMPAT),
+    ):
+        assert {c for _, c in _options_named(build_parser(), flag)} == {words}, flag
+
+
+def test_a_backend_not_in_the_vocabulary_is_refused_by_name(tmp_path: Path) -> None:
+    result = run_cli("analyze", str(tmp_path / "x.tiff"), "--backend", "openvino")
+    assert result.returncode == 2
+    assert "invalid choice: 'openvino' (choose from 'onnxruntime', 'onnxruntime-cuda', 'tensorrt')" in result.stderr
+    with pytest.raises(ConfigError, match=r"engines\.backend"):
+        load_config(None, {"engines.backend": "openvino"})

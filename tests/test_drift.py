@@ -22,7 +22,7 @@ from edge.analysis.drift import HistoryPoint, assess
 from edge.analysis.scoring import SlideResult
 from edge.client import EdgeClient
 from edge.config import QcConfig
-from edge.devtools.synth_faults import shift_eosin
+from edge.devtools.synth.faults import shift_eosin
 from edge.service.daemon import Daemon
 from edge.service.metrics import DaemonMetrics
 from edge.service.server import RunningServer, start_server

@@ -381,3 +381,22 @@ def test_a_model_file_larger_than_onnx_allows_is_refused_before_it_is_read(tiny:
         fh.truncate(3 << 30)  # sparse: 3 GiB on paper, nothing on disk
     text = "\n".join(_problems(tiny))
     assert "clf_a.onnx (a): 3.0 GiB, more than an ONNX file can hold (2 GiB); not read" in text
+
+
+def test_engines_import_only_the_base_layer() -> None:
+    """edge.engines sits beside edge.wsi over the base: config, errors, vocab, fileio (and the package version)."""
+    import ast
+
+    allowed = ("edge.engines", "edge.config", "edge.errors", "edge.vocab", "edge.fileio")
+    folder = Path(__file__).resolve().parents[1] / "edge" / "engines"
+    found = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "edge":
+                names = [node.module] if node.module != "edge" else [f"edge.{a.name}" for a in node.names]
+                found |= {(path.name, n) for n in names}
+            elif isinstance(node, ast.Import):
+                found |= {(path.name, a.name) for a in node.names if a.name.split(".")[0] == "edge"}
+    above = sorted((f, n) for f, n in found if not n.startswith(allowed) and n != "edge.__version__")
+    assert above == [], above
+    assert not any(n.startswith("edge.engines.build") for f, n in found if f in ("__init__.py", "tensorrt.py"))

@@ -49,13 +49,6 @@ TYPE_ONLY_IN_CORES = {
     ("edge.analysis.detect", "edge.engines.manifest"),
     ("edge.analysis.classify", "edge.engines.manifest"),
 }
-KNOWN_CYCLES = [
-    # engines.build needs the plan's cache key and machine info, engines.tensorrt the builder's plan lookup.
-    # The "engines" part of issue 13 moves the shared part to an engines.plans module; remove this entry then.
-    {"edge.engines.build", "edge.engines.tensorrt"},
-]
-
-
 @dataclass(frozen=True)
 class Import:
     importer: str
@@ -220,10 +213,5 @@ def _cycles() -> list[set[str]]:
 
 
 def test_no_import_cycles() -> None:
-    assert [c for c in _cycles() if c not in KNOWN_CYCLES] == []
-
-
-def test_known_cycles_are_still_there() -> None:
-    # when the engines rework lands, this fails: delete the KNOWN_CYCLES entry
-    gone = [c for c in KNOWN_CYCLES if c not in _cycles()]
-    assert gone == [], f"cycle gone, remove it from KNOWN_CYCLES: {gone}"
+    # the last one (engines.build <-> engines.tensorrt) went when engines.plans took what both need
+    assert _cycles() == []

@@ -27,7 +27,7 @@ from edge.analysis.qc import (
 )
 from edge.config import Config, QcConfig
 from edge.devtools.synth import load_truth
-from edge.devtools.synth_faults import PEN_INKS, disc_mask, shift_eosin
+from edge.devtools.synth.faults import PEN_INKS, disc_mask, shift_eosin
 from edge.errors import ConfigError, QcError
 from tests.conftest import SynthFactory, data_file
 from tests.test_cli import run_cli
@@ -196,7 +196,7 @@ def test_synth_records_a_stain_shift_in_its_truth(synth_slide: SynthFactory) -> 
 def test_shift_eosin_and_disc_mask_are_exact() -> None:
     h, e = np.array([0.6, 0.8, 0.3]), np.array([0.1, 0.9, 0.4])
     assert angle_deg(e, shift_eosin(h, e, 12.0)) == pytest.approx(12.0)
-    from edge.devtools.synth_faults import BlurRegion
+    from edge.devtools.synth.faults import BlurRegion
 
     mask = disc_mask((BlurRegion(0, 50.0, 50.0, 20.0, 2.0),), (10, 10), (10.0, 10.0))
     assert mask[5, 5] and not mask[0, 0] and mask.sum() == 12

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,12 @@ from edge.devtools.synth import (
     TRUTH_SCHEMA,
     SynthParams,
     SynthTruth,
-    _SlideModel,
     default_truth_path,
     generate_slide,
     load_truth,
     pyramid_shapes,
 )
+from edge.devtools.synth.model import SlideModel
 from edge.errors import ConfigError
 
 SMALL = {"width": 2048, "height": 1536}
@@ -158,7 +160,7 @@ def test_same_seed_same_bytes_other_seed_other_slide(tmp_path: Path) -> None:
 
 def test_strips_join_seamlessly() -> None:
     """Rendering in one block or in strips of any offset gives the same pixels."""
-    model = _SlideModel(SynthParams(width=1024, height=1024, seed=3, mitoses=3, imposters=2, blur_sigma=1.2))
+    model = SlideModel(SynthParams(width=1024, height=1024, seed=3, mitoses=3, imposters=2, blur_sigma=1.2))
     planted = model.planted[0].truth
     y0 = max(0, int(planted.y_px) - 100)
     x0 = max(0, int(planted.x_px) - 300)
@@ -355,7 +357,7 @@ def test_background_is_white_and_tissue_is_pink_and_purple(slides: dict[str, Gen
 
 def test_noise_and_blur_parameters_take_effect() -> None:
     def render(params: SynthParams) -> np.ndarray:
-        model = _SlideModel(params)
+        model = SlideModel(params)
         return _grey(model.render(128, 0, 256, 1024, model.nuclei_for_rows(128, 384)))
 
     def edge_strength(grey: np.ndarray) -> float:
@@ -370,3 +372,58 @@ def test_noise_and_blur_parameters_take_effect() -> None:
     assert sharp[background].std() < 1.0
     # Independent noise per channel: the grey mean of three has σ / √3 ≈ 1.7 grey levels.
     assert 1.4 < (noisy - sharp)[background].std() < 2.1
+
+
+# Recorded on main before synth became a package (edge/devtools/synth.py, one _SlideModel class):
+# the split must not change one rendered pixel or one byte of the truth.
+GOLDEN = SynthParams(
+    width=2048, height=1536, seed=11, mitoses=9, imposters=4, blur_regions=1, blur_hotspot=True, folds=1,
+    pen_strokes=1, stain_shift=8.0, blur_sigma=0.6,
+)  # fmt: skip
+GOLDEN_PIXELS_SHA256 = "9f9d241a163dd7daf77955eae5b923ea6552cf2f02f02c7aeae559e8f6baae82"
+GOLDEN_TRUTH_SHA256 = "fea63d9f1a54f83297778c955582190ab2e35ccbe3b53db703712a35f9594cd7"
+
+
+def test_the_same_seed_renders_the_same_pixels_and_truth_as_before_the_split(tmp_path: Path) -> None:
+    model = SlideModel(GOLDEN)
+    pixels = hashlib.sha256()
+    for y0 in range(0, GOLDEN.height, 256):
+        for x0 in range(0, GOLDEN.width, 1024):
+            pixels.update(model.render(y0, x0, 256, 1024, model.nuclei_for_rows(y0, y0 + 256)).tobytes())
+    assert pixels.hexdigest() == GOLDEN_PIXELS_SHA256
+    out = tmp_path / "golden.tiff"
+    generate_slide(out, GOLDEN)
+    assert hashlib.sha256(default_truth_path(out).read_bytes()).hexdigest() == GOLDEN_TRUTH_SHA256
+
+
+def test_a_crash_while_writing_leaves_no_half_slide_and_the_old_files_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "slide.tiff"
+    params = SynthParams(**SMALL, seed=4)
+    generate_slide(out, params)
+    before = out.read_bytes(), default_truth_path(out).read_bytes()
+
+    def half_then_disk_full(path: Path, *_rest: object) -> None:
+        path.write_bytes(b"II*\0half a slide")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("edge.devtools.synth.write_pyramid", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        generate_slide(out, dataclasses.replace(params, seed=5))
+    assert (out.read_bytes(), default_truth_path(out).read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.tiff", "slide.truth.json"]  # no temporary left
+
+
+def test_slide_and_truth_are_synced_before_they_appear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "slide.tiff"
+    generate_slide(out, SynthParams(**SMALL, seed=6))
+    assert [Path(p).name.split(".")[1:3] for p in synced] == [["slide", "tiff"], ["slide", "truth"]]

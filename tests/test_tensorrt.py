@@ -14,8 +14,10 @@ import onnxruntime as ort
 import pytest
 
 from edge.engines.base import Engine
-from edge.engines.build import BuildOptions, PlanRecord, build_plan, open_tensorrt_engines, open_tensorrt_plans
+from edge.engines.build import BuildOptions, build_plan, open_tensorrt_plans
+from edge.engines.engineset import open_tensorrt_engines
 from edge.engines.manifest import Bundle, ModelSpec, load_bundle
+from edge.engines.plans import PlanRecord
 from edge.engines.probe import GpuProbe
 from edge.engines.tensorrt import TensorRTEngine, numpy_dtype
 from edge.errors import BackendUnavailableError, ConfigError, EngineError, EngineInputError, PlanError

@@ -290,22 +290,22 @@ def check_pipeline(report: Report, bundle_name: str, cache_dir: Path, side: int)
     for backend in ("tensorrt", "onnxruntime"):
         with guarded(report, f"pipeline {backend}"):
             r = bench_analyze(slide, load_config(None, {**settings, "engines.backend": backend}))
-            meets = r["ratio"] is not None and r["ratio"] >= 0.8
+            meets = r.ratio is not None and r.ratio >= 0.8
             report.add(
                 f"pipeline {backend}",
                 OK if meets or backend != "tensorrt" else FAILED,
-                f"{side}² slide, {r['tiles']} tiles: end to end {r['end_to_end_tiles_per_s']:.1f} tiles/s, read-only "
-                f"{r['read_tiles_per_s']:.1f}, detector-only {r['detector_tiles_per_s']:.1f}, ratio {r['ratio']:.2f} "
-                f"(target >= 0.8), peak RSS {r['peak_rss_mb']:.0f} MB",
+                f"{side}² slide, {r.tiles} tiles: end to end {r.end_to_end_tiles_per_s:.1f} tiles/s, read-only "
+                f"{r.read_tiles_per_s:.1f}, detector-only {r.detector_tiles_per_s:.1f}, ratio {r.ratio:.2f} "
+                f"(target >= 0.8), peak RSS {r.peak_rss_mb:.0f} MB",
             )
     with guarded(report, "daemon tensorrt"):
         d = bench_daemon(config, slides=8, size=2048, quiet_period_s=0.5, workdir=cache_dir)
-        once = d["slides_with_one_job"] == d["slides"] and d["done"] == d["slides"]
+        once = d.slides_with_one_job == d.slides and d.done == d.slides
         report.add(
             "daemon tensorrt",
             OK if once else FAILED,
-            f"{d['done']}/{d['slides']} slides done once each, {d['slides_per_hour']:.0f} slides/h, pickup "
-            f"{d['pickup_after_quiet_s']['max']:.2f} s after the quiet period at most",
+            f"{d.done}/{d.slides} slides done once each, {d.slides_per_hour:.0f} slides/h, pickup "
+            f"{d.pickup_after_quiet_s.max:.2f} s after the quiet period at most",
         )
 
 

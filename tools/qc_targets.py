@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from edge.analysis.pipeline import analyze_slide  # noqa: E402
 from edge.config import Config  # noqa: E402
 from edge.devtools.synth import SynthParams, default_truth_path, generate_slide, load_truth  # noqa: E402
-from edge.devtools.synth_faults import disc_mask, segment_distance  # noqa: E402
+from edge.devtools.synth.faults import disc_mask, segment_distance  # noqa: E402
 from edge.engines import load_bundle, open_engines  # noqa: E402
 
 FAULT_SEEDS = (6101, 6102, 6103, 6104, 6105)  # never used to choose the thresholds (those: 101-103, 201-203)

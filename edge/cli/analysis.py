@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.cli._common import config_from_args
-from edge.vocab import ExitCode
+from edge.vocab import BACKENDS, ExitCode
 
 
 def register(sub: Any, bench_sub: Any) -> None:
@@ -47,7 +47,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     c.add_argument("--detector-up-to", type=float, default=0.6, metavar="P",
                    help="also search detector score thresholds from the bundle's up to P in steps of 0.05 "
                    "(default 0.6; 0 keeps the bundle's)")
-    c.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    c.add_argument("--backend", choices=BACKENDS, help="inference backend")
     c.add_argument("--mpp", type=float, help="µm/px for slides that record none")
     c.add_argument("--json", action="store_true", help="print the calibration report as JSON")
     c.set_defaults(handler=cmd_calibrate)
@@ -55,7 +55,7 @@ def register(sub: Any, bench_sub: Any) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    p.add_argument("--backend", choices=BACKENDS, help="inference backend")
     p.add_argument("--mpp", type=float, help="µm/px to use when the slide records none (overrides the file)")
     p.add_argument("--reader", choices=("auto", "tiffslide", "openslide"),
                    help="library that opens the slide (default auto: by format)")
@@ -158,12 +158,12 @@ def summary_lines(result: Any, tiles: int, seconds: float) -> list[str]:
 
 
 def cmd_bench_analyze(args: argparse.Namespace) -> int:
-    from edge.devtools.bench import bench_analyze
+    from edge.devtools.bench import bench_analyze, to_json
 
     config = config_from_args(args)
-    result = bench_analyze(
+    result = to_json(bench_analyze(
         args.slide, config, detector_batches=args.detector_batches, detector_seconds=args.detector_seconds
-    )
+    ))
     if args.json:
         print(json.dumps(result, indent=2))
         return ExitCode.OK

@@ -12,7 +12,7 @@ from typing import Any
 
 from edge.cli._common import config_from_args, usage_handler
 from edge.errors import ConfigError
-from edge.vocab import ExitCode
+from edge.vocab import BACKENDS, ExitCode
 
 
 def register_bench(bench_sub: Any) -> None:
@@ -22,7 +22,7 @@ def register_bench(bench_sub: Any) -> None:
     b.add_argument("--cpus-per-slide", type=float, default=1.0, help="CPUs per Ray worker (default 1)")
     b.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: Ray on this machine)")
     b.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    b.add_argument("--backend", choices=BACKENDS, help="inference backend")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(handler=cmd_bench_cohort)
 
@@ -30,14 +30,14 @@ def register_bench(bench_sub: Any) -> None:
 def cmd_bench_cohort(args: argparse.Namespace) -> int:
     import json
 
-    from edge.devtools.bench import bench_cohort
+    from edge.devtools.bench import bench_cohort, to_json
 
     try:
         sizes = tuple(int(v) for v in args.sizes.split(","))
     except ValueError:
         raise ConfigError(f"--sizes {args.sizes!r}: give sides in px separated by commas, e.g. 2048,3072") from None
-    result = bench_cohort(config_from_args(args), slides=args.slides, sizes=sizes,
-                          cpus_per_slide=args.cpus_per_slide, ray_address=args.ray_address)
+    result = to_json(bench_cohort(config_from_args(args), slides=args.slides, sizes=sizes,
+                                  cpus_per_slide=args.cpus_per_slide, ray_address=args.ray_address))
     if args.json:
         print(json.dumps(result, indent=2))
         return ExitCode.OK
@@ -67,7 +67,7 @@ def register(sub: Any) -> None:
                    help="a folder of slides (recursive) or a CSV with slide_path and optional case_id, mpp, ...")
     r.add_argument("--out", required=True, metavar="DIR", help="results folder: slides.csv and slides/<id>/ exports")
     r.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    r.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    r.add_argument("--backend", choices=BACKENDS, help="inference backend")
     r.add_argument("--ray-address", metavar="ADDR",
                    help="join this Ray cluster (default: $RAY_ADDRESS, else Ray started on this machine)")
     r.add_argument("--cpus-per-slide", type=float, default=None,

@@ -14,7 +14,7 @@ from typing import Any
 from edge.cli._common import config_from_args
 from edge.cli.analysis import progress_printer
 from edge.errors import EdgeError
-from edge.vocab import ExitCode
+from edge.vocab import BACKENDS, ExitCode
 
 DEMO_QUIET_PERIOD_S = 2.0  # the demo's stability gate: short, so the demo is quick; a lab's default is 10 s
 DEMO_COPY_SECONDS = 3.0  # the demo copies its slide into the inbox in chunks over this long
@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
     p.add_argument("--data", metavar="DIR", help="store and exports (daemon.data_dir)")
     p.add_argument("--listen", metavar="HOST:PORT", help="gRPC address (server.listen, default 127.0.0.1:50051)")
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    p.add_argument("--backend", choices=BACKENDS, help="inference backend")
     p.add_argument("--insecure", dest="server_insecure", action="store_const", const=True,
                    help="serve gRPC in plain text, without TLS (keep it on localhost)")
     p.add_argument("--workers", type=int, help="slides analysed at once (daemon.workers, default 1)")
@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
                    help="work in DIR and keep the slide, its truth, the store and the exports there "
                         "(default: a temporary folder, removed at the end)")
     p.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    p.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    p.add_argument("--backend", choices=BACKENDS, help="inference backend")
     p.add_argument("--threads", type=int, help="tile reader threads (default: one per core)")
     p.set_defaults(handler=cmd_demo)
 
@@ -62,13 +62,13 @@ def register_bench(bench_sub: Any) -> None:
                    "scanner (chunks, then close); last byte to job start and to result per slide, against analyze")
     b.add_argument("--observer", choices=("auto", "native", "polling"), help="watch.observer for the run")
     b.add_argument("--bundle", metavar="DIR", help="model bundle folder or name (default: the demo bundle)")
-    b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    b.add_argument("--backend", choices=BACKENDS, help="inference backend")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(handler=cmd_bench_daemon)
 
 
 def cmd_bench_daemon(args: argparse.Namespace) -> int:
-    from edge.devtools.bench import bench_daemon
+    from edge.devtools.bench import bench_daemon, to_json
 
     if args.latency:
         return _bench_daemon_latency(args)
@@ -77,7 +77,7 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
         config = config.with_overrides({"watch.observer": args.observer})
     quiet = 1.0 if args.quiet_period is None else args.quiet_period
     slides = 200 if args.slides is None else args.slides
-    result = bench_daemon(config, slides=slides, size=args.size, quiet_period_s=quiet)
+    result = to_json(bench_daemon(config, slides=slides, size=args.size, quiet_period_s=quiet))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -94,11 +94,11 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
 
 
 def _bench_daemon_latency(args: argparse.Namespace) -> int:
-    from edge.devtools.bench import bench_daemon_latency
+    from edge.devtools.bench import bench_daemon_latency, to_json
 
     slides = 20 if args.slides is None else args.slides
-    result = bench_daemon_latency(config_from_args(args), slides=slides, size=args.size,
-                                  quiet_period_s=args.quiet_period, observer=args.observer)
+    result = to_json(bench_daemon_latency(config_from_args(args), slides=slides, size=args.size,
+                                          quiet_period_s=args.quiet_period, observer=args.observer))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

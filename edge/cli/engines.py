@@ -14,7 +14,7 @@ from typing import Any
 
 from edge.cli._common import config_from_args
 from edge.errors import ConfigError
-from edge.vocab import ExitCode
+from edge.vocab import BACKENDS, HARDWARE_COMPAT, PRECISIONS, QUANTIZE_TARGETS, ExitCode
 
 
 def register(sub: Any, bench_sub: Any) -> None:
@@ -44,7 +44,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     _bundle_option(e)
     e.add_argument(
         "--backend",
-        choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"),
+        choices=BACKENDS,
         default=None,
         help="backend to check against ONNX Runtime on the CPU (default: engines.backend)",
     )
@@ -85,7 +85,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     e.add_argument("--version", help="the new bundle's version (default: <version>+int8.<UTC time>)")
     e.add_argument(
         "--target",
-        choices=("onnxruntime", "tensorrt"),
+        choices=QUANTIZE_TARGETS,
         default="onnxruntime",
         help="onnxruntime (default): uint8 activations, fastest on a CPU; tensorrt: symmetric int8 activations"
         " for `engines build --precision int8`",
@@ -107,7 +107,7 @@ def register(sub: Any, bench_sub: Any) -> None:
 
     b = bench_sub.add_parser("engine", help="engine throughput and overhead against a bare ONNX Runtime loop")
     _bundle_option(b)
-    b.add_argument("--backend", choices=("onnxruntime", "onnxruntime-cuda", "tensorrt"), help="inference backend")
+    b.add_argument("--backend", choices=BACKENDS, help="inference backend")
     b.add_argument("--batches", type=int, default=8, help="batches per loop (default 8)")
     b.add_argument("--repeats", type=int, default=3, help="best of N, loops interleaved (default 3)")
     b.add_argument("--batch-size", type=int, help="tiles per detector batch (default stream.batch_size)")
@@ -126,7 +126,7 @@ def _bundle_option(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _trt_options(p: argparse.ArgumentParser, build: bool) -> None:
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="TensorRT precision (default fp16)")
+    p.add_argument("--precision", choices=PRECISIONS, help="TensorRT precision (default fp16)")
     p.add_argument("--max-batch", type=int, help="profile maximum batch (default: detector 8, classifiers 64)")
     p.add_argument("--plan-cache", metavar="DIR", help="TensorRT plan folder (default ~/.cache/mitosis-edge/plans)")
     if build:
@@ -134,7 +134,7 @@ def _trt_options(p: argparse.ArgumentParser, build: bool) -> None:
         p.add_argument("--timing-cache", metavar="PATH", help="timing cache file, reused across builds")
         p.add_argument(
             "--hardware-compat",
-            choices=("none", "ampere+"),
+            choices=HARDWARE_COMPAT,
             default="none",
             help="ampere+: one plan for every Ampere-or-newer GPU (a little slower)",
         )
@@ -211,8 +211,9 @@ def _model_lines(bundle: Any) -> list[str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from edge.engines.build import list_plans, machine_info, plan_matches_machine
+    from edge.engines.build import machine_info
     from edge.engines.manifest import duplicate_bundles, list_bundles, load_bundle
+    from edge.engines.plans import list_plans, plan_matches_machine
     from edge.errors import EngineError
 
     config = config_from_args(args)
@@ -423,10 +424,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
-    from edge.devtools.bench import bench_engine
+    from edge.devtools.bench import bench_engine, to_json
 
     config = config_from_args(args)
-    result = bench_engine(config.engines.bundle, config, batches=args.batches, repeats=args.repeats)
+    result = to_json(bench_engine(config.engines.bundle, config, batches=args.batches, repeats=args.repeats))
     if args.json:
         print(json.dumps(result, indent=2))
         return ExitCode.OK

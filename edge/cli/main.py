@@ -289,9 +289,9 @@ def _synth_params(args: argparse.Namespace) -> Any:
 
 
 def cmd_bench_read(args: argparse.Namespace) -> int:
-    from edge.devtools.bench import bench_read
+    from edge.devtools.bench import bench_read, to_json
 
-    result = bench_read(args.slide, config_from_args(args), repeats=args.repeats)
+    result = to_json(bench_read(args.slide, config_from_args(args), repeats=args.repeats))
     if args.json:
         print(json.dumps(result, indent=2))
         return ExitCode.OK

@@ -1,6 +1,14 @@
-"""`mitosis-edge bench read`: how fast the tile stream delivers a slide, against a decode floor.
+"""The `mitosis-edge bench ...` measurements: each a ratio against a baseline measured in the same run.
 
-The floor decodes every stored tile that the tile plan touches, once, with the same number of
+``bench read``: the tile stream against a decode floor. ``bench engine``: each engine against a bare
+``session.run`` loop. ``bench analyze``: end to end against read-only and detector-only. ``bench daemon``:
+a burst of slides dropped into a running daemon's inbox (``--latency``: slides written one by one, as a
+scanner does). ``bench cohort``: ``cohort run`` on Ray against one warm process.
+
+Each returns a frozen dataclass built in one place (its ``bench_*`` function); :func:`to_json` is the one
+conversion to the JSON that ``--json`` prints.
+
+For ``bench read``, the floor decodes every stored tile that the tile plan touches, once, with the same number of
 threads, and nothing else (no assembly, no overlap re-reads, no queue). ``ratio`` is
 stream tiles/s over floor tiles/s for the same plan, both measured in this one run, so it says
 how much the stream adds to the unavoidable decoding, on a machine however loaded.
@@ -15,7 +23,9 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +39,230 @@ log = logging.getLogger(__name__)
 DEFAULT_REPEATS = 2  # best of N for stream and floor, interleaved
 FLOOR_WINDOW_PER_THREAD = 32  # stored tiles in flight per thread in the floor, so it holds little memory
 
+NO_FLOOR_NOTE = "no decode floor: this slide's levels are not tiled TIFF pages read directly"
+_OMIT_IF_NONE = {"omit_if_none": True}  # the key is left out of the JSON when the value is None
+_FLATTEN = {"flatten": True}  # a nested result's keys go into its parent's JSON (none when it is None)
+
+
+@dataclass(frozen=True)
+class ReadBench:
+    """`bench read`: the tile stream against the decode floor on one slide (tiles/s, MP/s, seconds)."""
+
+    slide: str
+    tiles: int
+    tile_size: int
+    overlap: int
+    mpp: float
+    level: int
+    resampled: bool
+    region_reader: str
+    threads: int
+    batch_size: int
+    queue_depth: int
+    repeats: int
+    stream_seconds: float
+    stream_tiles_per_s: float
+    stream_mp_per_s: float
+    floor_stored_tiles: int
+    floor_seconds: float | None
+    floor_tiles_per_s: float | None
+    floor_mp_per_s: float | None
+    ratio: float | None  # stream tiles/s over floor tiles/s
+    peak_rss_mb: float
+    floor_note: str | None = field(default=None, metadata=_OMIT_IF_NONE)
+
+
+@dataclass(frozen=True)
+class BareComparison:
+    """One model's engine against a bare ``session.run`` loop (ONNX Runtime on the CPU only)."""
+
+    bare_items_per_s: float
+    overhead: float  # engine seconds / bare seconds - 1
+    submit_overhead: float
+
+
+@dataclass(frozen=True)
+class ModelBench:
+    model: str
+    role: str
+    batch_size: int
+    batches: int
+    items_per_s: float
+    submit_items_per_s: float
+    bare: BareComparison | None = field(default=None, metadata=_FLATTEN)
+
+
+@dataclass(frozen=True)
+class EngineBench:
+    """`bench engine`: every model of a bundle on the configured backend."""
+
+    bundle: str
+    backend: str
+    threads: int | None
+    models: tuple[ModelBench, ...]
+    detector_tiles_per_s: float
+    peak_rss_mb: float
+
+
+@dataclass(frozen=True)
+class AnalyzeBench:
+    """`bench analyze`: end to end against read-only and detector-only, and scan QC's cost."""
+
+    slide: str
+    tiles: int
+    tile_layout: str
+    tile_plan: Mapping[str, Any]
+    candidates: int
+    backend: str
+    bundle: str
+    batch_size: int
+    read_tiles_per_s: float
+    detector_tiles_per_s: float
+    detector_tiles_per_s_before_after: tuple[float, ...]
+    read_seconds_before_after: tuple[float, ...]
+    end_to_end_tiles_per_s: float
+    end_to_end_seconds: float
+    ratio: float | None  # end to end over the slower baseline
+    end_to_end_seconds_without_qc: float
+    qc_overhead: float | None
+    qc_seconds: float | None
+    qc_share: float | None
+    stage_seconds: Mapping[str, float]
+    peak_rss_mb: float
+
+
+@dataclass(frozen=True)
+class Pickup:
+    """Seconds from the end of the quiet period to a job being created."""
+
+    first: float | None
+    median: float | None
+    max: float | None
+
+
+@dataclass(frozen=True)
+class DaemonBench:
+    """`bench daemon`: ``slides`` slides dropped at once; each processed exactly once, pickup, memory."""
+
+    slides: int
+    finished_in_time: bool
+    jobs: int
+    done: int
+    failed: int
+    slides_with_one_job: int
+    slides_with_several_jobs: int
+    wall_seconds: float
+    slides_per_hour: float
+    pickup_after_quiet_s: Pickup
+    rss_mb_after_quarter: float | None
+    rss_mb_at_end: float | None
+    peak_rss_mb_daemon_process: float
+
+
+@dataclass(frozen=True)
+class JobTimes:
+    """Seconds from a slide's last byte to its job being queued, started and stored."""
+
+    to_queued_s: float
+    to_start_s: float | None
+    to_result_s: float | None
+
+
+@dataclass(frozen=True)
+class LatencySlide:
+    slide: str
+    state: str  # the job's final state, or "timeout"
+    times: JobTimes | None = field(default=None, metadata=_FLATTEN)
+
+
+@dataclass(frozen=True)
+class LatencyBench:
+    """`bench daemon --latency`: slides written one by one as a scanner does, time to result."""
+
+    slides: int
+    size_px: int
+    observer: str
+    quiet_period_s: float
+    close_settle_s: float
+    analyze_seconds: float
+    done: int
+    median_to_queued_s: float | None
+    median_to_start_s: float | None
+    median_to_result_s: float | None
+    max_to_start_s: float | None
+    per_slide: tuple[LatencySlide, ...]
+
+
+@dataclass(frozen=True)
+class CohortBench:
+    """`bench cohort`: ``cohort run`` on Ray against the same slides in one warm process."""
+
+    slides: int
+    sizes_px: tuple[int, ...]
+    hostile: int
+    sequential_s: float
+    sequential_before_after_s: tuple[float, float]
+    sequential_failed: int
+    sequential_peak_rss_mb: int
+    cohort_s: float
+    ratio: float | None
+    ray_start_s: float
+    ratio_without_ray_start: float
+    workers: int
+    cpus_per_slide: float
+    slides_per_node: Mapping[str, int]
+    good_done_exactly_once: bool
+    hostile_failed: Mapping[str, str]  # file name -> the row's error, shortened
+    worker_rss_mb: Mapping[str, tuple[float, float, float]]  # after its first slide, after its last, peak
+    rerun_analysed: int
+    rerun_skipped: int
+    case_ids_example: str
+
+
+BenchResult = ReadBench | EngineBench | AnalyzeBench | DaemonBench | LatencyBench | CohortBench
+
+
+def to_json(result: BenchResult) -> dict[str, Any]:
+    """The JSON object `bench ... --json` prints for a result: fields in order, nested results as objects.
+
+    >>> to_json(LatencySlide("a.tiff", "timeout"))
+    {'slide': 'a.tiff', 'state': 'timeout'}
+    >>> to_json(LatencySlide("a.tiff", "done", JobTimes(0.5, 1.0, None)))
+    {'slide': 'a.tiff', 'state': 'done', 'to_queued_s': 0.5, 'to_start_s': 1.0, 'to_result_s': None}
+    """
+    return _json_object(result)
+
+
+def _json_object(value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(value):
+        item = getattr(value, f.name)
+        if item is None and (f.metadata.get("omit_if_none") or f.metadata.get("flatten")):
+            continue
+        if f.metadata.get("flatten"):
+            out.update(_json_object(item))
+        else:
+            out[f.name] = _json_value(item)
+    return out
+
+
+def _json_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _json_object(value)
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
+
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bench_read(path: str | Path, config: Config, repeats: int = DEFAULT_REPEATS) -> dict[str, Any]:
-    """Measure the stream and the decode floor on one slide; returns the figures as a dict."""
+def bench_read(path: str | Path, config: Config, repeats: int = DEFAULT_REPEATS) -> ReadBench:
+    """Measure the stream and the decode floor on one slide."""
     with contextlib.ExitStack() as closing:
         slide = closing.enter_context(open_slide(path, config.slide))
         sp = plan_slide(slide, config)
@@ -87,35 +313,32 @@ def bench_read(path: str | Path, config: Config, repeats: int = DEFAULT_REPEATS)
                 floor_s.append(time.perf_counter() - t0)
         best_stream = min(stream_s)
         stream_tps = n / best_stream if best_stream > 0 else 0.0
-        result: dict[str, Any] = {
-            "slide": str(path),
-            "tiles": n,
-            "tile_size": plan.tile_size,
-            "overlap": plan.overlap,
-            "mpp": sp.scale.mpp_x,
-            "level": sp.scale.level,
-            "resampled": sp.scale.resampled,
-            "region_reader": slide.info.region_reader,
-            "threads": config.stream.threads,
-            "batch_size": config.stream.batch_size,
-            "queue_depth": config.stream.queue_depth,
-            "repeats": repeats,
-            "stream_seconds": best_stream,
-            "stream_tiles_per_s": stream_tps,
-            "stream_mp_per_s": stream_tps * mp_per_tile,
-            "floor_stored_tiles": len(stored),
-            "floor_seconds": min(floor_s) if floor_s else None,
-            "floor_tiles_per_s": n / min(floor_s) if floor_s and min(floor_s) > 0 else None,
-            "floor_mp_per_s": None,
-            "ratio": None,
-            "peak_rss_mb": peak_rss_mb(),
-        }
-        if result["floor_tiles_per_s"]:
-            result["floor_mp_per_s"] = result["floor_tiles_per_s"] * mp_per_tile
-            result["ratio"] = stream_tps / result["floor_tiles_per_s"]
-        else:
-            result["floor_note"] = "no decode floor: this slide's levels are not tiled TIFF pages read directly"
-        return result
+        floor_best = min(floor_s) if floor_s else None
+        floor_tps = n / floor_best if floor_best else None
+        return ReadBench(
+            slide=str(path),
+            tiles=n,
+            tile_size=plan.tile_size,
+            overlap=plan.overlap,
+            mpp=sp.scale.mpp_x,
+            level=sp.scale.level,
+            resampled=sp.scale.resampled,
+            region_reader=slide.info.region_reader,
+            threads=config.stream.threads,
+            batch_size=config.stream.batch_size,
+            queue_depth=config.stream.queue_depth,
+            repeats=repeats,
+            stream_seconds=best_stream,
+            stream_tiles_per_s=stream_tps,
+            stream_mp_per_s=stream_tps * mp_per_tile,
+            floor_stored_tiles=len(stored),
+            floor_seconds=floor_best,
+            floor_tiles_per_s=floor_tps,
+            floor_mp_per_s=floor_tps * mp_per_tile if floor_tps else None,
+            ratio=stream_tps / floor_tps if floor_tps else None,
+            peak_rss_mb=peak_rss_mb(),
+            floor_note=None if floor_tps else NO_FLOOR_NOTE,
+        )
 
 
 def _warm_page_cache(path: Path) -> None:
@@ -128,7 +351,7 @@ def _warm_page_cache(path: Path) -> None:
 
 def bench_engine(
     bundle_name: str | Path | None, config: Config, *, batches: int = 8, repeats: int = 3, seed: int = 0
-) -> dict[str, Any]:
+) -> EngineBench:
     """Per model: the engine (infer, and submit with the next batch queued) against a bare ``session.run`` loop.
 
     Every loop runs the same uint8 batches; loops are interleaved and the best of ``repeats`` kept,
@@ -140,7 +363,7 @@ def bench_engine(
 
     bundle = load_bundle(bundle_name)
     rng = np.random.default_rng(seed)
-    models: list[dict[str, Any]] = []
+    models: list[ModelBench] = []
     with open_engines(bundle, config.engines, detector_batch=config.stream.batch_size) as engines:
         for model in bundle.models:
             engine = engines.detector if model.role == "detector" else engines.classifiers[model.name]
@@ -163,28 +386,33 @@ def bench_engine(
                     loop()
                     timings[label].append(time.perf_counter() - t0)
             items = size * batches
-            entry: dict[str, Any] = {
-                "model": model.name,
-                "role": model.role,
-                "batch_size": size,
-                "batches": batches,
-                "items_per_s": items / min(timings["infer"]),
-                "submit_items_per_s": items / min(timings["submit"]),
-            }
-            if timings["bare"]:
-                entry["bare_items_per_s"] = items / min(timings["bare"])
-                entry["overhead"] = min(timings["infer"]) / min(timings["bare"]) - 1.0
-                entry["submit_overhead"] = min(timings["submit"]) / min(timings["bare"]) - 1.0
-            models.append(entry)
-    detector = next(m for m in models if m["role"] == "detector")
-    return {
-        "bundle": bundle.name,
-        "backend": config.engines.backend,
-        "threads": config.engines.intra_op_threads or None,
-        "models": models,
-        "detector_tiles_per_s": detector["items_per_s"],
-        "peak_rss_mb": peak_rss_mb(),
-    }
+            bare_s = min(timings["bare"]) if timings["bare"] else None
+            models.append(
+                ModelBench(
+                    model=model.name,
+                    role=model.role,
+                    batch_size=size,
+                    batches=batches,
+                    items_per_s=items / min(timings["infer"]),
+                    submit_items_per_s=items / min(timings["submit"]),
+                    bare=None
+                    if bare_s is None
+                    else BareComparison(
+                        bare_items_per_s=items / bare_s,
+                        overhead=min(timings["infer"]) / bare_s - 1.0,
+                        submit_overhead=min(timings["submit"]) / bare_s - 1.0,
+                    ),
+                )
+            )
+    detector = next(m for m in models if m.role == "detector")
+    return EngineBench(
+        bundle=bundle.name,
+        backend=config.engines.backend,
+        threads=config.engines.intra_op_threads or None,
+        models=tuple(models),
+        detector_tiles_per_s=detector.items_per_s,
+        peak_rss_mb=peak_rss_mb(),
+    )
 
 
 def _read_all(slide: Any, sp: Any, config: Config, held: list[Any], keep: int) -> float:
@@ -241,7 +469,7 @@ def _bare_session_loop(path: Path, engine: Any, config: Config, data: list[Any])
 
 def bench_analyze(
     path: str | Path, config: Config, *, detector_batches: int = 8, detector_seconds: float = 2.0
-) -> dict[str, Any]:
+) -> AnalyzeBench:
     """End to end against read-only and detector-only, measured in one run with the same engines.
 
     read-only streams every tile of the plan; detector-only runs ``detector_batches`` batches of this
@@ -276,30 +504,31 @@ def bench_analyze(
     read_tps = n / min(read_s) if min(read_s) > 0 else 0.0
     e2e_tps = n / analysis.times.total if analysis.times.total > 0 else 0.0
     slower = min(read_tps, max(detector_tps))
-    return {
-        "slide": str(path),
-        "tiles": n,
-        "tile_layout": sp.plan.layout,
-        "tile_plan": efficiency.to_json_dict(),
-        "candidates": analysis.result.scores.candidates,
-        "backend": engines.backend,
-        "bundle": bundle.name,
-        "batch_size": config.stream.batch_size,
-        "read_tiles_per_s": read_tps,
-        "detector_tiles_per_s": max(detector_tps),
-        "detector_tiles_per_s_before_after": detector_tps,
-        "read_seconds_before_after": read_s,
-        "end_to_end_tiles_per_s": e2e_tps,
-        "end_to_end_seconds": analysis.times.total,
-        "ratio": e2e_tps / slower if slower > 0 else None,
-        "end_to_end_seconds_without_qc": without_qc.times.total,
-        "qc_overhead": analysis.times.total / without_qc.times.total - 1.0 if without_qc.times.total > 0 else None,
-        "qc_seconds": (analysis.result.qc or {}).get("seconds"),
-        "qc_share": (analysis.result.qc or {}).get("seconds", 0.0) / analysis.times.total
-        if analysis.times.total > 0 else None,
-        "stage_seconds": analysis.times.to_dict(),
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    total = analysis.times.total
+    qc_seconds = (analysis.result.qc or {}).get("seconds")
+    return AnalyzeBench(
+        slide=str(path),
+        tiles=n,
+        tile_layout=sp.plan.layout,
+        tile_plan=efficiency.to_json_dict(),
+        candidates=analysis.result.scores.candidates,
+        backend=engines.backend,
+        bundle=bundle.name,
+        batch_size=config.stream.batch_size,
+        read_tiles_per_s=read_tps,
+        detector_tiles_per_s=max(detector_tps),
+        detector_tiles_per_s_before_after=tuple(detector_tps),
+        read_seconds_before_after=tuple(read_s),
+        end_to_end_tiles_per_s=e2e_tps,
+        end_to_end_seconds=total,
+        ratio=e2e_tps / slower if slower > 0 else None,
+        end_to_end_seconds_without_qc=without_qc.times.total,
+        qc_overhead=total / without_qc.times.total - 1.0 if without_qc.times.total > 0 else None,
+        qc_seconds=qc_seconds,
+        qc_share=(qc_seconds or 0.0) / total if total > 0 else None,
+        stage_seconds=analysis.times.to_dict(),
+        peak_rss_mb=peak_rss_mb(),
+    )
 
 
 def bench_daemon(
@@ -310,7 +539,7 @@ def bench_daemon(
     quiet_period_s: float = 1.0,
     timeout_s: float = 1800.0,
     workdir: str | Path | None = None,
-) -> dict[str, Any]:
+) -> DaemonBench:
     """Drop ``slides`` distinct slides into a running daemon's inbox at once and measure what the issue asks:
     each processed exactly once, the delay from the end of the quiet period to the job, and whether
     memory stays flat (RSS after the first 25% of slides against after all of them).
@@ -369,25 +598,25 @@ def bench_daemon(
         per_slide[Path(j.slide_path).name] = per_slide.get(Path(j.slide_path).name, 0) + 1
     pickup = sorted(j.created_at - dropped - quiet_period_s for j in jobs)
     early = [m for done, m in rss if done >= slides // 4]
-    return {
-        "slides": slides,
-        "finished_in_time": finished,
-        "jobs": len(jobs),
-        "done": results,
-        "failed": sum(1 for j in jobs if j.state == "failed"),
-        "slides_with_one_job": sum(1 for n in names if per_slide.get(n) == 1),
-        "slides_with_several_jobs": sum(1 for n in names if per_slide.get(n, 0) > 1),
-        "wall_seconds": wall,
-        "slides_per_hour": slides / wall * 3600 if wall > 0 else 0.0,
-        "pickup_after_quiet_s": {
-            "first": pickup[0] if pickup else None,
-            "median": pickup[len(pickup) // 2] if pickup else None,
-            "max": pickup[-1] if pickup else None,
-        },
-        "rss_mb_after_quarter": early[0] if early else None,
-        "rss_mb_at_end": rss[-1][1] if rss else None,
-        "peak_rss_mb_daemon_process": peak_rss_mb(),
-    }
+    return DaemonBench(
+        slides=slides,
+        finished_in_time=finished,
+        jobs=len(jobs),
+        done=results,
+        failed=sum(1 for j in jobs if j.state == "failed"),
+        slides_with_one_job=sum(1 for n in names if per_slide.get(n) == 1),
+        slides_with_several_jobs=sum(1 for n in names if per_slide.get(n, 0) > 1),
+        wall_seconds=wall,
+        slides_per_hour=slides / wall * 3600 if wall > 0 else 0.0,
+        pickup_after_quiet_s=Pickup(
+            first=pickup[0] if pickup else None,
+            median=pickup[len(pickup) // 2] if pickup else None,
+            max=pickup[-1] if pickup else None,
+        ),
+        rss_mb_after_quarter=early[0] if early else None,
+        rss_mb_at_end=rss[-1][1] if rss else None,
+        peak_rss_mb_daemon_process=peak_rss_mb(),
+    )
 
 
 def bench_daemon_latency(
@@ -399,7 +628,7 @@ def bench_daemon_latency(
     observer: str | None = None,
     timeout_s: float = 600.0,
     workdir: str | Path | None = None,
-) -> dict[str, Any]:
+) -> LatencyBench:
     """Time to result as a lab feels it: ``slides`` slides written one after another into a running
     daemon's inbox the way a scanner writes (in chunks under the final name, then closed), each after
     the previous one's result is stored. Per slide: seconds from the last byte written to the job
@@ -437,7 +666,7 @@ def bench_daemon_latency(
                 analysis = analyze_slide(bases[0], config, engines=engines)
                 analysis.write_exports(root / f"analyze-{attempt}")  # as `mitosis-edge analyze` does
                 analyze_s.append(time.perf_counter() - t0)
-        rows: list[dict[str, Any]] = []
+        rows: list[LatencySlide] = []
         with Daemon(config) as daemon:
             while not daemon.is_ready():
                 time.sleep(0.05)
@@ -451,32 +680,35 @@ def bench_daemon_latency(
                         fh.flush()
                     last_byte = time.time()
                 job = _wait_job_terminal(daemon, str(target), timeout_s)
-                row: dict[str, Any] = {"slide": target.name, "state": job.state if job else "timeout"}
+                times = None
                 if job is not None:
-                    row["to_queued_s"] = job.created_at - last_byte
-                    row["to_start_s"] = (job.started_at - last_byte) if job.started_at else None
-                    row["to_result_s"] = (job.finished_at - last_byte) if job.finished_at else None
-                rows.append(row)
+                    times = JobTimes(
+                        to_queued_s=job.created_at - last_byte,
+                        to_start_s=(job.started_at - last_byte) if job.started_at else None,
+                        to_result_s=(job.finished_at - last_byte) if job.finished_at else None,
+                    )
+                rows.append(LatencySlide(target.name, job.state if job else "timeout", times))
             shutil.rmtree(inbox, ignore_errors=True)
 
-    def median(key: str) -> float | None:
-        values = sorted(r[key] for r in rows if r.get(key) is not None)
-        return values[len(values) // 2] if values else None
+    def median(values: list[float | None]) -> float | None:
+        known = sorted(v for v in values if v is not None)
+        return known[len(known) // 2] if known else None
 
-    return {
-        "slides": slides,
-        "size_px": size,
-        "observer": observer_kind,
-        "quiet_period_s": config.watch.quiet_period_s,
-        "close_settle_s": config.watch.close_settle_s,
-        "analyze_seconds": min(analyze_s),
-        "done": sum(1 for r in rows if r["state"] == "done"),
-        "median_to_queued_s": median("to_queued_s"),
-        "median_to_start_s": median("to_start_s"),
-        "median_to_result_s": median("to_result_s"),
-        "max_to_start_s": max((r["to_start_s"] for r in rows if r.get("to_start_s") is not None), default=None),
-        "per_slide": rows,
-    }
+    timed = [r.times for r in rows if r.times is not None]
+    return LatencyBench(
+        slides=slides,
+        size_px=size,
+        observer=observer_kind,
+        quiet_period_s=config.watch.quiet_period_s,
+        close_settle_s=config.watch.close_settle_s,
+        analyze_seconds=min(analyze_s),
+        done=sum(1 for r in rows if r.state == "done"),
+        median_to_queued_s=median([t.to_queued_s for t in timed]),
+        median_to_start_s=median([t.to_start_s for t in timed]),
+        median_to_result_s=median([t.to_result_s for t in timed]),
+        max_to_start_s=max((t.to_start_s for t in timed if t.to_start_s is not None), default=None),
+        per_slide=tuple(rows),
+    )
 
 
 def _inbox_and_slides(root: Path, count: int, size: int, seed: int) -> tuple[Path, Path, list[Path]]:
@@ -542,7 +774,7 @@ def bench_cohort(
     cpus_per_slide: float = 1.0,
     ray_address: str | None = None,
     workdir: str | Path | None = None,
-) -> dict[str, Any]:
+) -> CohortBench:
     """``slides`` synthetic slides of mixed sizes, 3 of them hostile (random bytes, a truncated TIFF, an empty
     file), analysed one after another in this warm process (engines opened once, exports written) and then
     by ``cohort run`` on Ray, in one run; the throughput ratio is sequential seconds over cohort seconds
@@ -610,28 +842,29 @@ def bench_cohort(
         hostile_rows = [r for r in rows if Path(r["slide_path"]).name.startswith("hostile-")]
         good_rows = [r for r in rows if not Path(r["slide_path"]).name.startswith("hostile-")]
         rerun = run_cohort(listed, out, config, ray_address=ray_address, cpus_per_slide=cpus_per_slide)
-        return {
-            "slides": len(listed),
-            "sizes_px": list(sizes),
-            "hostile": hostile,
-            "sequential_s": round(sequential_s, 2),
-            "sequential_before_after_s": [round(before_s, 2), round(after_s, 2)],
-            "sequential_failed": seq_failed,
-            "sequential_peak_rss_mb": round(sequential_rss),
-            "cohort_s": round(summary.seconds, 2),
-            "ratio": round(sequential_s / summary.seconds, 3) if summary.seconds else None,
-            "ray_start_s": round(summary.ray_start_s, 2),
-            "ratio_without_ray_start": round(sequential_s / (summary.seconds - summary.ray_start_s), 3),
-            "workers": summary.workers,
-            "cpus_per_slide": cpus_per_slide,
-            "slides_per_node": summary.nodes,
-            "good_done_exactly_once": len(good_rows) == good and all(r["status"] == "done" for r in good_rows)
+        return CohortBench(
+            slides=len(listed),
+            sizes_px=tuple(sizes),
+            hostile=hostile,
+            sequential_s=round(sequential_s, 2),
+            sequential_before_after_s=(round(before_s, 2), round(after_s, 2)),
+            sequential_failed=seq_failed,
+            sequential_peak_rss_mb=round(sequential_rss),
+            cohort_s=round(summary.seconds, 2),
+            ratio=round(sequential_s / summary.seconds, 3) if summary.seconds else None,
+            ray_start_s=round(summary.ray_start_s, 2),
+            ratio_without_ray_start=round(sequential_s / (summary.seconds - summary.ray_start_s), 3),
+            workers=summary.workers,
+            cpus_per_slide=cpus_per_slide,
+            slides_per_node=summary.nodes,
+            good_done_exactly_once=len(good_rows) == good
+            and all(r["status"] == "done" for r in good_rows)
             and all(per_slide[r["slide_path"]] == 1 for r in good_rows),
-            "hostile_failed": {Path(r["slide_path"]).name: r["error"][:160] for r in hostile_rows
-                               if r["status"] == "failed"},
-            # per worker: RSS after its first and its last slide, and its peak
-            "worker_rss_mb": {w: [v[0], v[-1], summary.peak_rss_mb[w][-1]] for w, v in summary.rss_mb.items()},
-            "rerun_analysed": rerun.done + rerun.failed,
-            "rerun_skipped": rerun.skipped_done + rerun.skipped_failed,
-            "case_ids_example": case_id_for(listed[0].path),
-        }
+            hostile_failed={
+                Path(r["slide_path"]).name: r["error"][:160] for r in hostile_rows if r["status"] == "failed"
+            },
+            worker_rss_mb={w: (v[0], v[-1], summary.peak_rss_mb[w][-1]) for w, v in summary.rss_mb.items()},
+            rerun_analysed=rerun.done + rerun.failed,
+            rerun_skipped=rerun.skipped_done + rerun.skipped_failed,
+            case_ids_example=case_id_for(listed[0].path),
+        )

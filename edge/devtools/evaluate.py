@@ -28,6 +28,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from edge.analysis.scoring import DEFAULT_HOTSPOT_AREA_MM2, find_hotspot, hotspot_radius_um
+from edge.devtools.synth.truth import TRUTH_SCHEMA as SYNTH_TRUTH_SCHEMA
+from edge.devtools.synth.truth import SynthTruth
 from edge.errors import ConfigError
 
 __all__ = [
@@ -53,8 +55,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MATCH_RADIUS_UM = 7.5  # MIDOG: 30 px at 0.25 µm/px
 DEFAULT_TRUTH_MPP = 0.25  # µm/px of MIDOG++ images (roughly; scanners differ a little)
 RESULT_SCHEMA = "mitosis-edge/result/1"
-SYNTH_TRUTH_SCHEMA = "mitosis-edge/synth-truth/1"
-_AREA_RTOL = 1e-6
 
 FloatArray = NDArray[np.float64]
 
@@ -512,8 +512,6 @@ def truth_from_json(
     `truth_mpp` give µm. Look-alikes (imposters, "not mitotic figure") are never truth.
     """
     if isinstance(data, dict) and data.get("schema") == SYNTH_TRUTH_SCHEMA:
-        from edge.devtools.synth import SynthTruth
-
         try:
             truth = SynthTruth.from_json_dict(data)
         except (KeyError, TypeError, ValueError) as exc:

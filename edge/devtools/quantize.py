@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -41,10 +41,10 @@ from edge.engines.manifest import (
     writing_bundle_version,
 )
 from edge.errors import ConfigError, ManifestError
+from edge.vocab import QuantizeTarget as Target
 
 log = logging.getLogger(__name__)
 
-Target = Literal["onnxruntime", "tensorrt"]
 REPORT_NAME = "quantization.json"
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 # quantized too where their output reaches a convolution (SiLU, residual adds, concatenations: the graph stays
@@ -272,7 +272,7 @@ def quantize_model(
     onnx.save(prepared_model, str(prepared))
     chosen = nodes_to_quantize(prepared_model.graph)
 
-    class Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):  # type: ignore[misc, unused-ignore]  # no stubs
         def __init__(self) -> None:
             self.items: Iterator[np.ndarray] = iter(calibration)
 

@@ -7,13 +7,16 @@ never views into buffers the engine reuses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from edge.errors import EngineInputError
+
+# The largest batch an engine takes when none is configured, by model role: a detector tile is 1024², a crop ~64².
+DETECTOR_MAX_BATCH = 8
+CLASSIFIER_MAX_BATCH = 64
 
 Outputs = dict[str, np.ndarray]
 
@@ -122,10 +125,3 @@ def split_batches(items: np.ndarray, max_batch: int) -> list[np.ndarray]:
     [4, 4, 2]
     """
     return [items[i : i + max_batch] for i in range(0, len(items), max_batch)]
-
-
-def concat_outputs(parts: list[Mapping[str, np.ndarray]]) -> Outputs:
-    """Join the outputs of consecutive batches along the batch axis."""
-    if not parts:
-        return {}
-    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}

@@ -16,43 +16,52 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
-import json
 import logging
 import shlex
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from edge.config import default_plan_cache
+from edge.engines.base import CLASSIFIER_MAX_BATCH, DETECTOR_MAX_BATCH
 from edge.engines.manifest import Bundle, ModelSpec, sha256_file
+from edge.engines.plans import (
+    SIDECAR_FORMAT,
+    MachineInfo,
+    PlanRecord,
+    cache_key,
+    plan_path_for,
+    read_sidecar,
+    resolve_cache_dir,
+    sidecar_path,
+    trt_major_of,
+    write_sidecar,
+)
 from edge.engines.probe import GpuProbe, probe_gpu, require_gpu
 from edge.engines.tensorrt import load_tensorrt, trt_logger, trt_major
 from edge.errors import BackendUnavailableError, ConfigError, EngineError, PlanError
 from edge.fileio import atomic_write
+from edge.vocab import (
+    AMPERE_PLUS,
+    HARDWARE_COMPAT,
+    ON_MISSING_PLAN,
+    PRECISIONS,
+    HardwareCompat,
+    OnMissingPlan,
+    PrecisionName,
+)
 
 if TYPE_CHECKING:
     from edge.config import EnginesConfig
-    from edge.engines import EngineSet
     from edge.engines.tensorrt import TensorRTEngine
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16", "int8"]
-HardwareCompat = Literal["none", "ampere+"]
-OnMissing = Literal["build", "fail"]
-
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
-HARDWARE_COMPAT: tuple[str, ...] = ("none", "ampere+")
-DEFAULT_MAX_BATCH = {"detector": 8, "classifier": 64}  # per model role: a detector tile is 1024², a crop ~64²
+DEFAULT_MAX_BATCH = {"detector": DETECTOR_MAX_BATCH, "classifier": CLASSIFIER_MAX_BATCH}  # per model role
 DEFAULT_WORKSPACE_GB = 4.0
 FP16_SUFFIX = ".fp16.onnx"  # beside <model>.onnx: the autocast FP16 model TensorRT 11 needs for fp16
 INT8_SUFFIX = ".int8.onnx"  # beside <model>.onnx: the Q/DQ model int8 needs
-PLAN_SUFFIX = ".plan"
-SIDECAR_SUFFIX = ".json"
-SIDECAR_FORMAT = 1
-AMPERE_PLUS = "ampere+"
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -70,7 +79,7 @@ class BuildOptions:
     8
     """
 
-    precision: Precision = "fp16"
+    precision: PrecisionName = "fp16"
     max_batch: int = 0  # profile maximum; 0 = detector 8, classifiers 64
     opt_batch: int = 0  # the batch TensorRT tunes for; 0 = max_batch // 2 (at least 1)
     workspace_gb: float = DEFAULT_WORKSPACE_GB
@@ -135,31 +144,6 @@ def build_options(
 # machines and keys
 
 
-@dataclass(frozen=True)
-class MachineInfo:
-    """The parts of a machine a plan depends on."""
-
-    trt_version: str
-    cuda_major: int
-    gpu_name: str
-    compute_capability: str  # "8.9"
-
-    @classmethod
-    def from_probe(cls, probe: GpuProbe, trt: Any, device: int = 0) -> MachineInfo:
-        gpu = probe.device(device)
-        return cls(
-            trt_version=str(trt.__version__),
-            cuda_major=probe.cuda_major or 0,
-            gpu_name=gpu.name,
-            compute_capability=gpu.compute_capability,
-        )
-
-    def describe(self) -> str:
-        return (
-            f"{self.gpu_name} (compute {self.compute_capability}), TensorRT {self.trt_version}, CUDA {self.cuda_major}"
-        )
-
-
 def machine_info(
     probe: GpuProbe | None = None, trt: Any | None = None, device: int = 0
 ) -> tuple[MachineInfo | None, str]:
@@ -172,47 +156,6 @@ def machine_info(
         return MachineInfo.from_probe(found, module, device), ""
     except BackendUnavailableError as exc:
         return None, str(exc)
-
-
-def cache_key(
-    *,
-    onnx_sha256: str,
-    precision_recipe: str,
-    profile_shapes: Mapping[str, Sequence[Sequence[int]]],
-    builder_flags: Iterable[str],
-    hardware_compat: str,
-    version_compatible: bool,
-    tensorrt_version: str,
-    cuda_major: int,
-    compute_capability: str,
-    gpu_name: str,
-) -> str:
-    """sha256 (hex) of a canonical JSON of everything that makes two plans differ. Pure.
-
-    Builder flags are a set: their order does not change the key.
-
-    >>> k = dict(onnx_sha256="ab", precision_recipe="fp16", profile_shapes={"x": [[1], [2], [4]]},
-    ...          builder_flags=["FP16"], hardware_compat="none", version_compatible=False,
-    ...          tensorrt_version="10.13.3", cuda_major=12, compute_capability="8.9", gpu_name="L4")
-    >>> cache_key(**k) == cache_key(**{**k, "builder_flags": ("FP16",)})
-    True
-    >>> cache_key(**k) == cache_key(**{**k, "gpu_name": "L40S"})
-    False
-    """
-    canonical = {
-        "onnx_sha256": str(onnx_sha256).lower(),
-        "precision_recipe": str(precision_recipe),
-        "profile_shapes": {str(k): [[int(d) for d in shape] for shape in v] for k, v in profile_shapes.items()},
-        "builder_flags": sorted({str(f) for f in builder_flags}),
-        "hardware_compat": str(hardware_compat),
-        "version_compatible": bool(version_compatible),
-        "tensorrt_version": str(tensorrt_version),
-        "cuda_major": int(cuda_major),
-        "compute_capability": str(compute_capability),
-        "gpu_name": str(gpu_name),
-    }
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -358,73 +301,8 @@ def key_fields(model: ModelSpec, options: BuildOptions, recipe: PlanRecipe, mach
     }
 
 
-def plan_matches_machine(sidecar: Mapping[str, Any], machine: MachineInfo) -> tuple[bool, str]:
-    """Whether a plan (by its sidecar) can run here; else False and every difference, in words."""
-    problems: list[str] = []
-    built_trt = str(sidecar.get("tensorrt_version", ""))
-    if built_trt and built_trt != machine.trt_version:
-        newer_same_major = built_trt.split(".", maxsplit=1)[0] == machine.trt_version.split(".")[0] and _version_tuple(
-            machine.trt_version
-        ) >= _version_tuple(built_trt)
-        if not (sidecar.get("version_compatible") and newer_same_major):
-            problems.append(f"TensorRT {built_trt} built it, this machine has TensorRT {machine.trt_version}")
-    built_cuda = sidecar.get("cuda_major")
-    if built_cuda not in (None, 0) and machine.cuda_major and int(built_cuda) != machine.cuda_major:
-        problems.append(f"built with CUDA {built_cuda}, this machine has CUDA {machine.cuda_major}")
-    built_cc = str(sidecar.get("compute_capability", ""))
-    built_gpu = str(sidecar.get("gpu_name", ""))
-    if sidecar.get("hardware_compat") == AMPERE_PLUS:
-        if _version_tuple(machine.compute_capability) < (8, 0):
-            problems.append(
-                f"built for Ampere or newer GPUs (compute 8.0+), this GPU is {machine.gpu_name} "
-                f"(compute {machine.compute_capability})"
-            )
-    elif built_cc and built_cc != machine.compute_capability:
-        problems.append(
-            f"built for compute capability {built_cc} ({built_gpu}), this GPU is "
-            f"{machine.gpu_name} (compute {machine.compute_capability})"
-        )
-    elif built_gpu and built_gpu != machine.gpu_name:
-        problems.append(f"built on {built_gpu}, this GPU is {machine.gpu_name}")
-    return (not problems, "; ".join(problems))
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in str(text).split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 # ---------------------------------------------------------------------------------------------
 # plan records and the cache folder
-
-
-@dataclass(frozen=True)
-class PlanRecord:
-    """A plan in the cache and its sidecar."""
-
-    plan_path: Path
-    sidecar: dict[str, Any] = field(compare=False)
-    key: str
-
-    @property
-    def sidecar_path(self) -> Path:
-        return self.plan_path.with_suffix(SIDECAR_SUFFIX)
-
-    @property
-    def model(self) -> str:
-        return str(self.sidecar.get("model", self.plan_path.stem))
-
-
-def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir or default_plan_cache()).expanduser()
-
-
-def plan_path_for(cache_dir: str | Path | None, bundle: Bundle, model: ModelSpec, key: str) -> Path:
-    """``<cache_dir>/<bundle>/<model>-<key[:16]>.plan``."""
-    return resolve_cache_dir(cache_dir) / bundle.name / f"{model.name}-{key[:16]}{PLAN_SUFFIX}"
 
 
 def build_command(bundle: Bundle, options: BuildOptions, cache_dir: str | Path | None = None) -> str:
@@ -456,23 +334,14 @@ def build_command(bundle: Bundle, options: BuildOptions, cache_dir: str | Path |
     return shlex.join(args)
 
 
-def read_sidecar(path: Path) -> dict[str, Any] | None:
-    """A sidecar's JSON, or None when it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def find_plan(
     model: ModelSpec, bundle: Bundle, options: BuildOptions, cache_dir: str | Path | None, machine: MachineInfo
 ) -> PlanRecord | None:
     """The cached plan for this model, options and machine, or None (a missing or damaged plan is a miss)."""
-    recipe = plan_recipe(model, options, _major(machine.trt_version))
+    recipe = plan_recipe(model, options, trt_major_of(machine.trt_version))
     key = cache_key(**key_fields(model, options, recipe, machine))
     path = plan_path_for(cache_dir, bundle, model, key)
-    sidecar = read_sidecar(path.with_suffix(SIDECAR_SUFFIX))
+    sidecar = read_sidecar(sidecar_path(path))
     if sidecar is None or sidecar.get("key") != key or not path.is_file():
         return None
     if sidecar.get("plan_bytes") not in (None, path.stat().st_size):
@@ -484,23 +353,6 @@ def find_plan(
         )
         return None
     return PlanRecord(path, sidecar, key)
-
-
-def list_plans(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """Every plan sidecar in the cache (with ``plan_path`` and ``plan_present`` added), by bundle and model."""
-    root = resolve_cache_dir(cache_dir)
-    found = []
-    for path in sorted(root.glob(f"*/*{SIDECAR_SUFFIX}")):
-        sidecar = read_sidecar(path)
-        if sidecar is None or "key" not in sidecar:
-            continue
-        plan = path.with_suffix(PLAN_SUFFIX)
-        found.append({**sidecar, "plan_path": str(plan), "plan_present": plan.is_file()})
-    return found
-
-
-def _major(version: str) -> int:
-    return _version_tuple(version)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,7 +433,7 @@ def build_plan(
 
     sidecar = _sidecar(model, bundle, options, recipe, machine, fields, key, data, seconds, cache_dir)
     atomic_write(path, data)
-    atomic_write(path.with_suffix(SIDECAR_SUFFIX), (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    write_sidecar(path, sidecar)
     log.info("built %s in %.1f s (%.1f MB)", path, seconds, len(data) / 1e6)
     return PlanRecord(path, sidecar, key)
 
@@ -711,13 +563,13 @@ def ensure_plans(
     options: BuildOptions | None = None,
     cache_dir: str | Path | None = None,
     *,
-    on_missing: OnMissing = "build",
+    on_missing: OnMissingPlan = "build",
     trt: Any | None = None,
     probe: GpuProbe | None = None,
     device: int = 0,
 ) -> list[PlanRecord]:
     """A plan for every model of the bundle on this machine: cached, else built ("build") or PlanError ("fail")."""
-    if on_missing not in ("build", "fail"):
+    if on_missing not in ON_MISSING_PLAN:
         raise ConfigError(f"on_missing={on_missing!r} must be 'build' or 'fail'")
     options = options or BuildOptions()
     found = require_gpu(probe)
@@ -743,7 +595,7 @@ def open_tensorrt_plans(
     options: BuildOptions | None = None,
     cache_dir: str | Path | None = None,
     *,
-    on_missing: OnMissing = "build",
+    on_missing: OnMissingPlan = "build",
     in_flight: int = 2,
     cuda_graphs: bool = False,
     device: int = 0,
@@ -792,48 +644,3 @@ def open_tensorrt_plans(
             engine.close()
         raise
     return engines
-
-
-def open_tensorrt_engines(
-    bundle: Bundle,
-    config: EnginesConfig | None = None,
-    *,
-    detector_batch: int = 0,
-    device: int = 0,
-    trt: Any | None = None,
-    cudart: Any | None = None,
-    probe: GpuProbe | None = None,
-) -> EngineSet:
-    """The bundle's engines on TensorRT, as ``edge.engines.open_engines`` returns them, from ``[engines]`` settings.
-
-    Plans are found in ``engines.plan_cache`` or built (``engines.on_missing_plan``). ``detector_batch``
-    (tiles per detector batch) must fit the detector plan's max batch: a plan cannot take more.
-    """
-    from edge.config import EnginesConfig
-    from edge.engines import EngineSet
-
-    config = config or EnginesConfig()
-    options = build_options(config)
-    largest = options.max_batch_for("detector")
-    if detector_batch > largest:
-        raise ConfigError(
-            f"the tile stream sends {detector_batch} tiles per batch (stream.batch_size) but TensorRT detector plans "
-            f"take at most {largest}: lower stream.batch_size to {largest} or less, or set engines.max_batch to "
-            f"{detector_batch} or more (plans are then rebuilt)"
-        )
-    engines = open_tensorrt_plans(
-        bundle,
-        options,
-        config.plan_cache_dir,
-        on_missing=config.on_missing_plan,
-        in_flight=config.in_flight,
-        cuda_graphs=config.cuda_graphs,
-        device=device,
-        trt=trt,
-        cudart=cudart,
-        probe=probe,
-    )
-    detector = engines.pop(bundle.detector.name)
-    keys = {name: str(e.sidecar.get("key", "")) for name, e in [(detector.name, detector), *engines.items()]}
-    log.info("opened bundle %s %s on TensorRT: %s", bundle.name, bundle.version, ", ".join([detector.name, *engines]))
-    return EngineSet(bundle, detector, dict(engines), backend="tensorrt", plan_keys=keys)

@@ -1,7 +1,7 @@
 """The probe run of `engines check`: each model once on a small batch, its real outputs against the manifest.
 
 Loading compares declared graph shapes, which an exporter often leaves symbolic (``[batch, 6, anchors]``),
-so a wrong ``output_format`` or score type used to surface only when a slide ran. Here every model runs
+so a wrong ``output_format`` or score type would otherwise surface only when a slide ran. Here every model runs
 on two inputs (all zeros and a synthetic H&E-like image) and the concrete shapes and values are judged by
 pure functions: ``detector_output_problems`` and ``score_type_findings``.
 """

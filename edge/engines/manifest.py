@@ -462,7 +462,8 @@ class _Fields:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             self.problems.append(f"[{self.where}] {key}={value} must be in [{lo}, {hi}]")
             return default
-        return value
+        number: float = value  # checked above: an int (or a finite float unless integer)
+        return number
 
     def texts(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self._get(key, list(default), False)

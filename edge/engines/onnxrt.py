@@ -42,10 +42,6 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def available_providers() -> list[str]:
-    return list(_ort().get_available_providers())
-
-
 def new_session(path: str | Path, *, intra_op_threads: int = 0, device: Device = "cpu") -> Any:
     """An ONNX Runtime session with the settings every engine uses (also the baseline of ``bench engine``)."""
     ort = _ort()

@@ -10,7 +10,6 @@ is used, which TensorRT 11 keeps. ``tensorrt`` is imported lazily, after a safe 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import threading
@@ -23,6 +22,7 @@ import numpy as np
 
 from edge.engines.base import DEFAULT_IN_FLIGHT, Outputs, TensorSpec, check_batch
 from edge.engines.cuda import CudaGraph, CudaRuntime, DeviceBuffer, HostBuffer, Stream
+from edge.engines.plans import MachineInfo, plan_matches_machine, read_sidecar, sidecar_path
 from edge.engines.probe import GpuProbe, require_gpu
 from edge.errors import BackendUnavailableError, EngineError, EngineInputError, PlanError
 
@@ -138,7 +138,7 @@ def trt_logger(trt: Any) -> tuple[Any, TrtLog]:
         if entry is None or entry[0] is not trt:
             relay = TrtLog()
 
-            class _Logger(trt.ILogger):
+            class _Logger(trt.ILogger):  # type: ignore[misc, unused-ignore]  # tensorrt: no stubs
                 def __init__(self) -> None:
                     trt.ILogger.__init__(self)
 
@@ -253,12 +253,10 @@ class TensorRTEngine:
         found = require_gpu(probe)  # before importing TensorRT: without a GPU the import itself may crash
         found.device(device)
         self._trt = load_tensorrt(trt, probe=found)
-        self.sidecar = _read_sidecar(self.plan_path) if check_sidecar else {}
+        self.sidecar = (read_sidecar(sidecar_path(self.plan_path)) or {}) if check_sidecar else {}
         self.rebuild_command = rebuild_command or str(self.sidecar.get("build_command", ""))
         self._name = name or str(self.sidecar.get("model") or self.plan_path.stem)
         if self.sidecar:
-            from edge.engines.build import MachineInfo, plan_matches_machine
-
             machine = MachineInfo.from_probe(found, self._trt, device)
             ok, reason = plan_matches_machine(self.sidecar, machine)
             if not ok:
@@ -593,16 +591,3 @@ class TensorRTEngine:
 
 
 _MISSING: Any = object()
-
-
-def _read_sidecar(plan: Path) -> dict[str, Any]:
-    """The builder's JSON beside a plan, or {} when there is none (a plan made by trtexec, say)."""
-    path = plan.with_suffix(".json")
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable plan sidecar %s: %s", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -1,7 +1,7 @@
 """Scan faults planted in synthetic slides, with their truth: blurred regions, tissue folds, pen strokes, stain shift.
 
-Pure geometry and pixel arithmetic on render blocks; `edge.devtools.synth` plans them once per slide and
-calls these on each block it renders. Coordinates are level-0 px (pixel (i, j) covers
+Pure geometry and pixel arithmetic on render blocks; the slide model (`edge.devtools.synth.model`) plans
+them once per slide and calls these on each block it renders. Coordinates are level-0 px (pixel (i, j) covers
 [i, i+1) x [j, j+1)); a block is given by its top-left corner (y, x).
 
 - Blur: a disc in which haematoxylin and eosin amounts are Gaussian-blurred (sigma in px), as a
@@ -262,7 +262,8 @@ def pen_block(rgb: NDArray[np.uint8], strokes: tuple[PenStroke, ...], y: int, x:
         coverage = layer if coverage is None else coverage * layer
     if coverage is None:
         return rgb
-    return np.clip(np.rint(rgb * coverage), 0, 255).astype(np.uint8)
+    inked: NDArray[np.uint8] = np.clip(np.rint(rgb * coverage), 0, 255).astype(np.uint8)
+    return inked
 
 
 def disc_mask(
