@@ -49,6 +49,8 @@ TYPE_ONLY_IN_CORES = {
     ("edge.analysis.detect", "edge.engines.manifest"),
     ("edge.analysis.classify", "edge.engines.manifest"),
 }
+
+
 @dataclass(frozen=True)
 class Import:
     importer: str
