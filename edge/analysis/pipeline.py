@@ -407,8 +407,10 @@ class _Candidates:
         # MF voters run on every candidate; subtype-only members (the paper's atypical network) only on
         # candidates whose ensemble p(MF) passed the threshold; members used for neither are never run.
         self.weights = {c.name: c.weight for c in bundle.mitotic_voters}
-        self.subtypers = {c.name for c in bundle.atypical_classifiers}
-        self.subtype_only = {c.name for c in bundle.subtype_only}
+        # tuples in the bundle's order: a set's order changes with each process's hash salt, and these
+        # orders become the order of each figure's scores in the files written
+        self.subtypers = tuple(c.name for c in bundle.atypical_classifiers)
+        self.subtype_only = tuple(c.name for c in bundle.subtype_only)
         self.p_mitotic: dict[str, list[np.ndarray]] = {name: [] for name in self.weights}
         self.p_atypical: dict[str, list[np.ndarray]] = {name: [] for name in self.subtypers}
         self.waiting = 0  # candidates added but not yet classified
@@ -501,7 +503,7 @@ class _Candidates:
             passed = np.flatnonzero(ensemble >= bundle.decision.mitotic_threshold)
             if passed.size:
                 for i, batch in enumerate(batches):
-                    if self.subtype_only.intersection(self.groups[i].names):
+                    if not set(self.subtype_only).isdisjoint(self.groups[i].names):
                         self.passed_crops[i].append(batch[passed])
                 self.passed_slots.append((self.batches, passed))
                 self.passed_waiting += passed.size
