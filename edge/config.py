@@ -425,7 +425,7 @@ class QcConfig:
     focus_threshold: float = 0.48  # blur above which a cell is out of focus (sharp synthetic ~0.30, real ~0.25)
     focus_grow_threshold: float = 0.40  # an out-of-focus region extends through neighbours above this
     fold_od_ratio: float = 1.5  # this many times denser than the slide and its surroundings: folded (doubled ~2x)
-    fold_window_um: float = 400.0  # the surroundings of a fold: wider than a fold, narrower than a tumour field
+    fold_window_um: float = 600.0  # the surroundings of a fold (without its own pixels): wider than a fold (60-140 µm)
     pen_off_plane_deg: float = 14.0  # colour this far off the slide's H-E plane is ink, not stain (stains vary ~5°)
     pen_outside_cone_deg: float = 8.0  # this far outside the H-E cone (blue ink alone is ~30° past haematoxylin)
     pen_min_od: float = 0.6  # pen and dirt are dense: summed OD above this

@@ -62,6 +62,7 @@ CRETE_WINDOW = 9  # px of the re-blurring box filter (Crete et al.)
 MIN_STAIN_OD = 0.15  # Macenko's beta: optical density below this per channel is glass or noise
 MACENKO_PERCENTILE = 1.0  # Macenko's alpha: robust extremes of the angle distribution
 MIN_STAIN_PIXELS = 200
+MIN_BLUE_PER_RED = 0.35  # stain samples absorb at least this much blue per red (H ~0.45, blue ink ~0.1)
 FOCUS_LINE_STEP = 8  # focus from every 8th row (horizontal) and column (vertical) at focus_mpp
 COLOUR_STEP = 16  # colour measures from every 16th pixel of each 16th row (4 µm apart at 0.25 µm/px)
 POOL_CELLS = 3  # focus sums pooled over 3x3 cells: a decision per cell from ~100 µm of tissue
@@ -230,7 +231,9 @@ def fold_mask(od: NDArray[np.float32], tissue: NDArray[np.bool_], stains: NDArra
 
     A fold doubles the section wherever it lies, so both stains double; a dense cellular area or an
     epidermis is dense in haematoxylin against its own surroundings, not in eosin, and a dense area is
-    not dense against itself.
+    not dense against itself. The surroundings are measured twice: the second time without the
+    candidates of the first (and a 2 px rim), because a fold takes up much of its own window and,
+    counted in it, raises the bar it is judged against (a 2x fold filling a third of it reads only ~1.4x).
     """
     if not tissue.any():
         return np.zeros(tissue.shape, bool)
@@ -238,12 +241,19 @@ def fold_mask(od: NDArray[np.float32], tissue: NDArray[np.bool_], stains: NDArra
     amounts, *_ = np.linalg.lstsq(stains.T, od.reshape(-1, 3).T.astype(np.float64), rcond=None)
     eosin = ndimage.gaussian_filter(amounts[1].reshape(tissue.shape).astype(np.float32), 1.0)
     size = max(3, round(config.fold_window_um / ((mpp[0] + mpp[1]) / 2)))
-    weight = np.maximum(ndimage.uniform_filter(tissue.astype(np.float32), size), 1e-6)
-    folded = tissue.copy()
-    for measure in (total, eosin):
-        local = ndimage.uniform_filter(np.where(tissue, measure, 0.0).astype(np.float32), size) / weight
-        reference = np.maximum(local, float(np.median(measure[tissue])))
-        folded &= measure > config.fold_od_ratio * reference
+    medians = [float(np.median(measure[tissue])) for measure in (total, eosin)]
+    surroundings = tissue
+    folded = tissue
+    for _ in range(2):
+        weight = ndimage.uniform_filter(surroundings.astype(np.float32), size)
+        folded = tissue.copy()
+        for measure, median in zip((total, eosin), medians, strict=True):
+            local = ndimage.uniform_filter(np.where(surroundings, measure, 0.0).astype(np.float32), size)
+            local = np.where(weight > 0.05, local / np.maximum(weight, 1e-6), median)  # no surroundings: the slide's
+            folded &= measure > config.fold_od_ratio * np.maximum(local, median)
+        if not folded.any():
+            break
+        surroundings = tissue & ~ndimage.binary_dilation(folded, iterations=2)
     return folded
 
 
@@ -419,8 +429,11 @@ class QcAccumulator:
         dense = od[np.all(od > MIN_STAIN_OD, axis=2)]
         # Only colours a mix of H and E can make: both absorb green most (or nearly); blue and green ink,
         # black ink and dirt would otherwise become the robust extremes Macenko takes as the stains.
+        # Both also absorb blue at least a third as much as red (haematoxylin ~0.45, eosin >1; blue marker ink
+        # ~0.1): ink laid over nuclei otherwise passes as haematoxylin and turns the H vector towards the ink,
+        # so that the same ink over tissue then lies inside the H-E cone and is missed as pen.
         dense = dense[(dense[:, 1] >= 0.9 * dense[:, 0]) & (dense[:, 1] >= 0.9 * dense[:, 2])
-                      & (dense.min(axis=1) < self.config.dark_od)]
+                      & (dense[:, 2] >= MIN_BLUE_PER_RED * dense[:, 0]) & (dense.min(axis=1) < self.config.dark_od)]
         if len(dense):
             n = min(len(dense), self.config.stain_samples_per_tile)
             self._samples.append(dense[self._rng.integers(0, len(dense), n)])
