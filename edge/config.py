@@ -422,8 +422,8 @@ class QcConfig:
     cell_um: float = 32.0  # side of a QC cell; focus is pooled over 3x3 cells (~100 µm)
     min_cell_tissue: float = 0.5  # a cell is tissue when this share of its pixels is stained
     tissue_od: float = 0.3  # summed RGB optical density above which a QC pixel is stained
-    focus_threshold: float = 0.48  # blur above which a cell is out of focus (sharp synthetic ~0.30, real ~0.25)
-    focus_grow_threshold: float = 0.40  # an out-of-focus region extends through neighbours above this
+    focus_threshold: float = 0.44  # blur above which a cell is out of focus (sharp synthetic ~0.27, real ~0.2)
+    focus_grow_threshold: float = 0.35  # an out-of-focus region extends through neighbours above this
     fold_od_ratio: float = 1.5  # this many times denser than the slide and its surroundings: folded (doubled ~2x)
     fold_window_um: float = 600.0  # the surroundings of a fold (without its own pixels): wider than a fold (60-140 µm)
     pen_off_plane_deg: float = 14.0  # colour this far off the slide's H-E plane is ink, not stain (stains vary ~5°)
