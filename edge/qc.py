@@ -63,7 +63,7 @@ MIN_STAIN_OD = 0.15  # Macenko's beta: optical density below this per channel is
 MACENKO_PERCENTILE = 1.0  # Macenko's alpha: robust extremes of the angle distribution
 MIN_STAIN_PIXELS = 200
 MIN_BLUE_PER_RED = 0.35  # stain samples absorb at least this much blue per red (H ~0.45, blue ink ~0.1)
-FOCUS_LINE_STEP = 8  # focus from every 8th row at focus_mpp
+FOCUS_LINE_STEP = 16  # focus from every 16th row at focus_mpp: 4 rows of a 32 µm cell, 36 of a pooled 96 µm field
 # (dy, dx) of the neighbour differences focus is measured along: horizontal, vertical and both diagonals.
 FOCUS_DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
 COLOUR_STEP = 16  # colour measures from every 16th pixel of each 16th row (4 µm apart at 0.25 µm/px)
@@ -100,14 +100,15 @@ def focus_sums(grey: NDArray[np.float32], cell: int, step: int = 1) -> NDArray[n
 
 
 def direction_focus_sums(
-    rows_of: Callable[[NDArray[np.intp]], NDArray[np.float32]], height: int, cell: int, step: int
+    rows_of: Callable[[NDArray[np.intp]], NDArray[Any]], height: int, cell: int, step: int
 ) -> NDArray[np.float32]:
     """:func:`focus_sums` of an image given by ``rows_of(indices)`` (its rows, indices clipped to the image),
     ``height`` rows tall, from every ``step``-th row (each cell's rows step/2, 3 step/2, ...).
 
     Along a line, the difference of neighbours in the box-blurred image is the difference of the two
     pixels 5 and 4 px away, over 9 (the rest of the windows cancel): so each direction needs only the
-    rows 1, 4 and 5 away from a sampled row, not the blurred image.
+    rows 1, 4 and 5 away from a sampled row, not the blurred image. Rows may be int16 (sums of binned
+    pixels: exact and twice as fast); V is summed as 9 V, which stays an integer, and divided at the end.
     """
     half = CRETE_WINDOW // 2
     at = np.arange(step // 2, height, step, dtype=np.intp)
@@ -122,18 +123,20 @@ def direction_focus_sums(
     for dy in (1, -half, half + 1):
         padded[dy] = np.pad(rows_of(np.clip(at + dy, 0, height - 1))[:, :width], ((0, 0), (reach, reach)), mode="edge")
 
-    def shifted(dy: int, dx: int) -> NDArray[np.float32]:
+    def shifted(dy: int, dx: int) -> NDArray[Any]:
         return padded[dy][:, reach + dx: reach + dx + width]
 
     centre = shifted(0, 0)  # edge padding: a last column's (row's) missing neighbour differs by 0, as Crete skips it
-    sample = (cell // step, cell)
+    shape = (n_rows, cell // step, n_cols, cell)
     for k, (dy, dx) in enumerate(FOCUS_DIRECTIONS):
         d = np.abs(shifted(dy, dx) - centre)
         far = (half + 1) * dy if dy else 0
         near = -half * dy if dy else 0
-        blurred = np.abs(shifted(far, (half + 1) * dx) - shifted(near, -half * dx)) * np.float32(1.0 / CRETE_WINDOW)
-        out[2 * k] = _cell_sum(d, sample)
-        out[2 * k + 1] = _cell_sum(np.maximum(d - blurred, 0.0), sample)
+        blurred = np.abs(shifted(far, (half + 1) * dx) - shifted(near, -half * dx))  # 9x the blurred difference
+        lost = np.maximum(d * CRETE_WINDOW - blurred, 0)  # 9 V
+        out[2 * k] = d.reshape(shape).sum(axis=3, dtype=np.float32).sum(axis=1)
+        out[2 * k + 1] = lost.reshape(shape).sum(axis=3, dtype=np.float32).sum(axis=1)
+    out[1::2] *= np.float32(1.0 / CRETE_WINDOW)
     return out
 
 
@@ -430,8 +433,11 @@ class QcAccumulator:
         colour = block[::k, ::k]
         ck = c * b // k
         od = optical_density(colour, self.glass)
-        stained = od.sum(axis=2) > self.config.tissue_od
-        clipped = stained & (((colour == 255).sum(axis=2) >= 2) | (colour == 0).any(axis=2))
+        red, green_od, blue = od[:, :, 0], od[:, :, 1], od[:, :, 2]  # per channel: numpy is slow over a last axis of 3
+        stained = red + green_od + blue > self.config.tissue_od
+        full = [colour[:, :, i] == 255 for i in range(3)]
+        clipped = stained & ((full[0] & full[1]) | (full[0] & full[2]) | (full[1] & full[2])
+                             | (np.minimum(np.minimum(colour[:, :, 0], colour[:, :, 1]), colour[:, :, 2]) == 0))
         tissue = _cell_sum(stained.astype(np.float32), ck) / (ck * ck)
         clip = _cell_sum(clipped.astype(np.float32), ck) / (ck * ck)
         # Each cell lands on the slide-wide cell its centre falls in (at most half a cell off).
@@ -443,7 +449,7 @@ class QcAccumulator:
         g.tissue[index] = tissue
         g.clipped[index] = clip
         g.seen[index] = True
-        dense = od[np.all(od > MIN_STAIN_OD, axis=2)]
+        dense = od[np.minimum(np.minimum(red, green_od), blue) > MIN_STAIN_OD]
         # Only colours a mix of H and E can make: both absorb green most (or nearly); blue and green ink,
         # black ink and dirt would otherwise become the robust extremes Macenko takes as the stains.
         # Both also absorb blue at least a third as much as red (haematoxylin ~0.45, eosin >1; blue marker ink
@@ -577,8 +583,8 @@ class QcAccumulator:
         return section, maps
 
 
-def _binned_rows(image: NDArray[np.uint8], b: int, at: NDArray[np.intp]) -> NDArray[np.float32]:
-    """Rows ``at`` (clipped) of the image binned b x b, as float32 means."""
+def _binned_rows(image: NDArray[np.uint8], b: int, at: NDArray[np.intp]) -> NDArray[np.int16]:
+    """Rows ``at`` (clipped) of the image binned b x b, as int16 sums (b <= 11; Crete's ratios ignore the scale)."""
     at = np.clip(at, 0, image.shape[0] // b - 1) * b
     total = image[at].astype(np.uint16)
     for offset in range(1, b):
@@ -587,7 +593,7 @@ def _binned_rows(image: NDArray[np.uint8], b: int, at: NDArray[np.intp]) -> NDAr
     binned = total[:, 0: width * b: b]
     for offset in range(1, b):  # strided adds: far faster than a sum over a last axis of 2
         binned = binned + total[:, offset: width * b: b]
-    return np.asarray(binned, np.float32) * np.float32(1.0 / (b * b))
+    return binned.astype(np.int16)
 
 
 def _cell_sum(a: NDArray[np.float32], cell: tuple[int, int] | int) -> NDArray[np.float32]:
