@@ -432,6 +432,7 @@ class QcConfig:
     dark_od: float = 1.2  # OD above this in every channel: black ink, dirt, debris
     min_region_mm2: float = 0.002  # folds and pen smaller than this (about 45 µm square) are ignored
     stain_samples_per_tile: int = 2000  # OD pixels per tile kept for the stain estimate
+    stain_min_blue_per_red: float = 0.4  # stain pixels absorb this much blue per red: H&E do (>=0.44), blue ink not
     stain_samples_max: int = 100_000
     next_fields: int = 2  # next-best fields checked besides the hotspot
     hotspot_excludes_blur: bool = False  # also report the best field among sharp tissue (qc.sharp_hotspot)
@@ -452,7 +453,7 @@ class QcConfig:
     def validate(self) -> None:
         for name in ("focus_mpp", "cell_um", "fold_od_ratio", "fold_window_um", "pen_off_plane_deg",
                      "pen_outside_cone_deg", "pen_min_od", "dark_od", "drift_stain_deg", "drift_focus", "drift_sigmas",
-                     "tissue_od"):
+                     "tissue_od", "stain_min_blue_per_red"):
             _positive(f"qc.{name}", getattr(self, name))
         for name in ("min_cell_tissue", "focus_threshold", "focus_grow_threshold",
                      "review_out_of_focus_fraction", "rescan_out_of_focus_fraction", "hotspot_out_of_focus_fraction",

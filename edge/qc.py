@@ -62,7 +62,6 @@ CRETE_WINDOW = 9  # px of the re-blurring box filter (Crete et al.)
 MIN_STAIN_OD = 0.15  # Macenko's beta: optical density below this per channel is glass or noise
 MACENKO_PERCENTILE = 1.0  # Macenko's alpha: robust extremes of the angle distribution
 MIN_STAIN_PIXELS = 200
-MIN_BLUE_PER_RED = 0.35  # stain samples absorb at least this much blue per red (H ~0.45, blue ink ~0.1)
 FOCUS_LINE_STEP = 16  # focus from every 16th row at focus_mpp: 4 rows of a 32 µm cell, 36 of a pooled 96 µm field
 # (dy, dx) of the neighbour differences focus is measured along: horizontal, vertical and both diagonals.
 FOCUS_DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
@@ -452,11 +451,12 @@ class QcAccumulator:
         dense = od[np.minimum(np.minimum(red, green_od), blue) > MIN_STAIN_OD]
         # Only colours a mix of H and E can make: both absorb green most (or nearly); blue and green ink,
         # black ink and dirt would otherwise become the robust extremes Macenko takes as the stains.
-        # Both also absorb blue at least a third as much as red (haematoxylin ~0.45, eosin >1; blue marker ink
-        # ~0.1): ink laid over nuclei otherwise passes as haematoxylin and turns the H vector towards the ink,
-        # so that the same ink over tissue then lies inside the H-E cone and is missed as pen.
+        # Both also absorb blue at least stain_min_blue_per_red as much as red (haematoxylin 0.44-1.4, eosin >1;
+        # blue marker ink ~0.1): ink laid over nuclei otherwise passes as haematoxylin and turns the H vector
+        # towards the ink, so that the same ink over tissue then lies inside the H-E cone and is missed as pen.
         dense = dense[(dense[:, 1] >= 0.9 * dense[:, 0]) & (dense[:, 1] >= 0.9 * dense[:, 2])
-                      & (dense[:, 2] >= MIN_BLUE_PER_RED * dense[:, 0]) & (dense.min(axis=1) < self.config.dark_od)]
+                      & (dense[:, 2] >= self.config.stain_min_blue_per_red * dense[:, 0])
+                      & (dense.min(axis=1) < self.config.dark_od)]
         if len(dense):
             n = min(len(dense), self.config.stain_samples_per_tile)
             self._samples.append(dense[self._rng.integers(0, len(dense), n)])

@@ -22,13 +22,14 @@ from edge.qc import (
     angle_deg,
     crete_blur,
     focus_sums,
+    fold_mask,
     macenko,
     optical_density,
     pen_mask,
     verdict_of,
 )
 from edge.synth import load_truth
-from edge.synth_faults import PEN_INKS, disc_mask, shift_eosin
+from edge.synth_faults import PEN_INKS, disc_mask, segment_distance, shift_eosin
 from tests.conftest import SynthFactory, data_file
 from tests.test_cli import run_cli
 
@@ -88,6 +89,48 @@ def test_pen_ink_is_told_from_stain() -> None:
     mixes = np.array([0.8 * stains[0] + 0.3 * stains[1], 0.2 * stains[0] + 1.0 * stains[1], 1.2 * stains[0]])
     od = np.concatenate([inks, mixes]).astype(np.float32).reshape(2, 3, 3)
     assert pen_mask(od, stains, QcConfig()).ravel().tolist() == [True, True, True, False, False, False]
+
+
+def test_a_fold_over_dense_tissue_is_flagged() -> None:
+    # A thumbnail (8 µm/px) whose right half is crowded nuclei, with a 130 µm fold lying across it. Judged
+    # against surroundings that included the fold itself, only a third of it was flagged.
+    rng = np.random.default_rng(3)
+    h, e = REFERENCE_STAINS
+    hem = ndimage.gaussian_filter(rng.gamma(2.0, 0.5, (128, 128)), 1.0) * 0.3
+    eos = ndimage.gaussian_filter(rng.gamma(2.0, 0.5, (128, 128)), 1.0) * 0.35
+    hem[:, 64:] *= 3.0
+    ys, xs = (np.mgrid[0:128, 0:128] + 0.5).astype(np.float32)
+    fold = segment_distance(ys, xs, (80.0, 20.0), (110.0, 110.0)) <= 8
+    hem[fold] *= 2.0
+    eos[fold] *= 2.0
+    od = (hem[..., None] * h + eos[..., None] * e).astype(np.float32)
+    found = fold_mask(od, np.ones((128, 128), bool), REFERENCE_STAINS, QcConfig(), (8.0, 8.0))
+    assert (found & fold).sum() >= 0.75 * fold.sum()
+    assert not (found & ~ndimage.binary_dilation(fold, iterations=2)).any()
+
+
+def test_blue_ink_over_nuclei_is_pen_and_stays_out_of_the_stain_vectors() -> None:
+    # Crowded nuclei under a 40 µm blue marker line, nowhere over glass. Ink + haematoxylin passed as
+    # haematoxylin, turned the H vector ~11° towards the ink, and the ink then lay inside the H-E cone.
+    rng = np.random.default_rng(4)
+    h, e = np.array([0.62, 0.80, 0.30]), np.array([0.09, 0.90, 0.42])  # edge.synth's stains
+    nuclei = np.zeros((1024, 1024))
+    nuclei[rng.integers(0, 1024, 4000), rng.integers(0, 1024, 4000)] = 1
+    nuclei[:, :512] *= rng.uniform(size=(1024, 512)) < 0.15  # stroma left, crowded nuclei right
+    hem = np.minimum(ndimage.gaussian_filter(nuclei, 6.0) * 120, 1.0)
+    eos = 0.6 * (1 - 0.7 * hem) * (1 + 1.5 * ndimage.gaussian_filter(rng.normal(size=(1024, 1024)), 2.0))
+    od = hem[..., None] * h + eos[..., None] * e
+    ink = np.zeros((1024, 1024), bool)
+    ink[:, 640:800] = True
+    od[ink] += np.asarray(PEN_INKS["blue"])
+    rgb = np.clip(np.rint(245 * np.exp(-od)), 0, 255).astype(np.uint8)
+    acc = QcAccumulator(1024, 1024, 0.25, QcConfig(), np.full(3, 245.0, np.float32))
+    acc.add_tile(0, 0, rgb)
+    stains = acc.stains()
+    assert stains is not None and angle_deg(stains.hematoxylin, h) < 5.0
+    thumbnail = rgb.reshape(128, 8, 128, 8, 3).mean(axis=(1, 3))  # 2 µm/px
+    pen = pen_mask(optical_density(thumbnail, 245.0), stains.matrix(), QcConfig())
+    assert pen[ink[::8, ::8]].mean() > 0.9 and not pen[~ink[::8, ::8]].any()
 
 
 def test_the_verdict_says_why() -> None:
@@ -185,6 +228,14 @@ def test_clean_slides_pass_and_qc_off_gives_the_same_scores(synth_slide: SynthFa
     without = json.loads((tmp_path / "off" / "result.json").read_text())
     assert "qc" not in without
     assert without["scores"] == with_qc["scores"] and without["figures"] == with_qc["figures"]
+
+
+def test_a_clean_slide_of_smooth_diagonal_muscle_passes(synth_slide: SynthFactory, tmp_path: Path) -> None:
+    # Seed 6202 has an island of smooth muscle whose fibres run diagonally: measured along rows and
+    # columns only, it read 4.2% out of focus and the clean slide got `review`.
+    slide = synth_slide(width=4096, height=4096, seed=6202)
+    qc = _analyze(slide, tmp_path / "out")["qc"]
+    assert qc["verdict"] == "pass" and qc["out_of_focus_fraction"] == 0.0, qc["reasons"]
 
 
 def test_the_sharp_tissue_hotspot_is_reported_beside_the_plain_one(synth_slide: SynthFactory, tmp_path: Path) -> None:
