@@ -75,6 +75,18 @@ def test_macenko_recovers_known_stain_vectors() -> None:
         macenko(od[:10])
 
 
+def test_macenko_finds_an_eosin_that_absorbs_little_red() -> None:
+    # Pure stroma at usual amounts absorbs < 0.15 OD of red: a per-channel floor kept only eosin mixed with
+    # haematoxylin, the eosin vector turned ~11° towards it, and dense pink muscle fell outside the cone (pen).
+    rng = np.random.default_rng(5)
+    h, e = np.array([0.62, 0.80, 0.30]), np.array([0.09, 0.90, 0.42])
+    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
+    amounts = np.stack([rng.gamma(2.0, 0.5, 20000), rng.gamma(2.0, 0.15, 20000)], axis=1)  # pale eosin
+    amounts[:8000, 0] = amounts[8000:10000, 1] = 0.0  # stroma and muscle: eosin only; some pure nuclei
+    found = macenko(amounts[:, :1] * h + amounts[:, 1:] * e)
+    assert angle_deg(found.eosin, e) < 2.0 and angle_deg(found.hematoxylin, h) < 2.0
+
+
 def test_macenko_on_a_real_h_and_e_image_finds_haematoxylin_and_eosin() -> None:
     image = np.asarray(Image.open(data_file("he/tiatoolbox_target_image.png")).convert("RGB"))
     found = macenko(optical_density(image, 245.0))
