@@ -451,15 +451,15 @@ class QcAccumulator:
         g.tissue[index] = tissue
         g.clipped[index] = clip
         g.seen[index] = True
-        dense = od[red + green_od + blue > 3 * MIN_STAIN_OD]
-        # Only colours a mix of H and E can make: both absorb green most (or nearly); blue and green ink,
-        # black ink and dirt would otherwise become the robust extremes Macenko takes as the stains.
-        # Both also absorb blue at least stain_min_blue_per_red as much as red (haematoxylin 0.44-1.4, eosin >1;
-        # blue marker ink ~0.1): ink laid over nuclei otherwise passes as haematoxylin and turns the H vector
-        # towards the ink, so that the same ink over tissue then lies inside the H-E cone and is missed as pen.
-        dense = dense[(dense[:, 1] >= 0.9 * dense[:, 0]) & (dense[:, 1] >= 0.9 * dense[:, 2])
-                      & (dense[:, 2] >= self.config.stain_min_blue_per_red * dense[:, 0])
-                      & (dense.min(axis=1) < self.config.dark_od)]
+        # Stain samples: dense pixels (Macenko's beta on the mean OD) of colours a mix of H and E can make:
+        # both absorb green most (or nearly); blue and green ink, black ink and dirt would otherwise become
+        # the robust extremes Macenko takes as the stains. Both also absorb blue at least
+        # stain_min_blue_per_red as much as red (haematoxylin 0.44-1.4, eosin >1; blue marker ink ~0.1): ink
+        # laid over nuclei otherwise passes as haematoxylin and turns the H vector towards the ink, so that
+        # the same ink over tissue then lies inside the H-E cone and is missed as pen.
+        dense = od[(red + green_od + blue > 3 * MIN_STAIN_OD) & (green_od >= 0.9 * red) & (green_od >= 0.9 * blue)
+                   & (blue >= self.config.stain_min_blue_per_red * red)
+                   & (np.minimum(np.minimum(red, green_od), blue) < self.config.dark_od)]
         if len(dense):
             n = min(len(dense), self.config.stain_samples_per_tile)
             self._samples.append(dense[self._rng.integers(0, len(dense), n)])
