@@ -420,16 +420,17 @@ class QcConfig:
     cell_um: float = 32.0  # side of a QC cell; focus is pooled over 3x3 cells (~100 µm)
     min_cell_tissue: float = 0.5  # a cell is tissue when this share of its pixels is stained
     tissue_od: float = 0.3  # summed RGB optical density above which a QC pixel is stained
-    focus_threshold: float = 0.48  # blur above which a cell is out of focus (sharp synthetic ~0.30, real ~0.25)
-    focus_grow_threshold: float = 0.40  # an out-of-focus region extends through neighbours above this
+    focus_threshold: float = 0.44  # blur above which a cell is out of focus (sharp synthetic ~0.27, real ~0.2)
+    focus_grow_threshold: float = 0.35  # an out-of-focus region extends through neighbours above this
     fold_od_ratio: float = 1.5  # this many times denser than the slide and its surroundings: folded (doubled ~2x)
-    fold_window_um: float = 400.0  # the surroundings of a fold: wider than a fold, narrower than a tumour field
+    fold_window_um: float = 600.0  # the surroundings of a fold (without its own pixels): wider than a fold (60-140 µm)
     pen_off_plane_deg: float = 14.0  # colour this far off the slide's H-E plane is ink, not stain (stains vary ~5°)
     pen_outside_cone_deg: float = 8.0  # this far outside the H-E cone (blue ink alone is ~30° past haematoxylin)
     pen_min_od: float = 0.6  # pen and dirt are dense: summed OD above this
     dark_od: float = 1.2  # OD above this in every channel: black ink, dirt, debris
     min_region_mm2: float = 0.002  # folds and pen smaller than this (about 45 µm square) are ignored
     stain_samples_per_tile: int = 2000  # OD pixels per tile kept for the stain estimate
+    stain_min_blue_per_red: float = 0.4  # stain pixels absorb this much blue per red: H&E do (>=0.44), blue ink not
     stain_samples_max: int = 100_000
     next_fields: int = 2  # next-best fields checked besides the hotspot
     hotspot_excludes_blur: bool = False  # also report the best field among sharp tissue (qc.sharp_hotspot)
@@ -450,7 +451,7 @@ class QcConfig:
     def validate(self) -> None:
         for name in ("focus_mpp", "cell_um", "fold_od_ratio", "fold_window_um", "pen_off_plane_deg",
                      "pen_outside_cone_deg", "pen_min_od", "dark_od", "drift_stain_deg", "drift_focus", "drift_sigmas",
-                     "tissue_od"):
+                     "tissue_od", "stain_min_blue_per_red"):
             _positive(f"qc.{name}", getattr(self, name))
         for name in ("min_cell_tissue", "focus_threshold", "focus_grow_threshold",
                      "review_out_of_focus_fraction", "rescan_out_of_focus_fraction", "hotspot_out_of_focus_fraction",

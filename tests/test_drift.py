@@ -18,7 +18,7 @@ from PIL import Image
 
 from edge._proto import edge_pb2 as pb
 from edge._proto import edge_pb2_grpc as pb_grpc
-from edge.analysis.drift import HistoryPoint, assess
+from edge.analysis.drift import MEASURES_VERSION, HistoryPoint, assess
 from edge.analysis.scoring import SlideResult
 from edge.client import EdgeClient
 from edge.config import QcConfig
@@ -96,6 +96,20 @@ def test_scanners_have_their_own_baselines(store: Store) -> None:
         complete(store, f"/scans/b-{i}.svs", qc_section(shifted), scanner="hamamatsu/S360/SN9")
     assert all(r.in_band for r in store.qc_history())
     assert {r.scanner for r in store.qc_history(scanner="hamamatsu/S360/SN9")} == {"hamamatsu/S360/SN9"}
+
+
+def test_an_upgrade_that_measures_differently_starts_the_baseline_again(store: Store) -> None:
+    # Rows stored before this version carry no measures_version: their stain vectors came from another
+    # estimate (CMU-1's eosin moved 7°), which is not the scanner drifting.
+    old = [HistoryPoint(i, i, {"eosin": list(E), "focus": 0.3}, True) for i in range(20)]
+    moved = {"eosin": list(shift_eosin(H, E, 8.0)), "focus": 0.3}
+    assert not assess(old, moved, QcConfig()).in_band  # the same measures: outside the band
+    upgraded = assess(old, {**moved, "measures_version": MEASURES_VERSION}, QcConfig())
+    assert upgraded.in_band and upgraded.baseline_slides == 0 and not upgraded.drift
+    for i in range(12):  # the first slides after the upgrade build the new baseline, and drift is judged again
+        complete(store, f"/scans/new-{i}.svs", qc_section(E))
+    assert all(r.in_band for r in store.qc_history())
+    assert store.qc_history()[-1].measures["measures_version"] == MEASURES_VERSION
 
 
 def test_a_flagged_slide_raises_qc_flagged_before_job_done(store: Store) -> None:

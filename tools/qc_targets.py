@@ -1,6 +1,7 @@
 """Measure scan QC against issue 18's targets on synthetic slides with planted faults, and on the real slides.
 
     python tools/qc_targets.py faults --out DIR     # 5 unseen seeds with blur, folds, pen; blurred hotspot; 5 clean
+    python tools/qc_targets.py faults --fault-seeds 101,102,103 --clean-seeds 201,202,203   # other seeds
     python tools/qc_targets.py drift --out DIR      # 30 slides, eosin shifted after slide 20, through the store
     python tools/qc_targets.py real                 # the real slides in ../shared/data
 
@@ -30,8 +31,13 @@ from edge.devtools.synth import SynthParams, default_truth_path, generate_slide,
 from edge.devtools.synth.faults import disc_mask, segment_distance  # noqa: E402
 from edge.engines import load_bundle, open_engines  # noqa: E402
 
-FAULT_SEEDS = (6101, 6102, 6103, 6104, 6105)  # never used to choose the thresholds (those: 101-103, 201-203)
-CLEAN_SEEDS = (6201, 6202, 6203, 6204, 6205)
+# Seeds the thresholds were chosen on (never use them to measure): 101-103 and 6101-6105 with faults, 201-203 and
+# 6201-6205 clean; 8101-8105 and 8201-8205 measured once, then clean 8201's pen false alarm changed Macenko's floor;
+# tests/test_qc.py uses 6202, 7102, 7103 and 7106. The defaults below were first run to measure.
+TUNING_SEEDS = (101, 102, 103, 6101, 6102, 6103, 6104, 6105, 8101, 8102, 8103, 8104, 8105,
+                201, 202, 203, 6201, 6202, 6203, 6204, 6205, 8201, 8202, 8203, 8204, 8205)
+FAULT_SEEDS = (9101, 9102, 9103, 9104, 9105)
+CLEAN_SEEDS = (9201, 9202, 9203, 9204, 9205)
 SIDE = 4096
 
 
@@ -50,13 +56,14 @@ def _hits_segments(mask: np.ndarray, px0: tuple[float, float], segments: list[tu
     return any(bool((segment_distance(cy, cx, a, b) <= width / 2 + max(px0)).any()) for a, b in segments)
 
 
-def faults(out: Path) -> dict[str, Any]:
+def faults(out: Path, fault_seeds: tuple[int, ...] = FAULT_SEEDS,
+           clean_seeds: tuple[int, ...] = CLEAN_SEEDS) -> dict[str, Any]:
     config = Config()
     bundle = load_bundle(config.engines.bundle)
     report: dict[str, Any] = {"fault_slides": [], "hotspot_slides": [], "clean_slides": []}
     with open_engines(bundle, config.engines, detector_batch=config.stream.batch_size) as engines:
         truth_cells = found_cells = false_cells = tissue_cells = 0
-        for seed in FAULT_SEEDS:
+        for seed in fault_seeds:
             path = out / f"faults-{seed}.tiff"
             generate_slide(path, SynthParams(SIDE, SIDE, seed=seed, blur_regions=2, folds=1, pen_strokes=2))
             truth = load_truth(default_truth_path(path))
@@ -82,12 +89,12 @@ def faults(out: Path) -> dict[str, Any]:
         report["out_of_focus_false_area"] = round(false_cells / max(tissue_cells, 1), 3)
         report["every_fold_flagged"] = all(all(s["folds_flagged"]) for s in report["fault_slides"])
         report["every_pen_stroke_flagged"] = all(all(s["pen_flagged"]) for s in report["fault_slides"])
-        for seed in FAULT_SEEDS[:2]:
+        for seed in fault_seeds[:2]:
             path = out / f"hotspot-{seed}.tiff"
             generate_slide(path, SynthParams(SIDE, SIDE, seed=seed, blur_hotspot=True))
             qc = _analyze(path, config, engines).result.qc
             report["hotspot_slides"].append({"seed": seed, "verdict": qc["verdict"], "reasons": qc["reasons"]})
-        for seed in CLEAN_SEEDS:
+        for seed in clean_seeds:
             path = out / f"clean-{seed}.tiff"
             generate_slide(path, SynthParams(SIDE, SIDE, seed=seed))
             qc = _analyze(path, config, engines).result.qc
@@ -143,15 +150,32 @@ def real() -> dict[str, Any]:
     return report
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers separated by commas, e.g. 8101,8102") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("faults", "drift", "real"))
     parser.add_argument("--out", help="where the synthetic slides go (default: a temporary folder)")
+    parser.add_argument("--fault-seeds", type=_seeds, default=FAULT_SEEDS,
+                        help="faults: comma-separated seeds of slides with faults (the first two: blurred hotspot)")
+    parser.add_argument("--clean-seeds", type=_seeds, default=CLEAN_SEEDS, help="faults: seeds of the clean slides")
     args = parser.parse_args()
+    tuned = sorted(set(args.fault_seeds + args.clean_seeds) & set(TUNING_SEEDS))
+    if args.part == "faults" and tuned:
+        print(f"note: seeds {tuned} chose the thresholds: not a measure on unseen slides", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="qc-targets-") as tmp:
         out = Path(args.out or tmp)
         out.mkdir(parents=True, exist_ok=True)
-        result = faults(out) if args.part == "faults" else drift(out) if args.part == "drift" else real()
+        result = (faults(out, args.fault_seeds, args.clean_seeds) if args.part == "faults"
+                  else drift(out) if args.part == "drift" else real())
     print(json.dumps(result, indent=1))
     return 0
 

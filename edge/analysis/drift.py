@@ -9,6 +9,8 @@ stain angle, a few hundredths of focus, a doubling of MF density), so a very ste
 raise drift over noise. Drift is judged on the mean of the last ``drift_run`` slides (the band's
 spread part shrunk by the square root of their number), so a lasting shift is seen within a few
 slides while one odd slide is not; the event is raised once, when the mean first leaves the band.
+A baseline holds only slides measured the same way (``MEASURES_VERSION``): when an upgrade changes how
+focus or the stains are measured, each scanner's baseline starts again instead of calling the change drift.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import numpy as np
 
 from edge.config import QcConfig
 
-__all__ = ["DRIFT_MEASURES", "Assessment", "HistoryPoint", "assess", "deviations", "measures_of"]
+__all__ = ["DRIFT_MEASURES", "MEASURES_VERSION", "Assessment", "HistoryPoint", "assess", "deviations", "measured_alike",
+           "measures_of"]
 
 DRIFT_MEASURES = ("eosin", "hematoxylin", "focus", "mitotic_density")
+# 2: focus along four directions, Macenko's floor on the mean optical density, blue ink kept out of the samples
+# (CMU-1's eosin vector moved 7°, focus medians ~0.03 lower). Rows stored before carry no version: 1.
+MEASURES_VERSION = 2
 DENSITY_FLOOR_LOG = math.log(2.0)  # MF density varies by tumour: only a doubling (or halving) stands out
 
 
@@ -64,6 +70,7 @@ def measures_of(qc: Mapping[str, Any], mitotic_density_per_mm2: float | None) ->
         "mitotic_density": mitotic_density_per_mm2,
         "out_of_focus_fraction": qc.get("out_of_focus_fraction"),
         "verdict": qc.get("verdict"),
+        "measures_version": MEASURES_VERSION,
     }
 
 
@@ -76,6 +83,12 @@ def _vector_deviation(values: Sequence[Sequence[float]], current: Sequence[float
     cur = np.asarray(current, np.float64)
     angle = math.degrees(math.acos(float(np.clip(cur @ mean / np.linalg.norm(cur), -1.0, 1.0))))
     return angle, [round(float(v), 5) for v in mean], float(np.sqrt(np.mean(spread**2)))
+
+
+def measured_alike(history: Sequence[HistoryPoint], current: Mapping[str, Any]) -> list[HistoryPoint]:
+    """The slides of ``history`` measured the same way as ``current`` (the same MEASURES_VERSION)."""
+    version = current.get("measures_version", 1)
+    return [p for p in history if p.measures.get("measures_version", 1) == version]
 
 
 def deviations(
@@ -130,6 +143,7 @@ def assess(history: Sequence[HistoryPoint], current: Mapping[str, Any], config: 
     >>> shifted.in_band, shifted.moved["eosin"]["deviation"] > shifted.moved["eosin"]["band"]
     (False, True)
     """
+    history = measured_alike(history, current)
     n_baseline = len([p for p in history if p.in_band][-config.baseline_slides :])
     moved = {k: v for k, v in deviations(history, current, config).items() if abs(v["deviation"]) > v["band"]}
     run = 0

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.analysis.drift import DRIFT_MEASURES, HistoryPoint, deviations
+from edge.analysis.drift import DRIFT_MEASURES, HistoryPoint, deviations, measured_alike
 from edge.config import QcConfig
 from edge.errors import ConfigError
 from edge.fileio import atomic_write
@@ -55,7 +55,7 @@ def scanner_series(records: Sequence[QcRecord], config: QcConfig) -> list[dict[s
     rows = []
     history: list[HistoryPoint] = []
     for record in records:
-        devs = deviations(history, record.measures, config)
+        devs = deviations(measured_alike(history, record.measures), record.measures, config)
         row: dict[str, Any] = {
             "job_id": record.job_id,
             "slide_path": record.slide_path,
