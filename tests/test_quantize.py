@@ -14,9 +14,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.engines import load_bundle
+from edge.engines import load_bundle, quantize
 from edge.engines.manifest import Normalisation
-from edge.engines import quantize
 from edge.engines.quantize import (
     dequantize_preprocessing,
     fold_preprocessing,
