@@ -159,6 +159,18 @@ def test_the_int8_first_conv_rewrite_keeps_the_int8_sums_exactly(
     np.testing.assert_array_equal(run(rewritten, x), run(plain, x))
 
 
+def test_a_rewrite_that_would_change_the_outputs_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec, wrapped = wrapped_conv(tmp_path, stride=2)
+    x = np.random.default_rng(9).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    wrong = lambda w: np.zeros((w.shape[0], 4 * w.shape[1], 2, 2), w.dtype)  # noqa: E731 - a broken remap
+    monkeypatch.setattr(quantize, "space_to_depth_kernel", wrong)
+    quantized = quantize_model(wrapped, spec, x, tmp_path)  # type: ignore[arg-type]
+    assert space_to_depth_convs(quantized) == []
+    assert "first conv left as the quantizer wrote it (space-to-depth rewrite: output out changed" in caplog.text
+
+
 def test_the_tensorrt_target_keeps_the_first_conv_as_the_quantizer_wrote_it(tmp_path: Path) -> None:
     spec, wrapped = wrapped_conv(tmp_path, stride=2)
     x = np.random.default_rng(8).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)

@@ -412,7 +412,29 @@ def quantize_model(
     # after quantizing: given to the quantizer, the DequantizeLinear's per-channel scale would be taken as the
     # first convolution's input scale
     quantized = uint8_input(quantized, spec) if folded is not None else dequantize_preprocessing(quantized, spec)
-    return space_to_depth_first_conv(quantized, spec.size)[0]
+    rewritten, convs = space_to_depth_first_conv(quantized, spec.size)
+    if not convs:
+        return quantized
+    problem = _differs(quantized, rewritten, spec.input_name, calibration[:2])
+    if problem:  # e.g. an ONNX Runtime without a uint8 SpaceToDepth kernel
+        log.warning("%s: first conv left as the quantizer wrote it (space-to-depth rewrite: %s)", spec.name, problem)
+        return quantized
+    return rewritten
+
+
+def _differs(model: Any, rewritten: Any, input_name: str, inputs: np.ndarray) -> str | None:
+    """Why ``rewritten`` cannot replace ``model`` on this ONNX Runtime (fails, or other outputs), or None."""
+    import onnxruntime as ort
+
+    try:
+        outputs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                   .run(None, {input_name: inputs}) for m in (model, rewritten)]
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types (NOT_IMPLEMENTED, INVALID_GRAPH, ...)
+        return f"{type(exc).__name__}: {exc}"
+    for name, a, b in zip([o.name for o in model.graph.output], *outputs, strict=True):
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+            return f"output {name} changed by up to {float(np.max(np.abs(a - b))):g}"
+    return None
 
 
 def space_to_depth_convs(model: Any) -> list[str]:
