@@ -88,6 +88,14 @@ for round in 1 2; do
     done
 done
 
+# 4b. the two detector sessions interleaved in one process (both see the same load)
+for b in demo yolov8n; do
+    src=$root/engines/demo
+    [ "$b" = yolov8n ] && src=$work/yolov8n
+    load=$(uptime | sed 's/.*load average: //')
+    log "interleaved $b: $(python "$root/tools/int8_interleaved.py" "$src" "$work/$b-int8") (load $load)"
+done
+
 # 5. bench analyze on the demo bundle, FP32 then INT8
 for b in demo "$work/demo-int8"; do
     log "== bench analyze $b (load $(uptime | sed 's/.*load average: //'))"
