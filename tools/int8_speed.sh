@@ -68,7 +68,8 @@ python -c "
 import json, sys
 for b in sys.argv[1:]:
     r = json.load(open(b + '/quantization.json'))
-    print(b, json.dumps({k: {f: v[f] for f in ('file', 'space_to_depth_convs', 'fp32_items_per_s', 'int8_items_per_s')
+    print(b, json.dumps({k: {f: v[f] for f in ('file', 'space_to_depth_convs', 'fp32_items_per_s', 'without_space_to_depth_items_per_s',
+                                        'space_to_depth_items_per_s', 'int8_items_per_s')
                               if f in v} for k, v in r['models'].items()}))
 " "$work/demo-int8" "$work/yolov8n-int8" | tee -a "$results"
 
