@@ -218,6 +218,7 @@ def test_quantize_the_demo_bundle_then_verify_it_against_fp32(synth_slide: Synth
                      "--out", str(out), "--tiles", "8", "--crops", "64")
     assert result.returncode == 0, result.stderr
     assert "INT8 QDQ" in result.stdout
+    assert "  detector: INT8" in result.stdout and "/s here)" in result.stdout  # each model's outcome and speed
     bundle = load_bundle(out)
     assert "+int8." in bundle.version and bundle.name == "demo"
     report = json.loads((out / "quantization.json").read_text())
