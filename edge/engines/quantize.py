@@ -249,10 +249,11 @@ def space_to_depth_first_conv(model: Any, size: int) -> tuple[Any, list[str]]:
     ``SPACE_TO_DEPTH_MAX_CHANNELS`` channels of the ``size`` x ``size`` image) read ``SpaceToDepth(2)`` of their
     input through a 2x2 stride-1 conv on four times the channels (``space_to_depth_kernel``), and their names.
 
-    The same sums in the same products: exact for float weights, and for a QDQ graph (int8 weights behind a
-    ``DequantizeLinear``, the input behind one too) the rearrangement runs on the quantized input and on the
-    int8 weights, so the int8 arithmetic is unchanged. ONNX Runtime's int8 convolution is slow on 3 input
-    channels (a 27-long dot product per output pixel on 4x the output area); on 12 it is the kernels' usual case.
+    The same products, summed: exact for float weights up to summation order, and for a QDQ graph (int8
+    weights behind a ``DequantizeLinear``, the input behind one too) the rearrangement runs on the quantized
+    input and on the int8 weights, so the int8 arithmetic is unchanged. ONNX Runtime's int8 convolution with
+    stride 2 on 3 input channels is slow (twice the FP32 kernel in the demo detector); a stride-1 conv on 12
+    channels is the kernels' usual case, at the price of copying the uint8 image once more.
     A model without such a conv, or with an odd ``size``, is returned unchanged.
     """
     onnx = import_onnx()
