@@ -14,7 +14,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.devtools.quantize import dequantize_preprocessing, fold_preprocessing, quantize_model
+from edge.devtools import quantize
+from edge.devtools.quantize import (
+    dequantize_preprocessing,
+    fold_preprocessing,
+    quantize_model,
+    space_to_depth_convs,
+    space_to_depth_first_conv,
+)
 from edge.engines import load_bundle
 from edge.engines.manifest import Normalisation
 from edge.engines.wrap import wrap_model
@@ -26,21 +33,21 @@ from tests.tiny_bundle import make_tiny_bundle
 IMAGENET = Normalisation(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
-def conv_model(size: int = 16) -> onnx.ModelProto:
-    """Float NCHW [B,3,size,size] -> a padded 3x3 conv (4 channels) -> ReLU -> global mean: ``[B, 4]``."""
+def conv_model(size: int = 16, stride: int = 1, channels: int = 3) -> onnx.ModelProto:
+    """Float NCHW [B,channels,size,size] -> a padded 3x3 conv (4 channels) -> ReLU -> global mean: ``[B, 4]``."""
     rng = np.random.default_rng(0)
     inits = [
-        numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (4, channels, 3, 3)).astype(np.float32), "w"),
         numpy_helper.from_array(rng.normal(0, 0.5, (4,)).astype(np.float32), "b"),
     ]
     nodes = [
-        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1], strides=[stride, stride], name="conv"),
         helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
         helper.make_node("GlobalAveragePool", ["relu"], ["pooled"], name="pool"),
         helper.make_node("Flatten", ["pooled"], ["out"], name="flatten"),
     ]
     graph = helper.make_graph(
-        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
+        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels, size, size])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])], inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -55,12 +62,12 @@ def spec_for(folder: Path, name: str = "a") -> object:
     return load_bundle(folder).model(name)
 
 
-def wrapped_conv(tmp_path: Path, order: str = "RGB") -> tuple[Any, onnx.ModelProto]:
+def wrapped_conv(tmp_path: Path, order: str = "RGB", stride: int = 1) -> tuple[Any, onnx.ModelProto]:
     """A classifier spec with ImageNet normalisation and ``conv_model`` wrapped to match it."""
     spec = dataclasses.replace(spec_for(make_tiny_bundle(tmp_path / "t", crop_size=16)),  # type: ignore[type-var]
                                normalisation=IMAGENET, channel_order=order)
-    wrapped = wrap_model(conv_model(), input_name="crops", size=16, layout="NCHW", channel_order=order,  # type: ignore[arg-type]
-                         normalisation=IMAGENET)
+    wrapped = wrap_model(conv_model(stride=stride), input_name="crops", size=16, layout="NCHW",  # type: ignore[arg-type]
+                         channel_order=order, normalisation=IMAGENET)
     return spec, wrapped
 
 
@@ -102,6 +109,101 @@ def test_a_quantized_conv_reads_uint8_pixels_and_stays_close(tmp_path: Path) -> 
     assert np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
 
 
+def run_x(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["conv"], {"x": x})[0])
+
+
+def with_conv_output(model: onnx.ModelProto, shape: list[Any]) -> onnx.ModelProto:
+    model.graph.output.append(helper.make_tensor_value_info("conv", TensorProto.FLOAT, shape))
+    return model
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_a_stride2_first_conv_becomes_space_to_depth_and_a_2x2_conv_with_the_same_output(channels: int) -> None:
+    model = with_conv_output(conv_model(stride=2, channels=channels), ["batch", 4, 8, 8])
+    rewritten, names = space_to_depth_first_conv(model, 16)
+    assert names == ["conv"] and space_to_depth_convs(rewritten) == ["conv"]
+    conv = next(n for n in rewritten.graph.node if n.op_type == "Conv")
+    attrs = {a.name: list(helper.get_attribute_value(a)) for a in conv.attribute if a.name != "group"}
+    assert attrs == {"kernel_shape": [2, 2], "strides": [1, 1], "pads": [1, 1, 0, 0]}
+    weight = next(t for t in rewritten.graph.initializer if t.name == conv.input[1])
+    assert list(weight.dims) == [4, 4 * channels, 2, 2]
+    x = np.random.default_rng(6).normal(0, 1, (2, channels, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(run_x(rewritten, x), run_x(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("why", "model", "size"), [
+    ("stride 1", conv_model(stride=1), 16),
+    ("odd size", conv_model(size=15, stride=2), 15),
+    ("8 channels", conv_model(stride=2, channels=8), 16),
+])
+def test_a_conv_that_does_not_qualify_is_left_as_it_is(why: str, model: onnx.ModelProto, size: int) -> None:
+    rewritten, names = space_to_depth_first_conv(model, size)
+    assert names == [] and rewritten is model, why
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_the_int8_first_conv_rewrite_keeps_the_int8_sums_exactly(
+    order: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, wrapped = wrapped_conv(tmp_path, order, stride=2)
+    x = np.random.default_rng(7).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    rewritten = quantize_model(wrapped, spec, x, tmp_path)  # type: ignore[arg-type]
+    s2d = next(n for n in rewritten.graph.node if n.op_type == "SpaceToDepth")
+    assert space_to_depth_convs(rewritten) == ["conv"]
+    kept_uint8 = {n.output[0] for n in rewritten.graph.node if n.op_type in ("Transpose", "Slice")}
+    assert s2d.input[0] in kept_uint8  # the rearrangement runs on the uint8 pixels, before dequantizing
+    monkeypatch.setattr(quantize, "space_to_depth_first_conv", lambda model, size: (model, []))
+    plain = quantize_model(wrapped, spec, x, tmp_path)  # type: ignore[arg-type]
+    assert "SpaceToDepth" not in {n.op_type for n in plain.graph.node}
+    np.testing.assert_array_equal(run(rewritten, x), run(plain, x))
+
+
+def test_a_rewrite_that_would_change_the_outputs_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec, wrapped = wrapped_conv(tmp_path, stride=2)
+    x = np.random.default_rng(9).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    wrong = lambda w: np.zeros((w.shape[0], 4 * w.shape[1], 2, 2), w.dtype)  # noqa: E731 - a broken remap
+    monkeypatch.setattr(quantize, "space_to_depth_kernel", wrong)
+    quantized = quantize_model(wrapped, spec, x, tmp_path)  # type: ignore[arg-type]
+    assert space_to_depth_convs(quantized) == []
+    assert "first conv left as the quantizer wrote it (space-to-depth rewrite: output out changed" in caplog.text
+
+
+@pytest.mark.parametrize("rewrite_faster", [True, False])
+def test_quantize_keeps_the_first_conv_rewrite_only_where_it_measures_faster(
+    rewrite_faster: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    demo = load_bundle(Path(__file__).resolve().parents[1] / "engines" / "demo")
+    rng = np.random.default_rng(10)
+    inputs = {m.name: rng.integers(0, 256, (2 if m.role == "detector" else 8, m.size, m.size, 3), dtype=np.uint8)
+              for m in demo.models}
+
+    def timed(model: Any, candidates: list[Any], batch: np.ndarray) -> list[float]:
+        assert len(candidates) == 2 and space_to_depth_convs(candidates[1])  # without, then with the rewrite
+        return [1.0, *([2.0, 3.0] if rewrite_faster else [3.0, 2.0])]
+
+    monkeypatch.setattr(quantize, "int8_speed", timed)
+    out = quantize.quantize_bundle(demo, quantize.CalibrationSet(inputs, ("random",)), tmp_path / "q")
+    report = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    for m in out.models:
+        ops = {n.op_type for n in onnx.load(str(m.path)).graph.node}
+        assert ("SpaceToDepth" in ops) == rewrite_faster, m.name
+        entry = report["models"][m.name]
+        assert bool(entry["space_to_depth_convs"]) == rewrite_faster and entry["int8_items_per_s"] == 3.0
+        assert (entry["space_to_depth_items_per_s"], entry["without_space_to_depth_items_per_s"]) == (
+            (3.0, 2.0) if rewrite_faster else (2.0, 3.0))
+
+
+def test_the_tensorrt_target_keeps_the_first_conv_as_the_quantizer_wrote_it(tmp_path: Path) -> None:
+    spec, wrapped = wrapped_conv(tmp_path, stride=2)
+    x = np.random.default_rng(8).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    quantized = quantize_model(wrapped, spec, x, tmp_path, "tensorrt")  # type: ignore[arg-type]
+    assert space_to_depth_convs(quantized) == []
+
+
 def test_quantize_refuses_without_calibration_inputs(tmp_path: Path) -> None:
     folder = make_tiny_bundle(tmp_path / "t")
     spec = spec_for(folder)
@@ -117,6 +219,7 @@ def test_quantize_the_demo_bundle_then_verify_it_against_fp32(synth_slide: Synth
                      "--out", str(out), "--tiles", "8", "--crops", "64")
     assert result.returncode == 0, result.stderr
     assert "INT8 QDQ" in result.stdout
+    assert "  detector: INT8" in result.stdout and "/s here)" in result.stdout  # each model's outcome and speed
     bundle = load_bundle(out)
     assert "+int8." in bundle.version and bundle.name == "demo"
     report = json.loads((out / "quantization.json").read_text())
@@ -127,6 +230,13 @@ def test_quantize_the_demo_bundle_then_verify_it_against_fp32(synth_slide: Synth
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert report["source_bundle"]["name"] == "demo" and report["calibration_slides"] == [str(calibration)]
     assert report["models"]["detector"]["calibration_inputs"] == 8
+    assert report["method"]["space_to_depth_first_conv"]  # the demo detector's 3x3 stride-2 first conv
+    detector = report["models"]["detector"]  # both timed; the faster kept, and the file is what the report says
+    faster = detector["space_to_depth_items_per_s"] > detector["without_space_to_depth_items_per_s"]
+    assert detector["int8_items_per_s"] == max(detector["space_to_depth_items_per_s"],
+                                               detector["without_space_to_depth_items_per_s"])
+    assert detector["space_to_depth_convs"] == (["/body/body.0/body.0.0/Conv"] if faster else [])
+    assert ("SpaceToDepth" in ops) == faster
     assert run_cli("engines", "check", "--bundle", str(out)).returncode == 0
     verify = run_cli("engines", "verify", "--bundle", str(out), "--reference", "demo", "--slide", str(unseen),
                      "--tiles", "2", "--random", "1", "--json")

@@ -373,6 +373,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"calibration inputs: {counts}", file=sys.stderr)
     new = quantize_bundle(bundle, calibration, args.out, version=args.version, target=args.target)
     print(f"wrote bundle {new.name} {new.version} to {new.path} (INT8 QDQ; report: {new.path / REPORT_NAME})")
+    for name, m in json.loads((new.path / REPORT_NAME).read_text(encoding="utf-8"))["models"].items():
+        timed = "fp32_items_per_s" in m
+        speed = f" ({m['int8_items_per_s']}/s; FP32 {m['fp32_items_per_s']}/s here)" if timed else ""
+        how = "kept FP32, INT8 slower" if m["kept_fp32"] else "INT8"
+        how += ", first conv space-to-depth" if m["space_to_depth_convs"] else ""
+        print(f"  {name}: {how}{speed}")
     print(f"next: mitosis-edge engines verify --bundle {new.path} --reference {bundle.path} --slide SLIDE ...")
     return ExitCode.OK
 
