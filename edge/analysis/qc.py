@@ -13,8 +13,9 @@ sensor noise, and per cell of ``cell_um`` (32 µm), pooled over 3x3 cells. Unlik
 smaller of the horizontal and vertical blur is kept: defocus blurs both, fibres only one.
 
 Folds: tissue whose optical density and eosin are ``fold_od_ratio`` times the tissue around it and
-above the slide's median density and eosin (doubled tissue), on the thumbnail; see :func:`fold_mask`. Pen and dirt: dense pixels whose colour is not a mix of the
-slide's own stains (far from the H-E plane, outside the H-E cone, or dark grey). Over-exposure:
+above the slide's median density and eosin (doubled tissue), on the thumbnail; see :func:`fold_mask`.
+Pen and dirt: dense pixels whose colour is not a mix of the slide's own stains (far from the H-E
+plane, outside the H-E cone, or dark grey). Over-exposure:
 tissue pixels with two or more channels clipped at 255 (or any at 0). Stains: Macenko et al.
 (2009, "A method for normalizing histology slides for quantitative analysis", ISBI) on optical
 density pixels sampled from every tile; see :func:`macenko`.
