@@ -103,22 +103,29 @@ def test_pen_ink_is_told_from_stain() -> None:
     assert pen_mask(od, stains, QcConfig()).ravel().tolist() == [True, True, True, False, False, False]
 
 
+def _fold_found(hem: np.ndarray, eos: np.ndarray, segment: tuple[tuple[float, float], tuple[float, float]],
+                radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """A fold (both stain amounts doubled) planted along ``segment`` of an 8 µm/px thumbnail: (fold, found)."""
+    ys, xs = (np.mgrid[0:128, 0:128] + 0.5).astype(np.float32)
+    fold = segment_distance(ys, xs, *segment) <= radius
+    hem[fold] *= 2.0
+    eos[fold] *= 2.0
+    h, e = REFERENCE_STAINS
+    od = (hem[..., None] * h + eos[..., None] * e).astype(np.float32)
+    found = fold_mask(od, np.ones((128, 128), bool), REFERENCE_STAINS, QcConfig(), (8.0, 8.0))
+    assert not (found & ~ndimage.binary_dilation(fold, iterations=2)).any()
+    return fold, found
+
+
 def test_a_fold_over_dense_tissue_is_flagged() -> None:
     # A thumbnail (8 µm/px) whose right half is crowded nuclei, with a 130 µm fold lying across it. Judged
     # against surroundings that included the fold itself, only a third of it was flagged.
     rng = np.random.default_rng(3)
-    h, e = REFERENCE_STAINS
     hem = ndimage.gaussian_filter(rng.gamma(2.0, 0.5, (128, 128)), 1.0) * 0.3
     eos = ndimage.gaussian_filter(rng.gamma(2.0, 0.5, (128, 128)), 1.0) * 0.35
     hem[:, 64:] *= 3.0
-    ys, xs = (np.mgrid[0:128, 0:128] + 0.5).astype(np.float32)
-    fold = segment_distance(ys, xs, (80.0, 20.0), (110.0, 110.0)) <= 8
-    hem[fold] *= 2.0
-    eos[fold] *= 2.0
-    od = (hem[..., None] * h + eos[..., None] * e).astype(np.float32)
-    found = fold_mask(od, np.ones((128, 128), bool), REFERENCE_STAINS, QcConfig(), (8.0, 8.0))
+    fold, found = _fold_found(hem, eos, ((80.0, 20.0), (110.0, 110.0)), 8)
     assert (found & fold).sum() >= 0.75 * fold.sum()
-    assert not (found & ~ndimage.binary_dilation(fold, iterations=2)).any()
 
 
 def test_a_fold_over_cellular_tissue_with_little_eosin_is_flagged() -> None:
@@ -126,19 +133,12 @@ def test_a_fold_over_cellular_tissue_with_little_eosin_is_flagged() -> None:
     # it. Doubled, the fold's eosin reaches only ~1.43x the slide's median (set by the stroma), under the 1.5x
     # doubling bar that used to apply to it (synthetic seed 9105's fold, missed that way).
     rng = np.random.default_rng(5)
-    h, e = REFERENCE_STAINS
     hem = ndimage.gaussian_filter(rng.gamma(16.0, 0.0625, (128, 128)), 1.0) * 0.1
     eos = ndimage.gaussian_filter(rng.gamma(16.0, 0.0625, (128, 128)), 1.0) * 0.5
     hem[:, 80:] *= 5.0
     eos[:, 80:] *= 0.72
-    ys, xs = (np.mgrid[0:128, 0:128] + 0.5).astype(np.float32)
-    fold = segment_distance(ys, xs, (104.0, 10.0), (104.0, 118.0)) <= 5
-    hem[fold] *= 2.0
-    eos[fold] *= 2.0
-    od = (hem[..., None] * h + eos[..., None] * e).astype(np.float32)
-    found = fold_mask(od, np.ones((128, 128), bool), REFERENCE_STAINS, QcConfig(), (8.0, 8.0))
+    fold, found = _fold_found(hem, eos, ((104.0, 10.0), (104.0, 118.0)), 5)
     assert (found & fold).sum() >= 0.6 * fold.sum()
-    assert not (found & ~ndimage.binary_dilation(fold, iterations=2)).any()
 
 
 def test_the_fold_of_seed_9105_is_flagged_end_to_end(synth_slide: SynthFactory, tmp_path: Path) -> None:
