@@ -197,6 +197,8 @@ def test_qc_settings_are_checked() -> None:
         Config().with_overrides({"qc.review_out_of_focus_fraction": 0.2})
     with pytest.raises(ConfigError, match=r"qc\.focus_threshold=1\.5"):
         Config().with_overrides({"qc.focus_threshold": 1.5})
+    with pytest.raises(ConfigError, match=r"qc\.fold_eosin_ratio"):
+        Config().with_overrides({"qc.fold_eosin_ratio": 0})
 
 
 def test_an_out_of_focus_field_is_found_tile_by_tile() -> None:
