@@ -12,9 +12,10 @@ measured at ``focus_mpp`` (0.5 µm/px: 2x2 binned 0.25 µm/px tiles), which also
 sensor noise, and per cell of ``cell_um`` (32 µm), pooled over 3x3 cells. Unlike Crete, the
 smaller of the horizontal and vertical blur is kept: defocus blurs both, fibres only one.
 
-Folds: tissue whose optical density is ``fold_od_ratio`` times the slide's median tissue density
-(doubled tissue), on the thumbnail. Pen and dirt: dense pixels whose colour is not a mix of the
-slide's own stains (far from the H-E plane, outside the H-E cone, or dark grey). Over-exposure:
+Folds: tissue whose optical density and eosin are ``fold_od_ratio`` times the tissue around it and
+above the slide's median density and eosin (doubled tissue), on the thumbnail; see :func:`fold_mask`.
+Pen and dirt: dense pixels whose colour is not a mix of the slide's own stains (far from the H-E
+plane, outside the H-E cone, or dark grey). Over-exposure:
 tissue pixels with two or more channels clipped at 255 (or any at 0). Stains: Macenko et al.
 (2009, "A method for normalizing histology slides for quantitative analysis", ISBI) on optical
 density pixels sampled from every tile; see :func:`macenko`.
@@ -251,12 +252,15 @@ def pen_mask(od: NDArray[np.float32], stains: NDArray[np.float64], config: QcCon
 
 def fold_mask(od: NDArray[np.float32], tissue: NDArray[np.bool_], stains: NDArray[np.float64], config: QcConfig,
               mpp: tuple[float, float]) -> NDArray[np.bool_]:
-    """Tissue lying doubled: its optical density *and its eosin* at least ``fold_od_ratio`` times both the
-    slide's median and the tissue around it (``fold_window_um``).
+    """Tissue lying doubled: its optical density and its eosin at least ``fold_od_ratio`` times the tissue
+    around it (``fold_window_um``), its density ``fold_od_ratio`` times the slide's median density and its
+    eosin ``fold_eosin_ratio`` times the slide's median eosin.
 
     A fold doubles the section wherever it lies, so both stains double; a dense cellular area or an
     epidermis is dense in haematoxylin against its own surroundings, not in eosin, and a dense area is
-    not dense against itself. The surroundings are measured twice: the second time without the
+    not dense against itself. The eosin bar against the slide is lower than the doubling bar: the slide's
+    median eosin is set by its stroma, and a fold over cellular tissue with little eosin doubles to only
+    ~1.4x that median. The surroundings are measured twice: the second time without the
     candidates of the first (and a 2 px rim), because a fold takes up much of its own window and,
     counted in it, raises the bar it is judged against (a 2x fold filling a third of it reads only ~1.4x).
     """
@@ -272,10 +276,11 @@ def fold_mask(od: NDArray[np.float32], tissue: NDArray[np.bool_], stains: NDArra
     for _ in range(2):
         weight = ndimage.uniform_filter(surroundings.astype(np.float32), size)
         folded = tissue.copy()
-        for measure, median in zip((total, eosin), medians, strict=True):
+        bars = (config.fold_od_ratio, config.fold_eosin_ratio)  # times the slide's median density, eosin
+        for measure, median, bar in zip((total, eosin), medians, bars, strict=True):
             local = ndimage.uniform_filter(np.where(surroundings, measure, 0.0).astype(np.float32), size)
             local = np.where(weight > 0.05, local / np.maximum(weight, 1e-6), median)  # no surroundings: the slide's
-            folded &= measure > config.fold_od_ratio * np.maximum(local, median)
+            folded &= (measure > config.fold_od_ratio * local) & (measure > bar * median)
         if not folded.any():
             break
         surroundings = tissue & ~ndimage.binary_dilation(folded, iterations=2)
