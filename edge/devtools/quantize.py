@@ -257,7 +257,9 @@ def space_to_depth_first_conv(model: Any, size: int) -> tuple[Any, list[str]]:
     weights behind a ``DequantizeLinear``, the input behind one too) the rearrangement runs on the quantized
     input and on the int8 weights, so the int8 arithmetic is unchanged. ONNX Runtime's int8 convolution with
     stride 2 on 3 input channels is slow (twice the FP32 kernel in the demo detector); a stride-1 conv on 12
-    channels is the kernels' usual case, at the price of copying the uint8 image once more.
+    channels is the kernels' usual case, at the price of copying the uint8 image once more. Where the conv reads
+    the uint8 NHWC image through the wrap's layout transpose, the copy is made in NHWC (``_nhwc_space_to_depth``);
+    else (e.g. a channel reverse in between) by ``SpaceToDepth`` on the NCHW pixels.
     A model without such a conv, or with an odd ``size``, is returned unchanged.
     """
     onnx = import_onnx()
@@ -288,6 +290,7 @@ def space_to_depth_first_conv(model: Any, size: int) -> tuple[Any, list[str]]:
 
     rewritten: list[str] = []
     added: list[tuple[Any, Any]] = []  # (node to insert before, new node)
+    removed: set[int] = set()  # ids of nodes the rewrite replaces
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
         weight_dq = producer.get(conv.input[1])
         weight_name = (weight_dq.input[0] if weight_dq is not None and weight_dq.op_type == "DequantizeLinear"
@@ -308,16 +311,25 @@ def space_to_depth_first_conv(model: Any, size: int) -> tuple[Any, list[str]]:
         if (x_dq is not None and x_dq.op_type == "DequantizeLinear" and consumers.get(conv.input[0]) == 1
                 and all(name in inits for name in x_dq.input[1:])):
             # rearrange the quantized pixels, then dequantize them (a per-channel scale repeats for each block)
-            s2d = helper.make_node("SpaceToDepth", [x_dq.input[0]], [f"{tag}_{_WRAP}s2d_q"], blocksize=2,
-                                   name=f"{tag}_{_WRAP}SpaceToDepth")
             params = []
             for name in x_dq.input[1:]:
                 param = numpy_helper.to_array(inits[name])
                 params.append(f"{name}_{_WRAP}s2d")
                 param = np.tile(param, 4) if param.ndim else param
                 graph.initializer.append(numpy_helper.from_array(param, params[-1]))
-            x_dq.input[:] = [s2d.output[0], *params]
-            added.append((x_dq, s2d))
+            layout = producer.get(x_dq.input[0])
+            if (layout is not None and layout.op_type == "Transpose" and list(attr(layout, "perm", [])) == [0, 3, 1, 2]
+                    and layout.input[0] in inputs and consumers.get(x_dq.input[0]) == 1):
+                # uint8 NHWC pixels: rearrange them before the layout transpose. ONNX Runtime runs int8 convs
+                # in NHWC and cancels that transpose against its own, so the space-to-depth is one copy of the
+                # image (SpaceToDepth on NCHW cost two more layout copies: slower than the plain conv on idle cores)
+                s2d_nodes = _nhwc_space_to_depth(layout.input[0], f"{tag}_{_WRAP}", size, int(weight.dims[1]), graph)
+                removed.add(id(layout))
+            else:
+                s2d_nodes = [helper.make_node("SpaceToDepth", [x_dq.input[0]], [f"{tag}_{_WRAP}s2d_q"], blocksize=2,
+                                              name=f"{tag}_{_WRAP}SpaceToDepth")]
+            x_dq.input[:] = [s2d_nodes[-1].output[0], *params]
+            added.extend((x_dq, node) for node in s2d_nodes)
         else:
             s2d = helper.make_node("SpaceToDepth", [conv.input[0]], [f"{tag}_{_WRAP}s2d"], blocksize=2,
                                    name=f"{tag}_{_WRAP}SpaceToDepth")
@@ -337,8 +349,32 @@ def space_to_depth_first_conv(model: Any, size: int) -> tuple[Any, list[str]]:
     nodes: list[Any] = []
     for node in graph.node:
         nodes.extend(new for before, new in added if before is node)
-        nodes.append(node)
+        if id(node) not in removed:
+            nodes.append(node)
     return _with_nodes(out, nodes), rewritten
+
+
+def _nhwc_space_to_depth(image: str, prefix: str, size: int, channels: int, graph: Any) -> list[Any]:
+    """Nodes from the ``[N, size, size, C]`` image to ``SpaceToDepth(2)`` of its NCHW form, ``[N, 4C, size/2, size/2]``:
+    a reshape to 2x2 blocks, one transpose that brings each block's two rows together (channel order
+    ``(sy, sx, c)``, as SpaceToDepth's), a reshape and the layout transpose. The last node's output is
+    ``{prefix}s2d_q``; the transpose that moves the pixels is named ``{prefix}SpaceToDepth``."""
+    from onnx import helper, numpy_helper
+
+    half = size // 2
+    shapes = {"blocks": [-1, half, 2, half, 2, channels], "nhwc": [-1, half, half, 4 * channels]}
+    for key, shape in shapes.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), f"{prefix}s2d_{key}_shape"))
+    return [
+        helper.make_node("Reshape", [image, f"{prefix}s2d_blocks_shape"], [f"{prefix}s2d_blocks"],
+                         name=f"{prefix}s2d_blocks"),
+        helper.make_node("Transpose", [f"{prefix}s2d_blocks"], [f"{prefix}s2d_rows"], perm=[0, 1, 3, 2, 4, 5],
+                         name=f"{prefix}SpaceToDepth"),
+        helper.make_node("Reshape", [f"{prefix}s2d_rows", f"{prefix}s2d_nhwc_shape"], [f"{prefix}s2d_nhwc"],
+                         name=f"{prefix}s2d_nhwc"),
+        helper.make_node("Transpose", [f"{prefix}s2d_nhwc"], [f"{prefix}s2d_q"], perm=[0, 3, 1, 2],
+                         name=f"{prefix}s2d_nchw"),
+    ]
 
 
 def nodes_to_quantize(graph: Any) -> list[str]:
@@ -453,8 +489,7 @@ def _differs(model: Any, rewritten: Any, input_name: str, inputs: np.ndarray) ->
 def space_to_depth_convs(model: Any) -> list[str]:
     """Names of the convolutions ``space_to_depth_first_conv`` rewrote in ``model``."""
     suffix = f"_{_WRAP}SpaceToDepth"
-    return [n.name.removesuffix(suffix) for n in model.graph.node
-            if n.op_type == "SpaceToDepth" and n.name.endswith(suffix)]
+    return [n.name.removesuffix(suffix) for n in model.graph.node if n.name.endswith(suffix)]
 
 
 def calibration_set(
@@ -592,12 +627,15 @@ def quantize_bundle(
 
 def int8_speed(model: ModelSpec, quantized: Sequence[Any], inputs: np.ndarray, repeats: int = 5) -> list[float]:
     """Items/s of one model in FP32 and of each INT8 version, on a batch of its calibration inputs, the sessions
-    interleaved (so all see the same load), best of ``repeats``: ``[fp32, *int8]``."""
-    import onnxruntime as ort
+    interleaved (so all see the same load), best of ``repeats``: ``[fp32, *int8]``.
+
+    The sessions have the engines' own settings (``new_session``: idle pool threads sleep). With ONNX Runtime's
+    defaults each session's threads spin after a run and slow down the next session timed.
+    """
+    from edge.engines.onnxrt import new_session
 
     batch = inputs[: 4 if model.role == "detector" else 32]
-    sessions = [ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-                for source in (str(model.path), *(q.SerializeToString() for q in quantized))]
+    sessions = [new_session(source) for source in (model.path, *(q.SerializeToString() for q in quantized))]
     best = [float("inf")] * len(sessions)
     for session in sessions:
         session.run(None, {model.input_name: batch})  # warm-up

@@ -42,8 +42,11 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def new_session(path: str | Path, *, intra_op_threads: int = 0, device: Device = "cpu") -> Any:
-    """An ONNX Runtime session with the settings every engine uses (also the baseline of ``bench engine``)."""
+def new_session(path: str | Path | bytes, *, intra_op_threads: int = 0, device: Device = "cpu") -> Any:
+    """An ONNX Runtime session with the settings every engine uses (also the baseline of ``bench engine``).
+
+    ``path``: an ONNX file, or a serialized model (bytes).
+    """
     ort = _ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
@@ -55,7 +58,8 @@ def new_session(path: str | Path, *, intra_op_threads: int = 0, device: Device =
     # 2 cores: end to end 0.71-0.73 of detector-only with sleeping pools, 0.64-0.66 with spinning ones).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [CUDA, CPU] if device == "cuda" else [CPU]
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=options, providers=providers)
 
 
 def _spec(arg: Any) -> TensorSpec:
