@@ -215,6 +215,29 @@ def test_an_out_of_focus_field_is_found_tile_by_tile() -> None:
     assert oof[:, 5:].all() and not oof[:, :4].any()  # 8 cells of 32 µm a side; the border cell may go either way
 
 
+
+def test_tiles_measured_together_in_the_readers_give_the_same_figures_as_one_by_one() -> None:
+    # the tile stream's readers measure each batch as one stack (numpy's per-call cost paid once per batch);
+    # the figures must be those of each tile alone, and a smaller tile at the slide's edge is measured on its
+    # own pixels, not on the white padding of its batch slot
+    from edge.analysis.pipeline import _measure_qc
+    from edge.wsi.tiling import Tile
+
+    rng = np.random.default_rng(5)
+    texture = ndimage.gaussian_filter(rng.uniform(0, 1, (4, 1024, 1024)), (0, 2, 2))
+    pixels = np.clip(240 - 160 * texture[..., None] * np.array([0.6, 1.0, 0.3]), 0, 255).astype(np.uint8)
+    pixels[3, 700:] = 255  # the last slot holds a tile 700 px tall, padded white below
+    tiles = tuple(Tile(index=i, col=i, row=0, x=1024 * i, y=0, width=1024, height=700 if i == 3 else 1024,
+                       x0=1024.0 * i, y0=0.0, width0=1024.0, height0=700.0 if i == 3 else 1024.0) for i in range(4))
+    acc = QcAccumulator(4096, 1024, 0.25, QcConfig(), np.full(3, 245.0, np.float32))
+    together = _measure_qc(acc, tiles, pixels)
+    for tile, measured in zip(tiles, together, strict=True):
+        alone = acc.measure(tile.x, tile.y, pixels[tile.col, : tile.height, : tile.width])
+        assert measured is not None and alone is not None
+        assert (measured.n_rows, measured.n_cols) == (tile.height // acc.cell, 1024 // acc.cell)
+        for name in ("sums", "tissue", "clipped", "dense"):
+            np.testing.assert_array_equal(getattr(measured, name), getattr(alone, name), err_msg=name)
+
 # --- synthetic faults with truth, through `mitosis-edge analyze` -------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from edge.analysis.classify import (
 )
 from edge.analysis.detect import Boxes, TileOwnership, decode, keep_owned, merge_indices, nms, to_slide
 from edge.analysis.provenance import BundleProvenance, Provenance
-from edge.analysis.qc import QcAccumulator, QcMaps
+from edge.analysis.qc import QcAccumulator, QcMaps, TileQc
 from edge.analysis.scoring import (
     Figure,
     SlideResult,
@@ -342,7 +343,7 @@ def _detect(
         raw = outputs[spec.output]
         for i, tile in enumerate(batch.tiles):
             if qc is not None:
-                qc.add_tile(tile.x, tile.y, batch.pixels[i, : tile.height, : tile.width])
+                qc.add(batch.measures[i])  # measured by the stream's reader threads (qc.measure)
             boxes = nms(decode(raw[i], spec), spec.nms_iou, spec.max_detections)
             candidates.raw += len(boxes)
             if len(boxes) == 0:
@@ -358,7 +359,8 @@ def _detect(
 
     done = 0
     try:
-        with open_stream(slide, sp, config, cancel_event) as stream:
+        measure = None if qc is None else functools.partial(_measure_qc, qc)
+        with open_stream(slide, sp, config, cancel_event, measure) as stream:
             for batch in stream:
                 if in_flight:
                     first = in_flight.pop()
@@ -381,6 +383,23 @@ def _detect(
             except EdgeError:
                 pass
     return candidates
+
+
+def _measure_qc(qc: QcAccumulator, tiles: tuple[Tile, ...], pixels: np.ndarray) -> tuple[TileQc | None, ...]:
+    """Scan QC's measures of one batch, in a reader thread: the full-size tiles as one stack, a smaller
+    tile (at the slide's right or bottom edge) alone, on its pixels only (not the white padding)."""
+    size = pixels.shape[1:3]
+    full = [i for i, t in enumerate(tiles) if (t.height, t.width) == size]
+    out: list[TileQc | None] = [None] * len(tiles)
+    if full:
+        stack = pixels if len(full) == len(tiles) else pixels[full]
+        measured = qc.measure_stack([tiles[i].x for i in full], [tiles[i].y for i in full], stack)
+        for i, m in zip(full, measured, strict=True):
+            out[i] = m
+    for i, t in enumerate(tiles):
+        if i not in full:
+            out[i] = qc.measure(t.x, t.y, pixels[i, : t.height, : t.width])
+    return tuple(out)
 
 
 @dataclass

@@ -109,33 +109,37 @@ def direction_focus_sums(
     pixels 5 and 4 px away, over 9 (the rest of the windows cancel): so each direction needs only the
     rows 1, 4 and 5 away from a sampled row, not the blurred image. Rows may be int16 (sums of binned
     pixels: exact and twice as fast); V is summed as 9 V, which stays an integer, and divided at the end.
+    Rows may carry leading axes (a stack of tiles: ``(..., rows, width)``); the sums then do too,
+    ``(8, ..., rows, cols)``, each image's the same as alone.
     """
     half = CRETE_WINDOW // 2
     at = np.arange(step // 2, height, step, dtype=np.intp)
     line = rows_of(at)
-    n_rows, n_cols = height // cell, line.shape[1] // cell
-    out = np.zeros((2 * len(FOCUS_DIRECTIONS), n_rows, n_cols), np.float32)
+    lead = line.shape[:-2]
+    n_rows, n_cols = height // cell, line.shape[-1] // cell
+    out = np.zeros((2 * len(FOCUS_DIRECTIONS), *lead, n_rows, n_cols), np.float32)
     if n_rows == 0 or n_cols == 0:
         return out
     width = n_cols * cell
     reach = half + 1
-    padded = {0: np.pad(line[:, :width], ((0, 0), (reach, reach)), mode="edge")}
+    pad = [(0, 0)] * (line.ndim - 1) + [(reach, reach)]
+    padded = {0: np.pad(line[..., :width], pad, mode="edge")}
     for dy in (1, -half, half + 1):
-        padded[dy] = np.pad(rows_of(np.clip(at + dy, 0, height - 1))[:, :width], ((0, 0), (reach, reach)), mode="edge")
+        padded[dy] = np.pad(rows_of(np.clip(at + dy, 0, height - 1))[..., :width], pad, mode="edge")
 
     def shifted(dy: int, dx: int) -> NDArray[Any]:
-        return padded[dy][:, reach + dx: reach + dx + width]
+        return padded[dy][..., reach + dx: reach + dx + width]
 
     centre = shifted(0, 0)  # edge padding: a last column's (row's) missing neighbour differs by 0, as Crete skips it
-    shape = (n_rows, cell // step, n_cols, cell)
+    shape = (*lead, n_rows, cell // step, n_cols, cell)
     for k, (dy, dx) in enumerate(FOCUS_DIRECTIONS):
         d = np.abs(shifted(dy, dx) - centre)
         far = (half + 1) * dy if dy else 0
         near = -half * dy if dy else 0
         blurred = np.abs(shifted(far, (half + 1) * dx) - shifted(near, -half * dx))  # 9x the blurred difference
         lost = np.maximum(d * CRETE_WINDOW - blurred, 0)  # 9 V
-        out[2 * k] = d.reshape(shape).sum(axis=3, dtype=np.float32).sum(axis=1)
-        out[2 * k + 1] = lost.reshape(shape).sum(axis=3, dtype=np.float32).sum(axis=1)
+        out[2 * k] = d.reshape(shape).sum(axis=-1, dtype=np.float32).sum(axis=-2)
+        out[2 * k + 1] = lost.reshape(shape).sum(axis=-1, dtype=np.float32).sum(axis=-2)
     out[1::2] *= np.float32(1.0 / CRETE_WINDOW)
     return out
 
@@ -383,6 +387,22 @@ def verdict_of(measures: Mapping[str, Any], config: QcConfig) -> tuple[Verdict, 
 # --- the accumulator fed by the pipeline ---------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TileQc:
+    """What QC measured on one tile (``QcAccumulator.measure``): its cells' focus sums, tissue and clipped
+    fractions, and its candidate stain pixels (optical densities), with the seconds it took."""
+
+    x: int
+    y: int
+    n_rows: int
+    n_cols: int
+    sums: NDArray[np.float32]
+    tissue: NDArray[Any]  # float32 at run time (a float32 array over an int)
+    clipped: NDArray[Any]
+    dense: NDArray[np.float32]
+    seconds: float
+
+
 @dataclass
 class _Grid:
     sums: NDArray[np.float32]
@@ -396,7 +416,8 @@ class QcAccumulator:
     """Per-tile quality, gathered on a slide-wide grid of ``cell_um`` cells while the tiles stream by.
 
     ``width``/``height`` are the slide in tile px (at ``mpp``); ``glass`` the empty glass's RGB.
-    Not thread-safe: feed it from the loop that consumes the tile stream.
+    ``measure`` may run in any thread (the tile stream's readers); ``add``, ``add_tile`` and ``finish`` only
+    in the loop that consumes the tile stream.
     """
 
     width: int
@@ -419,52 +440,77 @@ class QcAccumulator:
         self._rng = np.random.default_rng(0)
 
     def add_tile(self, x: int, y: int, pixels: NDArray[np.uint8]) -> None:
-        """One tile's pixels (h, w, 3) whose top-left is (x, y) in tile px."""
+        """One tile's pixels (h, w, 3) whose top-left is (x, y) in tile px: ``add(measure(x, y, pixels))``."""
+        self.add(self.measure(x, y, pixels))
+
+    def measure(self, x: int, y: int, pixels: NDArray[np.uint8]) -> TileQc | None:
+        """What QC takes from one tile (h, w, 3) at (x, y) in tile px; None for a tile smaller than a cell.
+
+        Reads only the accumulator's settings, never its state: the tile stream's reader threads call it
+        as each tile is decoded (beside the detector, not after it), and the consumer adds the results in
+        the stream's order, so QC's figures do not depend on which thread measured a tile.
+        """
+        return self.measure_stack([x], [y], pixels[None])[0]
+
+    def measure_stack(
+        self, xs: Sequence[int], ys: Sequence[int], stack: NDArray[np.uint8]
+    ) -> list[TileQc | None]:
+        """``measure`` of tiles of one size at once, ``stack`` (n, h, w, 3): the same figures as one by one, with
+        numpy's per-call cost paid once per stack (a tile's arrays are small: that cost was most of QC's)."""
         t0 = time.perf_counter()
         cell, b = self.cell, self.bin
-        n_rows, n_cols = pixels.shape[0] // cell, pixels.shape[1] // cell
-        if n_rows and n_cols:
-            self._add(x, y, pixels[: n_rows * cell, : n_cols * cell], n_rows, n_cols, cell // b)
-        self.seconds += time.perf_counter() - t0
-
-    def _add(self, x: int, y: int, block: NDArray[np.uint8], n_rows: int, n_cols: int, c: int) -> None:
+        n_rows, n_cols = stack.shape[1] // cell, stack.shape[2] // cell
+        if not (n_rows and n_cols):
+            return [None] * len(stack)
+        block = stack[:, : n_rows * cell, : n_cols * cell]
+        c = cell // b
         # Focus on the green channel binned to focus_mpp: green carries most of the contrast of both
         # stains. Only the binned rows each direction needs around every FOCUS_LINE_STEP-th one are binned.
-        b = self.bin
         step = FOCUS_LINE_STEP if c % FOCUS_LINE_STEP == 0 else 1
-        green = block[:, :, 1]
+        green = block[..., 1]
         sums = direction_focus_sums(lambda at: _binned_rows(green, b, at), n_rows * c, c, step)
         # Colour (tissue, clipping, stains) from a sparse grid of single pixels: enough per cell for a
         # fraction, and unmixed pixels are what Macenko wants.
         k = COLOUR_STEP if (c * b) % COLOUR_STEP == 0 else 1
-        colour = block[::k, ::k]
+        colour = block[:, ::k, ::k]
         ck = c * b // k
         od = optical_density(colour, self.glass)
-        red, green_od, blue = od[:, :, 0], od[:, :, 1], od[:, :, 2]  # per channel: numpy is slow over a last axis of 3
+        red, green_od, blue = od[..., 0], od[..., 1], od[..., 2]  # per channel: numpy is slow over a last axis of 3
         stained = red + green_od + blue > self.config.tissue_od
-        full = [colour[:, :, i] == 255 for i in range(3)]
+        full = [colour[..., i] == 255 for i in range(3)]
         clipped = stained & ((full[0] & full[1]) | (full[0] & full[2]) | (full[1] & full[2])
-                             | (np.minimum(np.minimum(colour[:, :, 0], colour[:, :, 1]), colour[:, :, 2]) == 0))
+                             | (np.minimum(np.minimum(colour[..., 0], colour[..., 1]), colour[..., 2]) == 0))
         tissue = _cell_sum(stained.astype(np.float32), ck) / (ck * ck)
         clip = _cell_sum(clipped.astype(np.float32), ck) / (ck * ck)
-        # Each cell lands on the slide-wide cell its centre falls in (at most half a cell off).
-        rows = np.clip((y + (np.arange(n_rows) + 0.5) * self.cell) // self.cell, 0, self.grid.tissue.shape[0] - 1)
-        cols = np.clip((x + (np.arange(n_cols) + 0.5) * self.cell) // self.cell, 0, self.grid.tissue.shape[1] - 1)
-        index = np.ix_(rows.astype(np.intp), cols.astype(np.intp))
-        g = self.grid
-        g.sums[(slice(None), *index)] = sums
-        g.tissue[index] = tissue
-        g.clipped[index] = clip
-        g.seen[index] = True
         # Stain samples: dense pixels (Macenko's beta on the mean OD) of colours a mix of H and E can make:
         # both absorb green most (or nearly); blue and green ink, black ink and dirt would otherwise become
         # the robust extremes Macenko takes as the stains. Both also absorb blue at least
         # stain_min_blue_per_red as much as red (haematoxylin 0.44-1.4, eosin >1; blue marker ink ~0.1): ink
         # laid over nuclei otherwise passes as haematoxylin and turns the H vector towards the ink, so that
         # the same ink over tissue then lies inside the H-E cone and is missed as pen.
-        dense = od[(red + green_od + blue > 3 * MIN_STAIN_OD) & (green_od >= 0.9 * red) & (green_od >= 0.9 * blue)
-                   & (blue >= self.config.stain_min_blue_per_red * red)
-                   & (np.minimum(np.minimum(red, green_od), blue) < self.config.dark_od)]
+        dense = ((red + green_od + blue > 3 * MIN_STAIN_OD) & (green_od >= 0.9 * red) & (green_od >= 0.9 * blue)
+                 & (blue >= self.config.stain_min_blue_per_red * red)
+                 & (np.minimum(np.minimum(red, green_od), blue) < self.config.dark_od))
+        seconds = (time.perf_counter() - t0) / len(stack)
+        return [TileQc(x, y, n_rows, n_cols, sums[:, i], tissue[i], clip[i], od[i][dense[i]], seconds)
+                for i, (x, y) in enumerate(zip(xs, ys, strict=True))]
+
+    def add(self, measured: TileQc | None) -> None:
+        """A tile's measures (``measure``) onto the slide's grid; call from one thread, in the stream's order."""
+        if measured is None:
+            return
+        t0 = time.perf_counter()
+        x, y, n_rows, n_cols = measured.x, measured.y, measured.n_rows, measured.n_cols
+        # Each cell lands on the slide-wide cell its centre falls in (at most half a cell off).
+        rows = np.clip((y + (np.arange(n_rows) + 0.5) * self.cell) // self.cell, 0, self.grid.tissue.shape[0] - 1)
+        cols = np.clip((x + (np.arange(n_cols) + 0.5) * self.cell) // self.cell, 0, self.grid.tissue.shape[1] - 1)
+        index = np.ix_(rows.astype(np.intp), cols.astype(np.intp))
+        g = self.grid
+        g.sums[(slice(None), *index)] = measured.sums
+        g.tissue[index] = measured.tissue
+        g.clipped[index] = measured.clipped
+        g.seen[index] = True
+        dense = measured.dense
         if len(dense):
             n = min(len(dense), self.config.stain_samples_per_tile)
             self._samples.append(dense[self._rng.integers(0, len(dense), n)])
@@ -473,6 +519,7 @@ class QcAccumulator:
                 pooled = np.concatenate(self._samples)
                 pooled = pooled[self._rng.integers(0, len(pooled), self.config.stain_samples_max)]
                 self._samples, self._sampled = [pooled], len(pooled)
+        self.seconds += measured.seconds + time.perf_counter() - t0
 
     # --- the slide ------------------------------------------------------------------------------
 
@@ -592,23 +639,24 @@ class QcAccumulator:
 
 
 def _binned_rows(image: NDArray[np.uint8], b: int, at: NDArray[np.intp]) -> NDArray[np.int16]:
-    """Rows ``at`` (clipped) of the image binned b x b, as int16 sums (b <= 11; Crete's ratios ignore the scale)."""
-    at = np.clip(at, 0, image.shape[0] // b - 1) * b
-    total = image[at].astype(np.uint16)
+    """Rows ``at`` (clipped) of the image (``(..., h, w)``) binned b x b, as int16 sums (b <= 11; Crete's ratios
+    ignore the scale)."""
+    at = np.clip(at, 0, image.shape[-2] // b - 1) * b
+    total = image[..., at, :].astype(np.uint16)
     for offset in range(1, b):
-        total += image[at + offset]
-    width = image.shape[1] // b
-    binned = total[:, 0: width * b: b]
+        total += image[..., at + offset, :]
+    width = image.shape[-1] // b
+    binned = total[..., 0: width * b: b]
     for offset in range(1, b):  # strided adds: far faster than a sum over a last axis of 2
-        binned = binned + total[:, offset: width * b: b]
+        binned = binned + total[..., offset: width * b: b]
     return binned.astype(np.int16)
 
 
 def _cell_sum(a: NDArray[np.float32], cell: tuple[int, int] | int) -> NDArray[np.float32]:
-    """Sums over cells (h, w) of a 2-D array whose sides are multiples of them (last axis first: contiguous)."""
+    """Sums over cells (h, w) of an array ``(..., H, W)`` whose sides are multiples of them (last axis first)."""
     ch, cw = (cell, cell) if isinstance(cell, int) else cell
-    rows, cols = a.shape[0] // ch, a.shape[1] // cw
-    return np.asarray(a.reshape(rows, ch, cols, cw).sum(axis=3).sum(axis=1), np.float32)
+    rows, cols = a.shape[-2] // ch, a.shape[-1] // cw
+    return np.asarray(a.reshape(*a.shape[:-2], rows, ch, cols, cw).sum(axis=-1).sum(axis=-2), np.float32)
 
 
 def summary_lines(qc: Mapping[str, Any], scanner: str | None = None) -> list[str]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,12 @@ class TileBatch:
     index: int
     tiles: tuple[Tile, ...]
     pixels: np.ndarray
+    measures: tuple[Any, ...] = ()  # what the stream's ``measure`` returned for each tile, when it has one
+
+
+# A measurement the reader threads make on each batch as it is decoded (e.g. scan QC): (its tiles, its
+# pixels) to one result per tile; it must not change shared state, since readers run it side by side.
+TileMeasure = Callable[[tuple[Tile, ...], np.ndarray], tuple[Any, ...]]
 
 
 @dataclass
@@ -59,6 +66,7 @@ class TileStream:
         batch_size: int = 4,
         queue_depth: int = 4,
         cancel_event: threading.Event | None = None,
+        measure: TileMeasure | None = None,
     ) -> None:
         if threads < 1 or batch_size < 1 or queue_depth < 1:
             raise ValueError(f"threads={threads}, batch_size={batch_size}, queue_depth={queue_depth} must all be >= 1")
@@ -68,6 +76,7 @@ class TileStream:
         self.threads = threads
         self.batch_size = batch_size
         self.queue_depth = queue_depth
+        self.measure = measure
         self.stats = StreamStats()
         self._cancel = cancel_event or threading.Event()
         self._stop = threading.Event()
@@ -181,9 +190,12 @@ class TileStream:
                 pixels[i] = BACKGROUND
             view = pixels[i, : tile.height, : tile.width]
             self.slide.read_region(tile.x0, tile.y0, tile.width, tile.height, self.scale, out=view)
+        read = time.perf_counter() - t0
+        # measured here, while the consumer runs the detector on earlier batches, not after it
+        measures = self.measure(tiles, pixels) if self.measure is not None else ()
         with self.stats._lock:
-            self.stats.read_seconds += time.perf_counter() - t0
-        return TileBatch(index=b, tiles=tiles, pixels=pixels)
+            self.stats.read_seconds += read
+        return TileBatch(index=b, tiles=tiles, pixels=pixels, measures=measures)
 
 
 @dataclass(frozen=True)
@@ -235,9 +247,10 @@ def plan_slide(slide: Slide, config: Config) -> SlidePlan:
 
 
 def open_stream(
-    slide: Slide, slide_plan: SlidePlan, config: Config, cancel_event: threading.Event | None = None
+    slide: Slide, slide_plan: SlidePlan, config: Config, cancel_event: threading.Event | None = None,
+    measure: TileMeasure | None = None,
 ) -> TileStream:
-    """A TileStream with the configured threads, batch size and queue depth."""
+    """A TileStream with the configured threads, batch size and queue depth (and ``measure`` per tile)."""
     return TileStream(
         slide,
         slide_plan.plan,
@@ -246,4 +259,5 @@ def open_stream(
         batch_size=config.stream.batch_size,
         queue_depth=config.stream.queue_depth,
         cancel_event=cancel_event,
+        measure=measure,
     )
