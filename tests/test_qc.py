@@ -220,7 +220,6 @@ def test_tiles_measured_together_in_the_readers_give_the_same_figures_as_one_by_
     # the tile stream's readers measure each batch as one stack (numpy's per-call cost paid once per batch);
     # the figures must be those of each tile alone, and a smaller tile at the slide's edge is measured on its
     # own pixels, not on the white padding of its batch slot
-    from edge.analysis.pipeline import _measure_qc
     from edge.wsi.tiling import Tile
 
     rng = np.random.default_rng(5)
@@ -230,7 +229,7 @@ def test_tiles_measured_together_in_the_readers_give_the_same_figures_as_one_by_
     tiles = tuple(Tile(index=i, col=i, row=0, x=1024 * i, y=0, width=1024, height=700 if i == 3 else 1024,
                        x0=1024.0 * i, y0=0.0, width0=1024.0, height0=700.0 if i == 3 else 1024.0) for i in range(4))
     acc = QcAccumulator(4096, 1024, 0.25, QcConfig(), np.full(3, 245.0, np.float32))
-    together = _measure_qc(acc, tiles, pixels)
+    together = acc.measure_batch(tiles, pixels)
     for tile, measured in zip(tiles, together, strict=True):
         alone = acc.measure(tile.x, tile.y, pixels[tile.col, : tile.height, : tile.width])
         assert measured is not None and alone is not None

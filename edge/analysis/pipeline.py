@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import functools
 import logging
 import threading
 import time
@@ -33,7 +32,7 @@ from edge.analysis.classify import (
 )
 from edge.analysis.detect import Boxes, TileOwnership, decode, keep_owned, merge_indices, nms, to_slide
 from edge.analysis.provenance import BundleProvenance, Provenance
-from edge.analysis.qc import QcAccumulator, QcMaps, TileQc
+from edge.analysis.qc import QcAccumulator, QcMaps
 from edge.analysis.scoring import (
     Figure,
     SlideResult,
@@ -359,7 +358,7 @@ def _detect(
 
     done = 0
     try:
-        measure = None if qc is None else functools.partial(_measure_qc, qc)
+        measure = None if qc is None else qc.measure_batch  # in the stream's reader threads
         with open_stream(slide, sp, config, cancel_event, measure) as stream:
             for batch in stream:
                 if in_flight:
@@ -383,23 +382,6 @@ def _detect(
             except EdgeError:
                 pass
     return candidates
-
-
-def _measure_qc(qc: QcAccumulator, tiles: tuple[Tile, ...], pixels: np.ndarray) -> tuple[TileQc | None, ...]:
-    """Scan QC's measures of one batch, in a reader thread: the full-size tiles as one stack, a smaller
-    tile (at the slide's right or bottom edge) alone, on its pixels only (not the white padding)."""
-    size = pixels.shape[1:3]
-    full = [i for i, t in enumerate(tiles) if (t.height, t.width) == size]
-    out: list[TileQc | None] = [None] * len(tiles)
-    if full:
-        stack = pixels if len(full) == len(tiles) else pixels[full]
-        measured = qc.measure_stack([tiles[i].x for i in full], [tiles[i].y for i in full], stack)
-        for i, m in zip(full, measured, strict=True):
-            out[i] = m
-    for i, t in enumerate(tiles):
-        if i not in full:
-            out[i] = qc.measure(t.x, t.y, pixels[i, : t.height, : t.width])
-    return tuple(out)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from scipy import ndimage
 from edge.analysis.scoring import Figure, find_hotspot, hotspot_radius_um, points_in_hotspot
 from edge.config import QcConfig
 from edge.errors import QcError
+from edge.wsi.tiling import Tile
 
 __all__ = [
     "REFERENCE_STAINS",
@@ -451,6 +452,22 @@ class QcAccumulator:
         the stream's order, so QC's figures do not depend on which thread measured a tile.
         """
         return self.measure_stack([x], [y], pixels[None])[0]
+
+    def measure_batch(self, tiles: tuple[Tile, ...], pixels: NDArray[np.uint8]) -> tuple[TileQc | None, ...]:
+        """``measure`` of one batch of the tile stream (a ``TileMeasure``): the full-size tiles as one stack, a
+        smaller tile (at the slide's right or bottom edge) alone, on its pixels only (not the white padding)."""
+        size = pixels.shape[1:3]
+        full = [i for i, t in enumerate(tiles) if (t.height, t.width) == size]
+        out: list[TileQc | None] = [None] * len(tiles)
+        if full:
+            stack = pixels if len(full) == len(tiles) else pixels[full]
+            measured = self.measure_stack([tiles[i].x for i in full], [tiles[i].y for i in full], stack)
+            for i, m in zip(full, measured, strict=True):
+                out[i] = m
+        for i in sorted(set(range(len(tiles))) - set(full)):
+            t = tiles[i]
+            out[i] = self.measure(t.x, t.y, pixels[i, : t.height, : t.width])
+        return tuple(out)
 
     def measure_stack(
         self, xs: Sequence[int], ys: Sequence[int], stack: NDArray[np.uint8]

@@ -500,10 +500,13 @@ def bench_analyze(
             # the faster of each: the one-off costs and a noisy neighbour are then no one's overhead.
             no_qc = dataclasses.replace(config, qc=dataclasses.replace(config.qc, enabled=False))
             analyze_slide(path, config, engines=engines)
-            runs = [analyze_slide(path, c, engines=engines) for c in (no_qc, config) * 2] if config.qc.enabled \
-                else [analyze_slide(path, config, engines=engines)]
-            analysis = min(runs[1::2] or runs, key=lambda a: a.times.total)
-            without_qc = min(runs[0::2], key=lambda a: a.times.total) if config.qc.enabled else analysis
+            with_runs, without_runs = [], []
+            for _ in range(2 if config.qc.enabled else 1):
+                if config.qc.enabled:
+                    without_runs.append(analyze_slide(path, no_qc, engines=engines))
+                with_runs.append(analyze_slide(path, config, engines=engines))
+            analysis = min(with_runs, key=lambda a: a.times.total)
+            without_qc = min(without_runs, key=lambda a: a.times.total) if without_runs else analysis
             detector_tps.append(_detector_rate(engines.detector, held, detector_seconds))
             read_s.append(_read_all(slide, sp, pconfig, [], 0))
     n = analysis.tiles
