@@ -38,7 +38,7 @@ ANALYZE_KEYS = [
     "slide", "tiles", "tile_layout", "tile_plan", "candidates", "backend", "bundle", "batch_size",
     "read_tiles_per_s", "detector_tiles_per_s", "detector_tiles_per_s_before_after", "read_seconds_before_after",
     "end_to_end_tiles_per_s", "end_to_end_seconds", "ratio", "end_to_end_seconds_without_qc", "qc_overhead",
-    "qc_seconds", "qc_share", "stage_seconds", "peak_rss_mb",
+    "qc_overhead_median", "qc_runs", "qc_seconds", "qc_share", "stage_seconds", "peak_rss_mb",
 ]
 DAEMON_KEYS = [
     "slides", "finished_in_time", "jobs", "done", "failed", "slides_with_one_job", "slides_with_several_jobs",
@@ -85,7 +85,7 @@ def test_bench_engine_json_nests_models_and_names_bare_figures_only_on_onnxrunti
 def test_bench_analyze_daemon_latency_and_cohort_json_keep_their_keys() -> None:
     analyze = AnalyzeBench(
         "s.tiff", 16, "fit", {"tiles": 16}, 3, "onnxruntime", "demo", 4, 1.0, 2.0, (2.0, 1.9), (0.5, 0.4),
-        0.9, 17.0, 0.9, 16.0, 0.06, 0.5, 0.03, {"read": 1.0}, 300.0,
+        0.9, 17.0, 0.9, 16.0, 0.06, 0.05, 3, 0.5, 0.03, {"read": 1.0}, 300.0,
     )  # fmt: skip
     assert list(to_json(analyze)) == ANALYZE_KEYS
     assert to_json(analyze)["detector_tiles_per_s_before_after"] == [2.0, 1.9]

@@ -354,11 +354,12 @@ def test_a_real_slide_in_focus_passes_and_names_its_scanner(tmp_path: Path) -> N
 
 def test_qc_overhead_is_reported_by_bench_analyze(synth_slide: SynthFactory) -> None:
     slide = synth_slide(width=2048, height=2048, seed=7104)
-    result = run_cli("bench", "analyze", str(slide), "--json", "--detector-seconds", "0.5")
+    result = run_cli("bench", "analyze", str(slide), "--json", "--detector-seconds", "0.5", "--qc-runs", "2")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["qc_seconds"] > 0 and 0 < report["qc_share"] < 1
     assert report["end_to_end_seconds_without_qc"] > 0 and report["qc_overhead"] is not None
+    assert report["qc_runs"] == 2 and report["qc_overhead_median"] is not None
 
 
 def test_config_section_is_complete() -> None:

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_UPSAMPLING = 2.5  # a slide coarser than 2.5x the model's mpp has too little detail to find mitoses
+QC_MEASURE_TILES = 32  # scan QC measures the tiles' samples in stacks of this many (see QcAccumulator)
 OVERVIEW_SIDE_PX = 2048  # the overlay's thumbnail: enough to see each figure's mark on a 15 mm slide
 HOTSPOT_VIEW_PX = 768  # the overlay's inset of the hotspot field: about 2 µm/px for a 2 mm² field
 
@@ -210,11 +212,16 @@ def _analyze(
         )
         clock.since("score", t0)
         info = slide.info
-        qc_section, qc_maps = _finish_qc(qc, sp, mpp0, figures, bundle.decision.hotspot_area_mm2, scores)
-        overview, overview_mpp = slide.thumbnail(
-            max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
-        )
-        hotspot_view = _hotspot_view(slide, _hotspot_center(scores), radius_um)
+        # Scan QC's slide-wide part (maps, stains, verdict) in a thread while this one reads the overview and
+        # the hotspot view (mostly image decoding, which leaves the interpreter free): on two cores or more
+        # QC's last step then costs next to nothing.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-qc-finish") as pool:
+            qc_done = pool.submit(_finish_qc, qc, sp, mpp0, figures, bundle.decision.hotspot_area_mm2, scores)
+            overview, overview_mpp = slide.thumbnail(
+                max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
+            )
+            hotspot_view = _hotspot_view(slide, _hotspot_center(scores), radius_um)
+            qc_section, qc_maps = qc_done.result()
         times = clock.stage_times(total=time.perf_counter() - t_start)
         slide_meta = {
             "width": info.width, "height": info.height, "mpp_x": mpp0[0], "mpp_y": mpp0[1],
@@ -342,7 +349,7 @@ def _detect(
         raw = outputs[spec.output]
         for i, tile in enumerate(batch.tiles):
             if qc is not None:
-                qc.add(batch.measures[i])  # measured by the stream's reader threads (qc.measure)
+                qc.add(batch.measures[i])  # sampled by the stream's reader threads (qc.sample_batch)
             boxes = nms(decode(raw[i], spec), spec.nms_iou, spec.max_detections)
             candidates.raw += len(boxes)
             if len(boxes) == 0:
@@ -358,8 +365,8 @@ def _detect(
 
     done = 0
     try:
-        measure = None if qc is None else qc.measure_batch  # in the stream's reader threads
-        with open_stream(slide, sp, config, cancel_event, measure) as stream:
+        sample = None if qc is None else qc.sample_batch  # in the stream's reader threads
+        with open_stream(slide, sp, config, cancel_event, sample) as stream:
             for batch in stream:
                 if in_flight:
                     first = in_flight.pop()
@@ -367,6 +374,8 @@ def _detect(
                     done += len(first[0].tiles)
                     report("detect", done, len(sp.plan))
                 in_flight.append((batch, detector.submit(batch.pixels)))
+                if qc is not None:  # while the detector runs this batch: QC's samples so far, as one stack
+                    qc.measure_pending(QC_MEASURE_TILES)
             while in_flight:
                 first = in_flight.pop()
                 collect(first)

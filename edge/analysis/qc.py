@@ -64,10 +64,10 @@ CRETE_WINDOW = 9  # px of the re-blurring box filter (Crete et al.)
 MIN_STAIN_OD = 0.15  # Macenko's beta: mean optical density below this is glass or noise
 MACENKO_PERCENTILE = 1.0  # Macenko's alpha: robust extremes of the angle distribution
 MIN_STAIN_PIXELS = 200
-FOCUS_LINE_STEP = 16  # focus from every 16th row at focus_mpp: 4 rows of a 32 µm cell, 36 of a pooled 96 µm field
+FOCUS_LINE_STEP = 32  # focus from every 32nd row at focus_mpp: 2 rows of a 32 µm cell, 18 of a pooled 96 µm field
 # (dy, dx) of the neighbour differences focus is measured along: horizontal, vertical and both diagonals.
 FOCUS_DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
-COLOUR_STEP = 16  # colour measures from every 16th pixel of each 16th row (4 µm apart at 0.25 µm/px)
+COLOUR_STEP = 32  # colour measures from every 32nd pixel of each 32nd row (8 µm apart at 0.25 µm/px): 16 a cell
 POOL_CELLS = 3  # focus sums pooled over 3x3 cells: a decision per cell from ~100 µm of tissue
 # Ruifrok & Johnston (2001) H&E optical density vectors: the fallback when a slide has too little stain.
 REFERENCE_STAINS = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])
@@ -110,6 +110,16 @@ def focus_sums(grey: NDArray[np.float32], cell: int, step: int = 1) -> NDArray[n
     return direction_focus_sums(lambda at: g[np.clip(at, 0, max(len(g) - 1, 0))], rows * cell, cell, step)
 
 
+def focus_row_indices(height: int, step: int) -> NDArray[np.intp]:
+    """The rows :func:`direction_focus_sums` reads of an image ``height`` rows tall, in the order
+    :func:`focus_sums_of_rows` takes them: every ``step``-th row (each cell's rows step/2, 3 step/2, ...), then
+    the rows 1, -4 and 5 away from each (clipped to the image)."""
+    half = CRETE_WINDOW // 2
+    at = np.arange(step // 2, height, step, dtype=np.intp)
+    rows: NDArray[np.intp] = np.clip(np.concatenate([at + dy for dy in (0, 1, -half, half + 1)]), 0, max(height - 1, 0))
+    return rows
+
+
 def direction_focus_sums(
     rows_of: Callable[[NDArray[np.intp]], NDArray[Any]], height: int, cell: int, step: int
 ) -> NDArray[np.float32]:
@@ -123,10 +133,16 @@ def direction_focus_sums(
     Rows may carry leading axes (a stack of tiles: ``(..., rows, width)``); the sums then do too,
     ``(8, ..., rows, cols)``, each image's the same as alone.
     """
+    return focus_sums_of_rows(rows_of(focus_row_indices(height, step)), height, cell, step)
+
+
+def focus_sums_of_rows(lines: NDArray[Any], height: int, cell: int, step: int) -> NDArray[np.float32]:
+    """:func:`direction_focus_sums` from the rows it reads (``(..., rows, width)``, the rows
+    :func:`focus_row_indices` names, in its order): what the tile stream's readers take from a tile is
+    measured later, many tiles at once."""
     half = CRETE_WINDOW // 2
-    at = np.arange(step // 2, height, step, dtype=np.intp)
-    offsets = (0, 1, -half, half + 1)  # the rows each sampled row's directions need, fetched in one call
-    lines = rows_of(np.clip(np.concatenate([at + dy for dy in offsets]), 0, max(height - 1, 0)))
+    offsets = (0, 1, -half, half + 1)
+    n_at = len(range(step // 2, height, step))
     lead = lines.shape[:-2]
     n_rows, n_cols = height // cell, lines.shape[-1] // cell
     out = np.zeros((2 * len(FOCUS_DIRECTIONS), *lead, n_rows, n_cols), np.float32)
@@ -135,7 +151,7 @@ def direction_focus_sums(
     width = n_cols * cell
     reach = half + 1
     pad = [(0, 0)] * (lines.ndim - 1) + [(reach, reach)]
-    padded = np.pad(lines[..., :width], pad, mode="edge").reshape(*lead, len(offsets), len(at), width + 2 * reach)
+    padded = np.pad(lines[..., :width], pad, mode="edge").reshape(*lead, len(offsets), n_at, width + 2 * reach)
     row = {dy: padded[..., i, :, :] for i, dy in enumerate(offsets)}
 
     def shifted(dy: int, dx: int) -> NDArray[Any]:
@@ -424,6 +440,24 @@ class TileQc:
     seconds: float
 
 
+@dataclass(frozen=True)
+class TileSample:
+    """What QC takes from one full-size tile in the tile stream's readers (``QcAccumulator.sample_batch``): the
+    binned green rows its focus sums need and its sparse colour pixels, both copies; measured later, with
+    other tiles, into a :class:`TileQc`."""
+
+    x: int
+    y: int
+    n_rows: int
+    n_cols: int
+    rows: NDArray[np.int16]
+    colour: NDArray[np.uint8]
+    seconds: float
+
+
+TileItem = TileSample | TileQc | None  # what QC's TileMeasure gives for each tile of the stream
+
+
 @dataclass
 class _Grid:
     sums: NDArray[np.float32]
@@ -448,6 +482,7 @@ class QcAccumulator:
     glass: NDArray[np.float32]
     seconds: float = 0.0
     _samples: list[NDArray[np.float32]] = field(default_factory=list)
+    _pending: list[TileItem] = field(default_factory=list)
     _sampled: int = 0
 
     def __post_init__(self) -> None:
@@ -463,53 +498,101 @@ class QcAccumulator:
     def add_tile(self, x: int, y: int, pixels: NDArray[np.uint8]) -> None:
         """One tile's pixels (h, w, 3) whose top-left is (x, y) in tile px: ``add(measure(x, y, pixels))``."""
         self.add(self.measure(x, y, pixels))
+        self.measure_pending()
 
     def measure(self, x: int, y: int, pixels: NDArray[np.uint8]) -> TileQc | None:
         """What QC takes from one tile (h, w, 3) at (x, y) in tile px; None for a tile smaller than a cell.
 
-        Reads only the accumulator's settings, never its state: the tile stream's reader threads call it
-        as each tile is decoded (beside the detector, not after it), and the consumer adds the results in
-        the stream's order, so QC's figures do not depend on which thread measured a tile.
+        Reads only the accumulator's settings, never its state, so it may run in any thread.
         """
         return self.measure_stack([x], [y], pixels[None])[0]
 
-    def measure_batch(self, tiles: tuple[Tile, ...], pixels: NDArray[np.uint8]) -> tuple[TileQc | None, ...]:
-        """``measure`` of one batch of the tile stream (a ``TileMeasure``): the full-size tiles as one stack, a
-        smaller tile (at the slide's right or bottom edge) alone, on its pixels only (not the white padding)."""
+    def sample_batch(self, tiles: tuple[Tile, ...], pixels: NDArray[np.uint8]) -> tuple[TileItem, ...]:
+        """What QC takes from one batch of the tile stream (a ``TileMeasure``, run in the stream's reader threads
+        as each batch is decoded): the rows focus needs and the sparse colour pixels of each full-size tile (a
+        :class:`TileSample`, measured later with other tiles by :meth:`measure_pending`), a smaller tile (at the
+        slide's right or bottom edge) measured at once on its own pixels (not the white padding).
+
+        Sampling is a few numpy calls a batch; measuring many tiles at once takes the interpreter lock a few
+        times for all of them instead of a hundred times a batch, which the readers and the detector loop
+        wait for (two threads measuring 4-tile batches ran at 0.42 of one thread's rate, 16-tile ones 0.75).
+        """
         size = pixels.shape[1:3]
         full = [i for i, t in enumerate(tiles) if (t.height, t.width) == size]
-        out: list[TileQc | None] = [None] * len(tiles)
+        out: list[TileItem] = [None] * len(tiles)
         if full:
-            stack = pixels if len(full) == len(tiles) else pixels[full]
-            measured = self.measure_stack([tiles[i].x for i in full], [tiles[i].y for i in full], stack)
-            for i, m in zip(full, measured, strict=True):
-                out[i] = m
+            t0 = time.perf_counter()
+            sampled = self._sample_stack(pixels if len(full) == len(tiles) else pixels[full])
+            if sampled is not None:
+                rows, colour, n_rows, n_cols = sampled
+                seconds = (time.perf_counter() - t0) / len(full)
+                for j, i in enumerate(full):
+                    out[i] = TileSample(tiles[i].x, tiles[i].y, n_rows, n_cols, rows[j], colour[j], seconds)
         for i in sorted(set(range(len(tiles))) - set(full)):
             t = tiles[i]
             out[i] = self.measure(t.x, t.y, pixels[i, : t.height, : t.width])
         return tuple(out)
 
+    def measure_batch(self, tiles: tuple[Tile, ...], pixels: NDArray[np.uint8]) -> tuple[TileQc | None, ...]:
+        """``measure`` of each tile of one batch (sampled with :meth:`sample_batch`, measured at once)."""
+        items = self.sample_batch(tiles, pixels)
+        samples = [item for item in items if isinstance(item, TileSample)]
+        measured = iter(self._measure_samples(samples))
+        return tuple(next(measured) if isinstance(item, TileSample) else item for item in items)
+
     def measure_stack(
         self, xs: Sequence[int], ys: Sequence[int], stack: NDArray[np.uint8]
     ) -> list[TileQc | None]:
-        """``measure`` of tiles of one size at once, ``stack`` (n, h, w, 3): the same figures as one by one, with
-        numpy's per-call cost paid once per stack (a tile's arrays are small: that cost was most of QC's)."""
+        """``measure`` of tiles of one size at once, ``stack`` (n, h, w, 3): the same figures as one by one."""
         t0 = time.perf_counter()
+        sampled = self._sample_stack(stack)
+        if sampled is None:
+            return [None] * len(stack)
+        rows, colour, n_rows, n_cols = sampled
+        seconds = (time.perf_counter() - t0) / len(stack)
+        return list(self._measure_samples([
+            TileSample(x, y, n_rows, n_cols, rows[i], colour[i], seconds)
+            for i, (x, y) in enumerate(zip(xs, ys, strict=True))
+        ]))
+
+    def _steps(self) -> tuple[int, int]:
+        """(focus row step at focus_mpp, colour step at the tile's mpp) for this accumulator's cell."""
+        c = self.cell // self.bin
+        return (FOCUS_LINE_STEP if c % FOCUS_LINE_STEP == 0 else 1,
+                COLOUR_STEP if self.cell % COLOUR_STEP == 0 else 1)
+
+    def _sample_stack(
+        self, stack: NDArray[np.uint8]
+    ) -> tuple[NDArray[np.int16], NDArray[np.uint8], int, int] | None:
+        """(binned focus rows (n, rows, width), colour pixels (n, h, w, 3), cell rows, cell cols) of a stack of
+        tiles of one size; None when a tile is smaller than a cell. Both are copies: the tiles can go."""
         cell, b = self.cell, self.bin
         n_rows, n_cols = stack.shape[1] // cell, stack.shape[2] // cell
         if not (n_rows and n_cols):
-            return [None] * len(stack)
+            return None
         block = stack[:, : n_rows * cell, : n_cols * cell]
-        c = cell // b
+        step, k = self._steps()
         # Focus on the green channel binned to focus_mpp: green carries most of the contrast of both
-        # stains. Only the binned rows each direction needs around every FOCUS_LINE_STEP-th one are binned.
-        step = FOCUS_LINE_STEP if c % FOCUS_LINE_STEP == 0 else 1
-        sums = direction_focus_sums(lambda at: _binned_rows(block, b, at, 1), n_rows * c, c, step)
+        # stains. Only the binned rows each direction needs around every step-th one are binned.
+        rows = _binned_rows(block, b, focus_row_indices(n_rows * (cell // b), step), 1)
         # Colour (tissue, clipping, stains) from a sparse grid of single pixels: enough per cell for a
         # fraction, and unmixed pixels are what Macenko wants.
-        k = COLOUR_STEP if (c * b) % COLOUR_STEP == 0 else 1
-        colour = block[:, ::k, ::k]
-        ck = c * b // k
+        colour = np.ascontiguousarray(block[:, ::k, ::k])
+        return rows, colour, n_rows, n_cols
+
+    def _measure_samples(self, samples: Sequence[TileSample]) -> list[TileQc]:
+        """The measures of sampled tiles (all of one size), as one stack."""
+        if not samples:
+            return []
+        t0 = time.perf_counter()
+        first = samples[0]
+        n_rows, n_cols = first.n_rows, first.n_cols
+        c = self.cell // self.bin
+        step, k = self._steps()
+        lines = np.stack([s.rows for s in samples])
+        colour = np.stack([s.colour for s in samples])
+        sums = focus_sums_of_rows(lines, n_rows * c, c, step)
+        ck = self.cell // k
         od = optical_density(colour, self.glass)
         red, green_od, blue = od[..., 0], od[..., 1], od[..., 2]  # per channel: numpy is slow over a last axis of 3
         stained = red + green_od + blue > self.config.tissue_od
@@ -527,12 +610,31 @@ class QcAccumulator:
         dense = ((red + green_od + blue > 3 * MIN_STAIN_OD) & (green_od >= 0.9 * red) & (green_od >= 0.9 * blue)
                  & (blue >= self.config.stain_min_blue_per_red * red)
                  & (np.minimum(np.minimum(red, green_od), blue) < self.config.dark_od))
-        seconds = (time.perf_counter() - t0) / len(stack)
-        return [TileQc(x, y, n_rows, n_cols, sums[:, i], tissue[i], clip[i], od[i][dense[i]], seconds)
-                for i, (x, y) in enumerate(zip(xs, ys, strict=True))]
+        seconds = (time.perf_counter() - t0) / len(samples)
+        return [TileQc(s.x, s.y, n_rows, n_cols, sums[:, i], tissue[i], clip[i], od[i][dense[i]], s.seconds + seconds)
+                for i, s in enumerate(samples)]
 
-    def add(self, measured: TileQc | None) -> None:
-        """A tile's measures (``measure``) onto the slide's grid; call from one thread, in the stream's order."""
+    def add(self, item: TileItem) -> None:
+        """One tile's item from the stream (``sample_batch``: a sample, a measure or None), in the stream's order;
+        call from one thread. Samples wait for :meth:`measure_pending`; the grid takes every item in this order."""
+        if self._pending or isinstance(item, TileSample):
+            self._pending.append(item)
+        else:
+            self._place(item)
+
+    def measure_pending(self, at_least: int = 0) -> None:
+        """Measure the waiting samples as one stack (once there are ``at_least`` of them) and place every waiting
+        item on the grid in the stream's order. The pipeline calls it while the detector runs a batch."""
+        samples = [item for item in self._pending if isinstance(item, TileSample)]
+        if not self._pending or len(samples) < at_least:
+            return
+        measured = iter(self._measure_samples(samples))
+        pending, self._pending = self._pending, []
+        for item in pending:
+            self._place(next(measured) if isinstance(item, TileSample) else item)
+
+    def _place(self, measured: TileQc | None) -> None:
+        """A tile's measures onto the slide's grid."""
         if measured is None:
             return
         t0 = time.perf_counter()
@@ -595,6 +697,7 @@ class QcAccumulator:
         plain_hotspot: tuple[float, float] | None,
     ) -> tuple[dict[str, Any], QcMaps]:
         """The slide's qc section (docs/results.md) and its maps."""
+        self.measure_pending()
         t0 = time.perf_counter()
         cfg = self.config
         tissue, oof, blur = self.out_of_focus_map()

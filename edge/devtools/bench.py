@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import resource
+import statistics
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -125,6 +126,8 @@ class AnalyzeBench:
     ratio: float | None  # end to end over the slower baseline
     end_to_end_seconds_without_qc: float
     qc_overhead: float | None
+    qc_overhead_median: float | None
+    qc_runs: int
     qc_seconds: float | None
     qc_share: float | None
     stage_seconds: Mapping[str, float]
@@ -468,7 +471,7 @@ def _bare_session_loop(path: Path, engine: Any, config: Config, data: list[Any])
 
 
 def bench_analyze(
-    path: str | Path, config: Config, *, detector_batches: int = 8, detector_seconds: float = 2.0
+    path: str | Path, config: Config, *, detector_batches: int = 8, detector_seconds: float = 2.0, qc_runs: int = 3
 ) -> AnalyzeBench:
     """End to end against read-only and detector-only, measured in one run with the same engines.
 
@@ -497,11 +500,12 @@ def bench_analyze(
             # Scan QC's cost: the same analysis without it, in the same run (and QC's own seconds, which
             # noise on a shared machine does not blur). A first analysis warms what every later one reuses
             # (the classifiers' first runs, the page cache); then without and with QC in turn, twice, and
-            # the faster of each: the one-off costs and a noisy neighbour are then no one's overhead.
+            # the faster of each: the one-off costs and a noisy neighbour are then no one's overhead. A few per
+            # cent is what is measured, and one run on a shared machine varies by as much: qc_runs of each.
             no_qc = dataclasses.replace(config, qc=dataclasses.replace(config.qc, enabled=False))
             analyze_slide(path, config, engines=engines)
             with_runs, without_runs = [], []
-            for _ in range(2 if config.qc.enabled else 1):
+            for _ in range(max(1, qc_runs) if config.qc.enabled else 1):
                 if config.qc.enabled:
                     without_runs.append(analyze_slide(path, no_qc, engines=engines))
                 with_runs.append(analyze_slide(path, config, engines=engines))
@@ -533,11 +537,21 @@ def bench_analyze(
         ratio=e2e_tps / slower if slower > 0 else None,
         end_to_end_seconds_without_qc=without_qc.times.total,
         qc_overhead=total / without_qc.times.total - 1.0 if without_qc.times.total > 0 else None,
+        qc_overhead_median=_median_overhead(with_runs, without_runs),
+        qc_runs=len(without_runs),
         qc_seconds=qc_seconds,
         qc_share=(qc_seconds or 0.0) / total if total > 0 else None,
         stage_seconds=analysis.times.to_dict(),
         peak_rss_mb=peak_rss_mb(),
     )
+
+
+def _median_overhead(with_runs: list[Any], without_runs: list[Any]) -> float | None:
+    """Median end to end with QC over the median without it, minus 1; None without runs of both."""
+    if not with_runs or not without_runs:
+        return None
+    without = statistics.median(a.times.total for a in without_runs)
+    return statistics.median(a.times.total for a in with_runs) / without - 1.0 if without > 0 else None
 
 
 def bench_daemon(
