@@ -421,9 +421,10 @@ class QcConfig:
     min_cell_tissue: float = 0.5  # a cell is tissue when this share of its pixels is stained
     tissue_od: float = 0.3  # summed RGB optical density above which a QC pixel is stained
     focus_threshold: float = 0.44  # blur above which a cell is out of focus (sharp synthetic ~0.27, real ~0.2)
-    focus_grow_threshold: float = 0.35  # an out-of-focus region extends through neighbours above this
+    focus_grow_threshold: float = 0.33  # an out-of-focus region extends through neighbours above this
     fold_od_ratio: float = 1.5  # this many times denser than the slide and its surroundings: folded (doubled ~2x)
     fold_eosin_ratio: float = 1.38  # and its eosin this many times the slide's median eosin (stroma sets that)
+    fold_density_ratio: float = 1.0  # and its density this many times the slide's median (over light stroma: ~1.2x)
     fold_window_um: float = 600.0  # the surroundings of a fold (without its own pixels): wider than a fold (60-140 µm)
     pen_off_plane_deg: float = 14.0  # colour this far off the slide's H-E plane is ink, not stain (stains vary ~5°)
     pen_outside_cone_deg: float = 8.0  # this far outside the H-E cone (blue ink alone is ~30° past haematoxylin)
@@ -450,9 +451,9 @@ class QcConfig:
     drift_sigmas: float = 3.0  # the band: this many baseline standard deviations, if wider
 
     def validate(self) -> None:
-        for name in ("focus_mpp", "cell_um", "fold_od_ratio", "fold_eosin_ratio", "fold_window_um", "pen_off_plane_deg",
-                     "pen_outside_cone_deg", "pen_min_od", "dark_od", "drift_stain_deg", "drift_focus", "drift_sigmas",
-                     "tissue_od", "stain_min_blue_per_red"):
+        for name in ("focus_mpp", "cell_um", "fold_od_ratio", "fold_eosin_ratio", "fold_density_ratio",
+                     "fold_window_um", "pen_off_plane_deg", "pen_outside_cone_deg", "pen_min_od", "dark_od",
+                     "drift_stain_deg", "drift_focus", "drift_sigmas", "tissue_od", "stain_min_blue_per_red"):
             _positive(f"qc.{name}", getattr(self, name))
         for name in ("min_cell_tissue", "focus_threshold", "focus_grow_threshold",
                      "review_out_of_focus_fraction", "rescan_out_of_focus_fraction", "hotspot_out_of_focus_fraction",

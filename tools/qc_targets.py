@@ -34,13 +34,15 @@ from edge.engines import load_bundle, open_engines  # noqa: E402
 # Seeds the thresholds were chosen on (never use them to measure): 101-103 and 6101-6105 with faults, 201-203 and
 # 6201-6205 clean; 8101-8105 and 8201-8205 measured once, then clean 8201's pen false alarm changed Macenko's floor;
 # tests/test_qc.py uses 6202, 7102, 7103, 7106 and 9105. 9101-9105 and 9201-9205 measured, then fold 9105 (missed)
-# chose qc.fold_eosin_ratio. The defaults below were first run to measure.
+# chose qc.fold_eosin_ratio. 10101-10105 and 10201-10205 measured, then checked the sparser sampling for QC's
+# cost; 11101-11105 and 11201-11205 measured, then fold 11103 (missed) chose qc.fold_density_ratio. The defaults
+# below were first run to measure.
 TUNING_SEEDS = (101, 102, 103, 6101, 6102, 6103, 6104, 6105, 8101, 8102, 8103, 8104, 8105,
-                9101, 9102, 9103, 9104, 9105,
+                9101, 9102, 9103, 9104, 9105, 10101, 10102, 10103, 10104, 10105, 11101, 11102, 11103, 11104, 11105,
                 201, 202, 203, 6201, 6202, 6203, 6204, 6205, 8201, 8202, 8203, 8204, 8205,
-                9201, 9202, 9203, 9204, 9205)
-FAULT_SEEDS = (10101, 10102, 10103, 10104, 10105)
-CLEAN_SEEDS = (10201, 10202, 10203, 10204, 10205)
+                9201, 9202, 9203, 9204, 9205, 10201, 10202, 10203, 10204, 10205, 11201, 11202, 11203, 11204, 11205)
+FAULT_SEEDS = (12101, 12102, 12103, 12104, 12105)
+CLEAN_SEEDS = (12201, 12202, 12203, 12204, 12205)
 SIDE = 4096
 
 

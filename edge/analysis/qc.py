@@ -317,7 +317,7 @@ def fold_mask(od: NDArray[np.float32], tissue: NDArray[np.bool_], stains: NDArra
     for _ in range(2):
         weight = ndimage.uniform_filter(surroundings.astype(np.float32), size)
         folded = tissue.copy()
-        bars = (config.fold_od_ratio, config.fold_eosin_ratio)  # times the slide's median density, eosin
+        bars = (config.fold_density_ratio, config.fold_eosin_ratio)  # times the slide's median density, eosin
         for measure, median, bar in zip((total, eosin), medians, bars, strict=True):
             local = ndimage.uniform_filter(np.where(surroundings, measure, 0.0).astype(np.float32), size)
             local = np.where(weight > 0.05, local / np.maximum(weight, 1e-6), median)  # no surroundings: the slide's
