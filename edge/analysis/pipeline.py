@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -33,7 +33,7 @@ from edge.analysis.classify import (
 )
 from edge.analysis.detect import Boxes, TileOwnership, decode, keep_owned, merge_indices, nms, to_slide
 from edge.analysis.provenance import BundleProvenance, Provenance
-from edge.analysis.qc import QcAccumulator, QcMaps
+from edge.analysis.qc import QcAccumulator, QcMaps, SlideQc
 from edge.analysis.scoring import (
     Figure,
     SlideResult,
@@ -191,55 +191,71 @@ def _analyze(
         total = len(sp.plan)
         report("detect", 0, total)
         qc = _qc_accumulator(sp, config)
-        candidates = _detect(slide, sp, config, engines, cancel_event, clock, report, qc)
-        t0 = time.perf_counter()
-        mpp0 = slide.info.level_mpp(0)
-        boxes, p_mitotic, p_atypical = candidates.merged(bundle.detector.merge_radius_um / mpp0[0])
-        figures = _figures(boxes, p_mitotic, p_atypical, bundle, mpp0)
-        clock.since("decode", t0)
-        report("classify", len(figures), len(figures))
-        t0 = time.perf_counter()
-        radius_um = hotspot_radius_um(bundle.decision.hotspot_area_mm2)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-qc") as qc_pool:
+            return _analyze_planned(slide, sp, path, config, engines, cancel_event, clock, report, qc, qc_pool, t_start)
 
-        def tissue_fraction(centres_um: np.ndarray) -> np.ndarray:
-            return tissue_fraction_in_circles(sp.mask, sp.mask_mpp, centres_um, radius_um)
 
-        scores = score_slide(
-            figures,
-            tissue_area_mm2=sp.tissue_area_mm2,
-            hotspot_area_mm2=bundle.decision.hotspot_area_mm2,
-            tissue_fraction=tissue_fraction,
-        )
-        clock.since("score", t0)
-        info = slide.info
-        # Scan QC's slide-wide part (maps, stains, verdict) in a thread while this one reads the overview and
-        # the hotspot view (mostly image decoding, which leaves the interpreter free): on two cores or more
-        # QC's last step then costs next to nothing.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-qc-finish") as pool:
-            qc_done = pool.submit(_finish_qc, qc, sp, mpp0, figures, bundle.decision.hotspot_area_mm2, scores)
-            overview, overview_mpp = slide.thumbnail(
-                max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
-            )
-            hotspot_view = _hotspot_view(slide, _hotspot_center(scores), radius_um)
-            qc_section, qc_maps = qc_done.result()
-        times = clock.stage_times(total=time.perf_counter() - t_start)
-        slide_meta = {
-            "width": info.width, "height": info.height, "mpp_x": mpp0[0], "mpp_y": mpp0[1],
-            "mpp_source": info.mpp_source, "format": info.format, "vendor": info.vendor,
-            "read_level": sp.scale.level, "read_mpp": sp.scale.mpp_x, "resampled": sp.scale.resampled,
-            "tiles": total, "scanner": dict(info.scanner),
-        }
-        if info.barcode:
-            slide_meta["barcode"] = info.barcode
-        result = SlideResult(
-            slide_path=str(path),
-            slide=slide_meta,
-            scores=scores,
-            figures=tuple(figures),
-            provenance=_provenance(config, engines, times).to_json_dict(),
-            qc=qc_section,
-        )
-        return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw, hotspot_view, qc_maps)
+def _analyze_planned(
+    slide: Slide, sp: SlidePlan, path: str | Path, config: Config, engines: EngineSet,
+    cancel_event: threading.Event | None, clock: _StageClock, report: Progress, qc: QcAccumulator | None,
+    qc_pool: ThreadPoolExecutor, t_start: float,
+) -> Analysis:
+    bundle = engines.bundle
+    total = len(sp.plan)
+    mpp0 = slide.info.level_mpp(0)
+    slide_qc: list[Future[SlideQc]] = []
+
+    def stream_done() -> None:
+        # Scan QC's slide-wide part (maps, stains) needs every tile and no figure: in a thread from now,
+        # while the last candidates are classified, scored and the overview is read.
+        if qc is not None:
+            qc.measure_pending()
+            slide_qc.append(qc_pool.submit(qc.slide_maps, **_qc_slide_args(sp, mpp0)))
+
+    candidates = _detect(slide, sp, config, engines, cancel_event, clock, report, qc, stream_done)
+    t0 = time.perf_counter()
+    boxes, p_mitotic, p_atypical = candidates.merged(bundle.detector.merge_radius_um / mpp0[0])
+    figures = _figures(boxes, p_mitotic, p_atypical, bundle, mpp0)
+    clock.since("decode", t0)
+    report("classify", len(figures), len(figures))
+    t0 = time.perf_counter()
+    radius_um = hotspot_radius_um(bundle.decision.hotspot_area_mm2)
+
+    def tissue_fraction(centres_um: np.ndarray) -> np.ndarray:
+        return tissue_fraction_in_circles(sp.mask, sp.mask_mpp, centres_um, radius_um)
+
+    scores = score_slide(
+        figures,
+        tissue_area_mm2=sp.tissue_area_mm2,
+        hotspot_area_mm2=bundle.decision.hotspot_area_mm2,
+        tissue_fraction=tissue_fraction,
+    )
+    clock.since("score", t0)
+    info = slide.info
+    overview, overview_mpp = slide.thumbnail(
+        max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
+    )
+    hotspot_view = _hotspot_view(slide, _hotspot_center(scores), radius_um)
+    qc_section, qc_maps = _finish_qc(qc, sp, mpp0, figures, bundle.decision.hotspot_area_mm2, scores,
+                                     slide_qc[0].result() if slide_qc else None)
+    times = clock.stage_times(total=time.perf_counter() - t_start)
+    slide_meta = {
+        "width": info.width, "height": info.height, "mpp_x": mpp0[0], "mpp_y": mpp0[1],
+        "mpp_source": info.mpp_source, "format": info.format, "vendor": info.vendor,
+        "read_level": sp.scale.level, "read_mpp": sp.scale.mpp_x, "resampled": sp.scale.resampled,
+        "tiles": total, "scanner": dict(info.scanner),
+    }
+    if info.barcode:
+        slide_meta["barcode"] = info.barcode
+    result = SlideResult(
+        slide_path=str(path),
+        slide=slide_meta,
+        scores=scores,
+        figures=tuple(figures),
+        provenance=_provenance(config, engines, times).to_json_dict(),
+        qc=qc_section,
+    )
+    return Analysis(result, sp, overview, overview_mpp, times, total, candidates.raw, hotspot_view, qc_maps)
 
 
 def scale_problem(mpp0: tuple[float, float], model_mpp: float) -> str | None:
@@ -286,18 +302,20 @@ def _qc_accumulator(sp: SlidePlan, config: Config) -> QcAccumulator | None:
     return QcAccumulator(sp.plan.width, sp.plan.height, sp.plan.mpp_x, config.qc, glass)
 
 
+def _qc_slide_args(sp: SlidePlan, mpp0: tuple[float, float]) -> dict[str, Any]:
+    return {"thumbnail": sp.thumbnail, "mask": sp.mask, "mask_mpp": sp.mask_mpp,
+            "px0_per_tile_px": (sp.plan.px0_per_out_x, sp.plan.px0_per_out_y), "mpp0": mpp0}
+
+
 def _finish_qc(
     qc: QcAccumulator | None, sp: SlidePlan, mpp0: tuple[float, float], figures: list[Figure], area_mm2: float,
-    scores: SlideScores,
+    scores: SlideScores, slide_qc: SlideQc | None,
 ) -> tuple[dict[str, Any] | None, QcMaps | None]:
     if qc is None:
         return None, None
     spot = scores.hotspot.hotspot
-    return qc.finish(
-        thumbnail=sp.thumbnail, mask=sp.mask, mask_mpp=sp.mask_mpp,
-        px0_per_tile_px=(sp.plan.px0_per_out_x, sp.plan.px0_per_out_y), mpp0=mpp0, figures=figures,
-        hotspot_area_mm2=area_mm2, plain_hotspot=(spot.center_x_um, spot.center_y_um),
-    )
+    return qc.finish(**_qc_slide_args(sp, mpp0), figures=figures, hotspot_area_mm2=area_mm2,
+                     plain_hotspot=(spot.center_x_um, spot.center_y_um), slide=slide_qc)
 
 
 def _check_scale(slide: Slide, sp: SlidePlan, bundle: Bundle) -> None:
@@ -326,8 +344,10 @@ def _detect(
     clock: _StageClock,
     report: Progress,
     qc: QcAccumulator | None = None,
+    stream_done: Callable[[], None] | None = None,
 ) -> _Candidates:
-    """Stream tiles through the detector and classify its candidates as they come.
+    """Stream tiles through the detector and classify its candidates as they come; ``stream_done`` is called
+    once every tile is through (scan QC's slide-wide part starts then, in a thread).
 
     Each batch's candidates are cut from the tile already in memory (no second read of the slide)
     and classified in batches of ``engines.classifier_batch`` between detector batches: on a CPU
@@ -383,6 +403,8 @@ def _detect(
                 report("detect", done, len(sp.plan))
             clock.add("read", stream.stats.read_seconds)
             clock.add("read_wait", stream.stats.wait_seconds)
+        if stream_done is not None:  # every tile is in: what needs them all may start
+            stream_done()
         candidates.classify_rest()
     finally:
         for _batch, pending in in_flight:  # an error mid-way: wait for the engine before leaving

@@ -45,6 +45,7 @@ __all__ = [
     "VERDICTS",
     "QcAccumulator",
     "QcMaps",
+    "SlideQc",
     "StainVectors",
     "angle_deg",
     "crete_blur",
@@ -363,6 +364,17 @@ class QcMaps:
             for ring in _outlines(mask):
                 out.append((name, [[(float(x * scale[0]), float(y * scale[1])) for x, y in ring]]))
         return out
+
+
+@dataclass(frozen=True)
+class SlideQc:
+    """What :meth:`QcAccumulator.slide_maps` finds on the whole slide before any figure is known."""
+
+    maps: QcMaps
+    blur: NDArray[np.float32]  # pooled blur per cell
+    stains: StainVectors | None
+    near_tissue: NDArray[np.bool_]  # the tissue mask and a 2-px rim (pen on it counts)
+    seconds: float
 
 
 def _outlines(mask: NDArray[np.bool_]) -> list[NDArray[np.float64]]:
@@ -684,7 +696,7 @@ class QcAccumulator:
         except QcError:
             return None
 
-    def finish(
+    def slide_maps(
         self,
         *,
         thumbnail: NDArray[np.uint8] | None,
@@ -692,11 +704,11 @@ class QcAccumulator:
         mask_mpp: tuple[float, float],
         px0_per_tile_px: tuple[float, float],
         mpp0: tuple[float, float],
-        figures: Sequence[Figure],
-        hotspot_area_mm2: float,
-        plain_hotspot: tuple[float, float] | None,
-    ) -> tuple[dict[str, Any], QcMaps]:
-        """The slide's qc section (docs/results.md) and its maps."""
+    ) -> SlideQc:
+        """The slide-wide part of :meth:`finish`, which needs every tile but no figure: the out-of-focus map, the
+        stain vectors, pen and folds on the thumbnail. The pipeline runs it in a thread as soon as the tile
+        stream ends, while the last candidates are classified and the overview is read; nothing may be
+        added to the accumulator after it starts."""
         self.measure_pending()
         t0 = time.perf_counter()
         cfg = self.config
@@ -712,13 +724,38 @@ class QcAccumulator:
             pen = _remove_small(pen_mask(od, stain_matrix, cfg), min_px)
             tissue_not_pen = mask & ~ndimage.binary_dilation(pen, iterations=2)
             fold = _remove_small(fold_mask(od, tissue_not_pen, stain_matrix, cfg, mask_mpp), min_px)
-        tissue_px = max(int(mask.sum()), 1)
-        near_tissue = ndimage.binary_dilation(mask, iterations=2)
-        n_tissue = int(tissue.sum())
         cell_px0 = (self.cell * px0_per_tile_px[0], self.cell * px0_per_tile_px[1])
         maps = QcMaps(oof, cell_px0, fold, pen, thumb_scale, tissue)
+        near_tissue = ndimage.binary_dilation(mask, iterations=2)
+        return SlideQc(maps, blur, stains, near_tissue, time.perf_counter() - t0)
+
+    def finish(
+        self,
+        *,
+        thumbnail: NDArray[np.uint8] | None,
+        mask: NDArray[np.bool_],
+        mask_mpp: tuple[float, float],
+        px0_per_tile_px: tuple[float, float],
+        mpp0: tuple[float, float],
+        figures: Sequence[Figure],
+        hotspot_area_mm2: float,
+        plain_hotspot: tuple[float, float] | None,
+        slide: SlideQc | None = None,
+    ) -> tuple[dict[str, Any], QcMaps]:
+        """The slide's qc section (docs/results.md) and its maps; ``slide`` is :meth:`slide_maps`' result when it
+        was computed already (for the same thumbnail, mask and scales), else it is computed here."""
+        if slide is None:
+            slide = self.slide_maps(thumbnail=thumbnail, mask=mask, mask_mpp=mask_mpp,
+                                    px0_per_tile_px=px0_per_tile_px, mpp0=mpp0)
+        t0 = time.perf_counter()
+        cfg = self.config
+        maps, blur, stains, near_tissue = slide.maps, slide.blur, slide.stains, slide.near_tissue
+        tissue, oof, fold, pen = maps.tissue_cells, maps.out_of_focus, maps.fold, maps.pen
+        assert tissue is not None
+        tissue_px = max(int(mask.sum()), 1)
+        n_tissue = int(tissue.sum())
         radius_um = hotspot_radius_um(hotspot_area_mm2)
-        cell_um = (cell_px0[0] * mpp0[0], cell_px0[1] * mpp0[1])
+        cell_um = (maps.cell_px0[0] * mpp0[0], maps.cell_px0[1] * mpp0[1])
         thumb_um = mask_mpp
 
         def field_of(centre: tuple[float, float] | None, count: int | None = None) -> dict[str, Any]:
@@ -772,7 +809,7 @@ class QcAccumulator:
         verdict, reasons = verdict_of(section, cfg)
         section["verdict"] = verdict
         section["reasons"] = reasons
-        self.seconds += time.perf_counter() - t0
+        self.seconds += slide.seconds + time.perf_counter() - t0
         section["seconds"] = round(self.seconds, 4)
         return section, maps
 
