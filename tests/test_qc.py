@@ -250,6 +250,42 @@ def test_tiles_measured_together_in_the_readers_give_the_same_figures_as_one_by_
         for name in ("sums", "tissue", "clipped", "dense"):
             np.testing.assert_array_equal(getattr(measured, name), getattr(alone, name), err_msg=name)
 
+def test_samples_measured_later_in_stacks_fill_the_grid_as_tiles_measured_one_by_one() -> None:
+    # the readers only sample each batch; the detector loop measures the samples many tiles at a time while
+    # the detector runs (QcAccumulator.measure_pending), and the grid and the stain samples come out as if
+    # each tile had been measured alone, in the stream's order, an edge tile measured at once included
+    from edge.wsi.tiling import Tile
+
+    rng = np.random.default_rng(8)
+    texture = ndimage.gaussian_filter(rng.uniform(0, 1, (6, 1024, 1024)), (0, 1.5, 1.5))
+    pixels = np.clip(235 - 170 * texture[..., None] * np.array([0.6, 1.0, 0.35]), 0, 255).astype(np.uint8)
+    pixels[5, :, 600:] = 255  # the last tile is 600 px wide (the slide's right edge)
+    tiles = tuple(Tile(index=i, col=i % 3, row=i // 3, x=1024 * (i % 3), y=1024 * (i // 3),
+                       width=600 if i == 5 else 1024, height=1024, x0=1024.0 * (i % 3), y0=1024.0 * (i // 3),
+                       width0=600.0 if i == 5 else 1024.0, height0=1024.0) for i in range(6))
+    glass = np.full(3, 240.0, np.float32)
+    alone = QcAccumulator(2648, 2048, 0.25, QcConfig(), glass)
+    for t in tiles:
+        alone.add_tile(t.x, t.y, pixels[t.index, : t.height, : t.width])
+    streamed = QcAccumulator(2648, 2048, 0.25, QcConfig(), glass)
+    for batch in (slice(0, 2), slice(2, 4), slice(4, 6)):  # as the stream's batches, in order
+        for item in streamed.sample_batch(tiles[batch], pixels[batch]):
+            streamed.add(item)
+        streamed.measure_pending(at_least=3)  # measures once three samples wait: after the 2nd batch
+    assert len(streamed._pending) == 2  # tile 4's sample, and the edge tile measured at once queued behind it
+    streamed.measure_pending()  # the rest, as slide_maps does when the stream ends
+    for name in ("sums", "tissue", "clipped", "seen"):
+        np.testing.assert_array_equal(getattr(streamed.grid, name), getattr(alone.grid, name), err_msg=name)
+    np.testing.assert_array_equal(np.concatenate(streamed._samples), np.concatenate(alone._samples))
+
+
+def test_optical_density_of_8_bit_pixels_is_the_formula_exactly() -> None:
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (64, 48, 3)).astype(np.uint8)
+    glass = np.array([241.0, 236.0, 247.0], np.float32)
+    np.testing.assert_array_equal(optical_density(rgb, glass), optical_density(rgb.astype(np.float32), glass))
+
+
 # --- synthetic faults with truth, through `mitosis-edge analyze` -------------------------------------
 
 

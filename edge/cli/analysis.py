@@ -32,8 +32,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     b.add_argument("--detector-batches", type=int, default=8, help="batches held for detector-only (default 8)")
     b.add_argument("--detector-seconds", type=float, default=2.0,
                    help="detector-only runs the held batches again and again this long, before and after (default 2)")
-    b.add_argument("--qc-runs", type=int, default=3,
-                   help="analyses with and without scan QC, in turn, for QC's cost (default 3; the faster of each)")
+    b.add_argument("--qc-runs", type=int, default=5,
+                   help="analyses with and without scan QC, in turn, for QC's cost (default 5; the faster of each)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(handler=cmd_bench_analyze)
 

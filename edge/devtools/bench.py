@@ -471,7 +471,7 @@ def _bare_session_loop(path: Path, engine: Any, config: Config, data: list[Any])
 
 
 def bench_analyze(
-    path: str | Path, config: Config, *, detector_batches: int = 8, detector_seconds: float = 2.0, qc_runs: int = 3
+    path: str | Path, config: Config, *, detector_batches: int = 8, detector_seconds: float = 2.0, qc_runs: int = 5
 ) -> AnalyzeBench:
     """End to end against read-only and detector-only, measured in one run with the same engines.
 
