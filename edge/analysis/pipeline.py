@@ -314,8 +314,10 @@ def _finish_qc(
     if qc is None:
         return None, None
     spot = scores.hotspot.hotspot
-    return qc.finish(**_qc_slide_args(sp, mpp0), figures=figures, hotspot_area_mm2=area_mm2,
-                     plain_hotspot=(spot.center_x_um, spot.center_y_um), slide=slide_qc)
+    if slide_qc is None:
+        slide_qc = qc.slide_maps(**_qc_slide_args(sp, mpp0))
+    return qc.finish(slide_qc, figures=figures, hotspot_area_mm2=area_mm2,
+                     plain_hotspot=(spot.center_x_um, spot.center_y_um))
 
 
 def _check_scale(slide: Slide, sp: SlidePlan, bundle: Bundle) -> None:

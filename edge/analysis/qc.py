@@ -373,6 +373,9 @@ class SlideQc:
     maps: QcMaps
     blur: NDArray[np.float32]  # pooled blur per cell
     stains: StainVectors | None
+    mask: NDArray[np.bool_]  # the tissue mask (thumbnail grid) and its µm/px
+    mask_mpp: tuple[float, float]
+    mpp0: tuple[float, float]  # the slide's level-0 µm/px
     near_tissue: NDArray[np.bool_]  # the tissue mask and a 2-px rim (pen on it counts)
     seconds: float
 
@@ -727,29 +730,21 @@ class QcAccumulator:
         cell_px0 = (self.cell * px0_per_tile_px[0], self.cell * px0_per_tile_px[1])
         maps = QcMaps(oof, cell_px0, fold, pen, thumb_scale, tissue)
         near_tissue = ndimage.binary_dilation(mask, iterations=2)
-        return SlideQc(maps, blur, stains, near_tissue, time.perf_counter() - t0)
+        return SlideQc(maps, blur, stains, mask, mask_mpp, mpp0, near_tissue, time.perf_counter() - t0)
 
     def finish(
         self,
+        slide: SlideQc,
         *,
-        thumbnail: NDArray[np.uint8] | None,
-        mask: NDArray[np.bool_],
-        mask_mpp: tuple[float, float],
-        px0_per_tile_px: tuple[float, float],
-        mpp0: tuple[float, float],
         figures: Sequence[Figure],
         hotspot_area_mm2: float,
         plain_hotspot: tuple[float, float] | None,
-        slide: SlideQc | None = None,
     ) -> tuple[dict[str, Any], QcMaps]:
-        """The slide's qc section (docs/results.md) and its maps; ``slide`` is :meth:`slide_maps`' result when it
-        was computed already (for the same thumbnail, mask and scales), else it is computed here."""
-        if slide is None:
-            slide = self.slide_maps(thumbnail=thumbnail, mask=mask, mask_mpp=mask_mpp,
-                                    px0_per_tile_px=px0_per_tile_px, mpp0=mpp0)
+        """The slide's qc section (docs/results.md) and its maps, from :meth:`slide_maps`' result and the figures."""
         t0 = time.perf_counter()
         cfg = self.config
         maps, blur, stains, near_tissue = slide.maps, slide.blur, slide.stains, slide.near_tissue
+        mask, mask_mpp, mpp0 = slide.mask, slide.mask_mpp, slide.mpp0
         tissue, oof, fold, pen = maps.tissue_cells, maps.out_of_focus, maps.fold, maps.pen
         assert tissue is not None
         tissue_px = max(int(mask.sum()), 1)
