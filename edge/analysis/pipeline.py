@@ -209,8 +209,10 @@ def _analyze_planned(
         # Scan QC's slide-wide part (maps, stains) needs every tile and no figure: in a thread from now,
         # while the last candidates are classified, scored and the overview is read.
         if qc is not None:
-            qc.measure_pending()
-            slide_qc.append(qc_pool.submit(qc.slide_maps, **_qc_slide_args(sp, mpp0)))
+            slide_qc.append(qc_pool.submit(
+                qc.slide_maps, thumbnail=sp.thumbnail, mask=sp.mask, mask_mpp=sp.mask_mpp,
+                px0_per_tile_px=(sp.plan.px0_per_out_x, sp.plan.px0_per_out_y), mpp0=mpp0,
+            ))
 
     candidates = _detect(slide, sp, config, engines, cancel_event, clock, report, qc, stream_done)
     t0 = time.perf_counter()
@@ -236,8 +238,8 @@ def _analyze_planned(
         max(info.width * mpp0[0], info.height * mpp0[1]) / OVERVIEW_SIDE_PX
     )
     hotspot_view = _hotspot_view(slide, _hotspot_center(scores), radius_um)
-    qc_section, qc_maps = _finish_qc(qc, sp, mpp0, figures, bundle.decision.hotspot_area_mm2, scores,
-                                     slide_qc[0].result() if slide_qc else None)
+    qc_section, qc_maps = _finish_qc(qc, slide_qc[0].result() if slide_qc else None, figures,
+                                     bundle.decision.hotspot_area_mm2, scores)
     times = clock.stage_times(total=time.perf_counter() - t_start)
     slide_meta = {
         "width": info.width, "height": info.height, "mpp_x": mpp0[0], "mpp_y": mpp0[1],
@@ -302,20 +304,12 @@ def _qc_accumulator(sp: SlidePlan, config: Config) -> QcAccumulator | None:
     return QcAccumulator(sp.plan.width, sp.plan.height, sp.plan.mpp_x, config.qc, glass)
 
 
-def _qc_slide_args(sp: SlidePlan, mpp0: tuple[float, float]) -> dict[str, Any]:
-    return {"thumbnail": sp.thumbnail, "mask": sp.mask, "mask_mpp": sp.mask_mpp,
-            "px0_per_tile_px": (sp.plan.px0_per_out_x, sp.plan.px0_per_out_y), "mpp0": mpp0}
-
-
 def _finish_qc(
-    qc: QcAccumulator | None, sp: SlidePlan, mpp0: tuple[float, float], figures: list[Figure], area_mm2: float,
-    scores: SlideScores, slide_qc: SlideQc | None,
+    qc: QcAccumulator | None, slide_qc: SlideQc | None, figures: list[Figure], area_mm2: float, scores: SlideScores,
 ) -> tuple[dict[str, Any] | None, QcMaps | None]:
-    if qc is None:
+    if qc is None or slide_qc is None:  # QC off (its slide-wide part starts whenever it is on)
         return None, None
     spot = scores.hotspot.hotspot
-    if slide_qc is None:
-        slide_qc = qc.slide_maps(**_qc_slide_args(sp, mpp0))
     return qc.finish(slide_qc, figures=figures, hotspot_area_mm2=area_mm2,
                      plain_hotspot=(spot.center_x_um, spot.center_y_um))
 

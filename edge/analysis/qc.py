@@ -536,13 +536,11 @@ class QcAccumulator:
         full = [i for i, t in enumerate(tiles) if (t.height, t.width) == size]
         out: list[TileItem] = [None] * len(tiles)
         if full:
-            t0 = time.perf_counter()
-            sampled = self._sample_stack(pixels if len(full) == len(tiles) else pixels[full])
-            if sampled is not None:
-                rows, colour, n_rows, n_cols = sampled
-                seconds = (time.perf_counter() - t0) / len(full)
-                for j, i in enumerate(full):
-                    out[i] = TileSample(tiles[i].x, tiles[i].y, n_rows, n_cols, rows[j], colour[j], seconds)
+            samples = self._sample_tiles([tiles[i].x for i in full], [tiles[i].y for i in full],
+                                         pixels if len(full) == len(tiles) else pixels[full])
+            if samples is not None:
+                for i, sample in zip(full, samples, strict=True):
+                    out[i] = sample
         for i in sorted(set(range(len(tiles))) - set(full)):
             t = tiles[i]
             out[i] = self.measure(t.x, t.y, pixels[i, : t.height, : t.width])
@@ -559,16 +557,10 @@ class QcAccumulator:
         self, xs: Sequence[int], ys: Sequence[int], stack: NDArray[np.uint8]
     ) -> list[TileQc | None]:
         """``measure`` of tiles of one size at once, ``stack`` (n, h, w, 3): the same figures as one by one."""
-        t0 = time.perf_counter()
-        sampled = self._sample_stack(stack)
-        if sampled is None:
+        samples = self._sample_tiles(xs, ys, stack)
+        if samples is None:
             return [None] * len(stack)
-        rows, colour, n_rows, n_cols = sampled
-        seconds = (time.perf_counter() - t0) / len(stack)
-        return list(self._measure_samples([
-            TileSample(x, y, n_rows, n_cols, rows[i], colour[i], seconds)
-            for i, (x, y) in enumerate(zip(xs, ys, strict=True))
-        ]))
+        return list(self._measure_samples(samples))
 
     def _steps(self) -> tuple[int, int]:
         """(focus row step at focus_mpp, colour step at the tile's mpp) for this accumulator's cell."""
@@ -576,11 +568,12 @@ class QcAccumulator:
         return (FOCUS_LINE_STEP if c % FOCUS_LINE_STEP == 0 else 1,
                 COLOUR_STEP if self.cell % COLOUR_STEP == 0 else 1)
 
-    def _sample_stack(
-        self, stack: NDArray[np.uint8]
-    ) -> tuple[NDArray[np.int16], NDArray[np.uint8], int, int] | None:
-        """(binned focus rows (n, rows, width), colour pixels (n, h, w, 3), cell rows, cell cols) of a stack of
-        tiles of one size; None when a tile is smaller than a cell. Both are copies: the tiles can go."""
+    def _sample_tiles(
+        self, xs: Sequence[int], ys: Sequence[int], stack: NDArray[np.uint8]
+    ) -> list[TileSample] | None:
+        """A :class:`TileSample` of each tile of a stack of one size (its top-left at xs, ys); None when a tile is
+        smaller than a cell. The binned focus rows and the colour pixels are copies: the tiles can go."""
+        t0 = time.perf_counter()
         cell, b = self.cell, self.bin
         n_rows, n_cols = stack.shape[1] // cell, stack.shape[2] // cell
         if not (n_rows and n_cols):
@@ -593,7 +586,9 @@ class QcAccumulator:
         # Colour (tissue, clipping, stains) from a sparse grid of single pixels: enough per cell for a
         # fraction, and unmixed pixels are what Macenko wants.
         colour = np.ascontiguousarray(block[:, ::k, ::k])
-        return rows, colour, n_rows, n_cols
+        seconds = (time.perf_counter() - t0) / len(stack)
+        return [TileSample(x, y, n_rows, n_cols, rows[i], colour[i], seconds)
+                for i, (x, y) in enumerate(zip(xs, ys, strict=True))]
 
     def _measure_samples(self, samples: Sequence[TileSample]) -> list[TileQc]:
         """The measures of sampled tiles (all of one size), as one stack."""
